@@ -1,0 +1,35 @@
+# `make demo` and `make test` set everything up on a fresh machine (they create .venv).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint typecheck pytest bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch is pinned to the CPU build that lies on this machine's disk.
+	$(PY) -m pip install -q -e '.[test]' 'torch==2.13.0'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m normgrad demo
+
+test: lint typecheck pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks examples
+	$(VENV)/bin/ruff format --check src tests benchmarks examples
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy src/normgrad
+
+pytest: $(STAMP)
+	$(VENV)/bin/pytest -q -n 2
+
+bench: $(STAMP)
+	$(PY) -m normgrad bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

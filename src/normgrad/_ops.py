@@ -1,0 +1,499 @@
+"""Mean-variance normalization and its exact derivatives, written once for any Array-API array.
+
+Notation (see docs/derivation.md): within one group of `n` elements,
+
+    mu = mean(x)          d = x - mu           var = sum(d**2) / m,   m = n - ddof
+    inside:  rstd = 1 / sqrt(var + eps)        c = rstd
+    outside: rstd = 1 / (sqrt(var) + eps)      c = 1 / sqrt(var)     (0 where var == 0)
+    xhat = d * rstd                            y = xhat * weight + bias
+
+The Jacobian of xhat inside a group is symmetric,
+
+    J = rstd * (I - 1 1^T / n) - (c / m) * xhat xhat^T,
+
+so the VJP and the JVP are the same operator: `_apply_jacobian` below, used by both.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import array_api_compat as aac
+
+from ._axes import Axes, normalize_axes
+from ._errors import NormgradError
+
+Array = Any
+
+EPS_MODES = ("inside", "outside")
+JACOBIAN_MAX_SIZE = 4096
+
+
+@dataclass(frozen=True, eq=False)
+class NormContext:
+    """What `normalize_backward` needs: references to the inputs and per-group statistics.
+
+    `mean`, `var` and `rstd` have keepdims shape (size 1 along the reduced axes) and the
+    compute dtype (float64 for float16/float32 input on CPU libraries). Nothing N-sized is
+    stored besides the reference to `x`.
+    """
+
+    x: Array
+    axes: tuple[int, ...]
+    mean: Array
+    var: Array
+    rstd: Array
+    eps: float
+    eps_mode: str
+    ddof: float
+    weight: Array | None
+    bias: Array | None
+    group_size: int
+    dtype: Any  # dtype of y (and of dx)
+
+    @property
+    def xp(self) -> Any:
+        return aac.array_namespace(self.x)
+
+
+class Gradients(NamedTuple):
+    """Result of `normalize_backward`: gradients w.r.t. `x`, `weight`, `bias` (None if absent)."""
+
+    x: Array
+    weight: Array | None
+    bias: Array | None
+
+
+class BackwardTangents(NamedTuple):
+    """Result of `normalize_backward_jvp`: the backward's outputs and their tangents."""
+
+    x: Array
+    weight: Array | None
+    bias: Array | None
+    tx: Array
+    tweight: Array | None
+    tbias: Array | None
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+def normalize(
+    x: Array,
+    axes: Axes = None,
+    *,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    ddof: float = 0,
+    weight: Array | None = None,
+    bias: Array | None = None,
+) -> Array:
+    r"""Normalize `x` by the mean and variance of each group of elements along `axes`.
+
+    $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}} \cdot w + b $$
+
+    with $\mu$ and $\sigma^2 = \frac{1}{n - \mathrm{ddof}}\sum (x-\mu)^2$ taken over `axes`
+    (all axes when `axes=None`, as the whole-matrix normalization of the original problem).
+    `eps_mode="outside"` uses $(x-\mu)/(\sigma + \epsilon)$ instead.
+
+    `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
+    any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
+    (integers become float64). NaN or Inf in `x` make only the groups that hold them NaN.
+    """
+    return normalize_forward(
+        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
+    )[0]
+
+
+def normalize_forward(
+    x: Array,
+    axes: Axes = None,
+    *,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    ddof: float = 0,
+    weight: Array | None = None,
+    bias: Array | None = None,
+) -> tuple[Array, NormContext]:
+    """Like `normalize`, and also return the context that `normalize_backward` needs."""
+    xp, xc, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
+    xhat = (xc - ctx.mean) * ctx.rstd
+    return _to_out(xp, _affine(xp, ctx, xhat), ctx), ctx
+
+
+def normalize_backward(ctx: NormContext, dy: Array) -> Gradients:
+    r"""Exact vector-Jacobian product of `normalize`: gradients of $\sum dy \cdot y$.
+
+    $$ dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x, \qquad g = dy \cdot w $$
+
+    with $r$ = `ctx.rstd`, $c = r$ (eps inside) or $1/\sigma$ (eps outside), $m = n - ddof$,
+    sums and means over each group. `dweight` and `dbias` are $\sum dy\,\hat x$ and
+    $\sum dy$ over the axes that `weight` and `bias` broadcast along.
+    """
+    xp = ctx.xp
+    dyc = _check_cotangent(xp, ctx, dy, "dy")
+    xhat, c = _xhat_and_c(xp, ctx)
+    g = dyc if ctx.weight is None else dyc * _cast(xp, ctx.weight, ctx)
+    dx = _apply_jacobian(xp, ctx, xhat, c, g)
+    dw = None if ctx.weight is None else _unbroadcast(xp, dyc * xhat, ctx.weight)
+    db = None if ctx.bias is None else _unbroadcast(xp, dyc, ctx.bias)
+    return Gradients(_to_out(xp, dx, ctx), dw, db)
+
+
+def normalize_jvp(
+    x: Array,
+    tx: Array,
+    axes: Axes = None,
+    *,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    ddof: float = 0,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    tweight: Array | None = None,
+    tbias: Array | None = None,
+) -> tuple[Array, Array]:
+    r"""Forward-mode derivative: return `(y, ty)` with $ty = J_x\,tx + \hat x\,tw + tb$.
+
+    $$ t\hat x = r\,(tx - \overline{tx}) - \frac{c}{m}\,\hat x \sum \hat x\,tx $$
+    """
+    xp, xc, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
+    txc = _check_cotangent(xp, ctx, tx, "tx")
+    xhat, c = _xhat_and_c(xp, ctx)
+    ty = _apply_jacobian(xp, ctx, xhat, c, txc)
+    if ctx.weight is not None:
+        ty = ty * _cast(xp, ctx.weight, ctx)
+    if tweight is not None:
+        ty = ty + xhat * _cast(xp, _param(xp, tweight, "tweight", x, xhat), ctx)
+    if tbias is not None:
+        ty = ty + _cast(xp, _param(xp, tbias, "tbias", x, xhat), ctx)
+    y = _affine(xp, ctx, xhat)
+    return _to_out(xp, y, ctx), _to_out(xp, ty, ctx)
+
+
+def normalize_jacobian(
+    x: Array,
+    axes: Axes = None,
+    *,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    ddof: float = 0,
+    weight: Array | None = None,
+    bias: Array | None = None,
+    max_size: int = JACOBIAN_MAX_SIZE,
+) -> Array:
+    r"""Dense Jacobian $\partial y / \partial x$ with shape `y.shape + x.shape`.
+
+    Within a group, $J_{ij} = w_i\,[\,r(\delta_{ij} - 1/n) - \frac{c}{m}\hat x_i \hat x_j\,]$;
+    elements of different groups do not interact (zero blocks). It holds `x.size**2`
+    numbers, so inputs above `max_size` elements are refused.
+    """
+    size = _size(x)
+    if size is not None and size > max_size:
+        raise NormgradError(
+            f"normalize_jacobian builds a dense {size}x{size} matrix for x of shape "
+            f"{tuple(x.shape)} ({size} elements > max_size={max_size}); use normalize_backward "
+            "or normalize_jvp for products with the Jacobian, or pass a larger max_size."
+        )
+    xp, _, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
+    xhat, c = _xhat_and_c(xp, ctx)
+    w = xp.ones_like(xhat) if ctx.weight is None else xhat * 0 + _cast(xp, ctx.weight, ctx)
+    shape = tuple(xhat.shape)
+    kept = [i for i in range(len(shape)) if i not in ctx.axes]
+    perm = kept + list(ctx.axes)
+    groups = math.prod(shape[i] for i in kept)
+    n = ctx.group_size
+
+    def grouped(a: Array) -> Array:  # (groups, n), groups in kept-axes order
+        a = xp.broadcast_to(a, shape)
+        return xp.reshape(xp.permute_dims(a, tuple(perm)), (groups, n))
+
+    xh, wg = grouped(xhat), grouped(w)
+    r, cg = grouped(ctx.rstd)[:, :1], grouped(c)[:, :1]
+    eye_n = xp.eye(n, dtype=xhat.dtype, device=aac.device(xhat))
+    blocks = r[:, :, None] * (eye_n - 1.0 / n) - (cg / _m(ctx))[:, :, None] * (
+        xh[:, :, None] * xh[:, None, :]
+    )
+    blocks = wg[:, :, None] * blocks
+    eye_g = xp.eye(groups, dtype=xhat.dtype, device=aac.device(xhat))
+    full = blocks[:, :, None, :] * eye_g[:, None, :, None]  # (groups, n, groups, n)
+    pshape = tuple(shape[i] for i in perm)
+    full = xp.reshape(full, pshape + pshape)
+    inv = [perm.index(i) for i in range(len(shape))]
+    full = xp.permute_dims(full, tuple(inv + [len(shape) + i for i in inv]))
+    return _to_out(xp, full, ctx)
+
+
+def normalize_backward_jvp(
+    ctx: NormContext,
+    dy: Array,
+    tx: Array | None = None,
+    tdy: Array | None = None,
+    tweight: Array | None = None,
+) -> BackwardTangents:
+    r"""Second derivatives: the forward-mode derivative of `normalize_backward` itself.
+
+    Returns the backward's outputs `(dx, dweight, dbias)` and their tangents when `x`, `dy`
+    and `weight` move along `tx`, `tdy`, `tweight` (each optional, zero when omitted):
+
+    $$ t(dx) = t r\,(g-\bar g) + r\,(tg - \overline{tg}) - \frac{1}{m}\Big(
+       tc\,\hat x A + c\,t\hat x\,A + c\,\hat x\,tA\Big) $$
+
+    with $A = \sum g\hat x$, $B = \sum \hat x\,tx$, $tr = -r c B/m$, $tc = -c^3 B/(m r)$,
+    $t\hat x = r\,(tx-\overline{tx}) - c\hat x B/m$, $tA = \sum (tg\,\hat x + g\,t\hat x)$.
+
+    With `tdy=tweight=None`, `t(dx)` is the Hessian-vector product $H_{dy}\,tx$ of
+    $dy\cdot y(x)$; since that Hessian is symmetric, it is also the gradient w.r.t. `x` that a
+    double backward needs for a cotangent `tx` on `dx` (its gradient w.r.t. `dy` is
+    `normalize_jvp(x, tx)`'s `ty`).
+    """
+    xp = ctx.xp
+    dyc = _check_cotangent(xp, ctx, dy, "dy")
+    zeros = xp.zeros_like(dyc)
+    txc = zeros if tx is None else _check_cotangent(xp, ctx, tx, "tx")
+    tdyc = zeros if tdy is None else _check_cotangent(xp, ctx, tdy, "tdy")
+    xhat, c = _xhat_and_c(xp, ctx)
+    r, m, axes = ctx.rstd, _m(ctx), ctx.axes
+    w = None if ctx.weight is None else _cast(xp, ctx.weight, ctx)
+    tw = None
+    if tweight is not None:
+        if w is None:
+            raise NormgradError("tweight was given but the context has no weight; drop tweight.")
+        tw = _cast(xp, _param(xp, tweight, "tweight", ctx.x, xhat), ctx)
+    g = dyc if w is None else dyc * w
+    tg = tdyc if w is None else tdyc * w
+    if tw is not None:
+        tg = tg + dyc * tw
+
+    mean_g = xp.mean(g, axis=axes, keepdims=True)
+    a = xp.sum(g * xhat, axis=axes, keepdims=True)
+    b = xp.sum(xhat * (txc - xp.mean(txc, axis=axes, keepdims=True)), axis=axes, keepdims=True)
+    tr = -r * c * b / m
+    tc = -(c**3) * b / (m * r)
+    txhat = _apply_jacobian(xp, ctx, xhat, c, txc)
+    ta = xp.sum(tg * xhat + g * txhat, axis=axes, keepdims=True)
+    dx = r * (g - mean_g) - c * xhat * a / m
+    tdx = (
+        tr * (g - mean_g)
+        + r * (tg - xp.mean(tg, axis=axes, keepdims=True))
+        - (tc * xhat * a + c * txhat * a + c * xhat * ta) / m
+    )
+    dw = tdw = db = tdb = None
+    if w is not None:
+        dw = _unbroadcast(xp, dyc * xhat, ctx.weight)
+        tdw = _unbroadcast(xp, tdyc * xhat + dyc * txhat, ctx.weight)
+    if ctx.bias is not None:
+        db = _unbroadcast(xp, dyc, ctx.bias)
+        tdb = _unbroadcast(xp, tdyc, ctx.bias)
+    return BackwardTangents(_to_out(xp, dx, ctx), dw, db, _to_out(xp, tdx, ctx), tdw, tdb)
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared pieces
+# ---------------------------------------------------------------------------------------------
+
+
+def _apply_jacobian(xp: Any, ctx: NormContext, xhat: Array, c: Array, v: Array) -> Array:
+    """`J v` for the symmetric Jacobian of xhat: r (v - mean v) - (c/m) xhat sum(xhat v)."""
+    axes = ctx.axes
+    centered = v - xp.mean(v, axis=axes, keepdims=True)
+    proj = xp.sum(xhat * centered, axis=axes, keepdims=True)
+    return ctx.rstd * centered - (c / _m(ctx)) * xhat * proj
+
+
+def _xhat_and_c(xp: Any, ctx: NormContext) -> tuple[Array, Array]:
+    """Recompute xhat from x and the saved statistics; c is the variance path's coefficient."""
+    xhat = (_cast(xp, ctx.x, ctx) - ctx.mean) * ctx.rstd
+    if ctx.eps_mode == "inside":
+        return xhat, ctx.rstd
+    std = xp.sqrt(ctx.var)
+    # d(sqrt(var))/dvar is infinite at var == 0, but there xhat == 0 and the term vanishes.
+    safe = xp.where(std > 0, std, xp.ones_like(std))
+    return xhat, xp.where(std > 0, 1.0 / safe, xp.zeros_like(std))
+
+
+def _affine(xp: Any, ctx: NormContext, xhat: Array) -> Array:
+    y = xhat
+    if ctx.weight is not None:
+        y = y * _cast(xp, ctx.weight, ctx)
+    if ctx.bias is not None:
+        y = y + _cast(xp, ctx.bias, ctx)
+    return y
+
+
+def _m(ctx: NormContext) -> float:
+    return ctx.group_size - ctx.ddof
+
+
+def _prepare(
+    x: Array,
+    axes: Axes,
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+    weight: Array | None,
+    bias: Array | None,
+) -> tuple[Any, Array, NormContext]:
+    """Validate every argument, compute the statistics and return (namespace, x in compute dtype, ctx)."""
+    try:
+        xp = aac.array_namespace(x)
+    except TypeError:
+        raise NormgradError(
+            f"x must be an array (NumPy, PyTorch, JAX, Dask, CuPy or any Array-API array); "
+            f"got {type(x).__name__}. Wrap lists with numpy.asarray(x)."
+        ) from None
+    out_dtype = _float_dtype(xp, x.dtype, "x")
+    if x.ndim == 0:
+        raise NormgradError(
+            "x is a 0-d array (a scalar); its normalization is always 0. Pass an array "
+            "with at least one dimension."
+        )
+    if any(s == 0 for s in x.shape):
+        raise NormgradError(
+            f"x is empty (shape {tuple(x.shape)}); normalization needs at least one element "
+            "in every group."
+        )
+    ax = normalize_axes(axes, x.ndim)
+    n = math.prod(int(x.shape[i]) for i in ax)
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
+        raise NormgradError(f"eps must be a finite real number >= 0; got {eps!r}.")
+    if eps < 0:
+        raise NormgradError(
+            f"eps must be >= 0 (it keeps the denominator away from zero); got eps={eps}."
+        )
+    if eps_mode not in EPS_MODES:
+        raise NormgradError(
+            f"eps_mode must be 'inside' ((x-mu)/sqrt(var+eps)) or 'outside' "
+            f"((x-mu)/(sqrt(var)+eps)); got {eps_mode!r}."
+        )
+    if not isinstance(ddof, (int, float)) or isinstance(ddof, bool) or not 0 <= ddof:
+        raise NormgradError(f"ddof must be a number >= 0 (0: biased, 1: unbiased); got {ddof!r}.")
+    if ddof >= n:
+        raise NormgradError(
+            f"ddof={ddof} must be smaller than the group size n={n} (the variance divides by "
+            f"n - ddof); reduce over more elements or use ddof=0."
+        )
+    w = _param(xp, weight, "weight", x, x)
+    b = _param(xp, bias, "bias", x, x)
+
+    xc = xp.astype(x, _compute_dtype(xp, x))
+    mean = xp.mean(xc, axis=ax, keepdims=True)
+    d = xc - mean
+    var = xp.sum(d * d, axis=ax, keepdims=True) / (n - ddof)  # two-pass: stable
+    if eps == 0:
+        _refuse_zero_variance(xp, var, x, ax)
+    if eps_mode == "inside":
+        rstd = 1.0 / xp.sqrt(var + eps)
+    else:
+        rstd = 1.0 / (xp.sqrt(var) + eps)
+    ctx = NormContext(x, ax, mean, var, rstd, float(eps), eps_mode, ddof, w, b, n, out_dtype)
+    return xp, xc, ctx
+
+
+def _refuse_zero_variance(xp: Any, var: Array, x: Array, axes: tuple[int, ...]) -> None:
+    if aac.is_lazy_array(var):  # Dask, JAX under jit: cannot look without computing
+        return
+    if bool(xp.any(var == 0)):
+        raise NormgradError(
+            f"a group of x (shape {tuple(x.shape)}, axes {axes}) has zero variance and eps=0, "
+            "so its normalization divides by zero; pass eps > 0 (e.g. 1e-5)."
+        )
+
+
+def _float_dtype(xp: Any, dtype: Any, name: str) -> Any:
+    """The floating dtype results take: float dtypes stay, integers become float64."""
+    if xp.isdtype(dtype, "real floating"):
+        return dtype
+    if xp.isdtype(dtype, "integral"):
+        return xp.float64
+    raise NormgradError(
+        f"{name} has dtype {dtype}; normalize needs real numbers (floats or integers). "
+        f"Convert it, e.g. {name}.astype(float)."
+    )
+
+
+def _compute_dtype(xp: Any, x: Array) -> Any:
+    """float64 where it is cheap and available (CPU libraries), else the input's float dtype."""
+    if x.dtype == xp.float64:
+        return xp.float64
+    if aac.is_jax_namespace(xp):
+        import jax
+
+        if not jax.config.jax_enable_x64:
+            return xp.float32
+    elif aac.is_torch_namespace(xp) or aac.is_cupy_namespace(xp):
+        if str(aac.device(x)) != "cpu":
+            return xp.float32 if x.dtype == xp.float16 else x.dtype
+    return xp.float64
+
+
+def _cast(xp: Any, a: Array, ctx: NormContext) -> Array:
+    return xp.astype(a, ctx.mean.dtype)
+
+
+def _to_out(xp: Any, a: Array, ctx: NormContext) -> Array:
+    return a if a.dtype == ctx.dtype else xp.astype(a, ctx.dtype)
+
+
+def _size(x: Any) -> int | None:
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return math.prod(int(s) for s in shape)
+    except (TypeError, ValueError):
+        return None
+
+
+def _param(xp: Any, value: Any, name: str, x: Array, like: Array) -> Array | None:
+    """Check that an affine parameter (or its tangent) broadcasts to `like.shape` unchanged."""
+    if value is None:
+        return None
+    if not aac.is_array_api_obj(value) or aac.array_namespace(value) is not xp:
+        value = xp.asarray(value, device=aac.device(x))
+    _float_dtype(xp, value.dtype, name)
+    shape, target = tuple(value.shape), tuple(like.shape)
+    if not _broadcasts_to(shape, target):
+        raise NormgradError(
+            f"{name} of shape {shape} does not broadcast to the output shape {target}; give it "
+            f"the shape of the kept axes, of the reduced axes (e.g. {target[-1:]} for the last "
+            "axis), or keep size-1 axes where it should repeat."
+        )
+    return value
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
+
+
+def _unbroadcast(xp: Any, a: Array, like: Array) -> Array:
+    """Sum `a` over the axes along which `like` was broadcast; return `like`'s shape and dtype."""
+    shape = tuple(like.shape)
+    lead = a.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(
+        lead + i for i, s in enumerate(shape) if s == 1 and a.shape[lead + i] != 1
+    )
+    if axes:
+        a = xp.sum(a, axis=axes, keepdims=True)
+    a = xp.reshape(a, shape)
+    dtype = like.dtype if xp.isdtype(like.dtype, "real floating") else a.dtype
+    return xp.astype(a, dtype)
+
+
+def _check_cotangent(xp: Any, ctx: NormContext, v: Array, name: str) -> Array:
+    """A tangent or cotangent must have exactly the shape of x (and y); cast to compute dtype."""
+    if not aac.is_array_api_obj(v) or aac.array_namespace(v) is not xp:
+        v = xp.asarray(v, device=aac.device(ctx.x))
+    _float_dtype(xp, v.dtype, name)
+    if tuple(v.shape) != tuple(ctx.x.shape):
+        raise NormgradError(
+            f"{name} has shape {tuple(v.shape)} but must have the shape of x and y, "
+            f"{tuple(ctx.x.shape)}; pass one value per output element."
+        )
+    return _cast(xp, v, ctx)
