@@ -161,7 +161,7 @@ def normalize_jvp(
 
     $$ t\hat x = r\,(tx - \overline{tx}) - \frac{c}{m}\,\hat x \sum \hat x\,tx $$
     """
-    xp, xc, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
+    xp, _, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
     txc = _check_cotangent(xp, ctx, tx, "tx")
     xhat, c = _xhat_and_c(xp, ctx)
     ty = _apply_jacobian(xp, ctx, xhat, c, txc)
@@ -338,7 +338,7 @@ def _prepare(
     weight: Array | None,
     bias: Array | None,
 ) -> tuple[Any, Array, NormContext]:
-    """Validate every argument, compute the statistics and return (namespace, x in compute dtype, ctx)."""
+    """Validate every argument and compute the statistics: (namespace, x in compute dtype, ctx)."""
     try:
         xp = aac.array_namespace(x)
     except TypeError:
@@ -423,7 +423,7 @@ def _compute_dtype(xp: Any, x: Array) -> Any:
     if aac.is_jax_namespace(xp):
         import jax
 
-        if not jax.config.jax_enable_x64:
+        if not jax.config.read("jax_enable_x64"):
             return xp.float32
     elif aac.is_torch_namespace(xp) or aac.is_cupy_namespace(xp):
         if str(aac.device(x)) != "cpu":
