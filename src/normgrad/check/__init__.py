@@ -1,0 +1,33 @@
+"""A gradient checker that says what is wrong.
+
+```python
+from normgrad.check import check_gradients
+report = check_gradients(f, x, vjp)      # f(x) -> y, vjp(x, dy) -> dx
+print(report)                            # verdict, errors, findings with hints
+report.ok, report.diagnosis[0].kind      # e.g. False, "diagonal"
+```
+
+See docs/checker.md for how it works.
+"""
+
+from ._compare import (
+    AUTO_FULL_MAX,
+    FULL_MAX,
+    LOCALIZE_BUDGET,
+    PROBES,
+    assert_gradients,
+    check_gradients,
+)
+from ._report import KINDS, Finding, GradReport
+
+__all__ = [
+    "AUTO_FULL_MAX",
+    "FULL_MAX",
+    "KINDS",
+    "LOCALIZE_BUDGET",
+    "PROBES",
+    "Finding",
+    "GradReport",
+    "assert_gradients",
+    "check_gradients",
+]

@@ -1,0 +1,419 @@
+"""The checker's driver: choose the mode, compute both sides, compare, hand over to diagnosis.
+
+Tolerance for each compared value (an element of dx in `full` mode, a directional derivative
+in `probe` mode):
+
+    tol = fd_error_estimate + analytic rounding + atol + rtol * |numerical|
+
+- `fd_error_estimate`: the Richardson estimate (see `_fd`), propagated through `dy`.
+- analytic rounding: 8 ulp (of the gradient's dtype) of the magnitudes involved,
+  sum_i |dy_i| |J_ij| + |dx_j|, plus 8 ulp of max|dy| max|y| / xscale_j (y-sized terms that
+  cancel inside the backward), plus, for a float32 backward, its rounding measured against
+  the same vjp on float64 copies (`_measured`).
+- `rtol` defaults to sqrt(eps) of the gradient's dtype (1.5e-8 for float64, 3.5e-4 for
+  float32) and `atol` to `rtol * max_j sum_i |dy_i| |J_ij|`, so elements whose true gradient
+  cancels to about 0 are judged against the scale of the terms, not against 0.
+
+The check passes when every value is within `tol`. If some value only passes thanks to the
+finite-difference term, the finding is `fd_noise` (no evidence of a bug, but the numerical side
+cannot confirm the requested accuracy).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .._errors import NormgradError
+from ._diagnose import Side, diagnose_full, diagnose_probe, passed_findings
+from ._fd import F64, Target
+from ._report import GradReport
+
+MODES = ("auto", "full", "probe")
+FULL_MAX = 2048  # largest number of inputs (and of outputs) for the dense Jacobian
+AUTO_FULL_MAX = 1024  # `auto` builds the dense Jacobian up to this many inputs
+PROBES = 8  # random directions in probe mode
+LOCALIZE_BUDGET = 400  # evaluations of f spent on localizing bad elements in probe mode
+
+
+def check_gradients(
+    f: Callable[..., Any],
+    x: Any,
+    vjp: Callable[..., Any],
+    *,
+    dy: Any = None,
+    jvp: Callable[..., Any] | None = None,
+    mode: str = "auto",
+    step: Any = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> GradReport:
+    """Compare a backward `vjp` with finite differences of `f` and say what is wrong.
+
+    - `f(x) -> y`: any function of NumPy arrays (it is called with NumPy arrays).
+    - `vjp(x, dy) -> dx`: the backward under test, `dx = J^T dy`.
+    - `x`: one array, or a tuple of arrays; then `f(*xs)`, `vjp(*xs, dy)` returns a tuple of
+      gradients, and `jvp(*xs, *txs)` returns `ty`.
+    - `dy`: the cotangent (default: seeded Gaussian; never all ones, since the gradient of
+      `sum(y)` of a normalization is exactly zero and hides bugs). A second random cotangent
+      is always checked too.
+    - `jvp(x, tx) -> ty`: optional forward derivative, checked against `J tx`.
+    - `mode`: `"full"` (dense numerical Jacobian, up to `FULL_MAX` elements), `"probe"`
+      (`PROBES` random directional derivatives, any size), `"auto"` (full up to
+      `AUTO_FULL_MAX` inputs).
+    - `step`: finite-difference step (number or one per element), used as is; default per
+      element `eps**(1/4) * max(|x_j|, rms(x))`, shrunk where f curves on a finer scale.
+    - `rtol`, `atol`: added to the finite-difference error estimate (defaults above).
+    - `seed`: seeds every random choice; the same call gives the same report.
+    - `progress(done, total)`: called after each evaluation of `f` (keyword only); `total`
+      is the planned number of evaluations and may grow (step refinement, localization).
+
+    Returns a `GradReport`; `report.ok` is the verdict and `report.diagnosis` the findings.
+    """
+    if mode not in MODES:
+        raise NormgradError(f"mode must be one of {MODES}; got {mode!r}.")
+    for name, v in (("rtol", rtol), ("atol", atol)):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
+        ):
+            raise NormgradError(f"{name} must be a finite number >= 0 or None; got {v!r}.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise NormgradError(f"seed must be an int; got {seed!r}.")
+    if progress is not None and not callable(progress):
+        raise NormgradError(f"progress must be a function progress(done, total); got {progress!r}.")
+
+    t = Target(f, x, vjp, jvp, progress)
+    # A stream of its own, so dy is not the very vector a user drew with default_rng(seed).
+    rng = np.random.default_rng((int(seed), 0x6E67))
+    dy1 = _cotangent(dy, t, rng)
+    dy2 = rng.standard_normal(t.m)
+    h = t.steps(step)
+    if mode == "auto":
+        mode = "full" if t.n <= AUTO_FULL_MAX and t.m <= FULL_MAX else "probe"
+    if mode == "full" and (t.n > FULL_MAX or t.m > FULL_MAX):
+        raise NormgradError(
+            f"mode='full' builds a dense {t.m}x{t.n} Jacobian with {4 * t.n} evaluations of f; "
+            f"it is limited to {FULL_MAX} inputs and outputs. Use mode='probe' (or 'auto') for "
+            "large inputs, or check a smaller input."
+        )
+    raw = t.vjp_raw(dy1)
+    eps_a = t.analytic_eps(raw)
+    dx1 = t.flatten_vjp(raw)
+    dx2 = t.vjp(dy2)
+    if mode == "full":
+        return _full(t, rng, h, dy1, dy2, dx1, dx2, eps_a, rtol, atol)
+    return _probe(t, rng, h, dy1, dy2, dx1, dx2, eps_a, rtol, atol)
+
+
+def assert_gradients(
+    f: Callable[..., Any],
+    x: Any,
+    vjp: Callable[..., Any],
+    *,
+    dy: Any = None,
+    jvp: Callable[..., Any] | None = None,
+    mode: str = "auto",
+    step: Any = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+) -> GradReport:
+    """`check_gradients`, raising `AssertionError` with the report's text when not ok."""
+    report = check_gradients(
+        f,
+        x,
+        vjp,
+        dy=dy,
+        jvp=jvp,
+        mode=mode,
+        step=step,
+        rtol=rtol,
+        atol=atol,
+        seed=seed,
+        progress=progress,
+    )
+    if not report.ok:
+        raise AssertionError(str(report))
+    return report
+
+
+def _cotangent(dy: Any, t: Target, rng: np.random.Generator) -> F64:
+    if dy is None:
+        return rng.standard_normal(t.m)
+    try:
+        arr = np.asarray(dy, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise NormgradError(
+            f"dy must be a real array shaped like y; got {type(dy).__name__}."
+        ) from None
+    if arr.shape != t.y_shape:
+        if arr.ndim == 0:
+            arr = np.broadcast_to(arr, t.y_shape)
+        else:
+            raise NormgradError(
+                f"dy must have the shape of y = f(x), {t.y_shape}; got {arr.shape}."
+            )
+    if not np.all(np.isfinite(arr)):
+        raise NormgradError("dy holds NaN or Inf; pass finite values.")
+    return arr.ravel().copy()
+
+
+def _tolerances(
+    num: F64,
+    mag: F64,
+    dx: F64,
+    fd: F64,
+    floor: F64,
+    eps_a: float,
+    rtol: float | None,
+    atol: float | None,
+) -> tuple[F64, F64, float, float]:
+    """(tol, strict tol without the finite-difference term, rtol, atol) for one cotangent."""
+    r = math.sqrt(eps_a) if rtol is None else float(rtol)
+    if atol is None:
+        # mag >= |num|: where the true gradient nearly cancels, judge by the terms' size.
+        a = r * float(np.max(mag, initial=0.0))
+    else:
+        a = float(atol)
+    strict = 8 * eps_a * (mag + np.abs(dx)) + floor + a + r * np.abs(num)
+    return strict + fd, strict, r, a
+
+
+def _full(
+    t: Target,
+    rng: np.random.Generator,
+    h: F64,
+    dy1: F64,
+    dy2: F64,
+    dx1: F64,
+    dx2: F64,
+    eps_a: float,
+    rtol: float | None,
+    atol: float | None,
+) -> GradReport:
+    t.total = t.n_evals + 13 + 4 * t.n
+    t.calibrate(rng)
+    t.detect_complex(rng, h)
+    t.total = t.n_evals + (5 if t.complex_ok else 4) * t.n
+    jac = np.empty((t.m, t.n))
+    err = np.empty((t.m, t.n))
+    kink = np.zeros((t.m, t.n), dtype=bool)
+    for j in range(t.n):
+        u = np.zeros(t.n)
+        u[j] = h[j]
+        d = t.directional(u)
+        jac[:, j], err[:, j], kink[:, j] = d.value / h[j], d.err / h[j], d.kink
+    sides = []
+    for dy, dx in ((dy1, dx1), (dy2, dx2)):
+        num = jac.T @ dy
+        fd = np.abs(dy) @ err
+        mag = np.abs(dy) @ np.abs(jac)
+        floor = t.rounding_floor(eps_a) * float(np.max(np.abs(dy))) + _measured(t, dy, dx, eps_a)
+        tol, strict, r, a = _tolerances(num, mag, dx, fd, floor, eps_a, rtol, atol)
+        kinks = (kink & (dy != 0)[:, None]).any(axis=0)
+        sides.append(Side(dy, dx, num, fd, tol, strict, kinks))
+    ok = all(s.passed for s in sides)
+    s1 = sides[0]
+    findings = (
+        passed_findings(sides) if ok else diagnose_full(t, sides, jac, err, eps_a, r, rtol, atol)
+    )
+    if t.jvp_fn is not None:
+        findings_jvp = _check_jvp_full(t, jac, err, eps_a, r)
+        if findings_jvp:
+            ok = False
+            findings = [f for f in findings if f.kind not in ("ok", "fd_noise")] + findings_jvp
+    diff = np.abs(s1.dx - s1.num)
+    worst = int(np.argmax(diff))
+    return GradReport(
+        ok=ok,
+        max_abs_error=float(diff[worst]),
+        max_rel_error=_rel(diff, s1.num, np.abs(s1.dy) @ np.abs(jac)),
+        worst_index=t.index(worst),
+        analytic=t.unflatten(s1.dx),
+        numerical=t.unflatten(s1.num),
+        fd_error_estimate=t.unflatten(s1.fd),
+        diagnosis=findings,
+        mode="full",
+        n_evals=t.n_evals,
+        tolerance=t.unflatten(s1.tol),
+        rtol=r,
+        atol=a,
+        notes=t.notes,
+        eval_dtype=np.dtype(t.eval_out_dtype).name,
+        analytic_dtype=_dtype_name(eps_a),
+        complex_step=t.complex_ok,
+        analytic_jacobian=t.analytic_jacobian,
+        numerical_jacobian=jac,
+        input_shapes=list(t.shapes),
+        output_shape=tuple(t.y_shape),
+        step_sweep=_sweep_fn(t, h, rng),
+    )
+
+
+def _probe(
+    t: Target,
+    rng: np.random.Generator,
+    h: F64,
+    dy1: F64,
+    dy2: F64,
+    dx1: F64,
+    dx2: F64,
+    eps_a: float,
+    rtol: float | None,
+    atol: float | None,
+) -> GradReport:
+    t.total = t.n_evals + 13 + 4 * PROBES
+    t.calibrate(rng)
+    t.detect_complex(rng, h)
+    t.total = t.n_evals + (5 if t.complex_ok else 4) * PROBES
+    dirs, vals, errs, kinks = [], [], [], []
+    for _ in range(PROBES):
+        u = h * rng.standard_normal(t.n)
+        d = t.directional(u)
+        dirs.append(u)
+        vals.append(d.value)
+        errs.append(d.err)
+        kinks.append(d.kink)
+    sides = []
+    r = a = 0.0
+    for dy, dx in ((dy1, dx1), (dy2, dx2)):
+        num = np.array([dy @ v for v in vals])
+        fd = np.array([np.abs(dy) @ e for e in errs])
+        ana = np.array([dx @ u for u in dirs])
+        rms = float(np.sqrt(np.mean(dx * dx)))
+        mag = np.array([(np.abs(dx) + rms) @ np.abs(u) for u in dirs])
+        r = math.sqrt(eps_a) if rtol is None else float(rtol)
+        if atol is None:
+            a = r * max(float(np.abs(dy) @ np.abs(v)) for v in vals)
+            a_terms = a * np.ones(PROBES)
+        else:
+            a_terms = float(atol) * np.array([np.sum(np.abs(u)) for u in dirs])
+            a = float(atol)
+        full_dx = dx1 if dy is dy1 else dx2
+        floor = t.rounding_floor(eps_a) * float(np.max(np.abs(dy)))
+        floor = floor + _measured(t, dy, full_dx, eps_a)
+        strict = 8 * eps_a * mag + a_terms + r * np.abs(num)
+        strict += np.array([floor @ np.abs(u) for u in dirs])
+        kink = np.array([bool(np.any(k & (dy != 0))) for k in kinks])
+        sides.append(Side(dy, ana, num, fd, strict + fd, strict, kink))
+    ok = all(s.passed for s in sides)
+    s1 = sides[0]
+    located: list[int] | None = None
+    if ok:
+        findings = passed_findings(sides)
+    else:
+        findings, located = diagnose_probe(t, sides, dirs, vals, h, eps_a, r, rng, LOCALIZE_BUDGET)
+    if t.jvp_fn is not None:
+        findings_jvp = _check_jvp_probe(t, dirs, vals, errs, eps_a, r)
+        if findings_jvp:
+            ok = False
+            findings = [f for f in findings if f.kind not in ("ok", "fd_noise")] + findings_jvp
+    diff = np.abs(s1.dx - s1.num)
+    worst = None if not located else t.index(located[0])
+    return GradReport(
+        ok=ok,
+        max_abs_error=float(np.max(diff)),
+        max_rel_error=_rel(diff, s1.num, s1.strict),
+        worst_index=worst,
+        analytic=t.unflatten(dx1),
+        numerical=None,
+        fd_error_estimate=s1.fd,
+        diagnosis=findings,
+        mode="probe",
+        n_evals=t.n_evals,
+        tolerance=s1.tol,
+        rtol=r,
+        atol=a,
+        notes=t.notes,
+        eval_dtype=np.dtype(t.eval_out_dtype).name,
+        analytic_dtype=_dtype_name(eps_a),
+        complex_step=t.complex_ok,
+        probe_analytic=s1.dx,
+        probe_numerical=s1.num,
+        input_shapes=list(t.shapes),
+        output_shape=tuple(t.y_shape),
+        step_sweep=_sweep_fn(t, h, rng),
+    )
+
+
+def _check_jvp_full(t: Target, jac: F64, err: F64, eps_a: float, r: float) -> list[Any]:
+    from ._diagnose import diagnose_jvp
+
+    cols = np.stack([t.jvp(np.eye(1, t.n, j).ravel()) for j in range(t.n)], axis=1)
+    tol = err + 8 * eps_a * (np.abs(cols) + np.abs(jac)) + r * (np.abs(jac) + np.max(np.abs(jac)))
+    if np.all(np.abs(cols - jac) <= tol):
+        return []
+    return diagnose_jvp(cols.ravel(), jac.ravel(), tol.ravel(), t)
+
+
+def _check_jvp_probe(
+    t: Target, dirs: list[F64], vals: list[F64], errs: list[F64], eps_a: float, r: float
+) -> list[Any]:
+    from ._diagnose import diagnose_jvp
+
+    ana = np.concatenate([t.jvp(u) for u in dirs])
+    num, err = np.concatenate(vals), np.concatenate(errs)
+    tol = err + 8 * eps_a * (np.abs(ana) + np.abs(num)) + r * (np.abs(num) + np.max(np.abs(num)))
+    if np.all(np.abs(ana - num) <= tol):
+        return []
+    return diagnose_jvp(ana, num, tol, t)
+
+
+def _measured(t: Target, dy: F64, dx: F64, eps_a: float) -> F64:
+    """A low-precision backward's own rounding, measured: 2 |vjp(x, dy) - vjp(float64 x, dy)|
+    (zero for float64 gradients, or when the vjp refuses float64)."""
+    if eps_a <= np.finfo(np.float64).eps:
+        return np.zeros(t.n)
+    dx64 = t.vjp64(dy)
+    if dx64 is None:
+        note = "the backward refused float64 input, so its rounding is estimated, not measured."
+        if note not in t.notes:
+            t.notes.append(note)
+        return np.zeros(t.n)
+    ok = np.isfinite(dx)
+    return np.where(ok, 2 * np.abs(dx - dx64), 0.0)
+
+
+def _rel(diff: F64, num: F64, mag: F64) -> float:
+    """Relative error, with a floor of 1e-3 of the magnitudes involved where num ~ 0."""
+    big = max(float(np.max(np.abs(num), initial=0.0)), float(np.max(mag, initial=0.0)))
+    floor = 1e-3 * big if big > 0 else 1.0
+    return float(np.max(diff / np.maximum(np.abs(num), floor)))
+
+
+def _dtype_name(eps: float) -> str:
+    for name in ("float16", "float32", "float64"):
+        if eps == float(np.finfo(name).eps):
+            return name
+    return "float"
+
+
+def _sweep_fn(t: Target, h: F64, rng: np.random.Generator) -> Callable[[], dict[str, Any]]:
+    """Lazy (run by `plot`): the error of a plain central difference against the step size,
+    along one random direction, relative to the largest derivative along it."""
+    seed = int(rng.integers(2**31))
+
+    def sweep() -> dict[str, Any]:
+        u = h * np.random.default_rng(seed).standard_normal(t.n)
+        best = t.directional(u)
+        scale = float(np.max(np.abs(best.value), initial=0.0)) or 1.0
+        mults = np.logspace(-8, 4, 37)
+        errors = []
+        for s in mults:
+            d = (t.F(t.x64 + s * u) - t.F(t.x64 - s * u)) / (2 * s)
+            errors.append(float(np.max(np.abs(d - best.value))) / scale)
+        hmax = float(np.max(np.abs(h)))
+        return {
+            "steps": (mults * hmax).tolist(),
+            "errors": errors,
+            "chosen_step": hmax,
+            "estimate": float(np.max(best.err)) / scale,
+        }
+
+    return sweep

@@ -1,0 +1,613 @@
+"""Diagnosis: what kind of mistake explains the difference between the analytic and numerical
+derivatives.
+
+In `full` mode the analytic Jacobian `A` is built row by row from the user's vjp (one call per
+output, with basis cotangents) and compared with the numerical Jacobian `J` entry by entry,
+under a per-entry tolerance `T`. A model "fits" when `|A - model| <= 2 T` everywhere:
+
+    A ~ 0 -> zero,  A ~ -J -> sign,  A ~ c J -> scale,  A ~ c J^T -> transpose,
+    off-diagonal A ~ 0 but J's is not -> diagonal,  few wrong columns -> partial,
+    A - J in span{1, x - mean} per group (or of rank <= 2) -> missing_term.
+
+Groups are the connected components of J's significant entries (a normalization's groups).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._fd import F64, Target, nice_number
+from ._report import Finding
+
+MAX_LISTED = 20  # indices listed in evidence
+MAX_LOCATED = 8  # partial: at most this many bad elements (probe mode)
+
+
+@dataclass
+class Side:
+    """One cotangent's comparison: analytic vs numerical values and their tolerances."""
+
+    dy: F64
+    dx: F64  # analytic values (dx in full mode, <dx, u> per probe in probe mode)
+    num: F64
+    fd: F64
+    tol: F64
+    strict: F64  # tol without the finite-difference term
+    kinks: Any  # where one-sided differences disagree
+
+    @property
+    def bad(self) -> Any:
+        return ~(np.abs(self.dx - self.num) <= self.tol)  # NaN counts as bad
+
+    @property
+    def passed(self) -> bool:
+        return not bool(np.any(self.bad))
+
+
+def passed_findings(sides: list[Side]) -> list[Finding]:
+    noisy = [bool(np.any(np.abs(s.dx - s.num) > s.strict)) for s in sides]
+    if any(noisy):
+        s = sides[0] if noisy[0] else sides[1]
+        diff = np.abs(s.dx - s.num)
+        return [
+            Finding(
+                "fd_noise",
+                f"the mismatch (up to {diff.max():.3g}) exceeds rtol/atol but lies within the "
+                f"finite-difference error estimate (up to {s.fd.max():.3g}): no evidence of a "
+                "bug, but the numerical side cannot confirm the requested accuracy.",
+                "evaluate f in float64, let the checker choose the step (step=None), or loosen "
+                "rtol/atol.",
+                {"max_mismatch": float(diff.max()), "max_fd_error": float(s.fd.max())},
+            )
+        ]
+    return [Finding("ok", "the backward matches finite differences within tolerance.")]
+
+
+def _common(t: Target, sides: list[Side], eps_a: float) -> list[Finding] | None:
+    """Checks that need only vjp calls: zero, ignores_dy, nondifferentiable."""
+    s1 = sides[0]
+    if all(np.all(np.abs(s.dx) <= s.strict) for s in sides):
+        return [
+            Finding(
+                "zero",
+                "the backward returns zeros (within rounding) but the true gradient is not zero.",
+                "check that the backward writes its result (not a fresh zeros array), that no "
+                "term is multiplied by a zero, and that gradients are not detached.",
+                {"max_numerical": float(np.max(np.abs(s1.num)))},
+            )
+        ]
+    dx1 = t.vjp(s1.dy)
+    dx2 = t.vjp(2 * s1.dy)
+    scale = float(np.max(np.abs(dx1), initial=0.0))
+    lin_tol = 16 * eps_a * (np.abs(dx1) + scale) + 1e-300
+    if np.any(np.abs(dx2 - 2 * dx1) > lin_tol):
+        const = bool(np.all(np.abs(dx2 - dx1) <= lin_tol))
+        msg = (
+            "the backward returns the same result whatever dy is: it ignores dy"
+            if const
+            else "vjp(x, 2*dy) is not 2*vjp(x, dy): the result does not scale with dy"
+        )
+        return [
+            Finding(
+                "ignores_dy",
+                msg + " (a vector-Jacobian product must be linear in dy).",
+                "multiply by the incoming gradient dy (the chain rule's outer factor) instead "
+                "of ones, and do not add terms that do not contain dy.",
+                {"constant_in_dy": const},
+            )
+        ]
+    bad = np.zeros_like(s1.bad)
+    kinks = np.zeros_like(s1.bad)
+    for s in sides:
+        bad |= s.bad
+        kinks |= np.asarray(s.kinks, dtype=bool)
+    if np.any(bad) and np.all(kinks[bad]):
+        return [_nondiff(t, np.flatnonzero(bad & kinks))]
+    return None
+
+
+def _nondiff(t: Target, where: Any, probe: bool = False) -> Finding:
+    ev: dict[str, Any] = {"count": len(where)}
+    if not probe:
+        ev["indices"] = [t.index(int(j)) for j in where[:MAX_LISTED]]
+        at = f" at {len(where)} element(s), e.g. {ev['indices'][:3]}"
+    else:
+        at = f" along {len(where)} probe direction(s)"
+    return Finding(
+        "nondifferentiable",
+        "left and right finite differences disagree" + at + ": f has a kink there (like "
+        "relu(0) or abs(0)), so no single derivative exists and any value between the one-sided "
+        "ones is a valid subgradient.",
+        "not a bug in itself: check away from kinks (perturb x), or decide which one-sided "
+        "derivative your backward should return there.",
+        ev,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# full mode
+# ---------------------------------------------------------------------------------------------
+
+
+def diagnose_full(
+    t: Target,
+    sides: list[Side],
+    jac: F64,
+    err: F64,
+    eps_a: float,
+    r: float,
+    rtol: float | None,
+    atol: float | None,
+) -> list[Finding]:
+    found = _common(t, sides, eps_a)
+    if found is not None:
+        return found
+    A = np.stack([t.vjp(np.eye(1, t.m, i).ravel()) for i in range(t.m)])
+    t.analytic_jacobian = A
+    atol_j = r * float(np.max(np.abs(jac), initial=0.0)) if atol is None else float(atol)
+    T = err + 8 * eps_a * (np.abs(A) + np.abs(jac)) + atol_j + r * np.abs(jac)
+    T += t.rounding_floor(eps_a)[None, :]
+    if eps_a > np.finfo(np.float64).eps:  # the low-precision backward's measured rounding
+        rows64 = [t.vjp64(np.eye(1, t.m, i).ravel()) for i in range(t.m)]
+        got = [r64 for r64 in rows64 if r64 is not None]
+        if len(got) == t.m:
+            T += 2 * np.nan_to_num(np.abs(A - np.stack(got)), nan=0.0, posinf=0.0)
+    findings = structure(t, A, jac, T)
+    kink_bad = np.zeros(t.n, dtype=bool)
+    for s in sides:
+        kink_bad |= s.bad & s.kinks
+    if np.any(kink_bad) and findings[0].kind != "nondifferentiable":
+        findings.append(_nondiff(t, np.flatnonzero(kink_bad)))
+    return findings
+
+
+def structure(t: Target, A: F64, J: F64, T: F64) -> list[Finding]:
+    """Classify A (analytic Jacobian) against J (numerical) under the entry tolerance T."""
+    m, n = J.shape
+
+    def fits(model: F64, k: float = 1.0) -> bool:
+        return bool(np.all(np.abs(A - model) <= 2 * T * k))
+
+    jj = float(np.sum(J * J))
+    sizes = [m, n, *_group_sizes(t, J, T)]
+    if jj > 0:
+        c = float(np.sum(A * J)) / jj
+        if fits(c * J, max(1.0, abs(c))) and not fits(J):
+            return [_scale_finding(c, sizes)]
+    if m == n and jj > 0:
+        JT = J.T
+        if not np.all(np.abs(J - JT) <= 2 * (T + T.T)):
+            c = float(np.sum(A * JT)) / jj
+            if fits(c * JT, max(1.0, abs(c))):
+                extra = "" if abs(c - 1) < 1e-3 else f", times {nice_number(c, sizes)}"
+                return [
+                    Finding(
+                        "transpose",
+                        "the backward computes J·dy instead of Jᵀ·dy (the Jacobian is used "
+                        f"untransposed{extra}).",
+                        "a vector-Jacobian product sums over outputs: dx_j = Σ_i dy_i ∂y_i/∂x_j. "
+                        "Swap the roles of the indices (e.g. reverse a cumsum, transpose a "
+                        "matrix, flip a convolution kernel).",
+                        {"factor": c},
+                    )
+                ]
+        off = ~np.eye(n, dtype=bool)
+        j_off = np.any(np.abs(J[off]) > 2 * T[off])
+        if j_off and np.all(np.abs(A[off]) <= 2 * T[off]):
+            return _diagonal(t, A, J, T, sizes)
+    E = A - J
+    badmask = np.abs(E) > 2 * T
+    cols, rows = np.flatnonzero(badmask.any(axis=0)), np.flatnonzero(badmask.any(axis=1))
+    if 0 < len(cols) <= max(1, n // 10):
+        return [_partial(t, cols, n)]
+    missing = _missing_term(t, E, J, T, badmask)
+    if missing is not None:
+        return [missing]
+    if 0 < len(rows) <= max(1, m // 10):
+        return [
+            Finding(
+                "partial",
+                f"the backward mishandles the cotangent of {len(rows)} of {m} outputs (flat "
+                f"output indices {rows[:MAX_LISTED].tolist()}); the others are right.",
+                "look at the special cases of those outputs: boundaries, padding, the first or "
+                "last element, a masked position.",
+                {"outputs": rows[:MAX_LISTED].tolist(), "count": len(rows)},
+            )
+        ]
+    return [_unknown(E, T, badmask)]
+
+
+def _scale_finding(c: float, sizes: list[int]) -> Finding:
+    if abs(c + 1) < 1e-3:
+        return Finding(
+            "sign",
+            "the backward has the wrong sign: analytic = -numerical everywhere.",
+            "look for a flipped subtraction (a - b vs b - a) or a minus sign lost or added in "
+            "the chain rule.",
+            {"factor": c},
+        )
+    name = nice_number(c, sizes)
+    return Finding(
+        "scale",
+        f"the backward is off by a constant factor: analytic = {name} × numerical.",
+        "look for a factor of that size: a 2 from differentiating a square, a 1/N or N from a "
+        "mean vs a sum, a step size or temperature applied twice or not at all.",
+        {"factor": c, "factor_name": name},
+    )
+
+
+def _diagonal(t: Target, A: F64, J: F64, T: F64, sizes: list[int]) -> list[Finding]:
+    d = np.diag(A) - np.diag(J)
+    td = 2 * np.diag(T)
+    if np.all(np.abs(d) <= td):
+        diag_msg = "its diagonal is right"
+        ev: dict[str, Any] = {}
+    elif np.all(np.abs(d - d.mean()) <= td):
+        diag_msg = (
+            f"its diagonal also differs by a constant {d.mean():.4g} (a term {d.mean():.4g}·dy "
+            "too many: the missing cross terms' own diagonal part)"
+        )
+        ev = {"extra_dy_coefficient": float(d.mean())}
+    else:
+        diag_msg = "its diagonal differs from the true one as well"
+        ev = {"max_diagonal_error": float(np.max(np.abs(d)))}
+    findings = [
+        Finding(
+            "diagonal",
+            "the backward uses only ∂y_i/∂x_i (its Jacobian is diagonal): the cross terms "
+            "∂y_i/∂x_j (j ≠ i) through quantities shared by many elements (a mean, a variance, "
+            f"a sum) are missing; {diag_msg}.",
+            "every x_j also moves the shared quantities that every y_i depends on: add their "
+            "paths to the chain rule (dx_j = Σ_i dy_i ∂y_i/∂x_j sums over ALL outputs i).",
+            ev,
+        )
+    ]
+    paths = _cross_term_paths(t, J, T)
+    if paths is not None:
+        findings.append(paths)
+    return findings
+
+
+def _cross_term_paths(t: Target, J: F64, T: F64) -> Finding | None:
+    """Fit J's off-diagonal entries, per group and per row, by a + b (x_j - mean): the mean path
+    (constant in j) and the variance path (along the centered input)."""
+    labels = _groups(J, T)
+    e_mean = e_var = 0.0
+    coef_mean = []
+    for g in np.unique(labels[1]):
+        cols = np.flatnonzero(labels[1] == g)
+        rows = cols[labels[0][cols] == g] if J.shape[0] == J.shape[1] else cols
+        if len(cols) < 3 or len(rows) != len(cols) or not np.array_equal(rows, cols):
+            return None
+        Jg, Tg = J[np.ix_(rows, cols)], T[np.ix_(rows, cols)]
+        u = t.x64[cols] - t.x64[cols].mean()
+        k = len(cols)
+        # Per-row least squares of Jg[i, j] ~ p0 + p1 u_j over j != i (normal equations minus
+        # the diagonal point).
+        diag = np.diag(Jg)
+        s0 = k - 1.0
+        s1 = -u
+        s11 = float(u @ u) - u * u
+        r0 = Jg.sum(axis=1) - diag
+        r1 = Jg @ u - diag * u
+        det = s0 * s11 - s1 * s1
+        if np.any(det <= 0):
+            return None
+        p0 = (s11 * r0 - s1 * r1) / det
+        p1 = (s0 * r1 - s1 * r0) / det
+        model = p0[:, None] + p1[:, None] * u[None, :]
+        off = ~np.eye(k, dtype=bool)
+        if not np.all(np.abs((Jg - model)[off]) <= 2 * Tg[off] + 1e-12 * np.abs(Jg).max()):
+            return None
+        e_mean += float(np.sum(p0**2)) * k
+        e_var += float(np.sum(p1**2)) * float(u @ u)
+        coef_mean.append(float(np.mean(p0)))
+    total = e_mean + e_var
+    if total == 0:
+        return None
+    names = []
+    if e_mean > 1e-3 * total:
+        names.append(
+            "the mean path (every x_j moves the group mean: a term constant over the group)"
+        )
+    if e_var > 1e-3 * total:
+        names.append(
+            "the variance path (every x_j moves the group variance: a term along x - mean, "
+            "i.e. along x̂)"
+        )
+    return Finding(
+        "missing_term",
+        "the missing cross terms are " + " and ".join(names) + ".",
+        "for a normalization y = (x - μ)/σ: dx = (1/σ)(g - mean(g) - x̂·mean(g·x̂)) with "
+        "g = dy; the mean(g) term is the mean path, the x̂·mean(g·x̂) term the variance path.",
+        {
+            "groups": len(coef_mean),
+            "mean_path_share": e_mean / total,
+            "variance_path_share": e_var / total,
+            "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0,
+        },
+    )
+
+
+def _partial(t: Target, cols: Any, n: int) -> Finding:
+    idx = [t.index(int(j)) for j in cols[:MAX_LISTED]]
+    return Finding(
+        "partial",
+        f"most elements are right but {len(cols)} of {n} are wrong: {idx}"
+        + (" ..." if len(cols) > MAX_LISTED else "")
+        + ".",
+        "look at what is special about those elements: a boundary, padding, the first or last "
+        "element, a tie, a masked or clipped position.",
+        {"indices": idx, "count": len(cols)},
+    )
+
+
+def _groups(J: F64, T: F64) -> tuple[Any, Any]:
+    """Connected components of J's significant entries: (row labels, column labels).
+
+    Labels spread by taking minima across significant entries until stable (at most 64 rounds:
+    a longer chain of couplings counts as one group)."""
+    m, n = J.shape
+    S = np.abs(J) > 2 * T
+    big = np.iinfo(np.int64).max
+    col = np.arange(n, dtype=np.int64)
+    row = np.where(S, col[None, :], big).min(axis=1) if n else np.zeros(m, dtype=np.int64)
+    for _ in range(64):
+        new_col = np.minimum(col, np.where(S, row[:, None], big).min(axis=0))
+        new_row = np.minimum(row, np.where(S, new_col[None, :], big).min(axis=1))
+        if np.array_equal(new_col, col) and np.array_equal(new_row, row):
+            break
+        col, row = new_col, new_row
+    else:
+        return np.zeros(m, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    return row, col
+
+
+def _group_sizes(t: Target, J: F64, T: F64) -> list[int]:
+    _, col = _groups(J, T)
+    return sorted({int(c) for c in np.bincount(col) if c > 0})
+
+
+def _missing_term(t: Target, E: F64, J: F64, T: F64, badmask: Any) -> Finding | None:
+    rows_l, cols_l = _groups(J, T)
+    bad_groups = np.unique(cols_l[badmask.any(axis=0)])
+    e_mean = e_var = 0.0
+    fitted = True
+    for g in bad_groups:
+        cols = np.flatnonzero(cols_l == g)
+        rows = np.flatnonzero(rows_l == g)
+        if len(rows) == 0 or len(cols) < 2:  # a "group" of one element couples nothing
+            fitted = False
+            break
+        Eg, Tg = E[np.ix_(rows, cols)], T[np.ix_(rows, cols)]
+        u = t.x64[cols] - t.x64[cols].mean()
+        basis = [np.ones(len(cols)) / np.sqrt(len(cols))]
+        if float(u @ u) > 0 and len(cols) > 2:
+            basis.append(u / np.sqrt(float(u @ u)))
+        B = np.stack(basis, axis=1)  # orthonormal: 1 and u are orthogonal
+        P = Eg @ B
+        if not np.all(np.abs(Eg - P @ B.T) <= 2 * Tg):
+            fitted = False
+            break
+        e_mean += float(np.sum(P[:, 0] ** 2))
+        e_var += float(np.sum(P[:, 1] ** 2)) if P.shape[1] > 1 else 0.0
+    if fitted and e_mean + e_var > 0:
+        total = e_mean + e_var
+        names = []
+        if e_mean > 1e-3 * total:
+            names.append("the mean path (an error constant over each group)")
+        if e_var > 1e-3 * total:
+            names.append("the variance path (an error along x - group mean, i.e. along x̂)")
+        return Finding(
+            "missing_term",
+            "a term that couples all elements of a group is missing or wrong: "
+            + " and ".join(names)
+            + f" ({len(bad_groups)} group(s) affected).",
+            "check the chain rule through the shared statistics: the mean path gives "
+            "-mean(g)/σ, the variance path -x̂·mean(g·x̂)/σ (g = dy·weight).",
+            {
+                "groups": len(bad_groups),
+                "mean_path_share": e_mean / total,
+                "variance_path_share": e_var / total,
+            },
+        )
+    # Generic: is the error a matrix of rank 1 or 2?
+    U, s, Vt = np.linalg.svd(E, full_matrices=False)
+    for k in (1, 2):
+        if len(s) > k and np.all(np.abs(E - (U[:, :k] * s[:k]) @ Vt[:k]) <= 2 * T):
+            return Finding(
+                "missing_term",
+                f"the error has rank {k}: a term that couples many elements (through a shared "
+                "quantity such as a sum, mean or norm) is missing or wrong.",
+                "find the quantity that all outputs share and add (or fix) its path in the "
+                "chain rule.",
+                {"rank": k, "singular_values": s[: k + 1].tolist()},
+            )
+    return None
+
+
+def _unknown(E: F64, T: F64, badmask: Any) -> Finding:
+    return Finding(
+        "unknown",
+        f"the backward is wrong at {int(badmask.any(axis=0).sum())} of {E.shape[1]} elements "
+        "and no known pattern (zero, sign, scale, transpose, diagonal, missing term, partial) "
+        "explains the difference.",
+        "compare report.analytic_jacobian with report.numerical_jacobian (or report.plot) to "
+        "see where they differ; re-derive the chain rule step by step.",
+        {"bad_entries": int(badmask.sum()), "max_error": float(np.max(np.abs(E)))},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# probe mode
+# ---------------------------------------------------------------------------------------------
+
+
+def diagnose_probe(
+    t: Target,
+    sides: list[Side],
+    dirs: list[F64],
+    vals: list[F64],
+    h: F64,
+    eps_a: float,
+    r: float,
+    rng: np.random.Generator,
+    budget: int,
+) -> tuple[list[Finding], list[int] | None]:
+    found = _common_probe(t, sides, eps_a)
+    if found is not None:
+        return found, None
+    s1, s2 = sides
+    a = np.concatenate([s1.dx, s2.dx])
+    n = np.concatenate([s1.num, s2.num])
+    tol = np.concatenate([s1.tol, s2.tol])
+    nn = float(n @ n)
+    if nn > 0:
+        c = float(a @ n) / nn
+        if np.all(np.abs(a - c * n) <= 2 * tol * max(1.0, abs(c))):
+            return [_scale_finding(c, [t.n, t.m])], None
+    if t.m == t.n:
+        tr = _probe_transpose(t, s1, dirs, h, eps_a, r)
+        if tr is not None:
+            return [tr], None
+    return _localize(t, s1, h, eps_a, r, rng, budget)
+
+
+def _common_probe(t: Target, sides: list[Side], eps_a: float) -> list[Finding] | None:
+    """zero / ignores_dy / nondifferentiable on probe values (dx itself is re-derived)."""
+    s1 = sides[0]
+    dx1 = t.vjp(s1.dy)
+    if not np.any(dx1) and all(np.all(np.abs(s.dx) <= s.strict) for s in sides):
+        return _common(t, sides, eps_a)
+    dx2 = t.vjp(2 * s1.dy)
+    scale = float(np.max(np.abs(dx1), initial=0.0))
+    if np.any(np.abs(dx2 - 2 * dx1) > 16 * eps_a * (np.abs(dx1) + scale)):
+        return _common(t, sides, eps_a)
+    bad = np.concatenate([s.bad for s in sides])
+    kinks = np.concatenate([np.asarray(s.kinks, dtype=bool) for s in sides])
+    if np.any(bad) and np.all(kinks[bad]):
+        return [_nondiff(t, np.flatnonzero(bad), probe=True)]
+    return None
+
+
+def _probe_transpose(
+    t: Target, s1: Side, dirs: list[F64], h: F64, eps_a: float, r: float
+) -> Finding | None:
+    """Does vjp(dy) equal J·dy (one more directional derivative, along dy itself)?"""
+    dx = t.vjp(s1.dy)
+    scale = float(np.median(h)) / max(float(np.sqrt(np.mean(s1.dy**2))), 1e-300)
+    d = t.directional(scale * s1.dy)
+    jdy, err = d.value / scale, d.err / scale
+    big = float(np.max(np.abs(jdy), initial=0.0))
+    tol = err + 8 * eps_a * (np.abs(dx) + np.abs(jdy)) + r * (np.abs(jdy) + big)
+    tol += t.rounding_floor(eps_a) * float(np.max(np.abs(s1.dy)))
+    if not np.all(np.abs(dx - jdy) <= 2 * tol):
+        return None
+    # J dy must differ from J^T dy, seen through the probes: <J dy, u> vs <dy, J u>.
+    sym = all(
+        abs(jdy @ u - n) <= tl + float(np.abs(err) @ np.abs(u))
+        for u, n, tl in zip(dirs, s1.num, s1.tol, strict=True)
+    )
+    if sym:
+        return None
+    return Finding(
+        "transpose",
+        "the backward computes J·dy instead of Jᵀ·dy (the Jacobian is used untransposed).",
+        "a vector-Jacobian product sums over outputs: dx_j = Σ_i dy_i ∂y_i/∂x_j. Swap the roles "
+        "of the indices (e.g. reverse a cumsum, transpose a matrix, flip a convolution kernel).",
+        {},
+    )
+
+
+def _localize(
+    t: Target, s1: Side, h: F64, eps_a: float, r: float, rng: np.random.Generator, budget: int
+) -> tuple[list[Finding], list[int] | None]:
+    """Bisection: probe directions restricted to halves of a failing index set, breadth first,
+    until single elements remain, more than MAX_LOCATED sets fail, or the budget is spent."""
+    dx = t.vjp(s1.dy)
+    start = t.n_evals
+    per_test = 5 if t.complex_ok else 4
+    floor = t.rounding_floor(eps_a) * float(np.max(np.abs(s1.dy)))
+    t.total = max(t.total, t.n_evals + budget)
+
+    def fails(idx: Any) -> bool:
+        u = np.zeros(t.n)
+        u[idx] = h[idx] * rng.standard_normal(len(idx))
+        d = t.directional(u)
+        num = float(s1.dy @ d.value)
+        fd = float(np.abs(s1.dy) @ d.err)
+        terms = float(np.abs(dx[idx]) @ np.abs(u[idx]))
+        tol = fd + 8 * eps_a * terms + r * (abs(num) + terms) + float(floor[idx] @ np.abs(u[idx]))
+        return abs(float(dx @ u) - num) > tol
+
+    frontier = [np.arange(t.n)]
+    located: list[int] = []
+    spread = False
+    while frontier and t.n_evals - start + 2 * per_test <= budget:
+        S = frontier.pop(0)
+        if len(S) == 1:
+            located.append(int(S[0]))
+            continue
+        halves = [S[: len(S) // 2], S[len(S) // 2 :]]
+        frontier += [hf for hf in halves if fails(hf)]
+        if len(frontier) + len(located) > MAX_LOCATED:
+            spread = True
+            break
+    located += [int(S[0]) for S in frontier if len(S) == 1]
+    frontier = [S for S in frontier if len(S) > 1]
+    ev_budget = {"evaluations": t.n_evals - start, "budget": budget}
+    if not spread and located and not frontier:
+        located.sort()
+        f = _partial(t, np.asarray(located), t.n)
+        return [Finding(f.kind, f.message, f.hint, {**f.evidence, **ev_budget})], located
+    if not spread and frontier:
+        ranges = [(t.index(int(S[0])), t.index(int(S[-1]))) for S in frontier]
+        return [
+            Finding(
+                "partial",
+                f"the mismatch is confined to {len(frontier)} index range(s) of x "
+                f"(first..last: {ranges[:MAX_LOCATED]}) plus elements {located}; the "
+                "localization budget ran out before single elements were isolated.",
+                "check those elements with mode='full' on a slice, or look at what is special "
+                "about them (boundaries, padding).",
+                {"ranges": ranges, "indices": located, **ev_budget},
+            )
+        ], located
+    return [
+        Finding(
+            "unknown",
+            "the backward is wrong along random directions, the mismatch is spread over many "
+            "elements, and it is not a constant factor, a sign or a transpose.",
+            "run check_gradients(..., mode='full') on a smaller input of the same function for "
+            "a finer diagnosis (diagonal, missing term, partial).",
+            ev_budget,
+        )
+    ], None
+
+
+def diagnose_jvp(ana: F64, num: F64, tol: F64, t: Target) -> list[Finding]:
+    """The forward derivative jvp(x, tx) against J·tx (values flattened)."""
+    if np.all(ana == 0):
+        kind, msg = "zero", "jvp returns zeros but J·tx is not zero."
+        ev: dict[str, Any] = {}
+    else:
+        nn = float(num @ num)
+        c = float(ana @ num) / nn if nn > 0 else 0.0
+        if nn > 0 and np.all(np.abs(ana - c * num) <= 2 * tol * max(1.0, abs(c))):
+            f = _scale_finding(c, [t.n, t.m])
+            kind, msg, ev = f.kind, f.message.replace("backward", "jvp"), f.evidence
+        else:
+            kind = "unknown"
+            msg = "jvp(x, tx) disagrees with the finite-difference J·tx in no simple pattern."
+            ev = {"max_error": float(np.max(np.abs(ana - num)))}
+    return [
+        Finding(
+            kind,
+            "jvp: " + msg,
+            "the forward derivative must be ty = J·tx, the transpose of what vjp computes.",
+            ev,
+        )
+    ]
