@@ -13,14 +13,21 @@ from ._ops import (
     normalize_jacobian,
     normalize_jvp,
 )
+from .check import Finding, GradReport, assert_gradients, check_gradients
+from .explain import explain
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackwardTangents",
+    "Finding",
+    "GradReport",
     "Gradients",
     "NormContext",
     "NormgradError",
+    "assert_gradients",
+    "check_gradients",
+    "explain",
     "normalize",
     "normalize_backward",
     "normalize_backward_jvp",
