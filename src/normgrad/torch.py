@@ -1,0 +1,171 @@
+r"""PyTorch adapter: `normalize` as a `torch.autograd.Function` and `MeanVarNorm` as an `nn.Module`.
+
+Both run normgrad's own formulas (`normgrad._ops`) on torch tensors through array_api_compat:
+
+$$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
+   dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x,\quad g = dy\,w $$
+
+The backward is that derivation written in torch ops, so it is itself differentiable
+(double backward, `gradgradcheck`, Hessian-vector products). Install with `normgrad[torch]`;
+`import normgrad` alone never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._axes import Axes, normalize_axes
+from ._errors import NormgradError
+from ._ops import EPS_MODES, NormContext, normalize_backward, normalize_forward
+
+__all__ = ["MeanVarNorm", "normalize"]
+
+
+class _Normalize(torch.autograd.Function):
+    """forward: `normalize_forward`; backward: `normalize_backward`, both on torch tensors."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        x: torch.Tensor,
+        weight: torch.Tensor | None,
+        bias: torch.Tensor | None,
+        axes: Axes,
+        eps: float,
+        eps_mode: str,
+        ddof: float,
+    ) -> Any:
+        y, ctx = normalize_forward(
+            x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
+        )
+        return y, ctx.mean, ctx.var, ctx.rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, weight, bias, axes, eps, eps_mode, ddof = inputs
+        _, mean, var, rstd = output
+        ctx.save_for_backward(x, weight, bias, mean, var, rstd)
+        ctx.options = (axes, eps, eps_mode, ddof)
+        ctx.mark_non_differentiable(mean, var, rstd)
+
+    @staticmethod
+    def backward(ctx: Any, dy: torch.Tensor, *_stats: Any) -> Any:  # type: ignore[override]
+        x, weight, bias, mean, var, rstd = ctx.saved_tensors
+        axes, eps, eps_mode, ddof = ctx.options
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradient must be differentiable w.r.t. x through the
+            # statistics too, so recompute them from x in torch ops instead of reusing the
+            # forward's (detached) mean and rstd.
+            _, nctx = normalize_forward(
+                x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
+            )
+        else:
+            ax = normalize_axes(axes, x.ndim)
+            n = math.prod([x.shape[i] for i in ax])
+            dtype = x.dtype if x.dtype.is_floating_point else torch.float64
+            nctx = NormContext(
+                x, ax, mean, var, rstd, float(eps), eps_mode, ddof, weight, bias, n, dtype
+            )
+        grads = normalize_backward(nctx, dy)
+        return grads.x, grads.weight, grads.bias, None, None, None, None
+
+
+def normalize(
+    x: torch.Tensor,
+    axes: Axes = None,
+    *,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    ddof: float = 0,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    r"""Differentiable `normgrad.normalize` for torch tensors (CPU or CUDA).
+
+    $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b $$
+
+    over `axes` (all axes when `None`). Gradients flow to `x`, `weight` and `bias`; the
+    backward is differentiable again (`create_graph=True`). On CPU the statistics are
+    computed in float64 whatever the input dtype; the result has the input's dtype.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise NormgradError(
+            f"normgrad.torch.normalize needs a torch.Tensor; got {type(x).__name__}. "
+            "Use torch.as_tensor(x), or normgrad.normalize for NumPy/JAX/Dask arrays."
+        )
+    y, *_ = _Normalize.apply(x, weight, bias, axes, eps, eps_mode, ddof)
+    return y  # type: ignore[no-any-return]
+
+
+class MeanVarNorm(nn.Module):
+    r"""Mean-variance normalization over `axes` with a learnable per-element affine map.
+
+    $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b $$
+
+    `weight` (init 1) and `bias` (init 0) have shape `param_shape` and broadcast against the
+    input: `MeanVarNorm(D)` with `axes=-1` is a layer norm over the last axis,
+    `MeanVarNorm((C, 1, 1), axes=(0, 2, 3))` a batch norm without running statistics,
+    `MeanVarNorm((C, 1, 1), axes=(2, 3))` an instance norm with affine.
+    """
+
+    def __init__(
+        self,
+        param_shape: int | tuple[int, ...],
+        axes: Axes = -1,
+        *,
+        eps: float = 1e-5,
+        eps_mode: str = "inside",
+        ddof: float = 0,
+        elementwise_affine: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+    ) -> None:
+        super().__init__()
+        shape = (param_shape,) if isinstance(param_shape, int) else tuple(param_shape)
+        if not all(isinstance(s, int) and s >= 1 for s in shape):
+            raise NormgradError(
+                f"param_shape must be a positive int or a tuple of positive ints (the shape "
+                f"of weight and bias, e.g. (D,) or (C, 1, 1)); got {param_shape!r}."
+            )
+        if eps_mode not in EPS_MODES:
+            raise NormgradError(f"eps_mode must be 'inside' or 'outside'; got {eps_mode!r}.")
+        self.param_shape = shape
+        self.axes = axes
+        self.eps = eps
+        self.eps_mode = eps_mode
+        self.ddof = ddof
+        self.elementwise_affine = elementwise_affine
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if elementwise_affine:
+            kw = {"device": device, "dtype": dtype}
+            self.weight = nn.Parameter(torch.ones(shape, **kw))
+            self.bias = nn.Parameter(torch.zeros(shape, **kw))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return normalize(
+            x,
+            self.axes,
+            eps=self.eps,
+            eps_mode=self.eps_mode,
+            ddof=self.ddof,
+            weight=self.weight,
+            bias=self.bias,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.param_shape}, axes={self.axes}, eps={self.eps}, eps_mode={self.eps_mode!r}, "
+            f"ddof={self.ddof}, elementwise_affine={self.elementwise_affine}"
+        )
