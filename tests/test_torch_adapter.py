@@ -236,12 +236,6 @@ def test_torch_compile_with_graph_breaks():
 
 @pytest.mark.filterwarnings("ignore:Dynamo detected")
 @pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")
-@pytest.mark.xfail(
-    strict=True,
-    raises=Exception,
-    reason="_ops._prepare uses math.prod(<generator>) and _compute_dtype str(device), which "
-    "Dynamo cannot trace inside an autograd.Function; see docs/frameworks.md",
-)
 def test_torch_compile_fullgraph():
     _compiled_step(fullgraph=True)
 

@@ -12,6 +12,7 @@ from ._ops import (
     normalize_forward,
     normalize_jacobian,
     normalize_jvp,
+    use_kernels,
 )
 from .check import Finding, GradReport, assert_gradients, check_gradients
 from .explain import explain
@@ -34,4 +35,5 @@ __all__ = [
     "normalize_forward",
     "normalize_jacobian",
     "normalize_jvp",
+    "use_kernels",
 ]

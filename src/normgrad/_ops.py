@@ -17,6 +17,10 @@ so the VJP and the JVP are the same operator: `_apply_jacobian` below, used by b
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -91,6 +95,7 @@ def normalize(
     ddof: float = 0,
     weight: Array | None = None,
     bias: Array | None = None,
+    out: Array | None = None,
 ) -> Array:
     r"""Normalize `x` by the mean and variance of each group of elements along `axes`.
 
@@ -103,9 +108,13 @@ def normalize(
     `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
     any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
     (integers become float64). NaN or Inf in `x` make only the groups that hold them NaN.
+
+    `out`: optional preallocated result (same library, shape and result dtype as `y`, not
+    overlapping `x`); it is filled and returned, which saves an allocation per call.
+    NumPy float32/float64 inputs run on fused multi-threaded kernels (see `use_kernels`).
     """
     return normalize_forward(
-        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
+        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, out=out
     )[0]
 
 
@@ -118,14 +127,32 @@ def normalize_forward(
     ddof: float = 0,
     weight: Array | None = None,
     bias: Array | None = None,
+    out: Array | None = None,
 ) -> tuple[Array, NormContext]:
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
+    xp, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    _check_out(xp, out, x, out_dtype, "out", x)
+    kernels = _kernels_for(x)
+    if kernels is not None:
+
+        def finish(var: Array) -> Array:
+            if eps == 0:
+                _refuse_zero_variance(xp, var, x, ax)
+            return _rstd(xp, var, eps, eps_mode)
+
+        res = kernels.forward(x, ax, ddof, finish, w, b, out_dtype, out)
+        if res is not None:
+            y, mean, var, rstd = res
+            ctx = NormContext(
+                x, ax, mean, var, rstd, float(eps), eps_mode, ddof, w, b, n, out_dtype
+            )
+            return y, ctx
     xp, xc, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
     xhat = (xc - ctx.mean) * ctx.rstd
-    return _to_out(xp, _affine(xp, ctx, xhat), ctx), ctx
+    return _fill(_to_out(xp, _affine(xp, ctx, xhat), ctx), out), ctx
 
 
-def normalize_backward(ctx: NormContext, dy: Array) -> Gradients:
+def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None) -> Gradients:
     r"""Exact vector-Jacobian product of `normalize`: gradients of $\sum dy \cdot y$.
 
     $$ dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x, \qquad g = dy \cdot w $$
@@ -133,15 +160,26 @@ def normalize_backward(ctx: NormContext, dy: Array) -> Gradients:
     with $r$ = `ctx.rstd`, $c = r$ (eps inside) or $1/\sigma$ (eps outside), $m = n - ddof$,
     sums and means over each group. `dweight` and `dbias` are $\sum dy\,\hat x$ and
     $\sum dy$ over the axes that `weight` and `bias` broadcast along.
+
+    `out`: optional preallocated `dx` (same rules as `normalize`'s `out`, not overlapping
+    `x` or `dy`).
     """
     xp = ctx.xp
-    dyc = _check_cotangent(xp, ctx, dy, "dy")
+    dy = _check_cotangent_shape(xp, ctx, dy, "dy")
+    _check_out(xp, out, ctx.x, ctx.dtype, "out", ctx.x, dy)
+    kernels = _kernels_for(ctx.x)
+    if kernels is not None and _is_numpy(dy):
+        c = _coef(xp, ctx)
+        res = kernels.backward(ctx, dy, c, ctx.dtype, out)
+        if res is not None:
+            return Gradients(*res)
+    dyc = _cast(xp, dy, ctx)
     xhat, c = _xhat_and_c(xp, ctx)
     g = dyc if ctx.weight is None else dyc * _cast(xp, ctx.weight, ctx)
     dx = _apply_jacobian(xp, ctx, xhat, c, g)
     dw = None if ctx.weight is None else _unbroadcast(xp, dyc * xhat, ctx.weight)
     db = None if ctx.bias is None else _unbroadcast(xp, dyc, ctx.bias)
-    return Gradients(_to_out(xp, dx, ctx), dw, db)
+    return Gradients(_fill(_to_out(xp, dx, ctx), out), dw, db)
 
 
 def normalize_jvp(
@@ -308,12 +346,23 @@ def _apply_jacobian(xp: Any, ctx: NormContext, xhat: Array, c: Array, v: Array) 
 def _xhat_and_c(xp: Any, ctx: NormContext) -> tuple[Array, Array]:
     """Recompute xhat from x and the saved statistics; c is the variance path's coefficient."""
     xhat = (_cast(xp, ctx.x, ctx) - ctx.mean) * ctx.rstd
+    return xhat, _coef(xp, ctx)
+
+
+def _coef(xp: Any, ctx: NormContext) -> Array:
+    """The variance path's coefficient c (keepdims): rstd (eps inside) or 1/std (outside)."""
     if ctx.eps_mode == "inside":
-        return xhat, ctx.rstd
+        return ctx.rstd
     std = xp.sqrt(ctx.var)
     # d(sqrt(var))/dvar is infinite at var == 0, but there xhat == 0 and the term vanishes.
     safe = xp.where(std > 0, std, xp.ones_like(std))
-    return xhat, xp.where(std > 0, 1.0 / safe, xp.zeros_like(std))
+    return xp.where(std > 0, 1.0 / safe, xp.zeros_like(std))
+
+
+def _rstd(xp: Any, var: Array, eps: float, eps_mode: str) -> Array:
+    if eps_mode == "inside":
+        return 1.0 / xp.sqrt(var + eps)
+    return 1.0 / (xp.sqrt(var) + eps)
 
 
 def _affine(xp: Any, ctx: NormContext, xhat: Array) -> Array:
@@ -339,6 +388,28 @@ def _prepare(
     bias: Array | None,
 ) -> tuple[Any, Array, NormContext]:
     """Validate every argument and compute the statistics: (namespace, x in compute dtype, ctx)."""
+    xp, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    xc = xp.astype(x, _compute_dtype(xp, x))
+    mean = xp.mean(xc, axis=ax, keepdims=True)
+    d = xc - mean
+    var = xp.sum(d * d, axis=ax, keepdims=True) / (n - ddof)  # two-pass: stable
+    if eps == 0:
+        _refuse_zero_variance(xp, var, x, ax)
+    rstd = _rstd(xp, var, eps, eps_mode)
+    ctx = NormContext(x, ax, mean, var, rstd, float(eps), eps_mode, ddof, w, b, n, out_dtype)
+    return xp, xc, ctx
+
+
+def _validate(
+    x: Array,
+    axes: Axes,
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+    weight: Array | None,
+    bias: Array | None,
+) -> tuple[Any, tuple[int, ...], int, Array | None, Array | None, Any]:
+    """Check every argument: (namespace, axes, group size, weight, bias, result dtype)."""
     try:
         xp = aac.array_namespace(x)
     except TypeError:
@@ -358,7 +429,7 @@ def _prepare(
             "in every group."
         )
     ax = normalize_axes(axes, x.ndim)
-    n = math.prod(int(x.shape[i]) for i in ax)
+    n = math.prod([int(x.shape[i]) for i in ax])  # a list: torch.compile cannot trace genexprs
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
         raise NormgradError(f"eps must be a finite real number >= 0; got {eps!r}.")
     if eps < 0:
@@ -379,19 +450,7 @@ def _prepare(
         )
     w = _param(xp, weight, "weight", x, x)
     b = _param(xp, bias, "bias", x, x)
-
-    xc = xp.astype(x, _compute_dtype(xp, x))
-    mean = xp.mean(xc, axis=ax, keepdims=True)
-    d = xc - mean
-    var = xp.sum(d * d, axis=ax, keepdims=True) / (n - ddof)  # two-pass: stable
-    if eps == 0:
-        _refuse_zero_variance(xp, var, x, ax)
-    if eps_mode == "inside":
-        rstd = 1.0 / xp.sqrt(var + eps)
-    else:
-        rstd = 1.0 / (xp.sqrt(var) + eps)
-    ctx = NormContext(x, ax, mean, var, rstd, float(eps), eps_mode, ddof, w, b, n, out_dtype)
-    return xp, xc, ctx
+    return xp, ax, n, w, b, out_dtype
 
 
 def _refuse_zero_variance(xp: Any, var: Array, x: Array, axes: tuple[int, ...]) -> None:
@@ -425,9 +484,11 @@ def _compute_dtype(xp: Any, x: Array) -> Any:
 
         if not jax.config.read("jax_enable_x64"):
             return xp.float32
-    elif aac.is_torch_namespace(xp) or aac.is_cupy_namespace(xp):
-        if str(aac.device(x)) != "cpu":
+    elif aac.is_torch_namespace(xp):
+        if x.device.type != "cpu":  # not str(device): torch.compile cannot trace it
             return xp.float32 if x.dtype == xp.float16 else x.dtype
+    elif aac.is_cupy_namespace(xp):
+        return xp.float32 if x.dtype == xp.float16 else x.dtype
     return xp.float64
 
 
@@ -488,6 +549,11 @@ def _unbroadcast(xp: Any, a: Array, like: Array) -> Array:
 
 def _check_cotangent(xp: Any, ctx: NormContext, v: Array, name: str) -> Array:
     """A tangent or cotangent must have exactly the shape of x (and y); cast to compute dtype."""
+    return _cast(xp, _check_cotangent_shape(xp, ctx, v, name), ctx)
+
+
+def _check_cotangent_shape(xp: Any, ctx: NormContext, v: Array, name: str) -> Array:
+    """`v` as an array of xp with a real dtype and exactly the shape of x (not cast)."""
     if not aac.is_array_api_obj(v) or aac.array_namespace(v) is not xp:
         v = xp.asarray(v, device=aac.device(ctx.x))
     _float_dtype(xp, v.dtype, name)
@@ -496,4 +562,99 @@ def _check_cotangent(xp: Any, ctx: NormContext, v: Array, name: str) -> Array:
             f"{name} has shape {tuple(v.shape)} but must have the shape of x and y, "
             f"{tuple(ctx.x.shape)}; pass one value per output element."
         )
-    return _cast(xp, v, ctx)
+    return v
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused CPU kernels: dispatch and preallocated outputs
+# ---------------------------------------------------------------------------------------------
+
+KERNEL_MODES = ("auto", "0", "1")
+# Below this many elements the generic path is as fast and never triggers numba (measured
+# crossover, see docs/performance.md); NORMGRAD_KERNELS=1 uses the kernels at every size.
+KERNEL_MIN_SIZE = 1 << 14
+_kernel_mode: ContextVar[str | None] = ContextVar("normgrad_kernels", default=None)
+
+
+@contextmanager
+def use_kernels(mode: bool | str = True) -> Iterator[None]:
+    """Choose, inside a `with` block, whether NumPy float32/float64 inputs use the fused
+    numba kernels: `True`/`"1"` always, `False`/`"0"` never (generic Array-API path),
+    `"auto"` (the default) from `KERNEL_MIN_SIZE` elements on.
+
+    Without it, the environment variable `NORMGRAD_KERNELS` (`0`, `1` or `auto`) decides.
+    Both paths give the same results within a few ulp.
+    """
+    named = "1" if mode is True else "0" if mode is False else mode
+    token = _kernel_mode.set(_check_mode(named, "mode"))
+    try:
+        yield
+    finally:
+        _kernel_mode.reset(token)
+
+
+def _check_mode(mode: Any, source: str) -> str:
+    if mode not in KERNEL_MODES:
+        raise NormgradError(
+            f"{source} must be one of True, False, '1', '0' or 'auto' (fused kernels always, "
+            f"never, or for large NumPy inputs); got {mode!r}."
+        )
+    return str(mode)
+
+
+def _kernels_for(x: Array) -> Any:
+    """The `_kernels` module if this NumPy float32/float64 input should use it, else None."""
+    if not _is_numpy(x) or x.dtype.char not in "fd":
+        return None  # decided first: torch.compile traces this function and not ContextVar
+    mode = _kernel_mode.get()
+    if mode is None:
+        mode = _check_mode(os.environ.get("NORMGRAD_KERNELS", "auto"), "NORMGRAD_KERNELS")
+    if mode == "0":
+        return None
+    if mode == "auto" and x.size < KERNEL_MIN_SIZE:
+        return None
+    try:
+        from . import _kernels  # imports numba: only here, on first use
+    except ImportError:  # numba missing or broken: the generic path still works
+        return None
+    return _kernels
+
+
+def _is_numpy(a: Any) -> bool:
+    return type(a).__module__ == "numpy" and type(a).__name__ == "ndarray"
+
+
+def _check_out(xp: Any, out: Array | None, x: Array, dtype: Any, name: str, *inputs: Array) -> None:
+    if out is None:
+        return
+    if not aac.is_array_api_obj(out) or aac.array_namespace(out) is not xp:
+        raise NormgradError(
+            f"{name} must be an array of the same library as x ({xp.__name__}); got "
+            f"{type(out).__name__}. Allocate it with that library, e.g. empty_like(x)."
+        )
+    arr: Any = out  # the namespace check above narrowed `out` too far for mypy
+    if tuple(arr.shape) != tuple(x.shape) or arr.dtype != dtype:
+        raise NormgradError(
+            f"{name} must have the result's shape {tuple(x.shape)} and dtype {dtype}; got "
+            f"shape {tuple(arr.shape)} and dtype {arr.dtype}. Allocate it like the result."
+        )
+    if aac.is_jax_array(out):
+        raise NormgradError(f"{name} cannot be a JAX array (JAX arrays are immutable); omit it.")
+    if _is_numpy(out) and not _separate_numpy_buffer(out, inputs):
+        raise NormgradError(
+            f"{name} must be a writeable array that does not overlap the inputs (x, dy); "
+            "pass a separate buffer, e.g. numpy.empty_like(x)."
+        )
+
+
+def _separate_numpy_buffer(out: Any, inputs: tuple[Array, ...]) -> bool:
+    import numpy as np
+
+    return bool(out.flags.writeable) and not any(np.may_share_memory(out, a) for a in inputs)
+
+
+def _fill(result: Array, out: Array | None) -> Array:
+    if out is None:
+        return result
+    out[...] = result
+    return out

@@ -1,0 +1,571 @@
+"""Fused multi-threaded CPU kernels (numba) for NumPy float32/float64 inputs.
+
+`normalize_forward` and `normalize_backward` in `_ops.py` call `forward` and `backward` here
+when kernels are enabled (see `normgrad.use_kernels`); this module imports numba, so `_ops`
+imports it lazily. The math is the one in `_ops.py`: the same statistics, the same
+`rstd` and `c` (computed by `_ops` helpers), the same backward
+
+    dx = r (g - mean g) + beta (x - mu),     beta = -c r^2 sum(g (x - mu)) / m.
+
+**Layout.** Every axes choice is viewed, without copying, as a 4-d block array
+`(Ka, Ra, Kb, Rb)`: kept and reduced axes, each block a run of axes that merge in memory
+(axes taken in memory order, so transposed or sliced inputs work as well). A group is a
+`(ka, kb)` pair; its `Ra * Rb` elements are `Ra` runs of `Rb` elements. Whole tensor is
+`(1, 1, 1, N)`, layer norm `(rows, 1, 1, D)`, batch norm over `(0, 2, 3)` is
+`(1, N, C, H*W)`. Layouts that need more than two blocks of either kind return `None`, and
+`_ops` takes its generic path.
+
+**Threads.** The `G` groups are cut into `G * nc` items (`nc` chunks per group, so that a
+single group still feeds every thread); each item's partial sums land in their own slot and
+are merged in a fixed order (statistics with Chan's parallel formula for
+`(count, mean, M2)`), so results do not depend on which thread ran what. The serial kernels
+release the GIL and run on a small thread pool (`NUMBA_NUM_THREADS` threads, the caller
+included) that claims chunks of items dynamically: the caller never waits for a thread that
+the OS has not scheduled yet. numba's own `parallel=True` (a fixed split with a barrier) was
+measured to stall for 16-32 ms per launch on a busy 2-core machine, with either threading
+layer.
+
+**Passes.** Forward: one pass computes the statistics (two-pass inside in-cache blocks of
+`BLOCK` elements, merged with Chan's formula), one pass writes `y`. Backward: one pass
+computes `sum g` and `sum g (x - mu)` (and dweight/dbias), one pass writes `dx`. All sums are
+float64, and `x - mu` is float64 for float32 input; each output is rounded once.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+import numba
+import numpy as np
+from numba import njit
+
+BLOCK = 2048  # elements per in-cache block for the two-pass statistics (16 KiB of float64)
+MIN_CHUNK = 16384  # smallest chunk a group is split into for threading
+PARALLEL_MIN_SIZE = 1 << 17  # below this, one thread beats waking the others
+_REASSOC = {"reassoc", "contract"}  # lets LLVM vectorize the float64 sums
+
+calls = {"forward": 0, "backward": 0}  # how often the kernels ran (tests look at it)
+
+
+# ---------------------------------------------------------------------------------------------
+# numba kernels: x4, y4, ... are (Ka, Ra, Kb, Rb) views; item i covers flat elements
+# [lo, hi) of group g = i // nc, the flat index running over (ra, rb).
+# ---------------------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _item(i: int, nc: int, n: int, kb: int) -> tuple[int, int, int, int]:
+    g = i // nc
+    c = i - g * nc
+    k0 = g // kb
+    return k0, g - k0 * kb, (c * n) // nc, ((c + 1) * n) // nc
+
+
+@njit(cache=True, fastmath=_REASSOC, nogil=True)
+def _stats_items(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
+    _, ra, kb, rb = x.shape
+    n = ra * rb
+    for i in range(i0, i1):
+        k0, k1, lo, hi = _item(i, nc, n, kb)
+        cnt = 0.0
+        mean = 0.0
+        m2 = 0.0
+        pos = lo
+        while pos < hi:
+            r0 = pos // rb
+            a = pos - r0 * rb
+            b = min(rb, a + hi - pos)
+            s = a
+            while s < b:
+                e = min(b, s + BLOCK)
+                seg = x[k0, r0, k1, s:e]  # loops from 0 over a slice: LLVM vectorizes them
+                acc = 0.0
+                for j in range(seg.size):
+                    acc += seg[j]
+                nb = float(e - s)
+                mb = acc / nb
+                q = 0.0
+                for j in range(seg.size):
+                    d = seg[j] - mb
+                    q += d * d
+                tot = cnt + nb
+                delta = mb - mean
+                mean += delta * (nb / tot)
+                m2 += q + delta * delta * (cnt * nb / tot)
+                cnt = tot
+                s = e
+            pos += b - a
+        pmean[i] = mean
+        pm2[i] = m2
+
+
+@njit(cache=True, nogil=True)
+def _merge_kernel(pmean, pm2, nc, n, mean, m2):  # type: ignore[no-untyped-def]
+    for g in range(mean.size):
+        cnt = 0.0
+        mu = 0.0
+        q = 0.0
+        for c in range(nc):
+            nb = float(((c + 1) * n) // nc - (c * n) // nc)
+            if nb == 0.0:
+                continue
+            i = g * nc + c
+            tot = cnt + nb
+            delta = pmean[i] - mu
+            mu += delta * (nb / tot)
+            q += pm2[i] + delta * delta * (cnt * nb / tot)
+            cnt = tot
+        mean[g] = mu
+        m2[g] = q
+
+
+@njit(cache=True, nogil=True)
+def _forward_items(x, mean, rstd, w, b, affine, nc, i0, i1, y):  # type: ignore[no-untyped-def]
+    _, ra, kb, rb = x.shape
+    n = ra * rb
+    for i in range(i0, i1):
+        k0, k1, lo, hi = _item(i, nc, n, kb)
+        g = k0 * kb + k1
+        mu = mean[g]
+        r = rstd[g]
+        pos = lo
+        while pos < hi:
+            r0 = pos // rb
+            a = pos - r0 * rb
+            e = min(rb, a + hi - pos)
+            xs = x[k0, r0, k1, a:e]
+            ys = y[k0, r0, k1, a:e]
+            if affine:
+                ws = w[k0, r0, k1, a:e]
+                bs = b[k0, r0, k1, a:e]
+                for j in range(xs.size):
+                    ys[j] = ((xs[j] - mu) * r) * ws[j] + bs[j]
+            else:
+                for j in range(xs.size):
+                    ys[j] = (xs[j] - mu) * r
+            pos += e - a
+
+
+@njit(cache=True, fastmath=_REASSOC, nogil=True)
+def _backward_sums_items(  # type: ignore[no-untyped-def]
+    x, dy, mean, rstd, w, has_w, dwacc, need_dw, dbacc, need_db, nc, t, i0, i1, psg, psgd
+):
+    _, ra, kb, rb = x.shape
+    n = ra * rb
+    for i in range(i0, i1):
+        k0, k1, lo, hi = _item(i, nc, n, kb)
+        g = k0 * kb + k1
+        mu = mean[g]
+        r = rstd[g]
+        sg = 0.0
+        sgd = 0.0
+        pos = lo
+        while pos < hi:
+            r0 = pos // rb
+            a = pos - r0 * rb
+            e = min(rb, a + hi - pos)
+            xs = x[k0, r0, k1, a:e]
+            ds = dy[k0, r0, k1, a:e]
+            if has_w:
+                ws = w[k0, r0, k1, a:e]
+                for j in range(xs.size):
+                    gj = ds[j] * ws[j]
+                    sg += gj
+                    sgd += gj * (xs[j] - mu)
+            else:
+                for j in range(xs.size):
+                    dj = float(ds[j])
+                    sg += dj
+                    sgd += dj * (xs[j] - mu)
+            if need_dw:
+                dws = dwacc[t, k0, r0, k1, a:e]
+                for j in range(xs.size):
+                    dws[j] += ds[j] * ((xs[j] - mu) * r)
+            if need_db:
+                dbs = dbacc[t, k0, r0, k1, a:e]
+                for j in range(xs.size):
+                    dbs[j] += ds[j]
+            pos += e - a
+        psg[i] = sg
+        psgd[i] = sgd
+
+
+@njit(cache=True, nogil=True)
+def _backward_items(x, dy, mean, rstd, w, has_w, mg, beta, nc, i0, i1, dx):  # type: ignore[no-untyped-def]
+    _, ra, kb, rb = x.shape
+    n = ra * rb
+    for i in range(i0, i1):
+        k0, k1, lo, hi = _item(i, nc, n, kb)
+        g = k0 * kb + k1
+        mu = mean[g]
+        r = rstd[g]
+        m = mg[g]
+        bt = beta[g]
+        pos = lo
+        while pos < hi:
+            r0 = pos // rb
+            a = pos - r0 * rb
+            e = min(rb, a + hi - pos)
+            xs = x[k0, r0, k1, a:e]
+            ds = dy[k0, r0, k1, a:e]
+            dxs = dx[k0, r0, k1, a:e]
+            if has_w:
+                ws = w[k0, r0, k1, a:e]
+                for j in range(xs.size):
+                    dxs[j] = r * (ds[j] * ws[j] - m) + bt * (xs[j] - mu)
+            else:
+                for j in range(xs.size):
+                    dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)
+            pos += e - a
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout: views of any strided array as (Ka, Ra, Kb, Rb) blocks
+# ---------------------------------------------------------------------------------------------
+
+
+class Layout(NamedTuple):
+    """Blocks of original axes (each in memory order) for (Ka, Ra, Kb, Rb); `perm`, the
+    blocks' axes in that order then the size-1 axes; `order`, every axis in memory order
+    (size-1 axes last), which new outputs follow."""
+
+    blocks: tuple[tuple[int, ...], ...]
+    shape4: tuple[int, int, int, int]
+    order: tuple[int, ...]
+    perm: tuple[int, ...]
+
+
+def plan(x: np.ndarray, axes: tuple[int, ...], params: tuple[Any, ...] = ()) -> Layout | None:
+    """The block layout of `x` for reducing over `axes`, or None if it needs > 4 blocks.
+
+    Axes merge only where `x` and every affine parameter (broadcast to x) merge, so that a
+    parameter either repeats or varies over a whole block."""
+    pstrides = tuple(
+        np.broadcast_to(np.asarray(p), x.shape).strides for p in params if p is not None
+    )
+    return _plan(x.shape, x.strides, axes, pstrides)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    axes: tuple[int, ...],
+    pstrides: tuple[tuple[int, ...], ...],
+) -> Layout | None:
+    views = (strides, *pstrides)
+    ndim = len(shape)
+    big = [i for i in range(ndim) if shape[i] > 1]
+    order = sorted(big, key=lambda i: -abs(strides[i]))  # stable: ties keep axis order
+    runs: list[tuple[bool, list[int]]] = []
+    for i in order:
+        red = i in axes
+        if (
+            runs
+            and runs[-1][0] == red
+            and all(_mergeable(shape, v, runs[-1][1][-1], i) for v in views)
+        ):
+            runs[-1][1].append(i)
+        else:
+            runs.append((red, [i]))
+    kruns = [tuple(r) for red, r in runs if not red]
+    rruns = [tuple(r) for red, r in runs if red]
+    if len(kruns) > 2 or len(rruns) > 2:
+        return None
+    rb = rruns[-1] if rruns else ()
+    ra = rruns[0] if len(rruns) == 2 else ()
+    if len(kruns) == 2:
+        ka, kb = kruns
+    elif kruns and (not rruns or order.index(kruns[0][0]) < order.index(rruns[0][0])):
+        ka, kb = kruns[0], ()
+    else:
+        ka, kb = (), (kruns[0] if kruns else ())
+    blocks = (ka, ra, kb, rb)
+    shape4 = tuple(math.prod(shape[i] for i in blk) for blk in blocks)
+    rest = tuple(i for i in range(ndim) if shape[i] == 1)
+    perm = ka + ra + kb + rb + rest
+    return Layout(blocks, shape4, tuple(order) + rest, perm)  # type: ignore[arg-type]
+
+
+def _mergeable(shape: tuple[int, ...], strides: tuple[int, ...], outer: int, inner: int) -> bool:
+    return strides[outer] == strides[inner] * shape[inner]
+
+
+def view4(a: np.ndarray, lay: Layout) -> np.ndarray | None:
+    """`a` (of x's shape) as a (Ka, Ra, Kb, Rb) view, or None if a block does not merge."""
+    t = a.transpose(lay.perm)
+    try:
+        return np.reshape(t, lay.shape4, copy=False)
+    except ValueError:  # NumPy would have to copy
+        return None
+    except TypeError:  # NumPy < 2.1: no copy= argument; setting .shape never copies
+        v = t.view()
+        try:
+            v.shape = lay.shape4
+        except AttributeError:
+            return None
+        return v
+
+
+def _new_like(x: np.ndarray, lay: Layout, dtype: Any) -> np.ndarray:
+    """A new array of x's shape whose memory order follows x's (C order for C input)."""
+    buf = np.empty([x.shape[i] for i in lay.order], dtype=dtype)
+    return buf.transpose(np.argsort(lay.order))
+
+
+def _output(x: np.ndarray, lay: Layout, dtype: Any, out: np.ndarray | None) -> np.ndarray:
+    if out is not None:
+        return out
+    return _new_like(x, lay, dtype)
+
+
+def _kept_axes(lay: Layout) -> tuple[int, ...]:
+    return lay.blocks[0] + lay.blocks[2]
+
+
+def _stats_to_keepdims(v: np.ndarray, x: np.ndarray, axes: tuple[int, ...], lay: Layout):  # type: ignore[no-untyped-def]
+    """Per-group values (group order = kept axes of the layout) -> keepdims array."""
+    kept = _kept_axes(lay)
+    v = v.reshape([x.shape[i] for i in kept]).transpose(np.argsort(kept))
+    return v.reshape([1 if i in axes else x.shape[i] for i in range(x.ndim)])
+
+
+def _keepdims_to_groups(v: np.ndarray, lay: Layout) -> np.ndarray:
+    """Inverse of `_stats_to_keepdims`: a flat contiguous float64 array in group order."""
+    kept = _kept_axes(lay)
+    srt = sorted(kept)
+    v = np.asarray(v, dtype=np.float64).reshape([v.shape[i] for i in srt])
+    return np.ascontiguousarray(v.transpose([srt.index(i) for i in kept])).reshape(-1)
+
+
+class _Param(NamedTuple):
+    view: np.ndarray  # float64 (Ka, Ra, Kb, Rb) view, zero strides where it repeats
+    varies: tuple[bool, bool, bool, bool]
+
+
+_ONE, _ZERO = np.ones(1), np.zeros(1)  # never written: stand-ins for absent parameters
+
+
+def _repeat(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return np.ndarray(shape, np.float64, buffer=value, strides=(0,) * len(shape))
+
+
+def _param(p: Any, x: np.ndarray, lay: Layout, fill: np.ndarray) -> _Param | None:
+    """An affine parameter as a block view; None if it varies over part of a block only."""
+    if p is None:
+        return _Param(_repeat(fill, lay.shape4), (False,) * 4)
+    compact = np.array(p, dtype=np.float64)  # a contiguous copy: small, and ours to view
+    full = np.broadcast_to(compact, x.shape)
+    strides4 = []
+    for blk in lay.blocks:
+        st = [full.strides[i] for i in blk]
+        if any(st) and not all(
+            _mergeable(full.shape, full.strides, o, i) and full.strides[i]
+            for o, i in itertools.pairwise(blk)
+        ):
+            return None
+        strides4.append(st[-1] if st else 0)
+    view = np.ndarray(lay.shape4, np.float64, buffer=compact, strides=tuple(strides4))
+    return _Param(view, tuple(s != 0 for s in strides4))  # type: ignore[arg-type]
+
+
+def _plan_threads(groups: int, n: int) -> tuple[int, int]:
+    """(chunks per group, threads): enough items to keep every thread busy, chunks not tiny;
+    one thread below PARALLEL_MIN_SIZE elements, where starting threads costs more."""
+    if groups * n < PARALLEL_MIN_SIZE:
+        return 1, 1
+    nthreads = max(1, int(numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    want = -(-8 * nthreads // groups)  # ceil
+    nc = max(1, min(want, n // MIN_CHUNK))
+    return nc, min(nthreads, groups * nc)
+
+
+class _Job:
+    """Chunks of items that threads claim one at a time (`itertools.count` is atomic under
+    the GIL; the kernels release it). The caller works too and waits only for chunks that
+    another thread has claimed, never for a thread that the OS has not yet scheduled."""
+
+    def __init__(self, bounds: list[int], body: Any) -> None:
+        self.bounds, self.body = bounds, body
+        self.claim = itertools.count()
+        self.left = len(bounds) - 1
+        self.done = threading.Condition()
+        self.error: BaseException | None = None
+
+    def work(self, slot: int) -> None:
+        finished = 0
+        for k in self.claim:
+            if k >= len(self.bounds) - 1:
+                break
+            try:
+                self.body(self.bounds[k], self.bounds[k + 1], slot)
+            except BaseException as e:  # re-raised by the caller
+                self.error = e
+            finished += 1
+        if finished:
+            with self.done:
+                self.left -= finished
+                self.done.notify_all()
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+
+
+def _run(items: int, nthreads: int, body: Any) -> None:
+    """Call `body(i0, i1, slot)` over item ranges covering [0, items), on `nthreads` threads;
+    `slot` < nthreads is the running thread's own index (for per-thread accumulators)."""
+    global _pool, _pool_size
+    if nthreads == 1:
+        body(0, items, 0)
+        return
+    nchunks = min(items, 4 * nthreads)
+    job = _Job([items * k // nchunks for k in range(nchunks + 1)], body)
+    with _pool_lock:
+        if _pool is None or _pool_size < nthreads - 1:
+            _pool = ThreadPoolExecutor(nthreads - 1, thread_name_prefix="normgrad")
+            _pool_size = nthreads - 1
+        pool = _pool
+    for slot in range(1, nthreads):
+        pool.submit(job.work, slot)
+    job.work(0)
+    with job.done:
+        job.done.wait_for(lambda: job.left == 0)
+    if job.error is not None:
+        raise job.error
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points called by _ops
+# ---------------------------------------------------------------------------------------------
+
+
+def forward(
+    x: np.ndarray,
+    axes: tuple[int, ...],
+    ddof: float,
+    finish: Any,
+    weight: Any,
+    bias: Any,
+    out_dtype: Any,
+    out: np.ndarray | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
+    """Return `(y, mean, var, rstd)` (statistics keepdims float64), or None if the layout or
+    the affine parameters do not fit the kernels. `finish(var)` returns `rstd` for a
+    keepdims var and raises for zero variance with eps=0 (the `_ops` rules)."""
+    lay = plan(x, axes, (weight, bias))
+    if lay is None:
+        return None
+    w = _param(weight, x, lay, _ONE)
+    b = _param(bias, x, lay, _ZERO)
+    x4 = view4(x, lay)
+    if w is None or b is None or x4 is None:
+        return None
+    y = _output(x, lay, out_dtype, out)
+    y4 = view4(y, lay)
+    if y4 is None:
+        return None
+    ka, ra, kb, rb = lay.shape4
+    groups, n = ka * kb, ra * rb
+    nc, nthreads = _plan_threads(groups, n)
+    pmean = np.empty(groups * nc)
+    pm2 = np.empty(groups * nc)
+    _run(pmean.size, nthreads, lambda i0, i1, _: _stats_items(x4, nc, i0, i1, pmean, pm2))
+    if nc == 1:
+        mean, m2 = pmean, pm2
+    else:
+        mean, m2 = np.empty(groups), np.empty(groups)
+        _merge_kernel(pmean, pm2, nc, n, mean, m2)
+    mean_k = _stats_to_keepdims(mean, x, axes, lay)
+    var_k = _stats_to_keepdims(m2 / (n - ddof), x, axes, lay)
+    rstd_k = finish(var_k)
+    rstd = _keepdims_to_groups(rstd_k, lay)
+    affine = weight is not None or bias is not None
+    args = (x4, mean, rstd, w.view, b.view, affine, nc)
+    _run(groups * nc, nthreads, lambda i0, i1, _: _forward_items(*args, i0, i1, y4))
+    calls["forward"] += 1
+    return y, mean_k, var_k, rstd_k
+
+
+def backward(
+    ctx: Any, dy: np.ndarray, c_k: np.ndarray, out_dtype: Any, out: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None] | None:
+    """Return `(dx, dweight, dbias)` or None if the layout does not fit the kernels.
+
+    `c_k` is the keepdims variance-path coefficient `c` (rstd, or 1/std for eps outside)."""
+    x = ctx.x
+    lay = plan(x, ctx.axes, (ctx.weight, ctx.bias))
+    if lay is None:
+        return None
+    w = _param(ctx.weight, x, lay, _ONE)
+    b = _param(ctx.bias, x, lay, _ZERO)
+    x4 = view4(x, lay)
+    if w is None or b is None or x4 is None:
+        return None
+    if dy.dtype not in (np.float32, np.float64):
+        dy = dy.astype(np.float64)
+    dy4 = view4(dy, lay)
+    if dy4 is None:  # dy's memory order differs from x's: copy it into x's order
+        dyc = _new_like(x, lay, dy.dtype)
+        dyc[...] = dy
+        dy4 = view4(dyc, lay)
+    dx = _output(x, lay, out_dtype, out)
+    dx4 = view4(dx, lay)
+    if dx4 is None:
+        return None
+    ka, ra, kb, rb = lay.shape4
+    groups, n = ka * kb, ra * rb
+    nc, nthreads = _plan_threads(groups, n)
+    mean = _keepdims_to_groups(ctx.mean, lay)
+    rstd = _keepdims_to_groups(ctx.rstd, lay)
+    c = _keepdims_to_groups(c_k, lay)
+    dwacc, dw5 = _accumulator(w, nthreads, lay, ctx.weight is not None)
+    dbacc, db5 = _accumulator(b, nthreads, lay, ctx.bias is not None)
+    psg = np.empty(groups * nc)
+    psgd = np.empty(groups * nc)
+    has_w = ctx.weight is not None
+    args = (x4, dy4, mean, rstd, w.view, has_w, dw5, has_w, db5, ctx.bias is not None, nc)
+    _run(psg.size, nthreads, lambda i0, i1, t: _backward_sums_items(*args, t, i0, i1, psg, psgd))
+    sg = psg.reshape(groups, nc).sum(axis=1)
+    sgd = psgd.reshape(groups, nc).sum(axis=1)
+    mg = sg / n
+    beta = -c * rstd * rstd * sgd / (ctx.group_size - ctx.ddof)
+    args2 = (x4, dy4, mean, rstd, w.view, has_w, mg, beta, nc)
+    _run(groups * nc, nthreads, lambda i0, i1, _: _backward_items(*args2, i0, i1, dx4))
+    calls["backward"] += 1
+    dw = _param_grad(dwacc, w, lay, x, ctx.weight)
+    db = _param_grad(dbacc, b, lay, x, ctx.bias)
+    return dx, dw, db
+
+
+def _accumulator(
+    p: _Param, nthreads: int, lay: Layout, used: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-thread float64 sums in the parameter's compact block shape, and their 5-d view."""
+    if not used:  # never written (need_dw / need_db is False)
+        return _ZERO, _repeat(_ZERO, (nthreads, *lay.shape4))
+    compact = tuple(s if v else 1 for s, v in zip(lay.shape4, p.varies, strict=True))
+    acc = np.zeros((nthreads, *compact))
+    strides = tuple(st if v else 0 for st, v in zip(acc.strides[1:], p.varies, strict=True))
+    view = np.ndarray(
+        (nthreads, *lay.shape4), np.float64, buffer=acc, strides=(acc.strides[0], *strides)
+    )
+    return acc, view
+
+
+def _param_grad(
+    acc: np.ndarray, p: _Param, lay: Layout, x: np.ndarray, like: Any
+) -> np.ndarray | None:
+    """Sum the per-thread accumulators and give them the parameter's own shape and dtype."""
+    if like is None:
+        return None
+    axes = [i for blk, v in zip(lay.blocks, p.varies, strict=True) if v for i in blk]
+    total = acc.sum(axis=0).reshape([x.shape[i] for i in axes]).transpose(np.argsort(axes))
+    dtype = like.dtype if np.issubdtype(like.dtype, np.floating) else np.float64
+    return total.reshape(like.shape).astype(dtype)
