@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -30,6 +31,12 @@ def _close(a, b, ulps: float, scale: float = 0.0) -> None:
     assert err <= ulps * scale, f"max error {err} > {ulps} ulp ({ulps * scale})"
 
 
+def _y_scale(ctx) -> float:
+    """Bound on the terms of y = (x - mu) rstd w + b: `x - mu` rounds relative to |mu|."""
+    w = 1.0 if ctx.weight is None else np.asarray(ctx.weight, dtype=np.float64)
+    return float(np.max(np.abs(ctx.mean * ctx.rstd * w)))
+
+
 def _dx_scale(ctx, dy) -> float:
     """Bound on the terms of dx = r (g - mean g) - (c/m) xhat sum(g xhat): what its rounding
     is relative to (|xhat| <= sqrt(m), so the second term is at most r max|g| max xhat^2)."""
@@ -39,22 +46,46 @@ def _dx_scale(ctx, dy) -> float:
     return float(rg * (1 + np.max(xhat**2)))
 
 
-def _both(x, axes, dy=None, **kw):
+@contextmanager
+def _small_max(size):
+    """Set `SMALL_MAX_SIZE` inside a block: 0 sends every input to the blocked kernels."""
+    old = _ops.SMALL_MAX_SIZE
+    _ops.SMALL_MAX_SIZE = size
+    try:
+        yield
+    finally:
+        _ops.SMALL_MAX_SIZE = old
+
+
+# Each agreement test runs on the small single-call kernels (where the layout allows) and on
+# the blocked kernels.
+PATHS = pytest.mark.parametrize(
+    "small_max", [_ops.SMALL_MAX_SIZE, 0], ids=["small-kernels", "blocked-kernels"]
+)
+
+
+def _forward_calls():
+    return _kernels.calls["forward"] + _kernels.calls["forward_small"]
+
+
+def _both(x, axes, dy=None, small_max=_ops.SMALL_MAX_SIZE, **kw):
     """(kernel results, generic results) for forward and backward, checking the kernels ran."""
     before = dict(_kernels.calls)
-    with _ops.use_kernels(True):
+    with _ops.use_kernels(True), _small_max(small_max):
         yk, ck = ng.normalize_forward(x, axes, **kw)
         gk = ng.normalize_backward(ck, dy) if dy is not None else None
-    assert _kernels.calls["forward"] == before["forward"] + 1, "the kernel path did not run"
+    assert _forward_calls() == before["forward"] + before["forward_small"] + 1, "no kernel ran"
+    if small_max == 0:
+        assert _kernels.calls["forward_small"] == before["forward_small"]
     with _ops.use_kernels(False):
         yr, cr = ng.normalize_forward(x, axes, **kw)
         gr = ng.normalize_backward(cr, dy) if dy is not None else None
     return (yk, ck, gk), (yr, cr, gr)
 
 
-def _check(x, axes, dy, ulps=4, **kw):
-    (yk, ck, gk), (yr, cr, gr) = _both(x, axes, dy, **kw)
-    _close(yk, yr, ulps)
+def _check(x, axes, dy, ulps=4, small_max=_ops.SMALL_MAX_SIZE, **kw):
+    (yk, ck, gk), (yr, cr, gr) = _both(x, axes, dy, small_max, **kw)
+    _close(yk, yr, ulps, _y_scale(cr))
     for name in ("mean", "var", "rstd"):
         k, r = getattr(ck, name), getattr(cr, name)
         assert k.shape == r.shape and k.dtype == r.dtype == np.float64, name
@@ -82,12 +113,13 @@ LAYOUTS = [
 ]
 
 
+@PATHS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
-def test_layouts_agree(rng, shape, axes, dtype):
+def test_layouts_agree(rng, shape, axes, dtype, small_max):
     x = (rng.normal(size=shape) * 3 + 1).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
-    _check(x, axes, dy)
+    _check(x, axes, dy, small_max=small_max)
 
 
 @pytest.mark.parametrize(
@@ -105,15 +137,18 @@ def test_strided_inputs_agree(rng, make, axes):
     x = make(rng.normal(size=(24, 20)) + 2)
     dy = rng.normal(size=x.shape)
     _check(x, axes, dy)
+    _check(x, axes, dy, small_max=0)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("eps_mode", ["inside", "outside"])
 @pytest.mark.parametrize("ddof", [0, 1, 2.5])
-def test_options_agree(rng, dtype, eps_mode, ddof):
+@PATHS
+def test_options_agree(rng, dtype, eps_mode, ddof, small_max):
     x = rng.normal(size=(8, 3, 16)).astype(dtype)
     dy = rng.normal(size=x.shape).astype(dtype)
-    _check(x, (0, 2), dy, eps=0.1, eps_mode=eps_mode, ddof=ddof)
+    _check(x, (0, 2), dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, small_max=small_max)
+    _check(x, -1, dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, small_max=small_max)
 
 
 @pytest.mark.parametrize(
@@ -233,6 +268,119 @@ def test_output_keeps_memory_order(rng):
     assert y.flags.f_contiguous
 
 
+# --- small inputs: one kernel call per pass ---------------------------------------------------
+
+SIMPLE_LAYOUTS = [
+    pytest.param((10, 100), None, id="whole"),
+    pytest.param((10, 100), -1, id="rows"),
+    pytest.param((4, 5, 6, 7), (0, 2, 3), id="channels"),
+    pytest.param((4, 5, 6, 7), (2, 3), id="instance"),
+    pytest.param((3, 1, 8, 1), (1, 2), id="size-one-axes"),
+    pytest.param((7,), 0, id="1d"),
+]
+
+
+@pytest.mark.parametrize("eps_mode", ["inside", "outside"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axes"), SIMPLE_LAYOUTS)
+def test_small_kernels_run_by_default(rng, shape, axes, dtype, eps_mode):
+    """C-contiguous inputs without affine parameters take the small kernels in auto mode:
+    generic results within a few ulp, the context's statistics keepdims float64, rstd
+    exactly `_ops._rstd` of the variance, and normalize_jvp's y the forward's y."""
+    x = (rng.normal(size=shape) * 3 + 1).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    before = dict(_kernels.calls)
+    with _ops.use_kernels("auto"):
+        y, ctx = ng.normalize_forward(x, axes, eps=0.01, eps_mode=eps_mode)
+        dx = ng.normalize_backward(ctx, dy).x
+        y_jvp, _ = ng.normalize_jvp(x, dy, axes, eps=0.01, eps_mode=eps_mode)
+    assert _kernels.calls["forward_small"] == before["forward_small"] + 2
+    assert _kernels.calls["backward_small"] == before["backward_small"] + 1
+    assert _kernels.calls["forward"] == before["forward"]
+    np.testing.assert_array_equal(y_jvp, y)
+    np.testing.assert_array_equal(ctx.rstd, _ops._rstd(np, ctx.var, 0.01, eps_mode))
+    with _ops.use_kernels(False):
+        yr, cr = ng.normalize_forward(x, axes, eps=0.01, eps_mode=eps_mode)
+        dxr = ng.normalize_backward(cr, dy).x
+    _close(y, yr, 4)
+    _close(dx, dxr, 16, _dx_scale(cr, dy))
+    assert y.dtype == dx.dtype == dtype and y.shape == dx.shape == shape
+    for name in ("mean", "var", "rstd"):
+        k, r = getattr(ctx, name), getattr(cr, name)
+        assert k.shape == r.shape and k.dtype == r.dtype == np.float64, name
+        np.testing.assert_allclose(k, r, rtol=1e-12)
+    assert vars(ctx).keys() == vars(cr).keys()
+    assert ctx.x is x and ctx.weight is None and ctx.bias is None
+    for name in ("axes", "eps", "eps_mode", "ddof", "group_size", "dtype"):
+        assert getattr(ctx, name) == getattr(cr, name), name
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda x: (x, 0), id="leading-axis"),
+        pytest.param(lambda x: (x.T, -1), id="transposed"),
+        pytest.param(lambda x: (x[:, ::2], -1), id="sliced"),
+    ],
+)
+def test_small_kernels_decline_other_layouts(rng, make):
+    """Layouts that a plain reshape cannot view go to the generic path below
+    KERNEL_MIN_SIZE (auto mode), with the same results."""
+    x, axes = make(rng.normal(size=(12, 10)))
+    before = dict(_kernels.calls)
+    with _ops.use_kernels("auto"):
+        y, ctx = ng.normalize_forward(x, axes)
+        dx = ng.normalize_backward(ctx, np.ones_like(x)).x
+    assert _kernels.calls == before
+    with _ops.use_kernels(True):
+        y2, ctx2 = ng.normalize_forward(x, axes)
+        dx2 = ng.normalize_backward(ctx2, np.ones_like(x)).x
+    _close(y2, y, 4)
+    _close(dx2, dx, 16, _dx_scale(ctx, np.ones_like(x)))
+
+
+def test_small_backward_with_other_dy(rng):
+    """dy of another float dtype, or in another memory order, or a generic-path context."""
+    x = rng.normal(size=(6, 40))
+    _, ctx = ng.normalize_forward(x, -1)
+    with _ops.use_kernels(False):
+        _, cr = ng.normalize_forward(x, -1)
+    others = (np.float32, ">f8", int)  # another dtype, non-native byte order, integers
+    dys = [rng.normal(size=x.shape).astype(t) for t in others] + [np.asfortranarray(x)]
+    for dy in dys:
+        ref = ng.normalize_backward(cr, dy.astype(np.float64)).x
+        _close(ng.normalize_backward(ctx, dy).x, ref, 16, _dx_scale(cr, dy))
+        _close(ng.normalize_backward(cr, dy).x, ref, 16, _dx_scale(cr, dy))
+
+
+@pytest.mark.parametrize("mode", [True, "auto"])
+def test_non_native_byte_order_uses_the_generic_path(rng, mode):
+    x = rng.normal(size=(6, 40)).astype(">f8")
+    before = dict(_kernels.calls)
+    with _ops.use_kernels(mode):
+        y, ctx = ng.normalize_forward(x, -1)
+        dx = ng.normalize_backward(ctx, x).x
+    assert _kernels.calls == before
+    with _ops.use_kernels(False):
+        yr, cr = ng.normalize_forward(x.astype(np.float64), -1)
+        dxr = ng.normalize_backward(cr, x.astype(np.float64)).x
+    np.testing.assert_array_equal(y, yr)
+    np.testing.assert_array_equal(dx, dxr)
+
+
+def test_numpy_context_matches_the_dataclass(rng):
+    """`_ops._numpy_context` fills every field that `NormContext(...)` does, and stays frozen."""
+    from dataclasses import FrozenInstanceError
+
+    x = rng.normal(size=(3, 4))
+    m = np.zeros((3, 1))
+    fast = _ops._numpy_context(x, (1,), m, m, m, 1e-5, "inside", 0, 4)
+    slow = _ops.NormContext(x, (1,), m, m, m, 1e-5, "inside", 0, None, None, 4, x.dtype)
+    assert vars(fast) == vars(slow)
+    with pytest.raises(FrozenInstanceError):
+        fast.eps = 1.0  # type: ignore[misc]
+
+
 # --- out= -----------------------------------------------------------------------------------
 
 
@@ -267,14 +415,20 @@ def test_out_is_checked(rng):
 
 def test_env_and_context_select_the_path(rng, monkeypatch):
     x = rng.normal(size=(4, 5))
+    w = np.ones(5)
     before = dict(_kernels.calls)
     monkeypatch.setenv("NORMGRAD_KERNELS", "0")
     ng.normalize(x)
+    with _ops.use_kernels(False):
+        ng.normalize(x)
     with _ops.use_kernels("auto"):
-        ng.normalize(x)  # small: below KERNEL_MIN_SIZE
+        ng.normalize(x, -1, weight=w)  # affine, below KERNEL_MIN_SIZE: generic
     assert _kernels.calls == before
+    with _ops.use_kernels("auto"):
+        ng.normalize(x)  # no affine: the small kernels
+    assert _kernels.calls["forward_small"] == before["forward_small"] + 1
     monkeypatch.setenv("NORMGRAD_KERNELS", "1")
-    ng.normalize(x)
+    ng.normalize(x, -1, weight=w)
     assert _kernels.calls["forward"] == before["forward"] + 1
     monkeypatch.setenv("NORMGRAD_KERNELS", "yes")
     with pytest.raises(NormgradError, match="NORMGRAD_KERNELS"):
@@ -312,16 +466,17 @@ def _cases(draw):
     return shape, tuple(axes), tuple(perm), dtype, seed
 
 
+@PATHS
 @given(_cases())
-def test_random_layouts_agree(case):
+def test_random_layouts_agree(small_max, case):
     shape, axes, perm, dtype, seed = case
     rng = np.random.default_rng(seed)
     x = rng.normal(size=shape).astype(dtype).transpose(perm)  # any memory order
     dy = rng.normal(size=x.shape).astype(dtype)
     if np.prod([x.shape[a] for a in axes]) < 2:
         return  # groups of one element: eps decides everything, covered above
-    (yk, _, gk), (yr, cr, gr) = _both(x, axes, dy)
-    _close(yk, yr, 4)
+    (yk, _, gk), (yr, cr, gr) = _both(x, axes, dy, small_max)
+    _close(yk, yr, 4, _y_scale(cr))
     # tiny groups can have var ~ eps: x - mu then carries most of the rounding, on both paths
     _close(gk.x, gr.x, 64, _dx_scale(cr, dy))
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import array_api_compat as aac
+import numpy as np
 
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
@@ -59,7 +60,29 @@ class NormContext:
 
     @property
     def xp(self) -> Any:
-        return aac.array_namespace(self.x)
+        return _namespace(self.x)
+
+
+def _numpy_context(
+    x: Array,
+    axes: tuple[int, ...],
+    mean: Array,
+    var: Array,
+    rstd: Array,
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+    n: int,
+) -> NormContext:
+    """`NormContext(x, axes, mean, var, rstd, eps, eps_mode, ddof, None, None, n, x.dtype)`
+    for a NumPy float input, at a third of the frozen dataclass `__init__`'s cost (about
+    1 us, which matters for small inputs). tests/test_kernels.py checks the fields match."""
+    ctx = object.__new__(NormContext)
+    ctx.__dict__.update(
+        x=x, axes=axes, mean=mean, var=var, rstd=rstd, eps=eps, eps_mode=eps_mode, ddof=ddof,
+        weight=None, bias=None, group_size=n, dtype=x.dtype,
+    )  # fmt: skip
+    return ctx
 
 
 class Gradients(NamedTuple):
@@ -132,8 +155,15 @@ def normalize_forward(
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
     xp, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
     _check_out(xp, out, x, out_dtype, "out", x)
-    kernels = _kernels_for(x)
-    if kernels is not None:
+    kernels, small, blocked = _kernels_for(x, w is None and b is None and out is None)
+    if small:
+        res = kernels.forward_small(x, ax, float(eps), eps_mode == "inside", float(n - ddof))
+        if res is not None:
+            y, mean, var, rstd = res
+            if eps == 0:
+                _refuse_zero_variance(xp, var, x, ax)
+            return y, _numpy_context(x, ax, mean, var, rstd, float(eps), eps_mode, ddof, n)
+    if blocked:
 
         def finish(var: Array) -> Array:
             if eps == 0:
@@ -147,7 +177,7 @@ def normalize_forward(
                 x, ax, mean, var, rstd, float(eps), eps_mode, ddof, w, b, n, out_dtype
             )
             return y, ctx
-    xp, xc, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
+    xc, ctx = _statistics(xp, x, ax, n, eps, eps_mode, ddof, w, b, out_dtype)
     xhat = (xc - ctx.mean) * ctx.rstd
     return _fill(_to_out(xp, _affine(xp, ctx, xhat), ctx), out), ctx
 
@@ -167,12 +197,18 @@ def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None)
     xp = ctx.xp
     dy = _check_cotangent_shape(xp, ctx, dy, "dy")
     _check_out(xp, out, ctx.x, ctx.dtype, "out", ctx.x, dy)
-    kernels = _kernels_for(ctx.x)
+    no_affine = ctx.weight is None and ctx.bias is None and out is None
+    kernels, small, blocked = _kernels_for(ctx.x, no_affine)
     if kernels is not None and _is_numpy(dy):
         c = _coef(xp, ctx)
-        res = kernels.backward(ctx, dy, c, ctx.dtype, out)
-        if res is not None:
-            return Gradients(*res)
+        if small:
+            dx = kernels.backward_small(ctx, dy, c)
+            if dx is not None:
+                return Gradients(dx, None, None)
+        if blocked:
+            res = kernels.backward(ctx, dy, c, ctx.dtype, out)
+            if res is not None:
+                return Gradients(*res)
     dyc = _cast(xp, dy, ctx)
     xhat, c = _xhat_and_c(xp, ctx)
     g = dyc if ctx.weight is None else dyc * _cast(xp, ctx.weight, ctx)
@@ -199,7 +235,11 @@ def normalize_jvp(
 
     $$ t\hat x = r\,(tx - \overline{tx}) - \frac{c}{m}\,\hat x \sum \hat x\,tx $$
     """
-    xp, _, ctx = _prepare(x, axes, eps, eps_mode, ddof, weight, bias)
+    # y from normalize_forward itself: the same path (kernels or not), so the same bits
+    y, ctx = normalize_forward(
+        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
+    )
+    xp = ctx.xp
     txc = _check_cotangent(xp, ctx, tx, "tx")
     xhat, c = _xhat_and_c(xp, ctx)
     ty = _apply_jacobian(xp, ctx, xhat, c, txc)
@@ -209,8 +249,7 @@ def normalize_jvp(
         ty = ty + xhat * _cast(xp, _param(xp, tweight, "tweight", x, xhat), ctx)
     if tbias is not None:
         ty = ty + _cast(xp, _param(xp, tbias, "tbias", x, xhat), ctx)
-    y = _affine(xp, ctx, xhat)
-    return _to_out(xp, y, ctx), _to_out(xp, ty, ctx)
+    return y, _to_out(xp, ty, ctx)
 
 
 def normalize_jacobian(
@@ -389,6 +428,23 @@ def _prepare(
 ) -> tuple[Any, Array, NormContext]:
     """Validate every argument and compute the statistics: (namespace, x in compute dtype, ctx)."""
     xp, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    xc, ctx = _statistics(xp, x, ax, n, eps, eps_mode, ddof, w, b, out_dtype)
+    return xp, xc, ctx
+
+
+def _statistics(
+    xp: Any,
+    x: Array,
+    ax: tuple[int, ...],
+    n: int,
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+    w: Array | None,
+    b: Array | None,
+    out_dtype: Any,
+) -> tuple[Array, NormContext]:
+    """Mean, variance and rstd of validated arguments: (x in compute dtype, ctx)."""
     xc = xp.astype(x, _compute_dtype(xp, x))
     mean = xp.mean(xc, axis=ax, keepdims=True)
     d = xc - mean
@@ -397,7 +453,7 @@ def _prepare(
         _refuse_zero_variance(xp, var, x, ax)
     rstd = _rstd(xp, var, eps, eps_mode)
     ctx = NormContext(x, ax, mean, var, rstd, float(eps), eps_mode, ddof, w, b, n, out_dtype)
-    return xp, xc, ctx
+    return xc, ctx
 
 
 def _validate(
@@ -411,7 +467,7 @@ def _validate(
 ) -> tuple[Any, tuple[int, ...], int, Array | None, Array | None, Any]:
     """Check every argument: (namespace, axes, group size, weight, bias, result dtype)."""
     try:
-        xp = aac.array_namespace(x)
+        xp = _namespace(x)
     except TypeError:
         raise NormgradError(
             f"x must be an array (NumPy, PyTorch, JAX, Dask, CuPy or any Array-API array); "
@@ -423,13 +479,15 @@ def _validate(
             "x is a 0-d array (a scalar); its normalization is always 0. Pass an array "
             "with at least one dimension."
         )
-    if any(s == 0 for s in x.shape):
+    if 0 in x.shape:
         raise NormgradError(
             f"x is empty (shape {tuple(x.shape)}); normalization needs at least one element "
             "in every group."
         )
     ax = normalize_axes(axes, x.ndim)
-    n = math.prod([int(x.shape[i]) for i in ax])  # a list: torch.compile cannot trace genexprs
+    n = 1
+    for i in ax:  # a loop, not a genexpr: torch.compile traces it
+        n *= int(x.shape[i])
     if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
         raise NormgradError(f"eps must be a finite real number >= 0; got {eps!r}.")
     if eps < 0:
@@ -453,6 +511,25 @@ def _validate(
     return xp, ax, n, w, b, out_dtype
 
 
+_numpy_xp: Any = None  # array_api_compat's NumPy namespace, once seen
+
+
+def _namespace(a: Array) -> Any:
+    """`array_namespace(a)`, without its cost (about 3 us) for plain NumPy arrays."""
+    global _numpy_xp
+    if type(a) is np.ndarray:
+        if _numpy_xp is None:
+            _numpy_xp = aac.array_namespace(a)
+        return _numpy_xp
+    return aac.array_namespace(a)
+
+
+def _namespace_or_none(a: Any) -> Any:
+    if type(a) is np.ndarray:
+        return _namespace(a)
+    return aac.array_namespace(a) if aac.is_array_api_obj(a) else None
+
+
 def _refuse_zero_variance(xp: Any, var: Array, x: Array, axes: tuple[int, ...]) -> None:
     if aac.is_lazy_array(var):  # Dask, JAX under jit: cannot look without computing
         return
@@ -465,6 +542,8 @@ def _refuse_zero_variance(xp: Any, var: Array, x: Array, axes: tuple[int, ...]) 
 
 def _float_dtype(xp: Any, dtype: Any, name: str) -> Any:
     """The floating dtype results take: float dtypes stay, integers become float64."""
+    if xp is _numpy_xp and dtype.kind == "f":  # the common case, without isdtype's cost
+        return dtype
     if xp.isdtype(dtype, "real floating"):
         return dtype
     if xp.isdtype(dtype, "integral"):
@@ -514,7 +593,7 @@ def _param(xp: Any, value: Any, name: str, x: Array, like: Array) -> Array | Non
     """Check that an affine parameter (or its tangent) broadcasts to `like.shape` unchanged."""
     if value is None:
         return None
-    if not aac.is_array_api_obj(value) or aac.array_namespace(value) is not xp:
+    if not aac.is_array_api_obj(value) or _namespace(value) is not xp:
         value = xp.asarray(value, device=aac.device(x))
     _float_dtype(xp, value.dtype, name)
     shape, target = tuple(value.shape), tuple(like.shape)
@@ -554,7 +633,7 @@ def _check_cotangent(xp: Any, ctx: NormContext, v: Array, name: str) -> Array:
 
 def _check_cotangent_shape(xp: Any, ctx: NormContext, v: Array, name: str) -> Array:
     """`v` as an array of xp with a real dtype and exactly the shape of x (not cast)."""
-    if not aac.is_array_api_obj(v) or aac.array_namespace(v) is not xp:
+    if _namespace_or_none(v) is not xp:
         v = xp.asarray(v, device=aac.device(ctx.x))
     _float_dtype(xp, v.dtype, name)
     if tuple(v.shape) != tuple(ctx.x.shape):
@@ -573,6 +652,9 @@ KERNEL_MODES = ("auto", "0", "1")
 # Below this many elements the generic path is as fast and never triggers numba (measured
 # crossover, see docs/performance.md); NORMGRAD_KERNELS=1 uses the kernels at every size.
 KERNEL_MIN_SIZE = 1 << 14
+# Up to this many elements, inputs without affine parameters or `out` run on one
+# single-threaded kernel call per pass (no layout analysis beyond a cached plan).
+SMALL_MAX_SIZE = 1 << 16
 _kernel_mode: ContextVar[str | None] = ContextVar("normgrad_kernels", default=None)
 
 
@@ -580,7 +662,8 @@ _kernel_mode: ContextVar[str | None] = ContextVar("normgrad_kernels", default=No
 def use_kernels(mode: bool | str = True) -> Iterator[None]:
     """Choose, inside a `with` block, whether NumPy float32/float64 inputs use the fused
     numba kernels: `True`/`"1"` always, `False`/`"0"` never (generic Array-API path),
-    `"auto"` (the default) from `KERNEL_MIN_SIZE` elements on.
+    `"auto"` (the default): the small single-call kernels up to `SMALL_MAX_SIZE` elements
+    (C-contiguous, no affine parameters, no `out`), the blocked ones from `KERNEL_MIN_SIZE`.
 
     Without it, the environment variable `NORMGRAD_KERNELS` (`0`, `1` or `auto`) decides.
     Both paths give the same results within a few ulp.
@@ -602,32 +685,54 @@ def _check_mode(mode: Any, source: str) -> str:
     return str(mode)
 
 
-def _kernels_for(x: Array) -> Any:
-    """The `_kernels` module if this NumPy float32/float64 input should use it, else None."""
-    if not _is_numpy(x) or x.dtype.char not in "fd":
-        return None  # decided first: torch.compile traces this function and not ContextVar
+def _kernels_for(x: Array, small: bool) -> tuple[Any, bool, bool]:
+    """`(_kernels module or None, use the small kernels, use the blocked kernels)`.
+
+    NumPy float32/float64 inputs use the kernels: the small single-call ones (no affine
+    parameters, no `out`) up to `SMALL_MAX_SIZE` elements, the blocked multi-threaded ones
+    from `KERNEL_MIN_SIZE` elements on (or at every size with `use_kernels(True)`)."""
+    if not _is_numpy(x) or x.dtype.char not in "fd" or not x.dtype.isnative:
+        # decided first: torch.compile traces this function, and not ContextVar.get
+        return None, False, False
     mode = _kernel_mode.get()
     if mode is None:
         mode = _check_mode(os.environ.get("NORMGRAD_KERNELS", "auto"), "NORMGRAD_KERNELS")
     if mode == "0":
-        return None
-    if mode == "auto" and x.size < KERNEL_MIN_SIZE:
-        return None
-    try:
-        from . import _kernels  # imports numba: only here, on first use
-    except ImportError:  # numba missing or broken: the generic path still works
-        return None
-    return _kernels
+        return None, False, False
+    small = small and x.size <= SMALL_MAX_SIZE
+    blocked = mode == "1" or x.size >= KERNEL_MIN_SIZE
+    if not (small or blocked):
+        return None, False, False
+    kernels = _load_kernels()
+    if kernels is None:
+        return None, False, False
+    return kernels, small, blocked
+
+
+_kernels_module: Any = None
+
+
+def _load_kernels() -> Any:
+    """The `_kernels` module (it imports numba: only here, on first use), or None if numba is
+    missing or broken: the generic path still works."""
+    global _kernels_module
+    if _kernels_module is None:
+        try:
+            from . import _kernels
+        except ImportError:
+            return None
+        _kernels_module = _kernels
+    return _kernels_module
 
 
 def _is_numpy(a: Any) -> bool:
-    return type(a).__module__ == "numpy" and type(a).__name__ == "ndarray"
+    return type(a) is np.ndarray
 
 
 def _check_out(xp: Any, out: Array | None, x: Array, dtype: Any, name: str, *inputs: Array) -> None:
     if out is None:
         return
-    if not aac.is_array_api_obj(out) or aac.array_namespace(out) is not xp:
+    if _namespace_or_none(out) is not xp:
         raise NormgradError(
             f"{name} must be an array of the same library as x ({xp.__name__}); got "
             f"{type(out).__name__}. Allocate it with that library, e.g. empty_like(x)."
