@@ -182,6 +182,19 @@ def softplus_vjp(x: Any, dy: Any) -> Any:
     return sigmoid(x) * dy
 
 
+def softplus_naive_vjp(x: Any, dy: Any) -> Any:
+    with np.errstate(over="ignore", invalid="ignore"):
+        return np.exp(x) / (1 + np.exp(x)) * dy  # inf / inf = NaN for large x
+
+
+def cube(x: Any) -> Any:
+    return x**3
+
+
+def cube_vjp(x: Any, dy: Any) -> Any:
+    return 3 * x**2 * dy
+
+
 def sumsq(x: Any) -> Any:
     return (x * x).sum()
 
@@ -196,6 +209,10 @@ def mul(a: Any, b: Any) -> Any:
 
 def mul_vjp(a: Any, b: Any, dy: Any) -> Any:
     return dy * b, dy * a
+
+
+def matmul_no_db(a: Any, b: Any, dy: Any) -> Any:
+    return dy @ b.T, np.zeros_like(b)  # the gradient of the second input forgotten
 
 
 # --- cumulative sum, convolution -------------------------------------------------------------
@@ -254,10 +271,24 @@ def wrong_cases() -> list[Case]:
         ),
         Case("relu_at_zero", relu, relu_x, relu_vjp, "nondifferentiable"),
         Case(
+            "softplus_naive_overflow",
+            softplus,
+            np.array([-1.0, 0.5, 800.0, 2.0]),
+            softplus_naive_vjp,
+            "nonfinite",
+        ),
+        Case(
             "softmax_zero",
             softmax,
             r(4).standard_normal((3, 5)),
             lambda x, dy: np.zeros_like(x),
+            "zero",
+        ),
+        Case(
+            "matmul_no_db",
+            matmul,
+            (r(14).standard_normal((3, 4)), r(15).standard_normal((4, 5))),
+            matmul_no_db,
             "zero",
         ),
         Case("lse_ignores_dy", lse, r(5).standard_normal((4, 6)), lse_ignores_dy, "ignores_dy"),
@@ -344,4 +375,7 @@ def correct_cases() -> list[Case]:
         Case("problem_exact", problem_forward, problem_input(6, 7, seed=3), problem_exact_vjp)
     )
     cases.append(Case("relu_away_from_zero", relu, np.array([-2.0, -0.5, 0.3, 1.5, 2.5]), relu_vjp))
+    # The Jacobian is exactly 0 at 0: the complex step's own truncation must not raise an alarm.
+    cases.append(Case("cube_at_zero", cube, np.zeros(4), cube_vjp))
+    cases.append(Case("cube_at_zero_probe", cube, np.zeros(4), cube_vjp, kwargs={"mode": "probe"}))
     return cases

@@ -217,6 +217,126 @@ def test_inputs_are_not_mutated_and_report_is_deterministic() -> None:
     np.testing.assert_array_equal(r1.numerical, r2.numerical)
 
 
+# --- regressions: non-finite values, mutation, exact zeros ----------------------------------
+
+
+def _cube(z):
+    return z**3
+
+
+def _cube_vjp(z, g):
+    return 3 * z**2 * g
+
+
+@pytest.mark.parametrize("mode", ["full", "probe"])
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_nonfinite_backward_fails_with_a_clear_finding(mode, bad) -> None:
+    x = np.random.default_rng(20).standard_normal(30)
+
+    def vjp(z, g):
+        return np.where(np.arange(z.size) == 3, bad, 3 * z**2 * g)
+
+    report = check_gradients(_cube, x, vjp, mode=mode)
+    assert not report.ok and report.kinds == ["nonfinite"], str(report)
+    finding = report.diagnosis[0]
+    assert finding.evidence["indices"] == [(3,)] and finding.evidence["count"] == 1
+    assert "NaN or Inf" in finding.message and "(3,)" in finding.message and finding.hint
+    assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["ok"] is False
+    with pytest.raises(AssertionError, match="nonfinite"):
+        assert_gradients(_cube, x, vjp, mode=mode)
+
+
+def test_nonfinite_jvp_is_named() -> None:
+    x = np.random.default_rng(21).standard_normal(6)
+    report = check_gradients(_cube, x, _cube_vjp, jvp=lambda z, t: np.full_like(z, np.nan))
+    assert not report.ok and report.kinds == ["nonfinite"]
+    assert report.diagnosis[0].message.startswith("jvp:")
+
+
+def test_nonfinite_f_is_an_error_not_a_crash() -> None:
+    # f(x) itself is NaN (log of a negative): nothing can be checked there.
+    with pytest.raises(NormgradError, match=r"f\(x\) is NaN or Inf at output index \(1,\)"):
+        check_gradients(np.log, np.array([1.0, -1.0, 2.0]), lambda z, g: g / z)
+    # f(x) is finite but x is within a step of the domain edge: say so, do not crash.
+    with pytest.raises(NormgradError, match="smaller step"):
+        check_gradients(np.log, np.array([1e-6, 1.0, 2.0]), lambda z, g: g / z)
+    # ... and a smaller step makes the same check possible.
+    assert check_gradients(np.log, np.array([1e-6, 1.0, 2.0]), lambda z, g: g / z, step=1e-9).ok
+
+
+def test_f_that_writes_into_its_argument_is_checked_at_the_right_point() -> None:
+    def f(z):
+        z **= 3  # in place: must not corrupt the checker's base point
+        return z
+
+    x = np.random.default_rng(22).standard_normal(5)
+    before = x.copy()
+    for mode in ("full", "probe"):
+        report = check_gradients(f, x, _cube_vjp, mode=mode)
+        assert report.ok and report.kinds == ["ok"], str(report)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_vjp_that_writes_into_dy_does_not_corrupt_it() -> None:
+    x = np.random.default_rng(23).standard_normal(5).astype(np.float32)
+    dy = np.random.default_rng(24).standard_normal(5)
+    dy0 = dy.copy()
+
+    def vjp(z, g):
+        out = 3 * z**2 * g
+        g *= 0  # in place, on every call (float32 backwards are also run in float64)
+        return out
+
+    assert check_gradients(_cube, x, vjp, dy=dy).ok
+    np.testing.assert_array_equal(dy, dy0)
+
+
+@pytest.mark.parametrize("mode", ["full", "probe"])
+def test_exactly_zero_jacobian_is_no_false_alarm(mode) -> None:
+    report = check_gradients(_cube, np.zeros(4), _cube_vjp, mode=mode)
+    assert report.ok and report.kinds == ["ok"], str(report)
+    assert report.complex_step  # the extrapolated complex step is exact here
+    wrong = check_gradients(lambda z: z**3 + z, np.zeros(4), _cube_vjp, mode=mode)
+    assert not wrong.ok and wrong.kinds == ["zero"]
+
+
+def test_summary_follows_the_failing_cotangent() -> None:
+    x = np.random.default_rng(25).standard_normal(8)
+    report = check_gradients(lambda z: z**2, x, lambda z, g: 3 * z * g, dy=np.zeros(8))
+    assert not report.ok and report.kinds == ["scale"]
+    # dy = 0 checks nothing; the summary comes from the second, random cotangent.
+    assert report.max_abs_error > 0.1 and report.atol > 0
+    assert np.any(report.analytic != 0)
+    assert any("second" in note for note in report.notes)
+    # The user's cotangent is shown whenever it fails.
+    dy = np.ones(8)
+    shown = check_gradients(lambda z: z**2, x, lambda z, g: 3 * z * g, dy=dy)
+    np.testing.assert_allclose(shown.analytic, 3 * x)
+    np.testing.assert_allclose(shown.numerical, 2 * x, rtol=1e-9)
+
+
+def test_zero_gradient_for_one_input_is_named() -> None:
+    rng = np.random.default_rng(26)
+    a, v = rng.standard_normal((3, 4)), rng.standard_normal(4)
+    report = check_gradients(lambda a, v: a @ v, (a, v), lambda a, v, g: (np.outer(g, v), 0 * v))
+    assert report.kinds == ["zero"], str(report)
+    assert report.diagnosis[0].evidence["input"] == 1 and "input 1" in report.diagnosis[0].message
+
+
+def test_a_list_is_one_input_not_several() -> None:
+    x = [[1.0, 2.0], [3.0, 4.0]]
+    report = check_gradients(lambda a: a.sum(axis=0), x, lambda a, g: np.broadcast_to(g, (2, 2)))
+    assert report.ok and report.input_shapes == [(2, 2)]
+
+
+def test_report_json_writes_null_for_non_finite() -> None:
+    x = np.random.default_rng(27).standard_normal(4)
+    report = check_gradients(_cube, x, lambda z, g: np.full_like(z, np.inf))
+    doc = report.to_dict()
+    assert doc["max_abs_error"] is None
+    assert json.loads(json.dumps(doc, allow_nan=False))["analytic"] == [None] * 4
+
+
 # --- report ----------------------------------------------------------------------------------
 
 
@@ -283,6 +403,7 @@ def _ok_vjp(x, dy):
         ({"rtol": -1.0}, "rtol"),
         ({"atol": float("nan")}, "atol"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": -1}, "seed must be an int >= 0"),
         ({"dy": np.ones(3)}, "shape of y"),
         ({"step": -1.0}, "step"),
         ({"progress": 3}, "progress"),

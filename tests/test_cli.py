@@ -47,6 +47,19 @@ def jvp_wrong(x, tx):
 def backward_raises(x, dy):
     raise RuntimeError("not implemented yet\\nsecond line")
 
+def backward_inf(x, dy):
+    dx = backward_right(x, dy)
+    dx.flat[0] = np.inf
+    return dx
+
+def first_two_squared(x):  # y is not shaped like x
+    return x.ravel()[:2] ** 2
+
+def first_two_backward(x, dy):
+    dx = np.zeros(x.size)
+    dx[:2] = 2 * x.ravel()[:2] * dy
+    return dx.reshape(x.shape)
+
 NOT_A_FUNCTION = 3
 """
 
@@ -222,6 +235,75 @@ def test_check_user_errors_exit_2(capsys, mine, args, match):
     assert_usage_error(capsys, "check", *argv, match=match)
 
 
+def test_check_user_backward_returning_inf_fails(capsys, mine):
+    base = ["check", "--forward", f"{mine}:forward", "--backward", f"{mine}:backward_inf"]
+    code, out, _ = run(capsys, *base)
+    assert code == 1 and "PASS  dx" not in out and "nonfinite" in out and "(0, 0)" in out
+    code, doc, _ = run_json(capsys, *base)
+    assert code == 1 and doc["ok"] is False and doc["checks"][0]["max_abs_error"] is None
+
+
+def test_check_user_forward_nan_at_x_exits_2(capsys, mine, tmp_path):
+    (tmp_path / "neg.json").write_text("[[1, -1], [2, 3]]")
+    err = assert_usage_error(
+        capsys,
+        "check",
+        "--forward",
+        "numpy:log",
+        "--backward",
+        f"{mine}:backward_right",
+        "--input",
+        str(tmp_path / "neg.json"),
+        match="f(x) is NaN or Inf",
+    )
+    assert "(0, 1)" in err
+
+
+def test_check_user_dy_for_y_not_shaped_like_x(capsys, mine, tmp_path):
+    base = ["check", "--forward", f"{mine}:first_two_squared"]
+    base += ["--backward", f"{mine}:first_two_backward", "--shape", "5"]
+    (tmp_path / "dy2.json").write_text("[0.5, -2]")
+    for dy in (str(tmp_path / "dy2.json"), "ones", "random"):
+        code, doc, _ = run_json(capsys, *base, "--dy", dy)
+        assert code == 0 and doc["ok"] is True, (dy, doc)
+    (tmp_path / "dy5.json").write_text("[1, 2, 3, 4, 5]")
+    assert_usage_error(capsys, *base, "--dy", str(tmp_path / "dy5.json"), match="shape of y")
+
+
+@pytest.mark.parametrize("command", ["check", "explain", "vectors", "demo"])
+def test_negative_seed_is_a_usage_error(capsys, command):
+    assert_usage_error(capsys, command, "--seed", "-1", match="int >= 0")
+
+
+def test_unwritable_plot_and_output_exit_2(capsys, tmp_path):
+    missing = tmp_path / "no" / "such"
+    assert_usage_error(capsys, "vectors", "-o", str(missing / "v.json"), match="cannot write")
+    assert_usage_error(capsys, "vectors", "-o", str(missing / "v.npz"), match="cannot write")
+    pytest.importorskip("matplotlib")
+    assert_usage_error(
+        capsys, "check", "--shape", "3", "--plot", str(missing / "p.png"), match="--plot"
+    )
+
+
+def test_check_op_at_zeros_passes(capsys, tmp_path):
+    (tmp_path / "zero.json").write_text("[0, 0, 0, 0]")
+    code, out, _ = run(capsys, "check", "--input", str(tmp_path / "zero.json"))
+    assert code == 0 and "PASS  dx" in out and "FAIL" not in out
+
+
+def test_check_op_affine_checks_the_jvp_too(capsys, monkeypatch):
+    import normgrad._ops as ops
+
+    right = ops.normalize_jvp
+    monkeypatch.setattr(
+        ops, "normalize_jvp", lambda *a, **k: (lambda y, t: (y, 2 * t))(*right(*a, **k))
+    )
+    code, doc, _ = run_json(capsys, "check", "--affine", "--axes", "1", "--shape", "3x4")
+    assert code == 1
+    for check in doc["checks"]:
+        assert check["ok"] is False and check["diagnosis"][-1]["message"].startswith("jvp:")
+
+
 def test_check_user_file_with_syntax_error(capsys, tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f(x:\n")
@@ -270,6 +352,20 @@ def test_explain_json(capsys, tmp_path):
 def test_explain_large_input_summarizes(capsys):
     code, out, _ = run(capsys, "explain", "--shape", "10x10", "--dy", "random")
     assert code == 0 and "shape 10x10: min" in out
+
+
+def test_explain_large_offset_small_spread_agrees(capsys, tmp_path):
+    x = 1e4 + 1e-2 * np.random.default_rng(3).standard_normal((3, 4))
+    np.save(tmp_path / "shift.npy", x)
+    code, out, _ = run(capsys, "explain", "--input", str(tmp_path / "shift.npy"), "--dy", "random")
+    assert code == 0 and out.count("PASS") == 6 and "FAIL" not in out
+
+
+def test_explain_compare_refuses_duplicates_and_complex(capsys, tmp_path):
+    (tmp_path / "dup.json").write_text('{"mu": 1, "mean": 2}')
+    assert_usage_error(capsys, "explain", "--compare", str(tmp_path / "dup.json"), match="once")
+    np.savez(tmp_path / "c.npz", mu=np.array([1 + 1j]))
+    assert_usage_error(capsys, "explain", "--compare", str(tmp_path / "c.npz"), match="complex")
 
 
 def test_explain_refuses_huge_input(capsys):
@@ -364,6 +460,10 @@ MALFORMED = {
     "broken.json": "[[1, 2",
     "junk.npy": "not numpy",
     "x.txt": "1,2",
+    "nan.json": "[1, NaN, 2]",
+    "inf.csv": "1,2\n3,1e400\n",
+    "deep.json": "[" * 100_000 + "1" + "]" * 100_000,
+    "hugeint.json": "[1, " + "9" * 400 + "]",
 }
 
 

@@ -164,3 +164,27 @@ def test_compare_adjoints_finds_the_first_wrong_node(rng):
         compare_adjoints(ex, {"sigma": 1.0})
     with pytest.raises(NormgradError, match="broadcast"):
         compare_adjoints(ex, {"d": np.ones(5)})
+
+
+def test_large_offset_small_spread_agrees_at_every_node(rng):
+    # A fixed relative step (1e-4 of |μ| = 1 here) would swamp a spread of 0.01.
+    x = 1e4 + 1e-2 * rng.standard_normal((3, 4))
+    dy = rng.standard_normal((3, 4))
+    ex = explain(x, None, dy)
+    assert all(n.ok for n in ex.nodes), [(n.name, n.max_abs_diff) for n in ex.nodes]
+    assert ex.first_mismatch is None
+    jac = fd_jacobian(lambda z: normalize(z), x)
+    ref = np.tensordot(dy, jac, axes=2)
+    np.testing.assert_allclose(ex.node("x").adjoint, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_compare_adjoints_refuses_two_names_for_one_node_and_complex(rng):
+    from normgrad.explain import compare_adjoints
+
+    ex = explain(rng.standard_normal((2, 3)))
+    with pytest.raises(NormgradError, match="both name the node mu"):
+        compare_adjoints(ex, {"mu": 1.0, "mean": 2.0})
+    with pytest.raises(NormgradError, match="complex"):
+        compare_adjoints(ex, {"mu": 1.0 + 2.0j})
+    doc = compare_adjoints(ex, {"mu": ex.node("mu").adjoint})[0].to_dict()
+    assert doc["node"] == "mu" and doc["ok"] is True

@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 
 from normgrad import NormgradError
-from normgrad._io import load_array, parse_shape, read_vectors_csv, write_vectors
+from normgrad._io import (
+    load_array,
+    load_named_arrays,
+    parse_shape,
+    read_vectors_csv,
+    write_vectors,
+)
 
 
 def test_reads_every_format_as_float64(tmp_path, rng):
@@ -120,6 +126,55 @@ def test_messages_say_what_is_wrong(bad_files):
     for name, text in expect.items():
         with pytest.raises(NormgradError, match=text):
             load_array(bad_files[name])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "match"),
+    [
+        ("nan.json", "[1, NaN, 2]", r"NaN or Inf \(first at index \(1,\)"),
+        ("inf.json", "[[1, 2], [Infinity, 4]]", r"index \(1, 0\)"),
+        ("inf.csv", "1,2\n3,1e400\n", "NaN or Inf"),
+        ("nan.csv", "nan,2\n", "NaN or Inf"),
+        ("deep.json", "[" * 100_000 + "1" + "]" * 100_000, "nested too deeply"),
+        ("hugeint.json", "[1, " + "9" * 400 + "]", "too large"),
+    ],
+)
+def test_non_finite_deep_and_huge_inputs_are_refused(tmp_path, name, text, match):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(NormgradError, match=match) as info:
+        load_array(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+    np.save(tmp_path / "nan.npy", np.array([1.0, np.nan]))
+    with pytest.raises(NormgradError, match="NaN or Inf"):
+        load_array(tmp_path / "nan.npy")
+
+
+def test_named_arrays_are_real_and_checked(tmp_path):
+    np.savez(tmp_path / "ok.npz", mu=np.float64(2.0), var=np.ones((2, 2)))
+    named = load_named_arrays(tmp_path / "ok.npz")
+    assert named["mu"].shape == () and named["var"].dtype == np.float64
+    (tmp_path / "ok.json").write_text('{"mu": 1, "var": [[1, 2]]}')
+    assert load_named_arrays(tmp_path / "ok.json")["var"].shape == (1, 2)
+    np.savez(tmp_path / "c.npz", mu=np.array([1 + 2j]))
+    with pytest.raises(NormgradError, match=r"'mu'.*complex"):
+        load_named_arrays(tmp_path / "c.npz")
+    np.savez(tmp_path / "p.npz", mu=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(NormgradError, match="pickle"):
+        load_named_arrays(tmp_path / "p.npz")
+    (tmp_path / "n.json").write_text('{"mu": NaN}')
+    with pytest.raises(NormgradError, match="NaN"):
+        load_named_arrays(tmp_path / "n.json")
+
+
+def test_writing_vectors_to_a_missing_folder_is_one_line(tmp_path, rng):
+    arrays = {"x": rng.standard_normal(3)}
+    for fmt in ("json", "csv", "npz"):
+        with pytest.raises(NormgradError, match="cannot write") as info:
+            write_vectors(arrays, {}, fmt, str(tmp_path / "no" / f"v.{fmt}"))
+        assert "\n" not in str(info.value)
+    with pytest.raises(NormgradError, match="cannot write"):
+        write_vectors(arrays, {}, "json", str(tmp_path))  # a folder, not a file
 
 
 def test_missing_file_and_missing_member(tmp_path):

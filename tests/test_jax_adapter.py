@@ -168,6 +168,9 @@ def test_errors_are_normgrad_errors():
         apply({"weight": jnp.ones(3), "scale": jnp.ones(3)}, x)
     with pytest.raises(NormgradError, match="positive"):
         init_params((3, 0))
+    for bad in (True, (3, False)):  # a bool is an int to Python, but never a size
+        with pytest.raises(NormgradError, match="positive"):
+            init_params(bad)  # type: ignore[arg-type]
 
 
 def test_import_normgrad_does_not_import_jax():

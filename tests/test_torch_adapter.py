@@ -160,6 +160,9 @@ def test_errors_are_normgrad_errors():
         normalize(x, -1, weight=torch.ones(4))
     with pytest.raises(NormgradError, match="param_shape"):
         MeanVarNorm(0)
+    for bad in (True, (3, False)):  # a bool is an int to Python, but never a size
+        with pytest.raises(NormgradError, match="param_shape"):
+            MeanVarNorm(bad)  # type: ignore[arg-type]
     with pytest.raises(NormgradError, match="eps_mode"):
         MeanVarNorm(3, eps_mode="bad")
 

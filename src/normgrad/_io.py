@@ -2,8 +2,8 @@
 
 Input files hold one numeric array: `.npy` (read with `allow_pickle=False`), `.npz` (one
 array, or pick one with `file.npz:name`), `.csv` (rows of numbers, `#` comments) or `.json`
-(nested lists of numbers). Anything else, and every malformed file, raises `NormgradError`
-with a one-line message that says how to fix it.
+(nested lists of numbers). Values must be real and finite. Anything else, and every malformed
+file, raises `NormgradError` with a one-line message that says how to fix it.
 
 Test vectors (`normgrad vectors`) are written as JSON, CSV or NPZ; every layout records the
 options that produced it (see docs/cli.md, "vectors").
@@ -15,7 +15,8 @@ import csv
 import io
 import json
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ VECTORS_VERSION = 1
 def load_array(spec: str | Path) -> NDArray[np.float64]:
     """Read one real array from `spec` (a path, or `file.npz:name`) as float64.
 
-    The array must be non-empty, rectangular and real; integers and booleans become floats.
+    The array must be non-empty, rectangular, real and finite; integers and booleans become
+    floats.
     """
     text = str(spec)
     member = None
@@ -45,65 +47,64 @@ def load_array(spec: str | Path) -> NDArray[np.float64]:
             f"cannot read {path}: unknown file type {suffix or '(none)'!r}; give a .npy, .npz, "
             ".csv or .json file."
         )
-    if not path.is_file():
-        raise NormgradError(f"cannot read {path}: no such file; check the path.")
-    try:
+    with _reading(path, "one numeric array"):
         if suffix == ".npy":
-            raw = _read_npy(path)
+            raw = np.load(path, allow_pickle=False)
         elif suffix == ".npz":
             raw = _read_npz(path, member)
         elif suffix == ".csv":
             raw = _read_csv(path)
         else:
             raw = _read_json(path)
+        return _as_real_array(raw, path)
+
+
+@contextmanager
+def _reading(path: Path, what: str) -> Iterator[None]:
+    """Turn every failure to read `path` into one `NormgradError` line: a missing file, a
+    pickle (never loaded), a malformed or too deeply nested file, a number too large."""
+    if not path.is_file():
+        raise NormgradError(f"cannot read {path}: no such file; check the path.")
+    kind = path.suffix.lower()[1:]
+    try:
+        yield
     except NormgradError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+    except RecursionError:
+        raise NormgradError(
+            f"cannot read {path}: it is nested too deeply; give {what} of at most a few "
+            "dozen dimensions."
+        ) from None
+    except (OSError, ValueError, EOFError, OverflowError, zipfile.BadZipFile) as e:
+        if isinstance(e, ValueError) and "pickle" in str(e).lower():
+            raise NormgradError(
+                f"{path} holds Python objects (a pickle), which normgrad never loads; save "
+                "numbers instead, e.g. np.save(path, np.asarray(x, dtype=float))."
+            ) from None
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NormgradError(
-            f"cannot read {path} as {suffix[1:]}: {reason}; check that the file is a valid "
-            f"{suffix[1:]} file with one numeric array."
+            f"cannot read {path} as {kind}: {reason}; check that the file is a valid {kind} "
+            f"file with {what} (finite float64 numbers)."
         ) from None
-    return _as_real_array(raw, path)
-
-
-def _read_npy(path: Path) -> Any:
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as e:
-        if "pickle" in str(e).lower():
-            raise NormgradError(
-                f"{path} holds Python objects (a pickle), which normgrad never loads; save a "
-                "numeric array instead, e.g. np.save(path, np.asarray(x, dtype=float))."
-            ) from None
-        raise
 
 
 def _read_npz(path: Path, member: str | None) -> Any:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            names = list(data.files)
-            if not names:
-                raise NormgradError(f"{path} holds no arrays; save one with np.savez(path, x=x).")
-            if member is None:
-                if len(names) > 1:
-                    raise NormgradError(
-                        f"{path} holds {len(names)} arrays ({', '.join(names)}); pick one with "
-                        f"{path}:{names[0]}."
-                    )
-                member = names[0]
-            if member not in names:
+    with np.load(path, allow_pickle=False) as data:
+        names = list(data.files)
+        if not names:
+            raise NormgradError(f"{path} holds no arrays; save one with np.savez(path, x=x).")
+        if member is None:
+            if len(names) > 1:
                 raise NormgradError(
-                    f"{path} has no array named {member!r}; it holds {', '.join(names)}."
+                    f"{path} holds {len(names)} arrays ({', '.join(names)}); pick one with "
+                    f"{path}:{names[0]}."
                 )
-            return data[member]
-    except ValueError as e:
-        if "pickle" in str(e).lower():
+            member = names[0]
+        if member not in names:
             raise NormgradError(
-                f"{path} holds Python objects (a pickle), which normgrad never loads; save "
-                "numeric arrays instead, e.g. np.savez(path, x=np.asarray(x, dtype=float))."
-            ) from None
-        raise
+                f"{path} has no array named {member!r}; it holds {', '.join(names)}."
+            )
+        return data[member]
 
 
 def _read_csv(path: Path) -> Any:
@@ -151,7 +152,13 @@ def _is_float(s: str) -> bool:
     return True
 
 
-def _as_real_array(raw: Any, path: Path) -> NDArray[np.float64]:
+def _as_real_array(
+    raw: Any, path: Path, name: str | None = None, scalar: bool = False
+) -> NDArray[np.float64]:
+    """`raw` (an array, or JSON data) as a fresh float64 array, refused with a message naming
+    `path` (and the array's `name`) unless real, finite, non-empty, and not 0-d (unless
+    `scalar`)."""
+    where = f"{path}" if name is None else f"{path}, array {name!r},"
     if isinstance(raw, np.ndarray):
         arr = raw
     else:
@@ -159,16 +166,24 @@ def _as_real_array(raw: Any, path: Path) -> NDArray[np.float64]:
         arr = np.asarray(raw, dtype=np.float64)
     if arr.dtype.kind not in "biuf":
         raise NormgradError(
-            f"{path} holds an array of dtype {arr.dtype}; normgrad needs real numbers (float, "
+            f"{where} holds values of dtype {arr.dtype}; normgrad needs real numbers (float, "
             "int or bool)."
         )
-    if arr.ndim == 0:
+    if arr.ndim == 0 and not scalar:
         raise NormgradError(
-            f"{path} holds a single number; give an array with at least one dimension."
+            f"{where} holds a single number; give an array with at least one dimension."
         )
     if arr.size == 0:
-        raise NormgradError(f"{path} holds an empty array (shape {arr.shape}); give some numbers.")
-    return np.array(arr, dtype=np.float64)  # a copy: never alias the file's buffer
+        raise NormgradError(f"{where} holds an empty array (shape {arr.shape}); give some numbers.")
+    out = np.array(arr, dtype=np.float64)  # a copy: never alias the file's buffer
+    bad = ~np.isfinite(out)
+    if np.any(bad):
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), out.shape))
+        raise NormgradError(
+            f"{where} holds NaN or Inf (first at index {first}, of {int(bad.sum())}); normgrad "
+            "needs finite numbers."
+        )
+    return out
 
 
 def _check_nested(raw: Any, path: Path) -> None:
@@ -206,27 +221,19 @@ def load_named_arrays(spec: str | Path) -> dict[str, Any]:
             f"cannot read named arrays from {path}: give a .json object (name -> nested lists) "
             "or an .npz file."
         )
-    if not path.is_file():
-        raise NormgradError(f"cannot read {path}: no such file; check the path.")
-    if suffix == ".json":
-        doc = _read_json(path)
-        if not isinstance(doc, dict) or not doc:
-            raise NormgradError(
-                f'{path} must hold a JSON object of named arrays, like {{"mu": -3.2, '
-                '"var": [[...]]}}.'
-            )
-        for value in doc.values():
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                _check_nested(value, path)
-        return dict(doc)
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: np.array(data[k]) for k in data.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NormgradError(
-            f"cannot read {path} as npz: {reason}; save numeric arrays with np.savez."
-        ) from None
+    with _reading(path, "named numeric arrays"):
+        if suffix == ".json":
+            doc = _read_json(path)
+            if not isinstance(doc, dict) or not doc:
+                raise NormgradError(
+                    f'{path} must hold a JSON object of named arrays, like {{"mu": -3.2, '
+                    '"var": [[...]]}}.'
+                )
+            items = list(doc.items())
+        else:
+            with np.load(path, allow_pickle=False) as data:
+                items = [(k, data[k]) for k in data.files]
+        return {str(k): _as_real_array(v, path, str(k), scalar=True) for k, v in items}
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -282,20 +289,26 @@ def write_vectors(
     if fmt not in VECTOR_FORMATS:
         raise NormgradError(f"--format must be one of {', '.join(VECTOR_FORMATS)}; got {fmt!r}.")
     to_stdout = out is None or out == "-"
-    if fmt == "npz":
+    if fmt == "npz" and to_stdout:
+        raise NormgradError("NPZ is binary; give a file with --output FILE.npz.")
+    if fmt != "npz":
+        text = _vectors_json(arrays, options) if fmt == "json" else _vectors_csv(arrays, options)
         if to_stdout:
-            raise NormgradError("NPZ is binary; give a file with --output FILE.npz.")
-        payload = {k: np.asarray(v) for k, v in arrays.items()}
-        payload["__options__"] = np.asarray(json.dumps(dict(options), sort_keys=True))
-        assert out is not None
-        with open(out, "wb") as fh:
-            np.savez(fh, **payload)  # type: ignore[arg-type]
-        return None
-    text = _vectors_json(arrays, options) if fmt == "json" else _vectors_csv(arrays, options)
-    if to_stdout:
-        return text
+            return text
     assert out is not None
-    Path(out).write_text(text, encoding="utf-8")
+    try:
+        if fmt == "npz":
+            payload = {k: np.asarray(v) for k, v in arrays.items()}
+            payload["__options__"] = np.asarray(json.dumps(dict(options), sort_keys=True))
+            with open(out, "wb") as fh:
+                np.savez(fh, **payload)  # type: ignore[arg-type]
+        else:
+            Path(out).write_text(text, encoding="utf-8")
+    except OSError as e:
+        raise NormgradError(
+            f"cannot write {out}: {e.strerror or e}; give a file path in an existing, writable "
+            "folder."
+        ) from None
     return None
 
 

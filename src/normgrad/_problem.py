@@ -8,6 +8,8 @@ it to show what goes wrong and where.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -45,27 +47,66 @@ def problem_forward(x: NDArray[np.floating], epsilon: float = PROBLEM_EPS) -> ND
     return out
 
 
+class ProblemTerms(NamedTuple):
+    """The question's named quantities, evaluated (arrays have x's shape, scalars are floats).
+
+    `doutput_dmu` and its parts are computed as the question writes them, though its gradient
+    never uses them: that the mean path never reaches `x` is one of its mistakes."""
+
+    n: int
+    mu: float
+    var: float
+    y1: NDArray[np.float64]  # x - mu
+    dy1_dx: float  # 1
+    dy2_dy1: float  # 1/sqrt(var + eps)
+    dvar_dx: NDArray[np.float64]  # 2 (x - mu)/N
+    dy2_dvar: NDArray[np.float64]  # -1/2 y1/(var + eps)^(3/2)
+    dy1_dmu: float  # -1
+    dy2_dmu: float  # -1/(N (var + eps)^(3/2))
+    dvar_dmu: float  # -2/N sum(x - mu): identically 0
+    doutput_dmu: NDArray[np.float64]  # (dy2/dy1)(dy1/dmu) + (dy2/dvar)(dvar/dmu) + dy2/dmu
+    doutput_dx: NDArray[np.float64]  # (dy2/dy1)(dy1/dx) + (dy2/dvar)(dvar/dx)
+
+
+def problem_terms(x: NDArray[np.floating], epsilon: float = PROBLEM_EPS) -> ProblemTerms:
+    """The question's chain rule, term by term (each name is the question's quantity)."""
+    xf: NDArray[np.float64] = np.asarray(x, dtype=np.float64)
+    n = xf.size
+    mu = float(xf.mean())
+    var = float(((xf - mu) ** 2).mean())
+    y1 = xf - mu
+    dy1_dx = 1.0
+    dy2_dy1 = 1.0 / np.sqrt(var + epsilon)
+    dvar_dx = 2.0 * y1 / n
+    dy2_dvar = -0.5 * (y1 / (var + epsilon) ** 1.5)
+    dy1_dmu = -1.0
+    dy2_dmu = -1.0 / (n * (var + epsilon) ** 1.5)
+    dvar_dmu = float(-2.0 / n * np.sum(y1))
+    doutput_dmu = dy2_dy1 * dy1_dmu + dy2_dvar * dvar_dmu + dy2_dmu
+    doutput_dx = dy2_dy1 * dy1_dx + dy2_dvar * dvar_dx
+    return ProblemTerms(
+        n,
+        mu,
+        var,
+        y1,
+        dy1_dx,
+        dy2_dy1,
+        dvar_dx,
+        dy2_dvar,
+        dy1_dmu,
+        dy2_dmu,
+        dvar_dmu,
+        doutput_dmu,
+        doutput_dx,
+    )
+
+
 def problem_backward(
     x: NDArray[np.floating], dy: NDArray[np.floating], epsilon: float = PROBLEM_EPS
 ) -> NDArray[np.float64]:
-    """The question's chain rule, term by term (each line names the question's quantity).
+    """The question's gradient: `dy * dOutput/dx` (see `problem_terms`), for any shape.
 
     Its `dOutput/dmu` is computed as in the question but never reaches `x`: the question
     gives no step that carries it back, which is one of its mistakes.
     """
-    x = np.asarray(x, dtype=np.float64)
-    n = x.size
-    mu = x.mean()
-    var = ((x - mu) ** 2).mean()
-    y1 = x - mu
-    dy1_dx = 1.0
-    dy2_dy1 = 1.0 / np.sqrt(var + epsilon)
-    dvar_dx = 2.0 * (x - mu) / n
-    dy2_dvar = -0.5 * (y1 / (var + epsilon) ** 1.5)
-    # The question's mean path (unused below, as in the question):
-    dy1_dmu = -1.0
-    dy2_dmu = -1.0 / (n * (var + epsilon) ** 1.5)
-    dvar_dmu = -2.0 / n * np.sum(x - mu)  # identically 0: sum(x - mu) = 0
-    _doutput_dmu = dy2_dy1 * dy1_dmu + dy2_dvar * dvar_dmu + dy2_dmu
-    doutput_dx = dy2_dy1 * dy1_dx + dy2_dvar * dvar_dx
-    return np.asarray(dy, dtype=np.float64) * doutput_dx
+    return np.asarray(dy, dtype=np.float64) * problem_terms(x, epsilon).doutput_dx

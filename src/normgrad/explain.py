@@ -11,7 +11,9 @@ the forward, then a reverse sweep over this graph: every node's adjoint
 $\bar v = \partial L/\partial v$ of $L = \sum dy \cdot y$ is accumulated from its consumers,
 each edge using its own local derivative. Independently, each node's adjoint is estimated by
 finite differences: perturb one element of the node, recompute only the nodes downstream of
-it (upstream values held fixed), difference $L$. The two columns agree at every node, and the
+it (upstream values held fixed), difference $y$ and contract with `dy`, with the gradient
+checker's own differences (step per element, refined where $y$ curves on a finer scale,
+complex step where exact). The two columns agree at every node (`NodeReport.ok`), and the
 final $\bar x$ equals `normalize_backward`'s.
 
 For the whole-array, eps-inside, ddof=0 case (the original question's), `explain` also lists
@@ -33,6 +35,11 @@ from ._ops import normalize_backward, normalize_forward
 
 FloatArray = NDArray[np.float64]
 EXPLAIN_MAX_SIZE = 4096
+AGREE_RTOL = 1e-6  # two adjoints agree when max |a - b| <= AGREE_RTOL * (1 + max |b|)
+
+
+def _agree(diff: float, reference: FloatArray) -> bool:
+    return diff <= AGREE_RTOL * (1.0 + float(np.max(np.abs(reference))))
 
 
 @dataclass(frozen=True)
@@ -62,6 +69,11 @@ class NodeReport:
         """Largest |analytic - finite-difference| over the node's elements."""
         return float(np.max(np.abs(self.adjoint - self.adjoint_fd)))
 
+    @property
+    def ok(self) -> bool:
+        """The two columns agree: max |diff| <= AGREE_RTOL * (1 + max |adjoint|)."""
+        return _agree(self.max_abs_diff, self.adjoint)
+
 
 @dataclass(frozen=True)
 class Departure:
@@ -76,6 +88,14 @@ class Departure:
     @property
     def max_abs_diff(self) -> float:
         return float(np.max(np.abs(self.problem_value - self.correct_value)))
+
+    def to_dict(self, values: bool = True) -> dict[str, Any]:
+        """JSON-ready; `values=False` leaves the two arrays out."""
+        doc: dict[str, Any] = {"node": self.node, "problem": self.problem, "correct": self.correct}
+        if values:
+            doc["problem_value"] = self.problem_value.tolist()
+            doc["correct_value"] = self.correct_value.tolist()
+        return doc | {"max_abs_diff": self.max_abs_diff}
 
 
 @dataclass(frozen=True)
@@ -104,10 +124,7 @@ class Explanation:
     @property
     def first_mismatch(self) -> str | None:
         """The first node (in reverse-sweep order) whose two adjoint columns disagree."""
-        for n in reversed(self.nodes):
-            if n.max_abs_diff > 1e-6 * (1.0 + float(np.max(np.abs(n.adjoint)))):
-                return n.name
-        return None
+        return next((n.name for n in reversed(self.nodes) if not n.ok), None)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: arrays as nested lists."""
@@ -124,6 +141,7 @@ class Explanation:
                     "adjoint": n.adjoint.tolist(),
                     "adjoint_fd": n.adjoint_fd.tolist(),
                     "max_abs_diff": n.max_abs_diff,
+                    "ok": n.ok,
                     "terms": [
                         {
                             "from": t.child,
@@ -139,17 +157,7 @@ class Explanation:
             "dx_vs_normalize_backward": self.dx_vs_normalize_backward,
             "y_vs_normalize": self.y_vs_normalize,
             "first_mismatch": self.first_mismatch,
-            "departures": [
-                {
-                    "node": d.node,
-                    "problem": d.problem,
-                    "correct": d.correct,
-                    "problem_value": d.problem_value.tolist(),
-                    "correct_value": d.correct_value.tolist(),
-                    "max_abs_diff": d.max_abs_diff,
-                }
-                for d in self.departures
-            ],
+            "departures": [d.to_dict() for d in self.departures],
         }
 
 
@@ -291,25 +299,20 @@ def _reverse(
 def _fd_adjoint(
     graph: list[_Node], values: dict[str, FloatArray], dy: FloatArray, k: int
 ) -> FloatArray:
-    """∂L/∂v for node k by fourth-order central differences, upstream nodes held fixed."""
+    """∂L/∂v for node k by the checker's finite differences of the downstream map v -> y
+    (upstream nodes held fixed), contracted with dy: y is differenced before the sum, so large
+    terms of L do not cancel."""
+    from .check._fd import fd_vjp
+
     name = graph[k].name
-    base = values[name]
-    scale = max(float(np.mean(np.abs(base))), 1e-3)
-    out = np.zeros_like(base)
-    for idx in np.ndindex(base.shape):
-        h = 1e-4 * max(abs(float(base[idx])), scale)
-        ys = []
-        for step in (h, -h, 2 * h, -2 * h):
-            trial = dict(values)
-            moved = base.copy()
-            moved[idx] += step
-            trial[name] = moved
-            _forward(graph, trial, k)
-            ys.append(trial["y"])
-        # Difference y first, then contract with dy: no cancellation between large sums.
-        dydv = (8 * (ys[0] - ys[1]) - (ys[2] - ys[3])) / (12 * h)
-        out[idx] = float(np.sum(dy * dydv))
-    return out
+
+    def downstream(v: FloatArray) -> FloatArray:
+        trial = dict(values)
+        trial[name] = v
+        _forward(graph, trial, k)
+        return trial["y"]
+
+    return fd_vjp(downstream, values[name], dy)[0]
 
 
 def explain(
@@ -369,37 +372,25 @@ def explain(
     }
     departures: tuple[Departure, ...] = ()
     if ax == tuple(range(x.ndim)) and eps_mode == "inside" and ddof == 0:
-        departures = _problem_departures(values, adj, dy, eps, dx_problem(x, dy, eps))
+        departures = _problem_departures(x, adj, dy, eps)
     return Explanation(options, nodes, dy, dx_ref, np.asarray(y_ref, dtype=np.float64), departures)
 
 
-def dx_problem(x: FloatArray, dy: FloatArray, eps: float) -> FloatArray:
-    """The question's gradient (`normgrad._problem.problem_backward`) for any shape."""
-    from ._problem import problem_backward
-
-    return problem_backward(x, dy, epsilon=eps)
-
-
 def _problem_departures(
-    values: dict[str, FloatArray],
-    adj: dict[str, FloatArray],
-    dy: FloatArray,
-    eps: float,
-    dx_question: FloatArray,
+    x: FloatArray, adj: dict[str, FloatArray], dy: FloatArray, eps: float
 ) -> tuple[Departure, ...]:
     """The question's steps, evaluated, next to the sweep's (whole array, eps inside, ddof 0)."""
-    d, var = values["d"], values["var"]
-    n = d.size
+    from ._problem import problem_backward, problem_terms
+
+    q = problem_terms(x, eps)
+    d = q.y1
     # The question's dy2/dσ² is taken element by element and multiplied by the same element's
     # dσ²/dx: the variance's adjoint is never summed over the outputs.
-    var_question = dy * (-0.5 * d / (var + eps) ** 1.5)
+    var_question = dy * q.dy2_dvar
     # The question's dOutput/dμ (per element), which it never sends on to x.
-    dmu_question = (
-        -1.0 / np.sqrt(var + eps) * np.ones_like(d)
-        + (-0.5 * d / (var + eps) ** 1.5) * (-2.0 / n * np.sum(d))
-        - 1.0 / (n * (var + eps) ** 1.5)
-    )
-    mu_to_x = np.broadcast_to(adj["mu"] / n, d.shape)
+    dmu_question = np.broadcast_to(q.doutput_dmu, d.shape)
+    dx_question = problem_backward(x, dy, epsilon=eps)
+    mu_to_x = np.broadcast_to(adj["mu"] / q.n, d.shape)
     return (
         Departure(
             "var",
@@ -415,7 +406,7 @@ def _problem_departures(
             "never multiplied by dμ/dx = 1/n and added to x̄; its dy2/dμ term has no edge in "
             "the graph",
             "μ̄ = −Σ_i d̄_i, sent to x as x̄_i += μ̄/n",
-            dmu_question,
+            np.array(dmu_question),
             np.broadcast_to(adj["mu"], d.shape),
         ),
         Departure(
@@ -466,9 +457,18 @@ class AdjointComparison:
     max_abs_diff: float
     ok: bool
 
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "node": self.node,
+            "ok": self.ok,
+            "max_abs_diff": self.max_abs_diff,
+            "given": self.given.tolist(),
+            "expected": self.expected.tolist(),
+        }
+
 
 def compare_adjoints(
-    ex: Explanation, given: dict[str, Any], rtol: float = 1e-6
+    ex: Explanation, given: dict[str, Any], rtol: float = AGREE_RTOL
 ) -> tuple[AdjointComparison, ...]:
     """Compare the user's adjoints (node name or alias -> array) in reverse-sweep order.
 
@@ -477,15 +477,26 @@ def compare_adjoints(
     (keepdims) shape, so a per-element array given for a per-group node is compared too.
     """
     wanted: dict[str, FloatArray] = {}
+    keys: dict[str, Any] = {}
     for key, value in given.items():
         name = ALIASES.get(str(key).strip().lower())
         if name is None:
             raise NormgradError(
                 f"unknown node {key!r} in the adjoints to compare; use {', '.join(ALIASES)}."
             )
+        if name in keys:
+            raise NormgradError(
+                f"{keys[name]!r} and {key!r} both name the node {name}; give each node once."
+            )
+        keys[name] = key
         try:
-            wanted[name] = np.asarray(value, dtype=np.float64)
-        except (TypeError, ValueError):
+            raw = np.asarray(value)
+            if np.iscomplexobj(raw):
+                raise NormgradError(f"the adjoint of {key!r} is complex; give real numbers.")
+            wanted[name] = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError) as e:
+            if isinstance(e, NormgradError):
+                raise
             raise NormgradError(
                 f"the adjoint of {key!r} is not numeric; give a number or nested lists."
             ) from None
@@ -501,6 +512,6 @@ def compare_adjoints(
                 f"broadcast to the node's shape {node.adjoint.shape}."
             ) from None
         diff = float(np.max(np.abs(a - b)))
-        ok = diff <= rtol * (1.0 + float(np.max(np.abs(b))))
+        ok = diff <= rtol * (1.0 + float(np.max(np.abs(b))))  # `_agree` with the caller's rtol
         out.append(AdjointComparison(node.name, np.array(a), np.array(b), diff, ok))
     return tuple(out)

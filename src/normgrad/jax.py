@@ -127,7 +127,7 @@ def init_params(shape: int | tuple[int, ...], dtype: Any = jnp.float32) -> Param
     `(C, 1, 1)` for per-channel normalization of `(N, C, H, W)` over `(0, 2, 3)`.
     """
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    if not all(isinstance(s, int) and s >= 1 for s in shape):
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
         raise NormgradError(
             f"shape must be a positive int or a tuple of positive ints (the shape of weight "
             f"and bias, e.g. (D,) or (C, 1, 1)); got {shape!r}."

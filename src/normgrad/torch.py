@@ -125,7 +125,7 @@ class MeanVarNorm(nn.Module):
     ) -> None:
         super().__init__()
         shape = (param_shape,) if isinstance(param_shape, int) else tuple(param_shape)
-        if not all(isinstance(s, int) and s >= 1 for s in shape):
+        if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
             raise NormgradError(
                 f"param_shape must be a positive int or a tuple of positive ints (the shape "
                 f"of weight and bias, e.g. (D,) or (C, 1, 1)); got {param_shape!r}."

@@ -5,6 +5,7 @@ In `full` mode the analytic Jacobian `A` is built row by row from the user's vjp
 output, with basis cotangents) and compared with the numerical Jacobian `J` entry by entry,
 under a per-entry tolerance `T`. A model "fits" when `|A - model| <= 2 T` everywhere:
 
+    NaN or Inf in A -> nonfinite,
     A ~ 0 -> zero,  A ~ -J -> sign,  A ~ c J -> scale,  A ~ c J^T -> transpose,
     off-diagonal A ~ 0 but J's is not -> diagonal,  few wrong columns -> partial,
     A - J in span{1, x - mean} per group (or of rank <= 2) -> missing_term.
@@ -26,6 +27,34 @@ MAX_LISTED = 20  # indices listed in evidence
 MAX_LOCATED = 8  # partial: at most this many bad elements (probe mode)
 
 
+@dataclass(frozen=True)
+class Tol:
+    """The checker's one tolerance formula, for any compared values `num` (numerical) whose
+    analytic counterparts involve magnitudes `terms`:
+
+        strict = 8 eps_a terms + floor + atol + rtol |num|,    tol = strict + fd
+
+    with `fd` the finite-difference error estimate of `num`, `floor` rounding measured or
+    bounded elsewhere, and atol = rtol * scale by default (`scale`: the size of the terms
+    that cancel in `num`), or the user's atol times `weight` (sum |u| for a directional
+    derivative along `u`)."""
+
+    eps_a: float  # machine epsilon of the analytic side
+    rtol: float
+    atol: float | None  # the user's, or None for the default
+
+    def atol_for(self, scale: float, weight: Any = 1.0) -> Any:
+        return self.rtol * scale if self.atol is None else self.atol * weight
+
+    def __call__(
+        self, num: Any, fd: Any, terms: Any, scale: float, weight: Any = 1.0, floor: Any = 0.0
+    ) -> tuple[Any, Any]:
+        """(tol, strict)"""
+        strict = 8 * self.eps_a * terms + floor + self.atol_for(scale, weight)
+        strict = strict + self.rtol * np.abs(num)
+        return strict + fd, strict
+
+
 @dataclass
 class Side:
     """One cotangent's comparison: analytic vs numerical values and their tolerances."""
@@ -37,6 +66,8 @@ class Side:
     tol: F64
     strict: F64  # tol without the finite-difference term
     kinks: Any  # where one-sided differences disagree
+    atol: float = 0.0  # the absolute part of `tol` (reported)
+    rel_mag: Any = 0.0  # magnitudes that floor the relative error's denominator
 
     @property
     def bad(self) -> Any:
@@ -66,20 +97,32 @@ def passed_findings(sides: list[Side]) -> list[Finding]:
     return [Finding("ok", "the backward matches finite differences within tolerance.")]
 
 
-def _common(t: Target, sides: list[Side], eps_a: float) -> list[Finding] | None:
-    """Checks that need only vjp calls: zero, ignores_dy, nondifferentiable."""
-    s1 = sides[0]
-    if all(np.all(np.abs(s.dx) <= s.strict) for s in sides):
-        return [
-            Finding(
-                "zero",
-                "the backward returns zeros (within rounding) but the true gradient is not zero.",
-                "check that the backward writes its result (not a fresh zeros array), that no "
-                "term is multiplied by a zero, and that gradients are not detached.",
-                {"max_numerical": float(np.max(np.abs(s1.num)))},
+def nonfinite_finding(t: Target, grads: list[tuple[str, F64]]) -> Finding | None:
+    """A NaN or Inf in the backward's dx (for the first cotangent that has one)."""
+    for label, dx in grads:
+        where = np.flatnonzero(~np.isfinite(dx))
+        if len(where):
+            idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
+            return Finding(
+                "nonfinite",
+                f"the backward returned NaN or Inf at {len(where)} of {t.n} elements of dx for "
+                f"{label}, first at index {idx[0]} (value {dx[where[0]]}), where f and its "
+                "finite differences are finite.",
+                "look for a division by zero, a log or sqrt of 0 or of a negative, or an "
+                "overflow (exp of a large x) in the backward at that element; use the stable "
+                "form (eps inside the sqrt, log-sum-exp, a where() that avoids 0/0).",
+                {"indices": idx, "count": len(where), "cotangent": label},
             )
-        ]
-    dx1 = t.vjp(s1.dy)
+    return None
+
+
+def _common(t: Target, sides: list[Side], dx1: F64, eps_a: float, probe: bool) -> Any:
+    """Checks that need only vjp calls: zero, ignores_dy, nondifferentiable (and, in full mode
+    with several inputs, zero for one input). `dx1` is vjp(x, dy) for the first side's dy."""
+    s1 = sides[0]
+    all_zero = all(np.all(np.abs(s.dx) <= s.strict) for s in sides)
+    if all_zero and (not probe or not np.any(dx1)):
+        return [_zero("the backward returns zeros", float(np.max(np.abs(s1.num))))]
     dx2 = t.vjp(2 * s1.dy)
     scale = float(np.max(np.abs(dx1), initial=0.0))
     lin_tol = 16 * eps_a * (np.abs(dx1) + scale) + 1e-300
@@ -99,14 +142,32 @@ def _common(t: Target, sides: list[Side], eps_a: float) -> list[Finding] | None:
                 {"constant_in_dy": const},
             )
         ]
-    bad = np.zeros_like(s1.bad)
-    kinks = np.zeros_like(s1.bad)
-    for s in sides:
-        bad |= s.bad
-        kinks |= np.asarray(s.kinks, dtype=bool)
+    if probe:  # one value per probe direction and side
+        bad = np.concatenate([s.bad for s in sides])
+        kinks = np.concatenate([np.asarray(s.kinks, dtype=bool) for s in sides])
+    else:  # one value per element of x, for either side
+        bad = np.logical_or.reduce([s.bad for s in sides])
+        kinks = np.logical_or.reduce([np.asarray(s.kinks, dtype=bool) for s in sides])
     if np.any(bad) and np.all(kinks[bad]):
-        return [_nondiff(t, np.flatnonzero(bad & kinks))]
+        return [_nondiff(t, np.flatnonzero(bad & kinks), probe)]
+    if probe or not t.multi:
+        return None
+    for i in range(len(t.shapes)):
+        sl = slice(int(t.offsets[i]), int(t.offsets[i + 1]))
+        if all(np.any(s.bad[sl]) and np.all(np.abs(s.dx[sl]) <= s.strict[sl]) for s in sides):
+            top = float(np.max(np.abs(s1.num[sl])))
+            return [_zero(f"the backward returns zeros for input {i} (x[{i}])", top, input=i)]
     return None
+
+
+def _zero(what: str, top: float, **evidence: Any) -> Finding:
+    return Finding(
+        "zero",
+        f"{what} (within rounding) but the true gradient is not zero (up to {top:.3g}).",
+        "check that the backward writes its result (not a fresh zeros array), that no "
+        "term is multiplied by a zero, and that gradients are not detached.",
+        {"max_numerical": top, **evidence},
+    )
 
 
 def _nondiff(t: Target, where: Any, probe: bool = False) -> Finding:
@@ -132,24 +193,21 @@ def _nondiff(t: Target, where: Any, probe: bool = False) -> Finding:
 # ---------------------------------------------------------------------------------------------
 
 
-def diagnose_full(
-    t: Target,
-    sides: list[Side],
-    jac: F64,
-    err: F64,
-    eps_a: float,
-    r: float,
-    rtol: float | None,
-    atol: float | None,
-) -> list[Finding]:
-    found = _common(t, sides, eps_a)
+def diagnose_full(t: Target, sides: list[Side], jac: F64, err: F64, tol: Tol) -> list[Finding]:
+    eps_a = tol.eps_a
+    found = _common(t, sides, sides[0].dx, eps_a, probe=False)
     if found is not None:
         return found
     A = np.stack([t.vjp(np.eye(1, t.m, i).ravel()) for i in range(t.m)])
     t.analytic_jacobian = A
-    atol_j = r * float(np.max(np.abs(jac), initial=0.0)) if atol is None else float(atol)
-    T = err + 8 * eps_a * (np.abs(A) + np.abs(jac)) + atol_j + r * np.abs(jac)
-    T += t.rounding_floor(eps_a)[None, :]
+    bad_rows = [i for i in range(t.m) if not np.all(np.isfinite(A[i]))]
+    if bad_rows:
+        label = f"dy = the unit vector at output {bad_rows[0]}"
+        finding = nonfinite_finding(t, [(label, A[bad_rows[0]])])
+        assert finding is not None
+        return [finding]
+    scale = float(np.max(np.abs(jac), initial=0.0))
+    T, _ = tol(jac, err, np.abs(A) + np.abs(jac), scale, floor=t.rounding_floor(eps_a)[None, :])
     if eps_a > np.finfo(np.float64).eps:  # the low-precision backward's measured rounding
         rows64 = [t.vjp64(np.eye(1, t.m, i).ravel()) for i in range(t.m)]
         got = [r64 for r64 in rows64 if r64 is not None]
@@ -274,16 +332,16 @@ def _diagonal(t: Target, A: F64, J: F64, T: F64, sizes: list[int]) -> list[Findi
 def _cross_term_paths(t: Target, J: F64, T: F64) -> Finding | None:
     """Fit J's off-diagonal entries, per group and per row, by a + b (x_j - mean): the mean path
     (constant in j) and the variance path (along the centered input)."""
-    labels = _groups(J, T)
+    rows_l, cols_l = _groups(J, T)
     e_mean = e_var = 0.0
     coef_mean = []
-    for g in np.unique(labels[1]):
-        cols = np.flatnonzero(labels[1] == g)
-        rows = cols[labels[0][cols] == g] if J.shape[0] == J.shape[1] else cols
+    for g in np.unique(cols_l):
+        cols = np.flatnonzero(cols_l == g)
+        rows = cols[rows_l[cols] == g] if J.shape[0] == J.shape[1] else cols
         if len(cols) < 3 or len(rows) != len(cols) or not np.array_equal(rows, cols):
             return None
         Jg, Tg = J[np.ix_(rows, cols)], T[np.ix_(rows, cols)]
-        u = t.x64[cols] - t.x64[cols].mean()
+        u = _centered(t, cols)
         k = len(cols)
         # Per-row least squares of Jg[i, j] ~ p0 + p1 u_j over j != i (normal equations minus
         # the diagonal point).
@@ -305,8 +363,31 @@ def _cross_term_paths(t: Target, J: F64, T: F64) -> Finding | None:
         e_mean += float(np.sum(p0**2)) * k
         e_var += float(np.sum(p1**2)) * float(u @ u)
         coef_mean.append(float(np.mean(p0)))
+    return _paths_finding(
+        "the missing cross terms are ",
+        "",
+        e_mean,
+        e_var,
+        "for a normalization y = (x - μ)/σ: dx = (1/σ)(g - mean(g) - x̂·mean(g·x̂)) with "
+        "g = dy; the mean(g) term is the mean path, the x̂·mean(g·x̂) term the variance path.",
+        {"groups": len(coef_mean), "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0},
+    )
+
+
+def _centered(t: Target, cols: Any) -> F64:
+    """x - mean(x) over one group's columns: the direction of the variance path."""
+    xg = t.x64[cols]
+    return np.asarray(xg - xg.mean(), dtype=np.float64)
+
+
+def _paths_finding(
+    lead: str, tail: str, e_mean: float, e_var: float, hint: str, evidence: dict[str, Any]
+) -> Finding | None:
+    """A `missing_term` finding naming the normalization's paths by their share of the fitted
+    error's energy: the mean path (constant over a group) and the variance path (along
+    x - group mean)."""
     total = e_mean + e_var
-    if total == 0:
+    if not total > 0:
         return None
     names = []
     if e_mean > 1e-3 * total:
@@ -320,15 +401,9 @@ def _cross_term_paths(t: Target, J: F64, T: F64) -> Finding | None:
         )
     return Finding(
         "missing_term",
-        "the missing cross terms are " + " and ".join(names) + ".",
-        "for a normalization y = (x - μ)/σ: dx = (1/σ)(g - mean(g) - x̂·mean(g·x̂)) with "
-        "g = dy; the mean(g) term is the mean path, the x̂·mean(g·x̂) term the variance path.",
-        {
-            "groups": len(coef_mean),
-            "mean_path_share": e_mean / total,
-            "variance_path_share": e_var / total,
-            "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0,
-        },
+        lead + " and ".join(names) + tail + ".",
+        hint,
+        {**evidence, "mean_path_share": e_mean / total, "variance_path_share": e_var / total},
     )
 
 
@@ -383,7 +458,7 @@ def _missing_term(t: Target, E: F64, J: F64, T: F64, badmask: Any) -> Finding | 
             fitted = False
             break
         Eg, Tg = E[np.ix_(rows, cols)], T[np.ix_(rows, cols)]
-        u = t.x64[cols] - t.x64[cols].mean()
+        u = _centered(t, cols)
         basis = [np.ones(len(cols)) / np.sqrt(len(cols))]
         if float(u @ u) > 0 and len(cols) > 2:
             basis.append(u / np.sqrt(float(u @ u)))
@@ -394,28 +469,25 @@ def _missing_term(t: Target, E: F64, J: F64, T: F64, badmask: Any) -> Finding | 
             break
         e_mean += float(np.sum(P[:, 0] ** 2))
         e_var += float(np.sum(P[:, 1] ** 2)) if P.shape[1] > 1 else 0.0
-    if fitted and e_mean + e_var > 0:
-        total = e_mean + e_var
-        names = []
-        if e_mean > 1e-3 * total:
-            names.append("the mean path (an error constant over each group)")
-        if e_var > 1e-3 * total:
-            names.append("the variance path (an error along x - group mean, i.e. along x̂)")
-        return Finding(
-            "missing_term",
-            "a term that couples all elements of a group is missing or wrong: "
-            + " and ".join(names)
-            + f" ({len(bad_groups)} group(s) affected).",
+    if fitted:
+        found = _paths_finding(
+            "a term that couples all elements of a group is missing or wrong: ",
+            f" ({len(bad_groups)} group(s) affected)",
+            e_mean,
+            e_var,
             "check the chain rule through the shared statistics: the mean path gives "
             "-mean(g)/σ, the variance path -x̂·mean(g·x̂)/σ (g = dy·weight).",
-            {
-                "groups": len(bad_groups),
-                "mean_path_share": e_mean / total,
-                "variance_path_share": e_var / total,
-            },
+            {"groups": len(bad_groups)},
         )
+        if found is not None:
+            return found
     # Generic: is the error a matrix of rank 1 or 2?
-    U, s, Vt = np.linalg.svd(E, full_matrices=False)
+    if not np.all(np.isfinite(E)):
+        return None
+    try:
+        U, s, Vt = np.linalg.svd(E, full_matrices=False)
+    except np.linalg.LinAlgError:
+        return None
     for k in (1, 2):
         if len(s) > k and np.all(np.abs(E - (U[:, :k] * s[:k]) @ Vt[:k]) <= 2 * T):
             return Finding(
@@ -449,62 +521,45 @@ def _unknown(E: F64, T: F64, badmask: Any) -> Finding:
 def diagnose_probe(
     t: Target,
     sides: list[Side],
+    dx1: F64,
     dirs: list[F64],
     vals: list[F64],
     h: F64,
-    eps_a: float,
-    r: float,
+    tol: Tol,
     rng: np.random.Generator,
     budget: int,
 ) -> tuple[list[Finding], list[int] | None]:
-    found = _common_probe(t, sides, eps_a)
+    """`dx1` is the full vjp(x, dy) of the first side (sides hold its projections)."""
+    found = _common(t, sides, dx1, tol.eps_a, probe=True)
     if found is not None:
         return found, None
     s1, s2 = sides
     a = np.concatenate([s1.dx, s2.dx])
     n = np.concatenate([s1.num, s2.num])
-    tol = np.concatenate([s1.tol, s2.tol])
+    limit = np.concatenate([s1.tol, s2.tol])
     nn = float(n @ n)
     if nn > 0:
         c = float(a @ n) / nn
-        if np.all(np.abs(a - c * n) <= 2 * tol * max(1.0, abs(c))):
+        if np.all(np.abs(a - c * n) <= 2 * limit * max(1.0, abs(c))):
             return [_scale_finding(c, [t.n, t.m])], None
     if t.m == t.n:
-        tr = _probe_transpose(t, s1, dirs, h, eps_a, r)
+        tr = _probe_transpose(t, s1, dx1, dirs, h, tol)
         if tr is not None:
             return [tr], None
-    return _localize(t, s1, h, eps_a, r, rng, budget)
-
-
-def _common_probe(t: Target, sides: list[Side], eps_a: float) -> list[Finding] | None:
-    """zero / ignores_dy / nondifferentiable on probe values (dx itself is re-derived)."""
-    s1 = sides[0]
-    dx1 = t.vjp(s1.dy)
-    if not np.any(dx1) and all(np.all(np.abs(s.dx) <= s.strict) for s in sides):
-        return _common(t, sides, eps_a)
-    dx2 = t.vjp(2 * s1.dy)
-    scale = float(np.max(np.abs(dx1), initial=0.0))
-    if np.any(np.abs(dx2 - 2 * dx1) > 16 * eps_a * (np.abs(dx1) + scale)):
-        return _common(t, sides, eps_a)
-    bad = np.concatenate([s.bad for s in sides])
-    kinks = np.concatenate([np.asarray(s.kinks, dtype=bool) for s in sides])
-    if np.any(bad) and np.all(kinks[bad]):
-        return [_nondiff(t, np.flatnonzero(bad), probe=True)]
-    return None
+    return _localize(t, s1, dx1, h, tol, rng, budget)
 
 
 def _probe_transpose(
-    t: Target, s1: Side, dirs: list[F64], h: F64, eps_a: float, r: float
+    t: Target, s1: Side, dx: F64, dirs: list[F64], h: F64, tol: Tol
 ) -> Finding | None:
-    """Does vjp(dy) equal J·dy (one more directional derivative, along dy itself)?"""
-    dx = t.vjp(s1.dy)
+    """Does vjp(dy) = `dx` equal J·dy (one more directional derivative, along dy itself)?"""
     scale = float(np.median(h)) / max(float(np.sqrt(np.mean(s1.dy**2))), 1e-300)
     d = t.directional(scale * s1.dy)
     jdy, err = d.value / scale, d.err / scale
+    floor = t.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
     big = float(np.max(np.abs(jdy), initial=0.0))
-    tol = err + 8 * eps_a * (np.abs(dx) + np.abs(jdy)) + r * (np.abs(jdy) + big)
-    tol += t.rounding_floor(eps_a) * float(np.max(np.abs(s1.dy)))
-    if not np.all(np.abs(dx - jdy) <= 2 * tol):
+    limit, _ = tol(jdy, err, np.abs(dx) + np.abs(jdy), big, floor=floor)
+    if not np.all(np.abs(dx - jdy) <= 2 * limit):
         return None
     # J dy must differ from J^T dy, seen through the probes: <J dy, u> vs <dy, J u>.
     sym = all(
@@ -523,14 +578,20 @@ def _probe_transpose(
 
 
 def _localize(
-    t: Target, s1: Side, h: F64, eps_a: float, r: float, rng: np.random.Generator, budget: int
+    t: Target,
+    s1: Side,
+    dx: F64,
+    h: F64,
+    tol: Tol,
+    rng: np.random.Generator,
+    budget: int,
 ) -> tuple[list[Finding], list[int] | None]:
     """Bisection: probe directions restricted to halves of a failing index set, breadth first,
-    until single elements remain, more than MAX_LOCATED sets fail, or the budget is spent."""
-    dx = t.vjp(s1.dy)
+    until single elements remain, more than MAX_LOCATED sets fail, or the budget is spent.
+    `dx` is vjp(x, dy) for the side's dy."""
     start = t.n_evals
-    per_test = 5 if t.complex_ok else 4
-    floor = t.rounding_floor(eps_a) * float(np.max(np.abs(s1.dy)))
+    per_test = 6 if t.complex_ok else 4
+    floor = t.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
     t.total = max(t.total, t.n_evals + budget)
 
     def fails(idx: Any) -> bool:
@@ -540,8 +601,9 @@ def _localize(
         num = float(s1.dy @ d.value)
         fd = float(np.abs(s1.dy) @ d.err)
         terms = float(np.abs(dx[idx]) @ np.abs(u[idx]))
-        tol = fd + 8 * eps_a * terms + r * (abs(num) + terms) + float(floor[idx] @ np.abs(u[idx]))
-        return abs(float(dx @ u) - num) > tol
+        au = np.abs(u[idx])
+        limit, _ = tol(num, fd, terms, terms, float(np.sum(au)), float(floor[idx] @ au))
+        return bool(abs(float(dx @ u) - num) > limit)
 
     frontier = [np.arange(t.n)]
     located: list[int] = []
@@ -590,9 +652,11 @@ def _localize(
 
 def diagnose_jvp(ana: F64, num: F64, tol: F64, t: Target) -> list[Finding]:
     """The forward derivative jvp(x, tx) against J·tx (values flattened)."""
-    if np.all(ana == 0):
-        kind, msg = "zero", "jvp returns zeros but J·tx is not zero."
-        ev: dict[str, Any] = {}
+    if not np.all(np.isfinite(ana)):
+        kind, msg = "nonfinite", "jvp returns NaN or Inf where J·tx is finite."
+        ev: dict[str, Any] = {"count": int(np.sum(~np.isfinite(ana)))}
+    elif np.all(ana == 0):
+        kind, msg, ev = "zero", "jvp returns zeros but J·tx is not zero.", {}
     else:
         nn = float(num @ num)
         c = float(ana @ num) / nn if nn > 0 else 0.0

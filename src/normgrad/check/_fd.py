@@ -9,6 +9,10 @@ $$ R = \frac{4 D(1/2) - D(1)}{3}, \qquad
 $R$ cancels the $O(s^2)$ truncation term, so $|R - D(1/2)|$ measures the truncation error of
 the plain estimate (a safe bound for $R$'s); the second term bounds rounding in $F$, with
 cond $\approx \max_i \sum_j |J_{ij}||x_j|$ (see `Target.calibrate`).
+Where `f` accepts complex input, the complex step $C(t) = \operatorname{Im} F(x + itu)/t$
+($t \approx 10^{-20}$) replaces $R$, extrapolated like $R$: $(4 C(t/2) - C(t))/3$, with
+$|C(t) - C(t/2)|$ in its error estimate. Its $O(t^2)$ truncation is far below rounding except
+where the derivative itself is 0 (like $x^3$ at 0), where the extrapolation makes it exact.
 One-sided differences come free: $G(s) = [F(x+su) - 2F(x) + F(x-su)]/s$ is $O(s)$ where $F$
 is smooth and a constant jump at a kink, so $|G(1/2)| \approx |G(1)| \gg$ rounding flags one.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,20 +53,21 @@ class Target:
     """The user's `f`, `vjp`, `jvp` seen through flat float64 vectors.
 
     `x` is one array (then `f(x)`, `vjp(x, dy)`, `jvp(x, tx)`) or a tuple of arrays (then
-    `f(*xs)`, `vjp(*xs, dy) -> tuple`, `jvp(*xs, *txs)`). Inputs are never mutated: each call
-    gets fresh copies.
+    `f(*xs)`, `vjp(*xs, dy) -> tuple`, `jvp(*xs, *txs)`); a list is one array. Inputs are never
+    mutated: each call gets fresh copies. `vjp` may be None when only `f`'s derivatives are
+    wanted (see `numerical_jacobian`).
     """
 
     def __init__(
         self,
         f: Callable[..., Any],
         x: Any,
-        vjp: Callable[..., Any],
-        jvp: Callable[..., Any] | None,
-        progress: Callable[[int, int], None] | None,
+        vjp: Callable[..., Any] | None = None,
+        jvp: Callable[..., Any] | None = None,
+        progress: Callable[[int, int], None] | None = None,
     ) -> None:
         for name, fn in (("f", f), ("vjp", vjp)):
-            if not callable(fn):
+            if not callable(fn) and not (name == "vjp" and fn is None):
                 raise NormgradError(
                     f"{name} must be a function; got {type(fn).__name__}. Pass "
                     "check_gradients(f, x, vjp) with f(x) -> y and vjp(x, dy) -> dx."
@@ -70,7 +75,7 @@ class Target:
         if jvp is not None and not callable(jvp):
             raise NormgradError(f"jvp must be a function jvp(x, tx) -> ty or None; got {jvp!r}.")
         self.f, self.vjp_fn, self.jvp_fn, self.progress = f, vjp, jvp, progress
-        self.multi = isinstance(x, (tuple, list))
+        self.multi = isinstance(x, tuple)
         raw = list(x) if self.multi else [x]
         if self.multi and not raw:
             raise NormgradError("x is an empty tuple; pass at least one input array.")
@@ -85,6 +90,7 @@ class Target:
         self.notes: list[str] = []
 
         y = self._call_f([a.copy() for a in self.xs], "x as given")
+        _require_finite(y, "f(x)", "x as given")
         self.y_shape = y.shape
         self.y_dtype = y.dtype if np.issubdtype(y.dtype, np.floating) else np.dtype(np.float64)
         self.m = y.size
@@ -100,7 +106,8 @@ class Target:
 
     def _call_f(self, args: Sequence[Any], what: str) -> NDArray[Any]:
         try:
-            out = self.f(*args)
+            with np.errstate(all="ignore"):  # a NaN or Inf result is reported, not warned about
+                out = self.f(*args)
         except NormgradError:
             raise
         except Exception as e:
@@ -144,12 +151,12 @@ class Target:
         return None  # each input keeps its dtype
 
     def _split(self, v: NDArray[Any]) -> list[NDArray[Any]]:
+        """Fresh arrays for one call of the user's code (it may write into its arguments)."""
         parts = []
         for i, a in enumerate(self.xs):
             p = v[self.offsets[i] : self.offsets[i + 1]].reshape(a.shape)
-            if self.eval_dtype is None and not np.iscomplexobj(p):
-                p = p.astype(a.dtype)
-            parts.append(p)
+            keep = self.eval_dtype is None and not np.iscomplexobj(p)
+            parts.append(p.astype(a.dtype) if keep else p.copy())
         return parts
 
     def tick(self, k: int = 1) -> None:
@@ -159,8 +166,11 @@ class Target:
         if self.progress is not None:
             self.progress(self.n_evals, self.total)
 
-    def F(self, v: NDArray[Any]) -> NDArray[Any]:
-        """f at the flat point `v` (float64 or complex128), flattened to float64/complex128."""
+    def F(self, v: NDArray[Any], finite: bool = True) -> NDArray[Any]:
+        """f at the flat point `v` (float64 or complex128), flattened to float64/complex128.
+
+        A real evaluation must be finite (`finite=False` lets the step sweep of the plot
+        run into overflow): NaN or Inf near x means x is within a step of f's domain edge."""
         y = self._call_f(self._split(v), "a perturbed x")
         self.tick()
         if y.shape != self.y_shape:
@@ -168,6 +178,17 @@ class Target:
                 f"f returned shape {y.shape} on a perturbed x but {self.y_shape} on x itself; "
                 "the output shape must not depend on the values of x."
             )
+        if finite and not np.iscomplexobj(v):
+            moved = np.flatnonzero(v != self.x64)
+            if len(moved) == 0:
+                _require_finite(y, "f(x)", "x in float64")
+            elif len(moved) == 1:
+                j = int(moved[0])
+                step = abs(float(v[j] - self.x64[j]))
+                _require_finite(y, "f", f"x with element {self.index(j)} moved by {step:.3g}")
+            else:
+                step = float(np.max(np.abs(v - self.x64)))
+                _require_finite(y, "f", f"x moved by up to {step:.3g} along a random direction")
         dtype = np.complex128 if np.iscomplexobj(y) else np.float64
         return y.astype(dtype).ravel()
 
@@ -197,7 +218,8 @@ class Target:
         for i in range(len(self.xs)):
             sl = slice(self.offsets[i], self.offsets[i + 1])
             xi = self.x64[sl]
-            rms = float(np.sqrt(np.mean(xi * xi)))
+            top = float(np.max(np.abs(xi)))
+            rms = top * float(np.sqrt(np.mean((xi / top) ** 2))) if top > 0 else 0.0  # no overflow
             out[sl] = np.maximum(np.abs(xi), rms if rms > 0 else 1.0)
         return out
 
@@ -251,36 +273,61 @@ class Target:
         kink &= np.abs(g1) > 0
         value, est = rich, err
         if self.complex_ok:
-            cs = self.complex_step(u)
+            cs, trunc = self.complex_step(u)
             agree = np.abs(cs - rich) <= err
             cs_err = 8 * np.finfo(np.float64).eps * (np.abs(cs) + np.max(np.abs(cs), initial=0))
+            cs_err = cs_err + trunc
             value = np.where(agree, cs, rich)
             est = np.where(agree, np.minimum(err, cs_err), err)
         return Directional(value, est, kink, rich, rounding)
 
-    def calibrate(self, rng: np.random.Generator) -> None:
+    def calibrate(self, rng: np.random.Generator, h: F64) -> None:
         """Estimate max_i sum_j |J_ij| |x_j| from two directional derivatives along
         xscale * (Gaussian): rounding x_j by eps |x_j| (in the perturbed inputs and inside f)
         moves y by eps times that, often far more than eps |y| (think x - mean(x) for
-        x ~ 1000 +- 0.01). It enters every rounding estimate."""
+        x ~ 1000 +- 0.01). It enters every rounding estimate. The perturbation is no larger
+        than the steps `h` (a user's small step keeps f inside its domain)."""
         c = self.eps_f**0.25
+        if not self.adaptive:
+            c *= min(1.0, float(np.min(h / (c * self.xscale()))))
         top = 0.0
         for _ in range(2):
             d = self.directional(c * self.xscale() * rng.standard_normal(self.n))
             top = max(top, float(np.max(np.abs(d.value), initial=0.0)))
         self.cond = 2 * top / c
 
-    def _complex_eval(self, u: F64) -> tuple[NDArray[Any], float]:
+    def _complex_eval(self, u: F64, shrink: float = 1.0) -> tuple[NDArray[Any], float]:
         scale = max(1.0, float(np.max(np.abs(self.x64), initial=0.0)))
-        t = 1e-20 * scale / max(float(np.max(np.abs(u))), 1e-300)
+        t = shrink * 1e-20 * scale / max(float(np.max(np.abs(u))), 1e-300)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return self.F(self.x64 + 1j * t * u), t
 
-    def complex_step(self, u: F64) -> F64:
-        """Im f(x + i t u) / t: `J u` without subtractive cancellation (analytic f only)."""
-        y, t = self._complex_eval(u)
-        return np.asarray(np.imag(y) / t, dtype=np.float64)
+    def complex_step(self, u: F64) -> tuple[F64, F64]:
+        """`J u` without subtractive cancellation (analytic f only): C(t) = Im f(x + i t u) / t
+        at t and t/2, extrapolated, and the truncation estimate |C(t) - C(t/2)|."""
+        c = []
+        for shrink in (1.0, 0.5):
+            y, t = self._complex_eval(u, shrink)
+            c.append(np.asarray(np.imag(y) / t, dtype=np.float64))
+        return (4 * c[1] - c[0]) / 3, np.abs(c[0] - c[1])
+
+    def columns(self, h: F64) -> Iterator[tuple[int, Directional]]:
+        """(j, column j of the Jacobian with its error estimate), from `directional(h_j e_j)`."""
+        for j in range(self.n):
+            u = np.zeros(self.n)
+            u[j] = h[j]
+            yield j, self.directional(u).scaled(1 / h[j])
+
+    def jacobian(self, h: F64) -> tuple[F64, F64, NDArray[np.bool_]]:
+        """The dense numerical Jacobian: (J, its error estimate, where one-sided differences
+        disagree), each of shape (m, n)."""
+        jac = np.empty((self.m, self.n))
+        err = np.empty((self.m, self.n))
+        kink = np.zeros((self.m, self.n), dtype=bool)
+        for j, d in self.columns(h):
+            jac[:, j], err[:, j], kink[:, j] = d.value, d.err, d.kink
+        return jac, err, kink
 
     def detect_complex(self, rng: np.random.Generator, h: F64) -> None:
         """Use the complex step only if f maps complex input to a complex output whose real part
@@ -306,6 +353,7 @@ class Target:
 
     def vjp_raw(self, dy: F64) -> Any:
         """The user's vjp on the cotangent `dy` (flat float64, cast to y's dtype)."""
+        assert self.vjp_fn is not None
         dyu = dy.reshape(self.y_shape).astype(self.y_dtype)
         try:
             return self.vjp_fn(*[a.copy() for a in self.xs], dyu)
@@ -317,11 +365,12 @@ class Target:
     def vjp64(self, dy: F64) -> F64 | None:
         """The user's vjp on float64 copies of x and dy, or None if it refuses them: the
         difference from the low-precision result measures the backward's own rounding."""
+        assert self.vjp_fn is not None
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 out = self.vjp_fn(
-                    *[a.astype(np.float64) for a in self.xs], dy.reshape(self.y_shape)
+                    *[a.astype(np.float64) for a in self.xs], dy.reshape(self.y_shape).copy()
                 )
             flat = self._flatten_grads(out, "vjp", "dx")
         except Exception:  # any refusal means: no float64 reference
@@ -393,6 +442,36 @@ class Target:
         i = int(np.searchsorted(self.offsets, j, side="right") - 1)
         idx = tuple(int(k) for k in np.unravel_index(j - self.offsets[i], self.shapes[i]))
         return (i, *idx) if self.multi else idx
+
+
+def fd_vjp(
+    f: Callable[[NDArray[np.float64]], Any], x: NDArray[np.float64], dy: Any, seed: int = 0
+) -> tuple[F64, F64]:
+    """`J^T dy` of `f` at `x` (shaped like x) and its error estimate `sum_i |dy_i| err_ij`, by
+    the checker's finite differences (its step choice and refinement, complex step, error
+    estimate), one column of J at a time."""
+    t = Target(f, np.asarray(x, dtype=np.float64))
+    g = np.asarray(dy, dtype=np.float64).ravel()
+    rng = np.random.default_rng((seed, 0x6E67))
+    h = t.steps(None)
+    t.calibrate(rng, h)
+    t.detect_complex(rng, h)
+    out, err = np.empty(t.n), np.empty(t.n)
+    for j, d in t.columns(h):
+        out[j], err[j] = g @ d.value, np.abs(g) @ d.err
+    shape = t.shapes[0]
+    return out.reshape(shape), err.reshape(shape)
+
+
+def _require_finite(y: NDArray[Any], what: str, where: str) -> None:
+    bad = ~np.isfinite(y)
+    if np.any(bad):
+        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), y.shape))
+        raise NormgradError(
+            f"{what} is NaN or Inf at output index {first} ({where}): derivatives are undefined "
+            "there. Check at a point inside f's domain (e.g. log needs x > 0), away from "
+            "overflow; if x itself is fine, pass a smaller step=."
+        )
 
 
 def _relative(d: Directional) -> float:

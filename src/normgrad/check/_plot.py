@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .._errors import NormgradError
+from ._report import wrap
 
 if TYPE_CHECKING:
     from ._report import GradReport
@@ -45,7 +46,8 @@ def plot_report(report: GradReport, path: str) -> str:
         _heat(fig, axes[0, 0], _flat2d(report.analytic), "analytic gradient vjp(x, dy)")
         _probes(axes[0, 1], report)
         axes[1, 0].axis("off")
-        axes[1, 0].text(0.0, 0.5, _wrap(str(report)), fontsize=7, family="monospace", va="center")
+        text = wrap(str(report), 90)
+        axes[1, 0].text(0.0, 0.5, text, fontsize=7, family="monospace", va="center")
     _sweep(axes[1, 1], report)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -106,12 +108,3 @@ def _sweep(ax: Any, report: GradReport) -> None:
     ax.set_ylabel("relative error of the difference quotient")
     ax.set_title("rounding (left, ~eps/h) vs truncation (right, ~h²)", fontsize=10)
     ax.legend(fontsize=8)
-
-
-def _wrap(text: str, width: int = 90) -> str:
-    import textwrap
-
-    return "\n".join(
-        "\n".join(textwrap.wrap(line, width, subsequent_indent="      ")) or line
-        for line in text.splitlines()
-    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +14,7 @@ KINDS = (
     "ok",
     "fd_noise",
     "nondifferentiable",
+    "nonfinite",
     "zero",
     "ignores_dy",
     "sign",
@@ -40,7 +42,7 @@ class Finding:
             "kind": self.kind,
             "message": self.message,
             "hint": self.hint,
-            "evidence": _jsonable(self.evidence),
+            "evidence": jsonable(self.evidence),
         }
 
 
@@ -117,8 +119,8 @@ class GradReport:
         return "\n".join(lines)
 
     def to_dict(self, max_elements: int = 4096) -> dict[str, Any]:
-        """A JSON-serializable summary. Arrays with more than `max_elements` values are left
-        out (null) to keep the document small."""
+        """A strict-JSON-serializable summary (NaN and infinities become null). Arrays with more
+        than `max_elements` values are left out (null) to keep the document small."""
 
         def arr(a: Any) -> Any:
             if a is None:
@@ -126,18 +128,18 @@ class GradReport:
             parts = a if isinstance(a, tuple) else (a,)
             if sum(int(np.size(p)) for p in parts) > max_elements:
                 return None
-            out = [np.asarray(p, dtype=np.float64).tolist() for p in parts]
+            out = [np.asarray(p, dtype=np.float64) for p in parts]
             return out if isinstance(a, tuple) else out[0]
 
-        return {
+        doc = {
             "ok": bool(self.ok),
             "mode": self.mode,
-            "max_abs_error": _num(self.max_abs_error),
-            "max_rel_error": _num(self.max_rel_error),
+            "max_abs_error": self.max_abs_error,
+            "max_rel_error": self.max_rel_error,
             "worst_index": None if self.worst_index is None else list(self.worst_index),
             "n_evals": int(self.n_evals),
-            "rtol": _num(self.rtol),
-            "atol": _num(self.atol),
+            "rtol": self.rtol,
+            "atol": self.atol,
             "eval_dtype": self.eval_dtype,
             "analytic_dtype": self.analytic_dtype,
             "complex_step": bool(self.complex_step),
@@ -151,6 +153,7 @@ class GradReport:
             "probe_analytic": arr(self.probe_analytic),
             "probe_numerical": arr(self.probe_numerical),
         }
+        return dict(jsonable(doc))
 
     def plot(self, path: str) -> str:
         """Write a PNG: analytic vs numerical Jacobians (or gradients) with their difference,
@@ -168,24 +171,45 @@ def _max(a: Any) -> float:
     return max(vals) if vals else 0.0
 
 
-def _num(v: Any) -> Any:
-    v = float(v)
-    return v if math.isfinite(v) else str(v)
-
-
-def _jsonable(v: Any) -> Any:
+def jsonable(v: Any) -> Any:
+    """`v` as strict JSON data (`json.dumps(..., allow_nan=False)` accepts it): dicts, lists,
+    tuples, arrays and NumPy scalars become plain JSON; NaN and infinities become null; objects
+    with `to_dict()` are converted; anything else becomes its `str`."""
     if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
+        return {str(k): jsonable(x) for k, x in v.items()}
     if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
+        return [jsonable(x) for x in v]
     if isinstance(v, np.ndarray):
-        return _jsonable(v.tolist())
+        return jsonable(v.tolist())
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, (int, np.integer)):
         return int(v)
     if isinstance(v, (float, np.floating)):
-        return _num(v)
+        return float(v) if math.isfinite(v) else None
     if v is None or isinstance(v, str):
         return v
+    if hasattr(v, "to_dict"):
+        return jsonable(v.to_dict())
     return str(v)
+
+
+def wrap(text: str, width: int) -> str:
+    """Wrap each long line of plain text; continuation lines are indented two spaces more
+    than the line they continue."""
+    out = []
+    for line in text.splitlines() or [""]:
+        if len(line) <= width:
+            out.append(line)
+            continue
+        indent = " " * (len(line) - len(line.lstrip()))
+        out.append(
+            textwrap.fill(
+                line,
+                width=width,
+                subsequent_indent=indent + "  ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
+        )
+    return "\n".join(out)
