@@ -17,13 +17,7 @@ SHAPE = (2, 3, 4)
 AXES_PARAM = {None: SHAPE, -1: (4,), (0, 2): (3, 1), (1, 2): (3, 4)}
 
 
-@pytest.fixture(autouse=True)
-def _x64():
-    # jax_enable_x64 is global: switch it on for these tests only
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
+pytestmark = pytest.mark.usefixtures("jax_x64")  # float64 for every test here
 
 
 def _formula(x, axes, eps, eps_mode, ddof, w=None, b=None):

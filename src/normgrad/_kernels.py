@@ -106,13 +106,16 @@ def _stats_items(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _merge_kernel(pmean, pm2, nc, n, mean, m2):  # type: ignore[no-untyped-def]
+def _merge_kernel(pmean, pm2, counts, mean, m2):  # type: ignore[no-untyped-def]
+    """Chan-merge each group's `nc = counts.size` partials (`pmean[g * nc + c]`, in chunk
+    order) into its mean and M2."""
+    nc = counts.size
     for g in range(mean.size):
         cnt = 0.0
         mu = 0.0
         q = 0.0
         for c in range(nc):
-            nb = float(((c + 1) * n) // nc - (c * n) // nc)
+            nb = counts[c]
             if nb == 0.0:
                 continue
             i = g * nc + c
@@ -223,6 +226,127 @@ def _backward_items(x, dy, mean, rstd, w, has_w, mg, beta, nc, i0, i1, dx):  # t
                 for j in range(xs.size):
                     dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)
             pos += e - a
+
+
+# Sweep kernels (batch norm): item i = (k0, chunk c of the Ra rows) covers, in memory order,
+# rows [c * ra // nc, (c + 1) * ra // nc) of every kb group, so each thread streams one
+# contiguous region (and first-touches its own pages of a fresh output). Partial results
+# sit at [i * kb + k1]. Affine parameters are constant per group (scalars w[g], b[g]).
+
+
+@njit(cache=True, inline="always")
+def _rows(i: int, nc: int, ra: int) -> tuple[int, int, int]:
+    k0 = i // nc
+    c = i - k0 * nc
+    return k0, (c * ra) // nc, ((c + 1) * ra) // nc
+
+
+@njit(cache=True, fastmath=_REASSOC, nogil=True)
+def _stats_sweep(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
+    _, ra, kb, rb = x.shape
+    for i in range(i0, i1):
+        k0, lo, hi = _rows(i, nc, ra)
+        for k1 in range(kb):
+            pmean[i * kb + k1] = 0.0
+            pm2[i * kb + k1] = 0.0
+        cnt0 = 0.0  # every group of the item has seen the same rows
+        for r0 in range(lo, hi):
+            for k1 in range(kb):
+                cnt = cnt0
+                mean = pmean[i * kb + k1]
+                m2 = pm2[i * kb + k1]
+                s = 0
+                while s < rb:
+                    e = min(rb, s + BLOCK)
+                    seg = x[k0, r0, k1, s:e]
+                    acc = 0.0
+                    for j in range(seg.size):
+                        acc += seg[j]
+                    nb = float(e - s)
+                    mb = acc / nb
+                    q = 0.0
+                    for j in range(seg.size):
+                        d = seg[j] - mb
+                        q += d * d
+                    tot = cnt + nb
+                    delta = mb - mean
+                    mean += delta * (nb / tot)
+                    m2 += q + delta * delta * (cnt * nb / tot)
+                    cnt = tot
+                    s = e
+                pmean[i * kb + k1] = mean
+                pm2[i * kb + k1] = m2
+            cnt0 += rb
+
+
+@njit(cache=True, nogil=True)
+def _forward_sweep(x, mean, rstd, wg, bg, affine, nc, i0, i1, y):  # type: ignore[no-untyped-def]
+    _, ra, kb, rb = x.shape
+    for i in range(i0, i1):
+        k0, lo, hi = _rows(i, nc, ra)
+        for r0 in range(lo, hi):
+            for k1 in range(kb):
+                g = k0 * kb + k1
+                mu = mean[g]
+                r = rstd[g]
+                xs = x[k0, r0, k1]
+                ys = y[k0, r0, k1]
+                if affine:
+                    wv = wg[g]
+                    bv = bg[g]
+                    for j in range(rb):
+                        ys[j] = ((xs[j] - mu) * r) * wv + bv
+                else:
+                    for j in range(rb):
+                        ys[j] = (xs[j] - mu) * r
+
+
+@njit(cache=True, fastmath=_REASSOC, nogil=True)
+def _backward_sums_sweep(x, dy, mean, nc, i0, i1, psdy, psdyd):  # type: ignore[no-untyped-def]
+    """Partial `sum dy` and `sum dy (x - mu)`; a per-group weight multiplies them later."""
+    _, ra, kb, rb = x.shape
+    for i in range(i0, i1):
+        k0, lo, hi = _rows(i, nc, ra)
+        for k1 in range(kb):
+            psdy[i * kb + k1] = 0.0
+            psdyd[i * kb + k1] = 0.0
+        for r0 in range(lo, hi):
+            for k1 in range(kb):
+                mu = mean[k0 * kb + k1]
+                xs = x[k0, r0, k1]
+                ds = dy[k0, r0, k1]
+                sg = 0.0
+                sgd = 0.0
+                for j in range(rb):
+                    dj = float(ds[j])
+                    sg += dj
+                    sgd += dj * (xs[j] - mu)
+                psdy[i * kb + k1] += sg
+                psdyd[i * kb + k1] += sgd
+
+
+@njit(cache=True, nogil=True)
+def _backward_sweep(x, dy, mean, rstd, wg, has_w, mg, beta, nc, i0, i1, dx):  # type: ignore[no-untyped-def]
+    _, ra, kb, rb = x.shape
+    for i in range(i0, i1):
+        k0, lo, hi = _rows(i, nc, ra)
+        for r0 in range(lo, hi):
+            for k1 in range(kb):
+                g = k0 * kb + k1
+                mu = mean[g]
+                r = rstd[g]
+                m = mg[g]
+                bt = beta[g]
+                xs = x[k0, r0, k1]
+                ds = dy[k0, r0, k1]
+                dxs = dx[k0, r0, k1]
+                if has_w:
+                    wv = wg[g]
+                    for j in range(rb):
+                        dxs[j] = r * (ds[j] * wv - m) + bt * (xs[j] - mu)
+                else:
+                    for j in range(rb):
+                        dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True, error_model="numpy")  # IEEE: 1/0 is inf
@@ -531,22 +655,36 @@ def forward(
         return None
     ka, ra, kb, rb = lay.shape4
     groups, n = ka * kb, ra * rb
-    nc, nthreads = _plan_threads(groups, n)
-    pmean = np.empty(groups * nc)
-    pm2 = np.empty(groups * nc)
-    _run(pmean.size, nthreads, lambda i0, i1, _: _stats_items(x4, nc, i0, i1, pmean, pm2))
+    sweep = _plan_sweep(lay.shape4, (w, b))
+    if sweep is not None:
+        nc, nthreads = sweep
+        pmean = np.empty(ka * nc * kb)
+        pm2 = np.empty(ka * nc * kb)
+        _run(ka * nc, nthreads, lambda i0, i1, _: _stats_sweep(x4, nc, i0, i1, pmean, pm2))
+        pmean, pm2 = (_chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
+        counts = np.array([((c + 1) * ra // nc - c * ra // nc) * rb for c in range(nc)], float)
+    else:
+        nc, nthreads = _plan_threads(groups, n)
+        pmean = np.empty(groups * nc)
+        pm2 = np.empty(groups * nc)
+        _run(pmean.size, nthreads, lambda i0, i1, _: _stats_items(x4, nc, i0, i1, pmean, pm2))
+        counts = np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
     if nc == 1:
         mean, m2 = pmean, pm2
     else:
         mean, m2 = np.empty(groups), np.empty(groups)
-        _merge_kernel(pmean, pm2, nc, n, mean, m2)
+        _merge_kernel(pmean, pm2, counts, mean, m2)
     mean_k = _stats_to_keepdims(mean, x, axes, lay)
     var_k = _stats_to_keepdims(m2 / (n - ddof), x, axes, lay)
     rstd_k = finish(var_k)
     rstd = _keepdims_to_groups(rstd_k, lay)
     affine = weight is not None or bias is not None
-    args = (x4, mean, rstd, w.view, b.view, affine, nc)
-    _run(groups * nc, nthreads, lambda i0, i1, _: _forward_items(*args, i0, i1, y4))
+    if sweep is not None:
+        sargs = (x4, mean, rstd, _per_group(w), _per_group(b), affine, nc)
+        _run(ka * nc, nthreads, lambda i0, i1, _: _forward_sweep(*sargs, i0, i1, y4))
+    else:
+        args = (x4, mean, rstd, w.view, b.view, affine, nc)
+        _run(groups * nc, nthreads, lambda i0, i1, _: _forward_items(*args, i0, i1, y4))
     calls["forward"] += 1
     return y, mean_k, var_k, rstd_k
 
@@ -579,10 +717,13 @@ def backward(
         return None
     ka, ra, kb, rb = lay.shape4
     groups, n = ka * kb, ra * rb
-    nc, nthreads = _plan_threads(groups, n)
     mean = _keepdims_to_groups(ctx.mean, lay)
     rstd = _keepdims_to_groups(ctx.rstd, lay)
     c = _keepdims_to_groups(c_k, lay)
+    sweep = _plan_sweep(lay.shape4, (w, b))
+    if sweep is not None:
+        return _backward_by_sweep(ctx, x4, dy4, dx, dx4, lay, w, b, mean, rstd, c, sweep)
+    nc, nthreads = _plan_threads(groups, n)
     dwacc, dw5 = _accumulator(w, nthreads, lay, ctx.weight is not None)
     dbacc, db5 = _accumulator(b, nthreads, lay, ctx.bias is not None)
     psg = np.empty(groups * nc)
@@ -600,6 +741,68 @@ def backward(
     dw = _param_grad(dwacc, w, lay, x, ctx.weight)
     db = _param_grad(dbacc, b, lay, x, ctx.bias)
     return dx, dw, db
+
+
+def _backward_by_sweep(  # type: ignore[no-untyped-def]
+    ctx, x4, dy4, dx, dx4, lay, w, b, mean, rstd, c, sweep
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """`backward` for layouts that `_plan_sweep` accepts (per-group affine parameters):
+    `sum g = w sum dy`, `sum g (x - mu) = w sum dy (x - mu)`, `dweight = r sum dy (x - mu)`,
+    `dbias = sum dy`, all from per-item partials merged in a fixed order."""
+    ka, ra, kb, rb = lay.shape4
+    nc, nthreads = sweep
+    psdy = np.empty(ka * nc * kb)
+    psdyd = np.empty(ka * nc * kb)
+    body = _backward_sums_sweep
+    _run(ka * nc, nthreads, lambda i0, i1, _: body(x4, dy4, mean, nc, i0, i1, psdy, psdyd))
+    sdy = psdy.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
+    sdyd = psdyd.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
+    wg = _per_group(w)
+    mg = wg * sdy / (ra * rb)
+    beta = -c * rstd * rstd * (wg * sdyd) / (ctx.group_size - ctx.ddof)
+    has_w = ctx.weight is not None
+    args = (x4, dy4, mean, rstd, wg, has_w, mg, beta, nc)
+    _run(ka * nc, nthreads, lambda i0, i1, _: _backward_sweep(*args, i0, i1, dx4))
+    calls["backward"] += 1
+    dw = _param_grad(_group_acc(rstd * sdyd, w, lay), w, lay, ctx.x, ctx.weight)
+    db = _param_grad(_group_acc(sdy, b, lay), b, lay, ctx.x, ctx.bias)
+    return dx, dw, db
+
+
+def _plan_sweep(
+    shape4: tuple[int, int, int, int], params: tuple[_Param, ...]
+) -> tuple[int, int] | None:
+    """(row chunks per ka block, threads) for the sweep kernels, or None where they do not
+    apply: one run per group (nothing to gain over `_plan_threads`), or an affine parameter
+    that varies inside a group."""
+    ka, ra, kb, rb = shape4
+    if ra < 2 or any(p.varies[1] or p.varies[3] for p in params):
+        return None
+    if ka * ra * kb * rb < PARALLEL_MIN_SIZE:
+        return 1, 1
+    nthreads = max(1, int(numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    nc = max(1, min(-(-8 * nthreads // ka), ra))
+    return nc, min(nthreads, ka * nc)
+
+
+def _chunks_last(p: np.ndarray, ka: int, nc: int, kb: int) -> np.ndarray:
+    """Sweep partials from [k0, chunk, k1] order to `_merge_kernel`'s [group, chunk]."""
+    return np.ascontiguousarray(p.reshape(ka, nc, kb).transpose(0, 2, 1)).reshape(-1)
+
+
+def _per_group(p: _Param) -> np.ndarray:
+    """A per-group affine parameter as a flat float64 array in group order."""
+    return np.ascontiguousarray(p.view[:, 0, :, 0]).reshape(-1)
+
+
+def _group_acc(v: np.ndarray, p: _Param, lay: Layout) -> np.ndarray:
+    """Per-group sums `v` as a `_param_grad` accumulator in `p`'s compact block shape."""
+    t = v.reshape(lay.shape4[0], lay.shape4[2])
+    if not p.varies[0]:
+        t = t.sum(axis=0, keepdims=True)
+    if not p.varies[2]:
+        t = t.sum(axis=1, keepdims=True)
+    return t.reshape(1, t.shape[0], 1, t.shape[1], 1)
 
 
 class _Small(NamedTuple):

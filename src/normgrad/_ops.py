@@ -432,6 +432,25 @@ def _prepare(
     return xp, xc, ctx
 
 
+def context_from_statistics(
+    x: Array,
+    axes: Axes,
+    mean: Array,
+    var: Array,
+    rstd: Array,
+    *,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    ddof: float = 0,
+    weight: Array | None = None,
+    bias: Array | None = None,
+) -> NormContext:
+    """The context `normalize_forward` would return, rebuilt from saved statistics (for
+    framework adapters that store tensors, not Python objects, between forward and backward)."""
+    _, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    return NormContext(x, ax, mean, var, rstd, float(eps), eps_mode, ddof, w, b, n, out_dtype)
+
+
 def _statistics(
     xp: Any,
     x: Array,

@@ -12,15 +12,14 @@ The backward is that derivation written in torch ops, so it is itself differenti
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._axes import Axes, normalize_axes
+from ._axes import Axes
 from ._errors import NormgradError
-from ._ops import EPS_MODES, NormContext, normalize_backward, normalize_forward
+from ._ops import EPS_MODES, context_from_statistics, normalize_backward, normalize_forward
 
 __all__ = ["MeanVarNorm", "normalize"]
 
@@ -63,12 +62,10 @@ class _Normalize(torch.autograd.Function):
                 x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
             )
         else:
-            ax = normalize_axes(axes, x.ndim)
-            n = math.prod([x.shape[i] for i in ax])
-            dtype = x.dtype if x.dtype.is_floating_point else torch.float64
-            nctx = NormContext(
-                x, ax, mean, var, rstd, float(eps), eps_mode, ddof, weight, bias, n, dtype
-            )
+            nctx = context_from_statistics(
+                x, axes, mean, var, rstd, eps=eps, eps_mode=eps_mode, ddof=ddof,
+                weight=weight, bias=bias,
+            )  # fmt: skip
         grads = normalize_backward(nctx, dy)
         return grads.x, grads.weight, grads.bias, None, None, None, None
 
