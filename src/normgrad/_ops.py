@@ -131,6 +131,8 @@ def normalize(
     `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
     any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
     (integers become float64). NaN or Inf in `x` make only the groups that hold them NaN.
+    Deviations whose squares overflow float64 (|x - mean| above about 1e154) give an
+    infinite variance and so y = 0 (or `bias`) in that group: rescale such data first.
 
     `out`: optional preallocated result (same library, shape and result dtype as `y`, not
     overlapping `x`); it is filled and returned, which saves an allocation per call.
