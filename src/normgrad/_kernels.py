@@ -25,6 +25,12 @@ the OS has not scheduled yet. numba's own `parallel=True` (a fixed split with a 
 measured to stall for 16-32 ms per launch on a busy 2-core machine, with either threading
 layer.
 
+**Batch norm (sweep kernels).** Where a group is several runs (`Ra > 1`) and the affine
+parameters are constant per group, an item is instead a range of `Ra` rows of one `Ka` block
+covering every group, walked in memory order: each thread streams one contiguous region (and
+first-touches its own pages of a fresh output) instead of a channel's runs spread over the
+whole array. Per-group partials sit in fixed slots per item and merge in item order.
+
 **Passes.** Forward: one pass computes the statistics (two-pass inside in-cache blocks of
 `BLOCK` elements, merged with Chan's formula), one pass writes `y`. Backward: one pass
 computes `sum g` and `sum g (x - mu)` (and dweight/dbias), one pass writes `dx`. All sums are
@@ -50,7 +56,7 @@ PARALLEL_MIN_SIZE = 1 << 17  # below this, one thread beats waking the others
 _REASSOC = {"reassoc", "contract"}  # lets LLVM vectorize the float64 sums
 
 # how often the kernels ran (tests look at it): blocked kernels, and small single-call ones
-calls = {"forward": 0, "backward": 0, "forward_small": 0, "backward_small": 0}
+calls = {"forward": 0, "backward": 0, "forward_small": 0, "backward_small": 0, "sweep": 0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,6 +688,7 @@ def forward(
     if sweep is not None:
         sargs = (x4, mean, rstd, _per_group(w), _per_group(b), affine, nc)
         _run(ka * nc, nthreads, lambda i0, i1, _: _forward_sweep(*sargs, i0, i1, y4))
+        calls["sweep"] += 1
     else:
         args = (x4, mean, rstd, w.view, b.view, affine, nc)
         _run(groups * nc, nthreads, lambda i0, i1, _: _forward_items(*args, i0, i1, y4))
@@ -764,6 +771,7 @@ def _backward_by_sweep(  # type: ignore[no-untyped-def]
     args = (x4, dy4, mean, rstd, wg, has_w, mg, beta, nc)
     _run(ka * nc, nthreads, lambda i0, i1, _: _backward_sweep(*args, i0, i1, dx4))
     calls["backward"] += 1
+    calls["sweep"] += 1
     dw = _param_grad(_group_acc(rstd * sdyd, w, lay), w, lay, ctx.x, ctx.weight)
     db = _param_grad(_group_acc(sdy, b, lay), b, lay, ctx.x, ctx.bias)
     return dx, dw, db
