@@ -73,6 +73,23 @@ def _item(i: int, nc: int, n: int, kb: int) -> tuple[int, int, int, int]:
     return k0, g - k0 * kb, (c * n) // nc, ((c + 1) * n) // nc
 
 
+@njit(cache=True, fastmath=_REASSOC, inline="always")
+def _add_block(seg, cnt, mean, m2):  # type: ignore[no-untyped-def]
+    """Merge one in-cache block's two-pass moments into (cnt, mean, m2) (Chan et al.)."""
+    acc = 0.0
+    for j in range(seg.size):  # loops from 0 over a slice: LLVM vectorizes them
+        acc += seg[j]
+    nb = float(seg.size)
+    mb = acc / nb
+    q = 0.0
+    for j in range(seg.size):
+        d = seg[j] - mb
+        q += d * d
+    tot = cnt + nb
+    delta = mb - mean
+    return tot, mean + delta * (nb / tot), m2 + q + delta * delta * (cnt * nb / tot)
+
+
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
 def _stats_items(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
@@ -90,21 +107,7 @@ def _stats_items(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
             s = a
             while s < b:
                 e = min(b, s + BLOCK)
-                seg = x[k0, r0, k1, s:e]  # loops from 0 over a slice: LLVM vectorizes them
-                acc = 0.0
-                for j in range(seg.size):
-                    acc += seg[j]
-                nb = float(e - s)
-                mb = acc / nb
-                q = 0.0
-                for j in range(seg.size):
-                    d = seg[j] - mb
-                    q += d * d
-                tot = cnt + nb
-                delta = mb - mean
-                mean += delta * (nb / tot)
-                m2 += q + delta * delta * (cnt * nb / tot)
-                cnt = tot
+                cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], cnt, mean, m2)
                 s = e
             pos += b - a
         pmean[i] = mean
@@ -264,21 +267,7 @@ def _stats_sweep(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
                 s = 0
                 while s < rb:
                     e = min(rb, s + BLOCK)
-                    seg = x[k0, r0, k1, s:e]
-                    acc = 0.0
-                    for j in range(seg.size):
-                        acc += seg[j]
-                    nb = float(e - s)
-                    mb = acc / nb
-                    q = 0.0
-                    for j in range(seg.size):
-                        d = seg[j] - mb
-                        q += d * d
-                    tot = cnt + nb
-                    delta = mb - mean
-                    mean += delta * (nb / tot)
-                    m2 += q + delta * delta * (cnt * nb / tot)
-                    cnt = tot
+                    cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], cnt, mean, m2)
                     s = e
                 pmean[i * kb + k1] = mean
                 pm2[i * kb + k1] = m2
