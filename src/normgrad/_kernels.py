@@ -74,17 +74,21 @@ def _item(i: int, nc: int, n: int, kb: int) -> tuple[int, int, int, int]:
 
 
 @njit(cache=True, fastmath=_REASSOC, inline="always")
-def _add_block(seg, cnt, mean, m2):  # type: ignore[no-untyped-def]
-    """Merge one in-cache block's two-pass moments into (cnt, mean, m2) (Chan et al.)."""
+def _add_block(seg, shift, cnt, mean, m2):  # type: ignore[no-untyped-def]
+    """Merge one in-cache block's two-pass moments of `seg - shift` into (cnt, mean, m2)
+    (Chan et al.). `shift` (float64) is the group's first element: a constant group gives
+    exactly zero deviations, and a large offset cannot overflow the squares."""
     acc = 0.0
     for j in range(seg.size):  # loops from 0 over a slice: LLVM vectorizes them
-        acc += seg[j]
+        acc += seg[j] - shift
     nb = float(seg.size)
     mb = acc / nb
     q = 0.0
     for j in range(seg.size):
-        d = seg[j] - mb
+        d = (seg[j] - shift) - mb
         q += d * d
+    if cnt == 0.0:  # the first block: no merge (and no inf * 0 when delta overflows)
+        return nb, mb, q
     tot = cnt + nb
     delta = mb - mean
     return tot, mean + delta * (nb / tot), m2 + q + delta * delta * (cnt * nb / tot)
@@ -96,6 +100,7 @@ def _stats_items(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
     n = ra * rb
     for i in range(i0, i1):
         k0, k1, lo, hi = _item(i, nc, n, kb)
+        shift = np.float64(x[k0, 0, k1, 0])  # numba: float(float32) stays float32
         cnt = 0.0
         mean = 0.0
         m2 = 0.0
@@ -107,7 +112,7 @@ def _stats_items(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
             s = a
             while s < b:
                 e = min(b, s + BLOCK)
-                cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], cnt, mean, m2)
+                cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], shift, cnt, mean, m2)
                 s = e
             pos += b - a
         pmean[i] = mean
@@ -128,6 +133,9 @@ def _merge_kernel(pmean, pm2, counts, mean, m2):  # type: ignore[no-untyped-def]
             if nb == 0.0:
                 continue
             i = g * nc + c
+            if cnt == 0.0:  # the first chunk: no merge (and no inf * 0 when delta overflows)
+                cnt, mu, q = nb, pmean[i], pm2[i]
+                continue
             tot = cnt + nb
             delta = pmean[i] - mu
             mu += delta * (nb / tot)
@@ -264,10 +272,11 @@ def _stats_sweep(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
                 cnt = cnt0
                 mean = pmean[i * kb + k1]
                 m2 = pm2[i * kb + k1]
+                shift = np.float64(x[k0, 0, k1, 0])  # numba: float(float32) stays float32
                 s = 0
                 while s < rb:
                     e = min(rb, s + BLOCK)
-                    cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], cnt, mean, m2)
+                    cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], shift, cnt, mean, m2)
                     s = e
                 pmean[i * kb + k1] = mean
                 pm2[i * kb + k1] = m2
@@ -355,16 +364,18 @@ def _forward_small(x, eps, inside, m, stats, y):  # type: ignore[no-untyped-def]
     n = float(ra * rb)
     for k0 in range(ka):
         for k1 in range(kb):
+            shift = np.float64(x[k0, 0, k1, 0])  # as _add_block (np.float64: float() keeps float32)
             s = 0.0
             for i in range(ra):
                 for j in range(rb):
-                    s += x[k0, i, k1, j]
-            mu = s / n
+                    s += x[k0, i, k1, j] - shift
+            mu_s = s / n
             q = 0.0
             for i in range(ra):
                 for j in range(rb):
-                    d = x[k0, i, k1, j] - mu
+                    d = (x[k0, i, k1, j] - shift) - mu_s
                     q += d * d
+            mu = shift + mu_s
             v = q / m
             r = 1.0 / np.sqrt(v + eps) if inside else 1.0 / (np.sqrt(v) + eps)
             g = k0 * kb + k1
@@ -669,6 +680,7 @@ def forward(
     else:
         mean, m2 = np.empty(groups), np.empty(groups)
         _merge_kernel(pmean, pm2, counts, mean, m2)
+    mean = mean + x4[:, 0, :, 0].ravel()  # the statistics kernels work on x - shift
     mean_k = _stats_to_keepdims(mean, x, axes, lay)
     var_k = _stats_to_keepdims(m2 / (n - ddof), x, axes, lay)
     rstd_k = finish(var_k)

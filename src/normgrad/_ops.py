@@ -467,9 +467,13 @@ def _statistics(
 ) -> tuple[Array, NormContext]:
     """Mean, variance and rstd of validated arguments: (x in compute dtype, ctx)."""
     xc = xp.astype(x, _compute_dtype(xp, x))
-    mean = xp.mean(xc, axis=ax, keepdims=True)
+    # The mean of x - shift, shift = each group's first element: a constant group gets its
+    # constant back exactly (mean(0.1, 0.1, 0.1) is not 0.1), hence exactly zero variance.
+    # The fused kernels do the same. Then the second pass: stable two-pass variance.
+    shift = xc[tuple(slice(0, 1) if i in ax else slice(None) for i in range(x.ndim))]
+    mean = shift + xp.mean(xc - shift, axis=ax, keepdims=True)
     d = xc - mean
-    var = xp.sum(d * d, axis=ax, keepdims=True) / (n - ddof)  # two-pass: stable
+    var = xp.sum(d * d, axis=ax, keepdims=True) / (n - ddof)
     if eps == 0:
         _refuse_zero_variance(xp, var, x, ax)
     rstd = _rstd(xp, var, eps, eps_mode)
