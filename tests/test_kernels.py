@@ -421,6 +421,7 @@ def test_env_and_context_select_the_path(rng, monkeypatch):
     w = np.ones(5)
     before = dict(_kernels.calls)
     monkeypatch.setenv("NORMGRAD_KERNELS", "0")
+    monkeypatch.setattr(_ops, "_env_mode_value", None)  # read at the next call
     ng.normalize(x)
     with _ops.use_kernels(False):
         ng.normalize(x)
@@ -431,9 +432,11 @@ def test_env_and_context_select_the_path(rng, monkeypatch):
         ng.normalize(x)  # no affine: the small kernels
     assert _kernels.calls["forward_small"] == before["forward_small"] + 1
     monkeypatch.setenv("NORMGRAD_KERNELS", "1")
+    monkeypatch.setattr(_ops, "_env_mode_value", None)  # read at the next call
     ng.normalize(x, -1, weight=w)
     assert _kernels.calls["forward"] == before["forward"] + 1
     monkeypatch.setenv("NORMGRAD_KERNELS", "yes")
+    monkeypatch.setattr(_ops, "_env_mode_value", None)  # read at the next call
     with pytest.raises(NormgradError, match="NORMGRAD_KERNELS"):
         ng.normalize(x)
     with pytest.raises(NormgradError, match="mode"), _ops.use_kernels("fast"):

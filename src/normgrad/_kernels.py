@@ -19,11 +19,8 @@ imports it lazily. The math is the one in `_ops.py`: the same statistics, the sa
 single group still feeds every thread); each item's partial sums land in their own slot and
 are merged in a fixed order (statistics with Chan's parallel formula for
 `(count, mean, M2)`), so results do not depend on which thread ran what. The serial kernels
-release the GIL and run on a small thread pool (`NUMBA_NUM_THREADS` threads, the caller
-included) that claims chunks of items dynamically: the caller never waits for a thread that
-the OS has not scheduled yet. numba's own `parallel=True` (a fixed split with a barrier) was
-measured to stall for 16-32 ms per launch on a busy 2-core machine, with either threading
-layer.
+release the GIL and run on the pool in `_pool.py` (`NUMBA_NUM_THREADS` threads, the caller
+included), whose threads claim chunks of items dynamically and spin briefly between jobs.
 
 **Batch norm (sweep kernels).** Where a group is several runs (`Ra > 1`) and the affine
 parameters are constant per group, an item is instead a range of `Ra` rows of one `Ka` block
@@ -42,17 +39,22 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numba
 import numpy as np
 from numba import njit
 
+from ._pool import CHUNKS_PER_THREAD
+from ._pool import chunk_done as _chunk_done
+from ._pool import chunks as _chunks
+from ._pool import claim as _claim
+from ._pool import run as _run
+
 BLOCK = 2048  # elements per in-cache block for the two-pass statistics (16 KiB of float64)
 MIN_CHUNK = 16384  # smallest chunk a group is split into for threading
-PARALLEL_MIN_SIZE = 1 << 17  # below this, one thread beats waking the others
+PARALLEL_MIN_SIZE = 1 << 15  # below this, one thread beats waking the others
+SPLIT_MIN_SIZE = 1 << 17  # below this, no group is split: a split costs a merge and a call
 _REASSOC = {"reassoc", "contract"}  # lets LLVM vectorize the float64 sums
 
 # how often the kernels ran (tests look at it): blocked kernels, and small single-call ones
@@ -94,29 +96,141 @@ def _add_block(seg, shift, cnt, mean, m2):  # type: ignore[no-untyped-def]
     return tot, mean + delta * (nb / tot), m2 + q + delta * delta * (cnt * nb / tot)
 
 
+# Span helpers: elements [lo, hi) of group (k0, k1), flat index over (ra, rb), walked as
+# pieces of runs. Inlined into the item kernels (an item is a chunk of a group) and into the
+# group kernels (an item is a whole group: both passes while it is still in cache).
+
+
+@njit(cache=True, fastmath=_REASSOC, inline="always")
+def _span_stats(x, k0, k1, lo, hi, shift):  # type: ignore[no-untyped-def]
+    """(count, mean, M2) of `x - shift` over the span, block by block."""
+    rb = x.shape[3]
+    cnt = 0.0
+    mean = 0.0
+    m2 = 0.0
+    pos = lo
+    while pos < hi:
+        r0 = pos // rb
+        a = pos - r0 * rb
+        b = min(rb, a + hi - pos)
+        s = a
+        while s < b:
+            e = min(b, s + BLOCK)
+            cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], shift, cnt, mean, m2)
+            s = e
+        pos += b - a
+    return cnt, mean, m2
+
+
+@njit(cache=True, inline="always")
+def _seg_forward(xs, ws, bs, ys, mu, r, affine):  # type: ignore[no-untyped-def]
+    if affine:
+        for j in range(xs.size):
+            ys[j] = ((xs[j] - mu) * r) * ws[j] + bs[j]
+    else:
+        for j in range(xs.size):
+            ys[j] = (xs[j] - mu) * r
+
+
+@njit(cache=True, fastmath=_REASSOC, inline="always")
+def _seg_sums(xs, ds, ws, has_w, dws, need_dw, dbs, need_db, mu, r):  # type: ignore[no-untyped-def]
+    """`sum g` and `sum g (x - mu)` (g = dy w); adds `dy (x - mu) r` and `dy` into the
+    dweight and dbias accumulators."""
+    sg = 0.0
+    sgd = 0.0
+    if has_w:
+        for j in range(xs.size):
+            gj = ds[j] * ws[j]
+            sg += gj
+            sgd += gj * (xs[j] - mu)
+    else:
+        for j in range(xs.size):
+            dj = np.float64(ds[j])
+            sg += dj
+            sgd += dj * (xs[j] - mu)
+    if need_dw:
+        for j in range(xs.size):
+            dws[j] += ds[j] * ((xs[j] - mu) * r)
+    if need_db:
+        for j in range(xs.size):
+            dbs[j] += ds[j]
+    return sg, sgd
+
+
+@njit(cache=True, inline="always")
+def _seg_backward(xs, ds, ws, has_w, dxs, mu, r, m, bt):  # type: ignore[no-untyped-def]
+    if has_w:
+        for j in range(xs.size):
+            dxs[j] = r * (ds[j] * ws[j] - m) + bt * (xs[j] - mu)
+    else:
+        for j in range(xs.size):
+            dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)
+
+
+@njit(cache=True, inline="always")
+def _span_forward(x, k0, k1, lo, hi, mu, r, w, b, affine, y):  # type: ignore[no-untyped-def]
+    rb = x.shape[3]
+    pos = lo
+    while pos < hi:
+        r0 = pos // rb
+        a = pos - r0 * rb
+        e = min(rb, a + hi - pos)
+        _seg_forward(
+            x[k0, r0, k1, a:e], w[k0, r0, k1, a:e], b[k0, r0, k1, a:e], y[k0, r0, k1, a:e],
+            mu, r, affine,
+        )  # fmt: skip
+        pos += e - a
+
+
+@njit(cache=True, fastmath=_REASSOC, inline="always")
+def _span_backward_sums(  # type: ignore[no-untyped-def]
+    x, dy, k0, k1, lo, hi, mu, r, w, has_w, dwacc, need_dw, dbacc, need_db, k
+):
+    rb = x.shape[3]
+    sg = 0.0
+    sgd = 0.0
+    pos = lo
+    while pos < hi:
+        r0 = pos // rb
+        a = pos - r0 * rb
+        e = min(rb, a + hi - pos)
+        g1, g2 = _seg_sums(
+            x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], w[k0, r0, k1, a:e], has_w,
+            dwacc[k, k0, r0, k1, a:e], need_dw, dbacc[k, k0, r0, k1, a:e], need_db, mu, r,
+        )  # fmt: skip
+        sg += g1
+        sgd += g2
+        pos += e - a
+    return sg, sgd
+
+
+@njit(cache=True, inline="always")
+def _span_backward(x, dy, k0, k1, lo, hi, mu, r, w, has_w, m, bt, dx):  # type: ignore[no-untyped-def]
+    rb = x.shape[3]
+    pos = lo
+    while pos < hi:
+        r0 = pos // rb
+        a = pos - r0 * rb
+        e = min(rb, a + hi - pos)
+        _seg_backward(
+            x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], w[k0, r0, k1, a:e], has_w,
+            dx[k0, r0, k1, a:e], mu, r, m, bt,
+        )  # fmt: skip
+        pos += e - a
+
+
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
-def _stats_items(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
+def _stats_items(ctl, nchunks, items, t, x, nc, pmean, pm2):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
-    n = ra * rb
-    for i in range(i0, i1):
-        k0, k1, lo, hi = _item(i, nc, n, kb)
-        shift = np.float64(x[k0, 0, k1, 0])  # numba: float(float32) stays float32
-        cnt = 0.0
-        mean = 0.0
-        m2 = 0.0
-        pos = lo
-        while pos < hi:
-            r0 = pos // rb
-            a = pos - r0 * rb
-            b = min(rb, a + hi - pos)
-            s = a
-            while s < b:
-                e = min(b, s + BLOCK)
-                cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], shift, cnt, mean, m2)
-                s = e
-            pos += b - a
-        pmean[i] = mean
-        pm2[i] = m2
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            shift = np.float64(x[k0, 0, k1, 0])  # numba: float(float32) stays float32
+            _, pmean[i], pm2[i] = _span_stats(x, k0, k1, lo, hi, shift)
+        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
@@ -146,103 +260,136 @@ def _merge_kernel(pmean, pm2, counts, mean, m2):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, nogil=True)
-def _forward_items(x, mean, rstd, w, b, affine, nc, i0, i1, y):  # type: ignore[no-untyped-def]
+def _forward_items(ctl, nchunks, items, t, x, mean, rstd, w, b, affine, nc, y):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
-    n = ra * rb
-    for i in range(i0, i1):
-        k0, k1, lo, hi = _item(i, nc, n, kb)
-        g = k0 * kb + k1
-        mu = mean[g]
-        r = rstd[g]
-        pos = lo
-        while pos < hi:
-            r0 = pos // rb
-            a = pos - r0 * rb
-            e = min(rb, a + hi - pos)
-            xs = x[k0, r0, k1, a:e]
-            ys = y[k0, r0, k1, a:e]
-            if affine:
-                ws = w[k0, r0, k1, a:e]
-                bs = b[k0, r0, k1, a:e]
-                for j in range(xs.size):
-                    ys[j] = ((xs[j] - mu) * r) * ws[j] + bs[j]
-            else:
-                for j in range(xs.size):
-                    ys[j] = (xs[j] - mu) * r
-            pos += e - a
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            _span_forward(x, k0, k1, lo, hi, mean[g], rstd[g], w, b, affine, y)
+        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
 def _backward_sums_items(  # type: ignore[no-untyped-def]
-    x, dy, mean, rstd, w, has_w, dwacc, need_dw, dbacc, need_db, nc, t, i0, i1, psg, psgd
+    ctl,
+    nchunks,
+    items,
+    t,
+    x,
+    dy,
+    mean,
+    rstd,
+    w,
+    has_w,
+    dwacc,
+    need_dw,
+    dbacc,
+    need_db,
+    nc,
+    psg,
+    psgd,
 ):
     _, ra, kb, rb = x.shape
-    n = ra * rb
-    for i in range(i0, i1):
-        k0, k1, lo, hi = _item(i, nc, n, kb)
-        g = k0 * kb + k1
-        mu = mean[g]
-        r = rstd[g]
-        sg = 0.0
-        sgd = 0.0
-        pos = lo
-        while pos < hi:
-            r0 = pos // rb
-            a = pos - r0 * rb
-            e = min(rb, a + hi - pos)
-            xs = x[k0, r0, k1, a:e]
-            ds = dy[k0, r0, k1, a:e]
-            if has_w:
-                ws = w[k0, r0, k1, a:e]
-                for j in range(xs.size):
-                    gj = ds[j] * ws[j]
-                    sg += gj
-                    sgd += gj * (xs[j] - mu)
-            else:
-                for j in range(xs.size):
-                    dj = float(ds[j])
-                    sg += dj
-                    sgd += dj * (xs[j] - mu)
-            if need_dw:
-                dws = dwacc[t, k0, r0, k1, a:e]
-                for j in range(xs.size):
-                    dws[j] += ds[j] * ((xs[j] - mu) * r)
-            if need_db:
-                dbs = dbacc[t, k0, r0, k1, a:e]
-                for j in range(xs.size):
-                    dbs[j] += ds[j]
-            pos += e - a
-        psg[i] = sg
-        psgd[i] = sgd
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            psg[i], psgd[i] = _span_backward_sums(
+                x, dy, k0, k1, lo, hi, mean[g], rstd[g], w, has_w, dwacc, need_dw, dbacc, need_db, k
+            )
+        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
-def _backward_items(x, dy, mean, rstd, w, has_w, mg, beta, nc, i0, i1, dx):  # type: ignore[no-untyped-def]
+def _backward_items(ctl, nchunks, items, t, x, dy, mean, rstd, w, has_w, mg, beta, nc, dx):  # type: ignore[no-untyped-def]
+    _, ra, kb, rb = x.shape
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            _span_backward(x, dy, k0, k1, lo, hi, mean[g], rstd[g], w, has_w, mg[g], beta[g], dx)
+        _chunk_done(ctl)
+
+
+@njit(cache=True, fastmath=_REASSOC, nogil=True, error_model="numpy")  # IEEE: 1/0 is inf
+def _forward_groups(ctl, nchunks, items, t, x, w, b, affine, eps, inside, m, stats, y):  # type: ignore[no-untyped-def]
+    """Groups [i0, i1), each whole: statistics, `rstd` (`_ops._rstd`'s formulas), `y`.
+    `stats` is (3, groups): mean, var, rstd."""
     _, ra, kb, rb = x.shape
     n = ra * rb
-    for i in range(i0, i1):
-        k0, k1, lo, hi = _item(i, nc, n, kb)
-        g = k0 * kb + k1
-        mu = mean[g]
-        r = rstd[g]
-        m = mg[g]
-        bt = beta[g]
-        pos = lo
-        while pos < hi:
-            r0 = pos // rb
-            a = pos - r0 * rb
-            e = min(rb, a + hi - pos)
-            xs = x[k0, r0, k1, a:e]
-            ds = dy[k0, r0, k1, a:e]
-            dxs = dx[k0, r0, k1, a:e]
-            if has_w:
-                ws = w[k0, r0, k1, a:e]
-                for j in range(xs.size):
-                    dxs[j] = r * (ds[j] * ws[j] - m) + bt * (xs[j] - mu)
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for g in range(i0, i1):
+            k0 = g // kb
+            k1 = g - k0 * kb
+            shift = np.float64(x[k0, 0, k1, 0])
+            if ra == 1 and rb <= BLOCK:  # one short run (rows, instances): no span walking
+                _, mean, m2 = _add_block(x[k0, 0, k1], shift, 0.0, 0.0, 0.0)
             else:
-                for j in range(xs.size):
-                    dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)
-            pos += e - a
+                _, mean, m2 = _span_stats(x, k0, k1, 0, n, shift)
+            mu = shift + mean
+            v = m2 / m
+            r = 1.0 / np.sqrt(v + eps) if inside else 1.0 / (np.sqrt(v) + eps)
+            stats[0, g] = mu
+            stats[1, g] = v
+            stats[2, g] = r
+            if ra == 1 and affine:
+                _seg_forward(x[k0, 0, k1], w[k0, 0, k1], b[k0, 0, k1], y[k0, 0, k1], mu, r, True)
+            elif ra == 1:  # x stands in for the unused parameters: no slices of them to make
+                xs = x[k0, 0, k1]
+                _seg_forward(xs, xs, xs, y[k0, 0, k1], mu, r, False)
+            else:
+                _span_forward(x, k0, k1, 0, n, mu, r, w, b, affine, y)
+        _chunk_done(ctl)
+
+
+@njit(cache=True, fastmath=_REASSOC, nogil=True)
+def _backward_groups(  # type: ignore[no-untyped-def]
+    ctl, nchunks, items, t, x, dy, mean, rstd, c, w, has_w, dwacc, need_dw, dbacc, need_db, m, dx
+):
+    """Groups [i0, i1), each whole: `sum g`, `sum g (x - mu)`, then `dx` as `backward`."""
+    _, ra, kb, rb = x.shape
+    n = ra * rb
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for g in range(i0, i1):
+            k0 = g // kb
+            k1 = g - k0 * kb
+            mu = mean[g]
+            r = rstd[g]
+            if ra == 1:  # one run (rows, instances): no span walking
+                # x and dx stand in for unused parameters: slices cost, even of unused views
+                xs, ds, dxs = x[k0, 0, k1], dy[k0, 0, k1], dx[k0, 0, k1]
+                if has_w or need_dw or need_db:
+                    ws, dws, dbs = w[k0, 0, k1], dwacc[k, k0, 0, k1], dbacc[k, k0, 0, k1]
+                    sg, sgd = _seg_sums(xs, ds, ws, has_w, dws, need_dw, dbs, need_db, mu, r)
+                    bt = -c[g] * r * r * sgd / m
+                    _seg_backward(xs, ds, ws, has_w, dxs, mu, r, sg / n, bt)
+                else:
+                    sg, sgd = _seg_sums(xs, ds, xs, False, dxs, False, dxs, False, mu, r)
+                    bt = -c[g] * r * r * sgd / m
+                    _seg_backward(xs, ds, xs, False, dxs, mu, r, sg / n, bt)
+            else:
+                sg, sgd = _span_backward_sums(
+                    x, dy, k0, k1, 0, n, mu, r, w, has_w, dwacc, need_dw, dbacc, need_db, k
+                )
+                bt = -c[g] * r * r * sgd / m
+                _span_backward(x, dy, k0, k1, 0, n, mu, r, w, has_w, sg / n, bt, dx)
+        _chunk_done(ctl)
 
 
 # Sweep kernels (batch norm): item i = (k0, chunk c of the Ra rows) covers, in memory order,
@@ -259,108 +406,132 @@ def _rows(i: int, nc: int, ra: int) -> tuple[int, int, int]:
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
-def _stats_sweep(x, nc, i0, i1, pmean, pm2):  # type: ignore[no-untyped-def]
+def _stats_sweep(ctl, nchunks, items, t, x, nc, pmean, pm2):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
-    for i in range(i0, i1):
-        k0, lo, hi = _rows(i, nc, ra)
-        for k1 in range(kb):
-            pmean[i * kb + k1] = 0.0
-            pm2[i * kb + k1] = 0.0
-        cnt0 = 0.0  # every group of the item has seen the same rows
-        for r0 in range(lo, hi):
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
             for k1 in range(kb):
-                cnt = cnt0
-                mean = pmean[i * kb + k1]
-                m2 = pm2[i * kb + k1]
-                shift = np.float64(x[k0, 0, k1, 0])  # numba: float(float32) stays float32
-                s = 0
-                while s < rb:
-                    e = min(rb, s + BLOCK)
-                    cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], shift, cnt, mean, m2)
-                    s = e
-                pmean[i * kb + k1] = mean
-                pm2[i * kb + k1] = m2
-            cnt0 += rb
+                pmean[i * kb + k1] = 0.0
+                pm2[i * kb + k1] = 0.0
+            cnt0 = 0.0  # every group of the item has seen the same rows
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    cnt = cnt0
+                    mean = pmean[i * kb + k1]
+                    m2 = pm2[i * kb + k1]
+                    shift = np.float64(x[k0, 0, k1, 0])  # numba: float(float32) stays float32
+                    s = 0
+                    while s < rb:
+                        e = min(rb, s + BLOCK)
+                        cnt, mean, m2 = _add_block(x[k0, r0, k1, s:e], shift, cnt, mean, m2)
+                        s = e
+                    pmean[i * kb + k1] = mean
+                    pm2[i * kb + k1] = m2
+                cnt0 += rb
+        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
-def _forward_sweep(x, mean, rstd, wg, bg, affine, nc, i0, i1, y):  # type: ignore[no-untyped-def]
+def _forward_sweep(ctl, nchunks, items, t, x, mean, rstd, wg, bg, affine, nc, y):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
-    for i in range(i0, i1):
-        k0, lo, hi = _rows(i, nc, ra)
-        for r0 in range(lo, hi):
-            for k1 in range(kb):
-                g = k0 * kb + k1
-                mu = mean[g]
-                r = rstd[g]
-                xs = x[k0, r0, k1]
-                ys = y[k0, r0, k1]
-                if affine:
-                    wv = wg[g]
-                    bv = bg[g]
-                    for j in range(rb):
-                        ys[j] = ((xs[j] - mu) * r) * wv + bv
-                else:
-                    for j in range(rb):
-                        ys[j] = (xs[j] - mu) * r
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    g = k0 * kb + k1
+                    mu = mean[g]
+                    r = rstd[g]
+                    xs = x[k0, r0, k1]
+                    ys = y[k0, r0, k1]
+                    if affine:
+                        wv = wg[g]
+                        bv = bg[g]
+                        for j in range(rb):
+                            ys[j] = ((xs[j] - mu) * r) * wv + bv
+                    else:
+                        for j in range(rb):
+                            ys[j] = (xs[j] - mu) * r
+        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
-def _backward_sums_sweep(x, dy, mean, nc, i0, i1, psdy, psdyd):  # type: ignore[no-untyped-def]
+def _backward_sums_sweep(ctl, nchunks, items, t, x, dy, mean, nc, psdy, psdyd):  # type: ignore[no-untyped-def]
     """Partial `sum dy` and `sum dy (x - mu)`; a per-group weight multiplies them later."""
     _, ra, kb, rb = x.shape
-    for i in range(i0, i1):
-        k0, lo, hi = _rows(i, nc, ra)
-        for k1 in range(kb):
-            psdy[i * kb + k1] = 0.0
-            psdyd[i * kb + k1] = 0.0
-        for r0 in range(lo, hi):
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
             for k1 in range(kb):
-                mu = mean[k0 * kb + k1]
-                xs = x[k0, r0, k1]
-                ds = dy[k0, r0, k1]
-                sg = 0.0
-                sgd = 0.0
-                for j in range(rb):
-                    dj = float(ds[j])
-                    sg += dj
-                    sgd += dj * (xs[j] - mu)
-                psdy[i * kb + k1] += sg
-                psdyd[i * kb + k1] += sgd
+                psdy[i * kb + k1] = 0.0
+                psdyd[i * kb + k1] = 0.0
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    mu = mean[k0 * kb + k1]
+                    xs = x[k0, r0, k1]
+                    ds = dy[k0, r0, k1]
+                    sg = 0.0
+                    sgd = 0.0
+                    for j in range(rb):
+                        dj = float(ds[j])
+                        sg += dj
+                        sgd += dj * (xs[j] - mu)
+                    psdy[i * kb + k1] += sg
+                    psdyd[i * kb + k1] += sgd
+        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
-def _backward_sweep(x, dy, mean, rstd, wg, has_w, mg, beta, nc, i0, i1, dx):  # type: ignore[no-untyped-def]
+def _backward_sweep(ctl, nchunks, items, t, x, dy, mean, rstd, wg, has_w, mg, beta, nc, dx):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
-    for i in range(i0, i1):
-        k0, lo, hi = _rows(i, nc, ra)
-        for r0 in range(lo, hi):
-            for k1 in range(kb):
-                g = k0 * kb + k1
-                mu = mean[g]
-                r = rstd[g]
-                m = mg[g]
-                bt = beta[g]
-                xs = x[k0, r0, k1]
-                ds = dy[k0, r0, k1]
-                dxs = dx[k0, r0, k1]
-                if has_w:
-                    wv = wg[g]
-                    for j in range(rb):
-                        dxs[j] = r * (ds[j] * wv - m) + bt * (xs[j] - mu)
-                else:
-                    for j in range(rb):
-                        dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)
+    while True:
+        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    g = k0 * kb + k1
+                    mu = mean[g]
+                    r = rstd[g]
+                    m = mg[g]
+                    bt = beta[g]
+                    xs = x[k0, r0, k1]
+                    ds = dy[k0, r0, k1]
+                    dxs = dx[k0, r0, k1]
+                    if has_w:
+                        wv = wg[g]
+                        for j in range(rb):
+                            dxs[j] = r * (ds[j] * wv - m) + bt * (xs[j] - mu)
+                    else:
+                        for j in range(rb):
+                            dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)
+        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True, error_model="numpy")  # IEEE: 1/0 is inf
-def _forward_small(x, eps, inside, m, stats, y):  # type: ignore[no-untyped-def]
+def _forward_small(xin, shape4, eps, inside, m, stats_in, yin):  # type: ignore[no-untyped-def]
     """Whole forward of a small input on one thread, in one call (no affine parameters):
     per group the two-pass statistics (float64 sums), `rstd` (`_ops._rstd`'s two formulas,
-    a test checks they agree bit for bit), then `y = (x - mu) * rstd`. `stats` is
-    (3, groups): mean, var, rstd. Plain indexing, no slices: no per-slice reference counts
-    (a third faster for groups of 100)."""
-    ka, ra, kb, rb = x.shape
+    a test checks they agree bit for bit), then `y = (x - mu) * rstd`. `xin` and `yin`
+    (C-contiguous, any shape) are viewed here as `shape4` blocks, `stats_in` as
+    (3, groups): mean, var, rstd (reshapes here cost nothing; in Python 0.1 us each). Plain
+    indexing, no slices: no per-slice reference counts (a third faster for groups of 100)."""
+    ka, ra, kb, rb = shape4
+    x = xin.reshape(shape4)
+    y = yin.reshape(shape4)
+    stats = stats_in.reshape((3, ka * kb))
     n = float(ra * rb)
     for k0 in range(ka):
         for k1 in range(kb):
@@ -426,6 +597,14 @@ class Layout(NamedTuple):
     shape4: tuple[int, int, int, int]
     order: tuple[int, ...]
     perm: tuple[int, ...]
+    # precomputed for the per-call reshapes (small inputs feel every microsecond):
+    new_shape: tuple[int, ...]  # x's shape in memory order, for new outputs
+    new_perm: tuple[int, ...]  # from memory order back to x's axis order
+    kept_shape: tuple[int, ...]  # the group grid: kept axes in block order
+    kept_perm: tuple[int, ...]  # group grid -> kept axes in axis order
+    keepdims: tuple[int, ...]  # shape of the statistics
+    sorted_kept_shape: tuple[int, ...]  # kept axes' sizes in axis order
+    groups_perm: tuple[int, ...]  # kept axes in axis order -> group grid
 
 
 def plan(x: np.ndarray, axes: tuple[int, ...], params: tuple[Any, ...] = ()) -> Layout | None:
@@ -477,7 +656,22 @@ def _plan(
     shape4 = tuple(math.prod(shape[i] for i in blk) for blk in blocks)
     rest = tuple(i for i in range(ndim) if shape[i] == 1)
     perm = ka + ra + kb + rb + rest
-    return Layout(blocks, shape4, tuple(order) + rest, perm)  # type: ignore[arg-type]
+    full_order = tuple(order) + rest
+    kept = ka + kb
+    srt = sorted(kept)
+    return Layout(
+        blocks,  # type: ignore[arg-type]
+        shape4,  # type: ignore[arg-type]
+        full_order,
+        perm,
+        tuple(shape[i] for i in full_order),
+        tuple(int(i) for i in np.argsort(full_order)),
+        tuple(shape[i] for i in kept),
+        tuple(int(i) for i in np.argsort(kept)),
+        tuple(1 if i in axes else shape[i] for i in range(ndim)),
+        tuple(shape[i] for i in srt),
+        tuple(srt.index(i) for i in kept),
+    )
 
 
 def _mergeable(shape: tuple[int, ...], strides: tuple[int, ...], outer: int, inner: int) -> bool:
@@ -502,8 +696,8 @@ def view4(a: np.ndarray, lay: Layout) -> np.ndarray | None:
 
 def _new_like(x: np.ndarray, lay: Layout, dtype: Any) -> np.ndarray:
     """A new array of x's shape whose memory order follows x's (C order for C input)."""
-    buf = np.empty([x.shape[i] for i in lay.order], dtype=dtype)
-    return buf.transpose(np.argsort(lay.order))
+    buf = np.empty(lay.new_shape, dtype=dtype)
+    return buf.transpose(lay.new_perm)
 
 
 def _output(x: np.ndarray, lay: Layout, dtype: Any, out: np.ndarray | None) -> np.ndarray:
@@ -512,23 +706,15 @@ def _output(x: np.ndarray, lay: Layout, dtype: Any, out: np.ndarray | None) -> n
     return _new_like(x, lay, dtype)
 
 
-def _kept_axes(lay: Layout) -> tuple[int, ...]:
-    return lay.blocks[0] + lay.blocks[2]
-
-
-def _stats_to_keepdims(v: np.ndarray, x: np.ndarray, axes: tuple[int, ...], lay: Layout):  # type: ignore[no-untyped-def]
+def _stats_to_keepdims(v: np.ndarray, lay: Layout) -> np.ndarray:
     """Per-group values (group order = kept axes of the layout) -> keepdims array."""
-    kept = _kept_axes(lay)
-    v = v.reshape([x.shape[i] for i in kept]).transpose(np.argsort(kept))
-    return v.reshape([1 if i in axes else x.shape[i] for i in range(x.ndim)])
+    return v.reshape(lay.kept_shape).transpose(lay.kept_perm).reshape(lay.keepdims)
 
 
 def _keepdims_to_groups(v: np.ndarray, lay: Layout) -> np.ndarray:
     """Inverse of `_stats_to_keepdims`: a flat contiguous float64 array in group order."""
-    kept = _kept_axes(lay)
-    srt = sorted(kept)
-    v = np.asarray(v, dtype=np.float64).reshape([v.shape[i] for i in srt])
-    return np.ascontiguousarray(v.transpose([srt.index(i) for i in kept])).reshape(-1)
+    v = np.asarray(v, dtype=np.float64).reshape(lay.sorted_kept_shape)
+    return np.ascontiguousarray(v.transpose(lay.groups_perm)).reshape(-1)
 
 
 class _Param(NamedTuple):
@@ -543,10 +729,16 @@ def _repeat(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.ndarray(shape, np.float64, buffer=value, strides=(0,) * len(shape))
 
 
+@functools.lru_cache(maxsize=64)
+def _absent(one: bool, shape4: tuple[int, int, int, int]) -> _Param:
+    """The stand-in for an absent parameter (kernels never read or write it)."""
+    return _Param(_repeat(_ONE if one else _ZERO, shape4), (False,) * 4)
+
+
 def _param(p: Any, x: np.ndarray, lay: Layout, fill: np.ndarray) -> _Param | None:
     """An affine parameter as a block view; None if it varies over part of a block only."""
     if p is None:
-        return _Param(_repeat(fill, lay.shape4), (False,) * 4)
+        return _absent(fill is _ONE, lay.shape4)
     compact = np.array(p, dtype=np.float64)  # a contiguous copy: small, and ours to view
     full = np.broadcast_to(compact, x.shape)
     strides4 = []
@@ -564,69 +756,16 @@ def _param(p: Any, x: np.ndarray, lay: Layout, fill: np.ndarray) -> _Param | Non
 
 def _plan_threads(groups: int, n: int) -> tuple[int, int]:
     """(chunks per group, threads): enough items to keep every thread busy, chunks not tiny;
-    one thread below PARALLEL_MIN_SIZE elements, where starting threads costs more."""
+    one thread below PARALLEL_MIN_SIZE elements, where starting threads costs more, and
+    whole groups only below SPLIT_MIN_SIZE."""
     if groups * n < PARALLEL_MIN_SIZE:
         return 1, 1
     nthreads = max(1, int(numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+    if groups * n < SPLIT_MIN_SIZE:
+        return 1, min(nthreads, groups)
     want = -(-8 * nthreads // groups)  # ceil
     nc = max(1, min(want, n // MIN_CHUNK))
     return nc, min(nthreads, groups * nc)
-
-
-class _Job:
-    """Chunks of items that threads claim one at a time (`itertools.count` is atomic under
-    the GIL; the kernels release it). The caller works too and waits only for chunks that
-    another thread has claimed, never for a thread that the OS has not yet scheduled."""
-
-    def __init__(self, bounds: list[int], body: Any) -> None:
-        self.bounds, self.body = bounds, body
-        self.claim = itertools.count()
-        self.left = len(bounds) - 1
-        self.done = threading.Condition()
-        self.error: BaseException | None = None
-
-    def work(self, slot: int) -> None:
-        finished = 0
-        for k in self.claim:
-            if k >= len(self.bounds) - 1:
-                break
-            try:
-                self.body(self.bounds[k], self.bounds[k + 1], slot)
-            except BaseException as e:  # re-raised by the caller
-                self.error = e
-            finished += 1
-        if finished:
-            with self.done:
-                self.left -= finished
-                self.done.notify_all()
-
-
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-_pool_lock = threading.Lock()
-
-
-def _run(items: int, nthreads: int, body: Any) -> None:
-    """Call `body(i0, i1, slot)` over item ranges covering [0, items), on `nthreads` threads;
-    `slot` < nthreads is the running thread's own index (for per-thread accumulators)."""
-    global _pool, _pool_size
-    if nthreads == 1:
-        body(0, items, 0)
-        return
-    nchunks = min(items, 4 * nthreads)
-    job = _Job([items * k // nchunks for k in range(nchunks + 1)], body)
-    with _pool_lock:
-        if _pool is None or _pool_size < nthreads - 1:
-            _pool = ThreadPoolExecutor(nthreads - 1, thread_name_prefix="normgrad")
-            _pool_size = nthreads - 1
-        pool = _pool
-    for slot in range(1, nthreads):
-        pool.submit(job.work, slot)
-    job.work(0)
-    with job.done:
-        job.done.wait_for(lambda: job.left == 0)
-    if job.error is not None:
-        raise job.error
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +777,8 @@ def forward(
     x: np.ndarray,
     axes: tuple[int, ...],
     ddof: float,
+    eps: float,
+    inside: bool,
     finish: Any,
     weight: Any,
     bias: Any,
@@ -646,7 +787,8 @@ def forward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Return `(y, mean, var, rstd)` (statistics keepdims float64), or None if the layout or
     the affine parameters do not fit the kernels. `finish(var)` returns `rstd` for a
-    keepdims var and raises for zero variance with eps=0 (the `_ops` rules)."""
+    keepdims var and raises for zero variance with eps=0 (the `_ops` rules); with eps > 0,
+    layouts where each item is a whole group compute `rstd` in the kernel (same formula)."""
     lay = plan(x, axes, (weight, bias))
     if lay is None:
         return None
@@ -666,14 +808,22 @@ def forward(
         nc, nthreads = sweep
         pmean = np.empty(ka * nc * kb)
         pm2 = np.empty(ka * nc * kb)
-        _run(ka * nc, nthreads, lambda i0, i1, _: _stats_sweep(x4, nc, i0, i1, pmean, pm2))
+        _run(_stats_sweep, ka * nc, nthreads, (x4, nc, pmean, pm2))
         pmean, pm2 = (_chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
         counts = np.array([((c + 1) * ra // nc - c * ra // nc) * rb for c in range(nc)], float)
     else:
         nc, nthreads = _plan_threads(groups, n)
+        if nc == 1 and eps > 0:  # whole groups: one parallel call, each group still in cache
+            affine = weight is not None or bias is not None
+            stats = np.empty((3, groups))
+            gargs = (x4, w.view, b.view, affine, eps, inside, n - ddof)
+            _run(_forward_groups, groups, nthreads, (*gargs, stats, y4))
+            calls["forward"] += 1
+            mean_k, var_k, rstd_k = (_stats_to_keepdims(v, lay) for v in stats)
+            return y, mean_k, var_k, rstd_k
         pmean = np.empty(groups * nc)
         pm2 = np.empty(groups * nc)
-        _run(pmean.size, nthreads, lambda i0, i1, _: _stats_items(x4, nc, i0, i1, pmean, pm2))
+        _run(_stats_items, pmean.size, nthreads, (x4, nc, pmean, pm2))
         counts = np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
     if nc == 1:
         mean, m2 = pmean, pm2
@@ -681,18 +831,18 @@ def forward(
         mean, m2 = np.empty(groups), np.empty(groups)
         _merge_kernel(pmean, pm2, counts, mean, m2)
     mean = mean + x4[:, 0, :, 0].ravel()  # the statistics kernels work on x - shift
-    mean_k = _stats_to_keepdims(mean, x, axes, lay)
-    var_k = _stats_to_keepdims(m2 / (n - ddof), x, axes, lay)
+    mean_k = _stats_to_keepdims(mean, lay)
+    var_k = _stats_to_keepdims(m2 / (n - ddof), lay)
     rstd_k = finish(var_k)
     rstd = _keepdims_to_groups(rstd_k, lay)
     affine = weight is not None or bias is not None
     if sweep is not None:
         sargs = (x4, mean, rstd, _per_group(w), _per_group(b), affine, nc)
-        _run(ka * nc, nthreads, lambda i0, i1, _: _forward_sweep(*sargs, i0, i1, y4))
+        _run(_forward_sweep, ka * nc, nthreads, (*sargs, y4))
         calls["sweep"] += 1
     else:
         args = (x4, mean, rstd, w.view, b.view, affine, nc)
-        _run(groups * nc, nthreads, lambda i0, i1, _: _forward_items(*args, i0, i1, y4))
+        _run(_forward_items, groups * nc, nthreads, (*args, y4))
     calls["forward"] += 1
     return y, mean_k, var_k, rstd_k
 
@@ -732,23 +882,37 @@ def backward(
     if sweep is not None:
         return _backward_by_sweep(ctx, x4, dy4, dx, dx4, lay, w, b, mean, rstd, c, sweep)
     nc, nthreads = _plan_threads(groups, n)
-    dwacc, dw5 = _accumulator(w, nthreads, lay, ctx.weight is not None)
-    dbacc, db5 = _accumulator(b, nthreads, lay, ctx.bias is not None)
-    psg = np.empty(groups * nc)
-    psgd = np.empty(groups * nc)
-    has_w = ctx.weight is not None
-    args = (x4, dy4, mean, rstd, w.view, has_w, dw5, has_w, db5, ctx.bias is not None, nc)
-    _run(psg.size, nthreads, lambda i0, i1, t: _backward_sums_items(*args, t, i0, i1, psg, psgd))
-    sg = psg.reshape(groups, nc).sum(axis=1)
-    sgd = psgd.reshape(groups, nc).sum(axis=1)
-    mg = sg / n
-    beta = -c * rstd * rstd * sgd / (ctx.group_size - ctx.ddof)
-    args2 = (x4, dy4, mean, rstd, w.view, has_w, mg, beta, nc)
-    _run(groups * nc, nthreads, lambda i0, i1, _: _backward_items(*args2, i0, i1, dx4))
+    has_w, has_b = ctx.weight is not None, ctx.bias is not None
+    items = groups * nc
+    # dweight/dbias sums are kept per chunk, so a chunk's adds land in the same slot whichever
+    # thread runs it (deterministic); fewer, larger chunks keep those copies few
+    nchunks = _chunks(items, nthreads, 4 if has_w or has_b else CHUNKS_PER_THREAD)
+    dwacc, dw5 = _accumulator(w, nchunks, lay, has_w)
+    dbacc, db5 = _accumulator(b, nchunks, lay, has_b)
+    m = float(ctx.group_size - ctx.ddof)
+    if nc == 1:  # whole groups: one parallel call, each group still in cache
+        gargs = (x4, dy4, mean, rstd, c, w.view, has_w, dw5, has_w, db5, has_b, m)
+        _run(_backward_groups, groups, nthreads, (*gargs, dx4), nchunks)
+    else:
+        args = (x4, dy4, mean, rstd, w.view, has_w, dw5, has_w, db5, has_b, nc)
+        _backward_in_chunks(args, groups, nc, nchunks, nthreads, n, c, rstd, m, dx4)
     calls["backward"] += 1
     dw = _param_grad(dwacc, w, lay, x, ctx.weight)
     db = _param_grad(dbacc, b, lay, x, ctx.bias)
     return dx, dw, db
+
+
+def _backward_in_chunks(args, groups, nc, nchunks, nthreads, n, c, rstd, m, dx4):  # type: ignore[no-untyped-def]
+    """The backward of groups split into `nc` chunks: partial sums, merge, then `dx`."""
+    psg = np.empty(groups * nc)
+    psgd = np.empty(groups * nc)
+    _run(_backward_sums_items, psg.size, nthreads, (*args, psg, psgd), nchunks)
+    sg = psg.reshape(groups, nc).sum(axis=1)
+    sgd = psgd.reshape(groups, nc).sum(axis=1)
+    mg = sg / n
+    beta = -c * rstd * rstd * sgd / m
+    args2 = (*args[:6], mg, beta, nc)
+    _run(_backward_items, groups * nc, nthreads, (*args2, dx4))
 
 
 def _backward_by_sweep(  # type: ignore[no-untyped-def]
@@ -761,8 +925,7 @@ def _backward_by_sweep(  # type: ignore[no-untyped-def]
     nc, nthreads = sweep
     psdy = np.empty(ka * nc * kb)
     psdyd = np.empty(ka * nc * kb)
-    body = _backward_sums_sweep
-    _run(ka * nc, nthreads, lambda i0, i1, _: body(x4, dy4, mean, nc, i0, i1, psdy, psdyd))
+    _run(_backward_sums_sweep, ka * nc, nthreads, (x4, dy4, mean, nc, psdy, psdyd))
     sdy = psdy.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
     sdyd = psdyd.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
     wg = _per_group(w)
@@ -770,7 +933,7 @@ def _backward_by_sweep(  # type: ignore[no-untyped-def]
     beta = -c * rstd * rstd * (wg * sdyd) / (ctx.group_size - ctx.ddof)
     has_w = ctx.weight is not None
     args = (x4, dy4, mean, rstd, wg, has_w, mg, beta, nc)
-    _run(ka * nc, nthreads, lambda i0, i1, _: _backward_sweep(*args, i0, i1, dx4))
+    _run(_backward_sweep, ka * nc, nthreads, (*args, dx4))
     calls["backward"] += 1
     calls["sweep"] += 1
     dw = _param_grad(_group_acc(rstd * sdyd, w, lay), w, lay, ctx.x, ctx.weight)
@@ -818,12 +981,11 @@ class _Small(NamedTuple):
     """How a C-contiguous input is viewed by the small kernels: plain reshapes, no copies."""
 
     shape4: tuple[int, int, int, int]
-    stats: tuple[int, int]  # (3, groups): mean, var, rstd in group order
-    keepdims: tuple[int, ...]  # (3, *shape of mean/var/rstd)
+    stats: tuple[int, ...]  # (3, *shape of mean/var/rstd), groups in C order
 
 
 @functools.lru_cache(maxsize=256)
-def _small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
+def small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
     """The block layout of a C-contiguous array of `shape` if its blocks are in axis order
     (whole tensor, trailing axes, batch-norm axes...), so that `reshape` gives the blocks
     and groups come out in C order of the kept axes; None otherwise."""
@@ -835,33 +997,17 @@ def _small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
     if big != sorted(big):
         return None
     keepdims = tuple(1 if i in axes else s for i, s in enumerate(shape))
-    return _Small(lay.shape4, (3, lay.shape4[0] * lay.shape4[2]), (3, *keepdims))
-
-
-def forward_small(
-    x: np.ndarray, axes: tuple[int, ...], eps: float, inside: bool, m: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
-    """`(y, mean, var, rstd)` (statistics keepdims float64) for a C-contiguous input without
-    affine parameters, in one single-threaded kernel call; None for other layouts."""
-    sp = _small_plan(x.shape, axes)
-    if sp is None or not x.flags.c_contiguous:
-        return None
-    y = np.empty(sp.shape4, x.dtype)
-    stats = np.empty(sp.stats)
-    _forward_small(x.reshape(sp.shape4), eps, inside, m, stats, y)
-    st = stats.reshape(sp.keepdims)
-    calls["forward_small"] += 1
-    return y.reshape(x.shape), st[0], st[1], st[2]
+    return _Small(lay.shape4, (3, *keepdims))
 
 
 def backward_small(ctx: Any, dy: np.ndarray, c_k: np.ndarray) -> np.ndarray | None:
     """`dx` for a context from a C-contiguous input without affine parameters and a
     C-contiguous float32/float64 `dy`, in one single-threaded kernel call; None otherwise."""
     x = ctx.x
-    sp = _small_plan(x.shape, ctx.axes)
+    sp = small_plan(x.shape, ctx.axes)
     if sp is None or not (x.flags.c_contiguous and dy.flags.c_contiguous):
         return None
-    if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.keepdims[1:]:
+    if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.stats[1:]:
         return None
     dx = np.empty(sp.shape4, ctx.dtype)
     m = float(ctx.group_size - ctx.ddof)
@@ -872,17 +1018,15 @@ def backward_small(ctx: Any, dy: np.ndarray, c_k: np.ndarray) -> np.ndarray | No
     return dx.reshape(x.shape)
 
 
-def _accumulator(
-    p: _Param, nthreads: int, lay: Layout, used: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-thread float64 sums in the parameter's compact block shape, and their 5-d view."""
+def _accumulator(p: _Param, nchunks: int, lay: Layout, used: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chunk float64 sums in the parameter's compact block shape, and their 5-d view."""
     if not used:  # never written (need_dw / need_db is False)
-        return _ZERO, _repeat(_ZERO, (nthreads, *lay.shape4))
+        return _ZERO, _repeat(_ZERO, (nchunks, *lay.shape4))
     compact = tuple(s if v else 1 for s, v in zip(lay.shape4, p.varies, strict=True))
-    acc = np.zeros((nthreads, *compact))
+    acc = np.zeros((nchunks, *compact))
     strides = tuple(st if v else 0 for st, v in zip(acc.strides[1:], p.varies, strict=True))
     view = np.ndarray(
-        (nthreads, *lay.shape4), np.float64, buffer=acc, strides=(acc.strides[0], *strides)
+        (nchunks, *lay.shape4), np.float64, buffer=acc, strides=(acc.strides[0], *strides)
     )
     return acc, view
 

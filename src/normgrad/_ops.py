@@ -78,10 +78,11 @@ def _numpy_context(
     for a NumPy float input, at a third of the frozen dataclass `__init__`'s cost (about
     1 us, which matters for small inputs). tests/test_kernels.py checks the fields match."""
     ctx = object.__new__(NormContext)
-    ctx.__dict__.update(
-        x=x, axes=axes, mean=mean, var=var, rstd=rstd, eps=eps, eps_mode=eps_mode, ddof=ddof,
-        weight=None, bias=None, group_size=n, dtype=x.dtype,
-    )  # fmt: skip
+    object.__setattr__(ctx, "__dict__", {
+        "x": x, "axes": axes, "mean": mean, "var": var, "rstd": rstd, "eps": eps,
+        "eps_mode": eps_mode, "ddof": ddof, "weight": None, "bias": None, "group_size": n,
+        "dtype": x.dtype,
+    })  # fmt: skip
     return ctx
 
 
@@ -155,16 +156,13 @@ def normalize_forward(
     out: Array | None = None,
 ) -> tuple[Array, NormContext]:
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
+    if type(x) is np.ndarray and weight is None and bias is None and out is None:
+        res = _small_forward(x, axes, eps, eps_mode, ddof)
+        if res is not None:
+            return res
     xp, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
     _check_out(xp, out, x, out_dtype, "out", x)
-    kernels, small, blocked = _kernels_for(x, w is None and b is None and out is None)
-    if small:
-        res = kernels.forward_small(x, ax, float(eps), eps_mode == "inside", float(n - ddof))
-        if res is not None:
-            y, mean, var, rstd = res
-            if eps == 0:
-                _refuse_zero_variance(xp, var, x, ax)
-            return y, _numpy_context(x, ax, mean, var, rstd, float(eps), eps_mode, ddof, n)
+    kernels, _, blocked = _kernels_for(x, False)
     if blocked:
 
         def finish(var: Array) -> Array:
@@ -172,7 +170,8 @@ def normalize_forward(
                 _refuse_zero_variance(xp, var, x, ax)
             return _rstd(xp, var, eps, eps_mode)
 
-        res = kernels.forward(x, ax, ddof, finish, w, b, out_dtype, out)
+        inside = eps_mode == "inside"
+        res = kernels.forward(x, ax, ddof, float(eps), inside, finish, w, b, out_dtype, out)
         if res is not None:
             y, mean, var, rstd = res
             ctx = NormContext(
@@ -690,7 +689,8 @@ def use_kernels(mode: bool | str = True) -> Iterator[None]:
     `"auto"` (the default): the small single-call kernels up to `SMALL_MAX_SIZE` elements
     (C-contiguous, no affine parameters, no `out`), the blocked ones from `KERNEL_MIN_SIZE`.
 
-    Without it, the environment variable `NORMGRAD_KERNELS` (`0`, `1` or `auto`) decides.
+    Without it, the environment variable `NORMGRAD_KERNELS` (`0`, `1` or `auto`), read at
+    the first call that needs it, decides.
     Both paths give the same results within a few ulp.
     """
     named = "1" if mode is True else "0" if mode is False else mode
@@ -699,6 +699,74 @@ def use_kernels(mode: bool | str = True) -> Iterator[None]:
         yield
     finally:
         _kernel_mode.reset(token)
+
+
+_small_calls: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
+
+
+def _small_forward(
+    x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float
+) -> tuple[Array, NormContext] | None:
+    """`normalize_forward` of a small C-contiguous NumPy input without affine parameters or
+    `out`, in one single-threaded kernel call (`_kernels._forward_small`), or None where
+    that does not apply. The arguments are validated once per distinct call signature and
+    the plan cached: a call costs about 2.5 us, a fifth of it the kernel (docs/performance.md)."""
+    if x.size > SMALL_MAX_SIZE or not x.flags.c_contiguous:
+        return None
+    if (_kernel_mode.get() or _env_mode()) == "0":
+        return None
+    if type(axes) is tuple and any(type(a) is not int for a in axes):
+        return None  # (True,) == (1,): keys must not mix what validation tells apart
+    key = (x.shape, x.dtype, axes, type(axes), eps, type(eps), eps_mode, ddof, type(ddof))
+    try:
+        call = _small_calls[key]
+    except KeyError:
+        call = _small_call(x, axes, eps, eps_mode, ddof)
+        if len(_small_calls) >= 512:
+            _small_calls.clear()
+        _small_calls[key] = call
+    except TypeError:  # unhashable axes (a list): the general path
+        return None
+    if call is None:
+        return None
+    ax, n, m, eps_f, inside, shape4, stats_shape, kernel = call
+    y = np.empty(x.shape, x.dtype)
+    st = np.empty(stats_shape)  # mean, var, rstd, each keepdims
+    kernel(x, shape4, eps_f, inside, m, st, y)
+    mean, var, rstd = st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
+    if eps_f == 0:
+        _refuse_zero_variance(np, var, x, ax)
+    _kernels_module.calls["forward_small"] += 1
+    return y, _numpy_context(x, ax, mean, var, rstd, eps_f, eps_mode, ddof, n)
+
+
+def _small_call(
+    x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float
+) -> tuple[Any, ...] | None:
+    """Validate the arguments (raising as `normalize_forward` would) and plan the small
+    kernel call; None where the small kernels do not apply."""
+    _, ax, n, _, _, _ = _validate(x, axes, eps, eps_mode, ddof, None, None)
+    if x.dtype.char not in "fd" or not x.dtype.isnative or _load_kernels() is None:
+        return None
+    plan = _kernels_module.small_plan(x.shape, ax)
+    if plan is None:
+        return None
+    inside = eps_mode == "inside"
+    kernel = _kernels_module._forward_small
+    return (ax, n, float(n - ddof), float(eps), inside, plan.shape4, plan.stats, kernel)
+
+
+_env_mode_value: str | None = None
+
+
+def _env_mode() -> str:
+    """`NORMGRAD_KERNELS`, read (and checked) at the first call that needs it: reading
+    `os.environ` costs 0.5 us, a tenth of a small call."""
+    global _env_mode_value
+    if _env_mode_value is None:
+        mode = _check_mode(os.environ.get("NORMGRAD_KERNELS", "auto"), "NORMGRAD_KERNELS")
+        _env_mode_value = mode
+    return _env_mode_value
 
 
 def _check_mode(mode: Any, source: str) -> str:
@@ -719,9 +787,7 @@ def _kernels_for(x: Array, small: bool) -> tuple[Any, bool, bool]:
     if not _is_numpy(x) or x.dtype.char not in "fd" or not x.dtype.isnative:
         # decided first: torch.compile traces this function, and not ContextVar.get
         return None, False, False
-    mode = _kernel_mode.get()
-    if mode is None:
-        mode = _check_mode(os.environ.get("NORMGRAD_KERNELS", "auto"), "NORMGRAD_KERNELS")
+    mode = _kernel_mode.get() or _env_mode()
     if mode == "0":
         return None, False, False
     small = small and x.size <= SMALL_MAX_SIZE

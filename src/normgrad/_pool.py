@@ -1,0 +1,245 @@
+"""The kernels' thread pool: dynamic chunk claiming, and workers that spin between jobs.
+
+A parallel kernel has the signature `kernel(ctl, nchunks, items, slot, *args)` and loops on
+`claim(ctl, nchunks, items, slot)` for item ranges, calling `chunk_done(ctl)` after each;
+`run` calls it on every thread (the caller is slot 0). `ctl` is a fresh int64 array per
+job: [next chunk, chunks done, failed threads, workers between GIL-free sections].
+
+Three things measured on this 2-core virtual machine shape it:
+
+* **A sleeping thread wakes late.** A thread blocked on a futex leaves its virtual CPU idle,
+  the hypervisor halts it, and waking it took 10-30 us: most of a 10^6-element pass. So a
+  worker spins (atomic loads in a nogil numba loop) for about `SPIN_WAIT` between jobs, and
+  the caller spins while it waits for chunks others claimed. OpenMP runtimes do the same.
+* **So does a thread that waits for the GIL** (CPython parks it on a condition variable).
+  The GIL is needed only to pass a job's arguments, so each side holds it only while the
+  other runs GIL-free: a worker starts when the caller's first claim, made inside its kernel,
+  marks the job started; the caller, inside its kernel, waits until every chunk is done and
+  every worker that joined is back in its GIL-free spin (`ctl[3]`), then returns.
+* **A thread may not run at all for a while** (another process holds the core): the caller
+  claims chunks too and waits only for chunks another thread has claimed, never for a
+  thread that has not started. numba's `parallel=True` (a fixed split and a barrier) stalled
+  16-32 ms per launch here whenever that happened.
+
+The pool is per process; a child made by `fork` starts without one (its parent's threads do
+not exist there) and makes its own on its first parallel call.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from typing import Any
+
+import numpy as np
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+SPIN_WAIT = 1 << 20  # spin iterations before sleeping: about 0.5 ms here (0.5 ns each)
+CHUNKS_PER_THREAD = 16  # claims are cheap atomics: fine chunks balance a late thread
+_NEXT, _DONE, _FAILED, _IN_PYTHON = range(4)  # the fields of a job's `ctl`
+
+
+def _load_acquire_typing(typingctx, arr, i):  # type: ignore[no-untyped-def]
+    """`arr[i]` of an int64 array as an atomic acquire load: it is read again on every
+    iteration of a spin loop (a plain load may be hoisted out of it)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        a = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
+        return builder.load_atomic(builder.gep(a.data, [args[1]]), "acquire", 8)
+
+    return types.int64(arr, i), codegen
+
+
+def _fetch_add_typing(typingctx, arr, i, v):  # type: ignore[no-untyped-def]
+    """Atomically add `v` to `arr[i]` (int64) and return the old value; sequentially
+    consistent, so the stores made before it (a chunk's results) are visible to a thread
+    that then reads `arr[i]`."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        a = cgutils.create_struct_proxy(sig.args[0])(context, builder, value=args[0])
+        return builder.atomic_rmw("add", builder.gep(a.data, [args[1]]), args[2], "seq_cst")
+
+    return types.int64(arr, i, v), codegen
+
+
+# numba intrinsics: called from jitted code as `_load_acquire(arr, i)`, `_fetch_add(arr, i, v)`
+_load_acquire: Any = intrinsic(_load_acquire_typing)
+_fetch_add: Any = intrinsic(_fetch_add_typing)
+
+
+@njit(cache=True, inline="always")
+def _all_done(ctl, nchunks):  # type: ignore[no-untyped-def]
+    return _load_acquire(ctl, _DONE) >= nchunks or _load_acquire(ctl, _FAILED) != 0
+
+
+@njit(cache=True, inline="always")
+def claim(ctl, nchunks, items, slot):  # type: ignore[no-untyped-def]
+    """The next unclaimed chunk `k` of a job and its item range: `(k, i0, i1)`, or
+    `(-1, 0, 0)` when none is left. The caller (slot 0) then waits here, GIL-free, until the
+    job is finished and every worker that joined it is back in its spin (bounded: `run`
+    checks again). Results kept per chunk `k` (not per thread) are deterministic."""
+    k = _fetch_add(ctl, _NEXT, 1)
+    if k < nchunks:
+        return k, items * k // nchunks, items * (k + 1) // nchunks
+    if slot == 0:
+        for _ in range(SPIN_WAIT):
+            if _all_done(ctl, nchunks) and _load_acquire(ctl, _IN_PYTHON) == 0:
+                break
+    return -1, 0, 0
+
+
+@njit(cache=True, inline="always")
+def chunk_done(ctl):  # type: ignore[no-untyped-def]
+    """Count a finished chunk (after its results are stored: the add publishes them)."""
+    _fetch_add(ctl, _DONE, 1)
+
+
+@njit(cache=True, nogil=True)
+def _await_job(ctl, prev, iters):  # type: ignore[no-untyped-def]
+    """A worker, back from job `prev`, spins until job `ctl` starts (True: joined it) or
+    `iters` loads have passed (False)."""
+    _fetch_add(prev, _IN_PYTHON, -1)
+    for _ in range(iters):
+        if _load_acquire(ctl, _NEXT) != 0:
+            _fetch_add(ctl, _IN_PYTHON, 1)
+            return True
+    return False
+
+
+@njit(cache=True, nogil=True)
+def _await_done(ctl, nchunks, iters):  # type: ignore[no-untyped-def]
+    for _ in range(iters):
+        if _all_done(ctl, nchunks):
+            return True
+    return False
+
+
+@njit(cache=True)
+def _add(ctl, i, v):  # type: ignore[no-untyped-def]
+    _fetch_add(ctl, i, v)
+
+
+def _new_ctl() -> np.ndarray:
+    return np.zeros(4, np.int64)
+
+
+class _Job:
+    def __init__(
+        self, kernel: Any, items: int, nchunks: int, nthreads: int, args: tuple, ctl: Any
+    ) -> None:
+        self.kernel, self.items, self.nchunks, self.nthreads = kernel, items, nchunks, nthreads
+        self.args, self.ctl = args, ctl
+        self.cond = threading.Condition()
+        self.sleeping = False
+        self.error: BaseException | None = None
+
+    def work(self, slot: int) -> None:
+        if slot < self.nthreads:  # else a bigger pool than this job asked for
+            try:
+                self.kernel(self.ctl, self.nchunks, self.items, slot, *self.args)
+            except BaseException as e:  # re-raised by the caller
+                self.error = e
+                _add(self.ctl, _FAILED, 1)
+        if self.sleeping:
+            with self.cond:
+                self.cond.notify_all()
+
+    def finished(self) -> bool:
+        return bool(self.ctl[_DONE] >= self.nchunks or self.ctl[_FAILED] != 0)
+
+    def wait(self) -> None:
+        if not self.finished() and not _await_done(self.ctl, self.nchunks, SPIN_WAIT):
+            with self.cond:
+                self.sleeping = True
+                self.cond.wait_for(self.finished)
+        if self.error is not None:
+            raise self.error
+
+
+class _Pool:
+    """`size - 1` daemon workers. A spinning worker watches the `ctl` of the next job; a
+    sleeping one waits for `count` (jobs published) to change."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.next_ctl = _new_ctl()
+        self.count = 0
+        self.job: _Job | None = None
+        self.cond = threading.Condition()
+        self.sleepers = 0
+        for slot in range(1, size):
+            threading.Thread(
+                target=self._loop, args=(slot,), name=f"normgrad-{slot}", daemon=True
+            ).start()
+
+    def _loop(self, slot: int) -> None:
+        prev = _new_ctl()
+        prev[_IN_PYTHON] = 1
+        while True:
+            ctl, count = self.next_ctl, self.count
+            joined = _await_job(ctl, prev, SPIN_WAIT)  # True: counted in ctl[_IN_PYTHON]
+            if not joined:
+                with self.cond:
+                    self.sleepers += 1
+                    self.cond.wait_for(functools.partial(self._published_since, count))
+                    self.sleepers -= 1
+            job = self.job  # the job that started, or a later one: either is fine
+            assert job is not None  # set before `count` or a `ctl` changes
+            if not joined or job.ctl is not ctl:  # count us in the job we work on
+                if joined:
+                    _add(ctl, _IN_PYTHON, -1)
+                _add(job.ctl, _IN_PYTHON, 1)
+            job.work(slot)
+            prev = job.ctl
+
+    def _published_since(self, count: int) -> bool:
+        return self.count != count
+
+    def run(self, kernel: Any, items: int, nchunks: int, nthreads: int, args: tuple) -> None:
+        job = _Job(kernel, items, nchunks, nthreads, args, self.next_ctl)
+        self.next_ctl = _new_ctl()  # a stale thread can only claim from its own job's
+        self.job = job
+        self.count += 1
+        if self.sleepers:
+            with self.cond:
+                self.cond.notify_all()
+        job.work(0)
+        job.wait()
+
+
+_pool: _Pool | None = None
+_pool_lock = threading.Lock()
+
+
+def chunks(items: int, nthreads: int, per_thread: int = CHUNKS_PER_THREAD) -> int:
+    """How many chunks `run` should cut `items` into for `nthreads` threads."""
+    return 1 if nthreads <= 1 else max(1, min(items, per_thread * nthreads))
+
+
+def run(kernel: Any, items: int, nthreads: int, args: tuple, nchunks: int | None = None) -> None:
+    """Run `kernel(ctl, nchunks, items, slot, *args)` on up to `nthreads` threads (see the
+    module docstring), with `chunks(items, nthreads)` chunks unless given. While one user
+    thread uses the pool, another runs its call alone (the same chunks, the same results)."""
+    global _pool
+    if nchunks is None:
+        nchunks = chunks(items, nthreads)
+    if nthreads <= 1 or nchunks <= 1 or not _pool_lock.acquire(blocking=False):
+        kernel(_new_ctl(), nchunks, items, 0, *args)
+        return
+    try:
+        if _pool is None or _pool.size < nthreads:
+            _pool = _Pool(nthreads)  # an older, smaller pool's workers just sleep
+        _pool.run(kernel, items, nchunks, nthreads, args)
+    finally:
+        _pool_lock.release()
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)

@@ -1,0 +1,144 @@
+"""The kernels' thread pool (src/normgrad/_pool.py): every chunk runs exactly once, errors
+reach the caller, forked children and concurrent callers work, and the whole-group kernels
+that run on it agree with the generic path."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+from numba import njit
+
+import normgrad as ng
+from normgrad import _kernels, _ops, _pool
+from normgrad._pool import chunk_done, claim
+
+
+@njit(nogil=True)
+def _mark(ctl, nchunks, items, slot, hits, who):  # type: ignore[no-untyped-def]
+    while True:
+        k, i0, i1 = claim(ctl, nchunks, items, slot)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            hits[i] += 1
+            who[i] = slot
+            s = 0.0  # some work, so that both threads get chunks
+            for k in range(2000):
+                s += np.sqrt(k + i)
+            if s < 0:
+                hits[i] = -1
+        chunk_done(ctl)
+
+
+@njit(nogil=True)
+def _fail_at(ctl, nchunks, items, slot, bad):  # type: ignore[no-untyped-def]
+    while True:
+        k, i0, i1 = claim(ctl, nchunks, items, slot)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            if i == bad:
+                raise ValueError("planted failure")
+        chunk_done(ctl)
+
+
+@pytest.mark.parametrize("items", [1, 2, 7, 31, 32, 33, 500])
+def test_every_item_runs_exactly_once(items):
+    """(Which thread runs what depends on the OS: not asserted, only that each item runs
+    once, by a valid slot.)"""
+    for _ in range(30):
+        hits = np.zeros(items, np.int64)
+        who = np.full(items, -1, np.int64)
+        _pool.run(_mark, items, 2, (hits, who))
+        np.testing.assert_array_equal(hits, 1)
+        assert set(np.unique(who)) <= {0, 1}
+
+
+def test_one_thread_runs_everything_in_the_caller():
+    hits = np.zeros(40, np.int64)
+    who = np.full(40, -1, np.int64)
+    _pool.run(_mark, 40, 1, (hits, who))
+    np.testing.assert_array_equal(hits, 1)
+    np.testing.assert_array_equal(who, 0)
+
+
+@pytest.mark.parametrize("bad", [0, 399])
+def test_a_kernel_error_reaches_the_caller_and_the_pool_survives(bad):
+    with pytest.raises(ValueError, match="planted failure"):
+        _pool.run(_fail_at, 400, 2, (bad,))
+    hits = np.zeros(64, np.int64)
+    _pool.run(_mark, 64, 2, (hits, np.zeros(64, np.int64)))
+    np.testing.assert_array_equal(hits, 1)
+
+
+FORK_SCRIPT = """
+import os, numpy as np, normgrad as ng
+from normgrad import _ops
+
+x = np.random.default_rng(1).normal(size=(4, 60_000))
+
+def both():
+    with _ops.use_kernels(True):
+        y, ctx = ng.normalize_forward(x, -1)
+        return y, ng.normalize_backward(ctx, x).x
+
+y, dx = both()  # the parent's pool exists now
+pid = os.fork()
+if pid == 0:
+    y2, dx2 = both()
+    os._exit(0 if (y2 == y).all() and (dx2 == dx).all() else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX only")
+def test_a_forked_child_makes_its_own_pool():
+    """In a fresh interpreter (no JAX threads around): normalize on the pool, fork, and
+    normalize again in the child: same results, no hang on the parent's dead workers."""
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axes", "wshape"),
+    [
+        pytest.param((64, 1000), -1, (1000,), id="layer-norm"),
+        pytest.param((8, 16, 30, 30), (2, 3), (16, 1, 1), id="instance-norm"),
+        pytest.param((300, 7, 40), (0, 2), (7, 1), id="middle-kept"),
+    ],
+)
+def test_whole_group_kernels_on_two_threads(rng, shape, axes, wshape, dtype):
+    """Each item a whole group (statistics, rstd and y in one call; sums and dx in the
+    other), on two threads with per-thread dweight/dbias: equal to the generic path within a
+    few ulp, and bit-identical from call to call."""
+    assert np.prod(shape) >= _kernels.PARALLEL_MIN_SIZE
+    x = (rng.normal(size=shape) * 3 + 50).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    w = rng.normal(size=wshape) + 1
+    b = rng.normal(size=wshape)
+    with _ops.use_kernels(True):
+        y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+        g = ng.normalize_backward(ctx, dy)
+        y2, ctx2 = ng.normalize_forward(x, axes, weight=w, bias=b)
+        g2 = ng.normalize_backward(ctx2, dy)
+    with _ops.use_kernels(False):
+        yr, ctxr = ng.normalize_forward(x, axes, weight=w, bias=b)
+        gr = ng.normalize_backward(ctxr, dy)
+    for a, a2 in ((y, y2), (g.x, g2.x), (g.weight, g2.weight), (g.bias, g2.bias)):
+        np.testing.assert_array_equal(a, a2)
+    ulp = np.finfo(dtype).eps
+    np.testing.assert_allclose(ctx.mean, ctxr.mean, rtol=1e-14)
+    np.testing.assert_allclose(ctx.var, ctxr.var, rtol=1e-12)
+    np.testing.assert_allclose(y, yr, rtol=0, atol=4 * ulp * np.abs(yr).max())
+    np.testing.assert_allclose(g.x, gr.x, rtol=0, atol=16 * ulp * np.abs(gr.x).max())
+    np.testing.assert_allclose(g.weight, gr.weight, rtol=1e-10, atol=1e-9)
+    np.testing.assert_allclose(g.bias, gr.bias, rtol=1e-10, atol=1e-9)
