@@ -568,3 +568,31 @@ def test_sweep_kernels_threaded(rng, shape, axes, wshape, dtype):
     kept = [i for i in range(x.ndim) if i not in ctx.axes]
     _close(ctx.mean.reshape([x.shape[i] for i in kept]).ravel(), mean, 2)
     np.testing.assert_allclose(ctx.var.ravel(), var, rtol=1e-13)
+
+
+def test_small_call_cache_keeps_validation(rng):
+    """The small forward caches validated arguments per call signature: a value that
+    compares equal to a cached valid one (True == 1) must still be refused, with the same
+    message as the generic path."""
+    x = rng.normal(size=(4, 5))
+    bad = [
+        ({"eps": 1}, {"eps": True}),
+        ({"axes": 1}, {"axes": True}),
+        ({"axes": (1,)}, {"axes": (True,)}),
+        ({"ddof": 1}, {"ddof": True}),
+    ]
+    for good, wrong in bad:
+        for mode in (True, False):
+            with _ops.use_kernels(mode):
+                ng.normalize(x, **good)
+                with pytest.raises(NormgradError) as err:
+                    ng.normalize(x, **wrong)
+            if mode:
+                msg = str(err.value)
+            else:
+                assert str(err.value) == msg
+    before = _kernels.calls["forward_small"]
+    y1 = ng.normalize(x, (1,))
+    y2 = ng.normalize(x, [1])  # unhashable axes: the general path, same numbers
+    assert _kernels.calls["forward_small"] == before + 1
+    np.testing.assert_allclose(y1, y2, rtol=0, atol=8 * np.finfo(float).eps * np.abs(y2).max())

@@ -18,9 +18,12 @@ imports it lazily. The math is the one in `_ops.py`: the same statistics, the sa
 **Threads.** The `G` groups are cut into `G * nc` items (`nc` chunks per group, so that a
 single group still feeds every thread); each item's partial sums land in their own slot and
 are merged in a fixed order (statistics with Chan's parallel formula for
-`(count, mean, M2)`), so results do not depend on which thread ran what. The serial kernels
-release the GIL and run on the pool in `_pool.py` (`NUMBA_NUM_THREADS` threads, the caller
-included), whose threads claim chunks of items dynamically and spin briefly between jobs.
+`(count, mean, M2)`), so results do not depend on which thread ran what. With `nc == 1`
+(many groups, or a small input) an item is a whole group and each direction is one call
+(`_forward_groups`, `_backward_groups`): both passes run while the group is in cache. The
+kernels release the GIL and run on the pool in `_pool.py` (`NUMBA_NUM_THREADS` threads, the
+caller included): each kernel claims chunks of items itself (`_claim`) and counts them done
+(`_chunk_done`); dweight/dbias sums go to one slot per chunk, not per thread.
 
 **Batch norm (sweep kernels).** Where a group is several runs (`Ra > 1`) and the affine
 parameters are constant per group, an item is instead a range of `Ra` rows of one `Ka` block
@@ -334,9 +337,10 @@ def _forward_groups(ctl, nchunks, items, t, x, w, b, affine, eps, inside, m, sta
         for g in range(i0, i1):
             k0 = g // kb
             k1 = g - k0 * kb
-            shift = np.float64(x[k0, 0, k1, 0])
+            xs = x[k0, 0, k1]  # the first run (the whole group when ra == 1)
+            shift = np.float64(xs[0])
             if ra == 1 and rb <= BLOCK:  # one short run (rows, instances): no span walking
-                _, mean, m2 = _add_block(x[k0, 0, k1], shift, 0.0, 0.0, 0.0)
+                _, mean, m2 = _add_block(xs, shift, 0.0, 0.0, 0.0)
             else:
                 _, mean, m2 = _span_stats(x, k0, k1, 0, n, shift)
             mu = shift + mean
@@ -346,9 +350,8 @@ def _forward_groups(ctl, nchunks, items, t, x, w, b, affine, eps, inside, m, sta
             stats[1, g] = v
             stats[2, g] = r
             if ra == 1 and affine:
-                _seg_forward(x[k0, 0, k1], w[k0, 0, k1], b[k0, 0, k1], y[k0, 0, k1], mu, r, True)
+                _seg_forward(xs, w[k0, 0, k1], b[k0, 0, k1], y[k0, 0, k1], mu, r, True)
             elif ra == 1:  # x stands in for the unused parameters: no slices of them to make
-                xs = x[k0, 0, k1]
                 _seg_forward(xs, xs, xs, y[k0, 0, k1], mu, r, False)
             else:
                 _span_forward(x, k0, k1, 0, n, mu, r, w, b, affine, y)
