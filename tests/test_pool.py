@@ -136,6 +136,8 @@ def test_whole_group_kernels_on_two_threads(rng, shape, axes, wshape, dtype):
     for a, a2 in ((y, y2), (g.x, g2.x), (g.weight, g2.weight), (g.bias, g2.bias)):
         np.testing.assert_array_equal(a, a2)
     ulp = np.finfo(dtype).eps
+    # the kernels compute rstd themselves: the same formula as `_ops._rstd`, bit for bit
+    np.testing.assert_array_equal(ctx.rstd, _ops._rstd(np, ctx.var, ctx.eps, ctx.eps_mode))
     np.testing.assert_allclose(ctx.mean, ctxr.mean, rtol=1e-14)
     np.testing.assert_allclose(ctx.var, ctxr.var, rtol=1e-12)
     np.testing.assert_allclose(y, yr, rtol=0, atol=4 * ulp * np.abs(yr).max())

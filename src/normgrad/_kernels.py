@@ -468,7 +468,7 @@ def _forward_sweep(ctl, nchunks, items, t, x, mean, rstd, wg, bg, affine, nc, y)
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
 def _backward_sums_sweep(ctl, nchunks, items, t, x, dy, mean, nc, psdy, psdyd):  # type: ignore[no-untyped-def]
     """Partial `sum dy` and `sum dy (x - mu)`; a per-group weight multiplies them later."""
-    _, ra, kb, rb = x.shape
+    _, ra, kb, _ = x.shape
     while True:
         k, i0, i1 = _claim(ctl, nchunks, items, t)
         if k < 0:
@@ -482,13 +482,10 @@ def _backward_sums_sweep(ctl, nchunks, items, t, x, dy, mean, nc, psdy, psdyd): 
                 for k1 in range(kb):
                     mu = mean[k0 * kb + k1]
                     xs = x[k0, r0, k1]
-                    ds = dy[k0, r0, k1]
-                    sg = 0.0
-                    sgd = 0.0
-                    for j in range(rb):
-                        dj = float(ds[j])
-                        sg += dj
-                        sgd += dj * (xs[j] - mu)
+                    # no weight, no accumulators: x and psdy stand in (never read or written)
+                    sg, sgd = _seg_sums(
+                        xs, dy[k0, r0, k1], xs, False, psdy, False, psdy, False, mu, 1.0
+                    )
                     psdy[i * kb + k1] += sg
                     psdyd[i * kb + k1] += sgd
         _chunk_done(ctl)
