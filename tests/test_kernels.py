@@ -47,35 +47,40 @@ def _dx_scale(ctx, dy) -> float:
 
 
 @contextmanager
-def _small_max(size):
-    """Set `SMALL_MAX_SIZE` inside a block: 0 sends every input to the blocked kernels."""
-    old = _ops.SMALL_MAX_SIZE
-    _ops.SMALL_MAX_SIZE = size
+def _path(path):
+    """Send the kernel calls inside a block down one path: "small" (the default: the
+    single-call kernels up to SMALL_MAX_SIZE), "planned" (SMALL_MAX_SIZE = 0: C-contiguous
+    inputs without affine parameters go to the cached whole-group call, others to the blocked
+    kernels) or "blocked" (the blocked kernels' `forward`/`backward` for every input)."""
+    old = _ops.SMALL_MAX_SIZE, _ops._small_forward, _kernels.backward_small
+    if path != "small":
+        _ops.SMALL_MAX_SIZE = 0
+    if path == "blocked":
+        _ops._small_forward = lambda *a: None
+        _kernels.backward_small = lambda *a: None
     try:
         yield
     finally:
-        _ops.SMALL_MAX_SIZE = old
+        _ops.SMALL_MAX_SIZE, _ops._small_forward, _kernels.backward_small = old
 
 
-# Each agreement test runs on the small single-call kernels (where the layout allows) and on
-# the blocked kernels.
-PATHS = pytest.mark.parametrize(
-    "small_max", [_ops.SMALL_MAX_SIZE, 0], ids=["small-kernels", "blocked-kernels"]
-)
+# Each agreement test runs on the small single-call kernels (where the layout allows), on the
+# planned whole-group calls and on the blocked kernels.
+PATHS = pytest.mark.parametrize("path", ["small", "planned", "blocked"])
 
 
 def _forward_calls():
     return _kernels.calls["forward"] + _kernels.calls["forward_small"]
 
 
-def _both(x, axes, dy=None, small_max=_ops.SMALL_MAX_SIZE, **kw):
+def _both(x, axes, dy=None, path="small", **kw):
     """(kernel results, generic results) for forward and backward, checking the kernels ran."""
     before = dict(_kernels.calls)
-    with _ops.use_kernels(True), _small_max(small_max):
+    with _ops.use_kernels(True), _path(path):
         yk, ck = ng.normalize_forward(x, axes, **kw)
         gk = ng.normalize_backward(ck, dy) if dy is not None else None
     assert _forward_calls() == before["forward"] + before["forward_small"] + 1, "no kernel ran"
-    if small_max == 0:
+    if path != "small":
         assert _kernels.calls["forward_small"] == before["forward_small"]
     with _ops.use_kernels(False):
         yr, cr = ng.normalize_forward(x, axes, **kw)
@@ -83,8 +88,8 @@ def _both(x, axes, dy=None, small_max=_ops.SMALL_MAX_SIZE, **kw):
     return (yk, ck, gk), (yr, cr, gr)
 
 
-def _check(x, axes, dy, ulps=4, small_max=_ops.SMALL_MAX_SIZE, **kw):
-    (yk, ck, gk), (yr, cr, gr) = _both(x, axes, dy, small_max, **kw)
+def _check(x, axes, dy, ulps=4, path="small", **kw):
+    (yk, ck, gk), (yr, cr, gr) = _both(x, axes, dy, path, **kw)
     _close(yk, yr, ulps, _y_scale(cr))
     for name in ("mean", "var", "rstd"):
         k, r = getattr(ck, name), getattr(cr, name)
@@ -116,10 +121,10 @@ LAYOUTS = [
 @PATHS
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
-def test_layouts_agree(rng, shape, axes, dtype, small_max):
+def test_layouts_agree(rng, shape, axes, dtype, path):
     x = (rng.normal(size=shape) * 3 + 1).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
-    _check(x, axes, dy, small_max=small_max)
+    _check(x, axes, dy, path=path)
 
 
 @pytest.mark.parametrize(
@@ -137,18 +142,18 @@ def test_strided_inputs_agree(rng, make, axes):
     x = make(rng.normal(size=(24, 20)) + 2)
     dy = rng.normal(size=x.shape)
     _check(x, axes, dy)
-    _check(x, axes, dy, small_max=0)
+    _check(x, axes, dy, path="blocked")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("eps_mode", ["inside", "outside"])
 @pytest.mark.parametrize("ddof", [0, 1, 2.5])
 @PATHS
-def test_options_agree(rng, dtype, eps_mode, ddof, small_max):
+def test_options_agree(rng, dtype, eps_mode, ddof, path):
     x = rng.normal(size=(8, 3, 16)).astype(dtype)
     dy = rng.normal(size=x.shape).astype(dtype)
-    _check(x, (0, 2), dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, small_max=small_max)
-    _check(x, -1, dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, small_max=small_max)
+    _check(x, (0, 2), dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, path=path)
+    _check(x, -1, dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, path=path)
 
 
 @pytest.mark.parametrize(
@@ -474,14 +479,14 @@ def _cases(draw):
 
 @PATHS
 @given(_cases())
-def test_random_layouts_agree(small_max, case):
+def test_random_layouts_agree(path, case):
     shape, axes, perm, dtype, seed = case
     rng = np.random.default_rng(seed)
     x = rng.normal(size=shape).astype(dtype).transpose(perm)  # any memory order
     dy = rng.normal(size=x.shape).astype(dtype)
     if np.prod([x.shape[a] for a in axes]) < 2:
         return  # groups of one element: eps decides everything, covered above
-    (yk, _, gk), (yr, cr, gr) = _both(x, axes, dy, small_max)
+    (yk, _, gk), (yr, cr, gr) = _both(x, axes, dy, path)
     _close(yk, yr, 4, _y_scale(cr))
     # tiny groups can have var ~ eps: x - mu then carries most of the rounding, on both paths
     _close(gk.x, gr.x, 64, _dx_scale(cr, dy))
@@ -596,3 +601,45 @@ def test_small_call_cache_keeps_validation(rng):
     y2 = ng.normalize(x, [1])  # unhashable axes: the general path, same numbers
     assert _kernels.calls["forward_small"] == before + 1
     np.testing.assert_allclose(y1, y2, rtol=0, atol=8 * np.finfo(float).eps * np.abs(y2).max())
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [((80, 1024), -1), ((4, 8, 48, 64), (2, 3)), ((400, 400), None)],
+    ids=["rows", "instance", "whole"],
+)
+def test_planned_calls_match_blocked_kernels(rng, shape, axes, dtype):
+    """Above SMALL_MAX_SIZE, a C-contiguous input without affine parameters whose groups stay
+    whole runs one cached whole-group call per direction on the pool: the same kernels and
+    chunks as the blocked path, so the same bits; a whole tensor this size is split, so it
+    takes the blocked path."""
+    x = (rng.normal(size=shape) * 2 + 5).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    assert x.size > _ops.SMALL_MAX_SIZE
+    got = {}
+    for path in ("planned", "blocked"):
+        before = dict(_kernels.calls)
+        with _ops.use_kernels(True), _path(path):
+            y, ctx = ng.normalize_forward(x, axes)
+            g = ng.normalize_backward(ctx, dy)
+        assert _kernels.calls["forward"] == before["forward"] + 1
+        assert _kernels.calls["backward"] == before["backward"] + 1
+        got[path] = (y, ctx.mean, ctx.var, ctx.rstd, g.x)
+    for a, b in zip(got["planned"], got["blocked"], strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    _check(x, axes, dy)
+    planned = _kernels.small_plan(x.shape, ctx.axes)
+    assert (planned.threads > 0) == (axes is not None)
+
+
+def test_planned_call_refuses_zero_variance(rng):
+    """eps=0 with a constant group: the planned call raises as the generic path does."""
+    x = rng.normal(size=(80, 1024))
+    x[3] = 7.0
+    before = _kernels.calls["forward"]
+    for mode in (True, False):
+        with _ops.use_kernels(mode), pytest.raises(NormgradError, match="variance"):
+            ng.normalize(x, -1, eps=0)
+    assert _kernels.calls["forward"] == before + 1

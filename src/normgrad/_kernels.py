@@ -978,10 +978,11 @@ def _group_acc(v: np.ndarray, p: _Param, lay: Layout) -> np.ndarray:
 
 
 class _Small(NamedTuple):
-    """How a C-contiguous input is viewed by the small kernels: plain reshapes, no copies."""
+    """How a C-contiguous input is viewed by the planned calls: plain reshapes, no copies."""
 
     shape4: tuple[int, int, int, int]
     stats: tuple[int, ...]  # (3, *shape of mean/var/rstd), groups in C order
+    threads: int  # for one whole-group call on the pool; 0 where groups must be split
 
 
 @functools.lru_cache(maxsize=256)
@@ -997,24 +998,50 @@ def small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
     if big != sorted(big):
         return None
     keepdims = tuple(1 if i in axes else s for i, s in enumerate(shape))
-    return _Small(lay.shape4, (3, *keepdims))
+    ka, ra, kb, rb = lay.shape4
+    nc, nthreads = _plan_threads(ka * kb, ra * rb)
+    return _Small(lay.shape4, (3, *keepdims), nthreads if nc == 1 else 0)
 
 
-def backward_small(ctx: Any, dy: np.ndarray, c_k: np.ndarray) -> np.ndarray | None:
+def forward_planned(x, sp, eps, inside, m, stats, y) -> None:  # type: ignore[no-untyped-def]
+    """`_forward_small`'s job for a larger input whose groups stay whole (`sp.threads` > 0):
+    one `_forward_groups` call on the pool, without `forward`'s layout work (a tenth of a
+    10^5-element call)."""
+    groups = sp.shape4[0] * sp.shape4[2]
+    none = _absent(True, sp.shape4).view  # never read: affine is False
+    args = (x.reshape(sp.shape4), none, none, False, eps, inside, m, stats.reshape(3, groups))
+    _run(_forward_groups, groups, sp.threads, (*args, y.reshape(sp.shape4)))
+    calls["forward"] += 1
+
+
+def backward_small(ctx: Any, dy: np.ndarray, c_k: np.ndarray, single: bool) -> np.ndarray | None:
     """`dx` for a context from a C-contiguous input without affine parameters and a
-    C-contiguous float32/float64 `dy`, in one single-threaded kernel call; None otherwise."""
+    C-contiguous float32/float64 `dy`: one single-threaded `_backward_small` call if
+    `single`, else one `_backward_groups` call on the pool where groups stay whole; None
+    where neither applies."""
     x = ctx.x
     sp = small_plan(x.shape, ctx.axes)
     if sp is None or not (x.flags.c_contiguous and dy.flags.c_contiguous):
         return None
     if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.stats[1:]:
         return None
+    if not (single or sp.threads):
+        return None
     dx = np.empty(sp.shape4, ctx.dtype)
     m = float(ctx.group_size - ctx.ddof)
     x4, dy4 = x.reshape(sp.shape4), dy.reshape(sp.shape4)
     mean, rstd, c = ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c_k.reshape(-1)
-    _backward_small(x4, dy4, mean, rstd, c, m, dx)
-    calls["backward_small"] += 1
+    if single:
+        _backward_small(x4, dy4, mean, rstd, c, m, dx)
+        calls["backward_small"] += 1
+        return dx.reshape(x.shape)
+    groups = mean.size
+    nchunks = _chunks(groups, sp.threads)
+    none = _absent(True, sp.shape4).view  # never read: has_w is False
+    acc = _repeat(_ZERO, (nchunks, *sp.shape4))  # never written: need_dw, need_db are False
+    args = (x4, dy4, mean, rstd, c, none, False, acc, False, acc, False, m, dx)
+    _run(_backward_groups, groups, sp.threads, args, nchunks)
+    calls["backward"] += 1
     return dx.reshape(x.shape)
 
 

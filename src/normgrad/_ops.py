@@ -202,8 +202,8 @@ def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None)
     kernels, small, blocked = _kernels_for(ctx.x, no_affine)
     if kernels is not None and _is_numpy(dy):
         c = _coef(xp, ctx)
-        if small:
-            dx = kernels.backward_small(ctx, dy, c)
+        if no_affine and (small or blocked):
+            dx = kernels.backward_small(ctx, dy, c, small)
             if dx is not None:
                 return Gradients(dx, None, None)
         if blocked:
@@ -707,11 +707,13 @@ _small_calls: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
 def _small_forward(
     x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float
 ) -> tuple[Array, NormContext] | None:
-    """`normalize_forward` of a small C-contiguous NumPy input without affine parameters or
-    `out`, in one single-threaded kernel call (`_kernels._forward_small`), or None where
-    that does not apply. The arguments are validated once per distinct call signature and
-    the plan cached: a call costs about 2.5 us, a fifth of it the kernel (docs/performance.md)."""
-    if x.size > SMALL_MAX_SIZE or not x.flags.c_contiguous:
+    """`normalize_forward` of a C-contiguous NumPy input without affine parameters or `out`
+    whose layout reshapes to blocks, in one kernel call: single-threaded up to
+    `SMALL_MAX_SIZE` elements (`_kernels._forward_small`), else on the pool where each
+    group stays whole (`_kernels.forward_planned`); None where neither applies. The
+    arguments are validated once per distinct call signature and the plan cached: a small
+    call costs about 2.5 us, a fifth of it the kernel (docs/performance.md)."""
+    if not x.flags.c_contiguous:
         return None
     if (_kernel_mode.get() or _env_mode()) == "0":
         return None
@@ -729,31 +731,35 @@ def _small_forward(
         return None
     if call is None:
         return None
-    ax, n, m, eps_f, inside, shape4, stats_shape, kernel = call
+    ax, n, m, eps_f, inside, plan = call
+    single = x.size <= SMALL_MAX_SIZE
+    if not (single or plan.threads):
+        return None
     y = np.empty(x.shape, x.dtype)
-    st = np.empty(stats_shape)  # mean, var, rstd, each keepdims
-    kernel(x, shape4, eps_f, inside, m, st, y)
+    st = np.empty(plan.stats)  # mean, var, rstd, each keepdims
+    if single:
+        _kernels_module._forward_small(x, plan.shape4, eps_f, inside, m, st, y)
+        _kernels_module.calls["forward_small"] += 1
+    else:
+        _kernels_module.forward_planned(x, plan, eps_f, inside, m, st, y)
     mean, var, rstd = st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
     if eps_f == 0:
         _refuse_zero_variance(np, var, x, ax)
-    _kernels_module.calls["forward_small"] += 1
     return y, _numpy_context(x, ax, mean, var, rstd, eps_f, eps_mode, ddof, n)
 
 
 def _small_call(
     x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float
 ) -> tuple[Any, ...] | None:
-    """Validate the arguments (raising as `normalize_forward` would) and plan the small
-    kernel call; None where the small kernels do not apply."""
+    """Validate the arguments (raising as `normalize_forward` would) and plan the kernel
+    call; None where the planned calls do not apply."""
     _, ax, n, _, _, _ = _validate(x, axes, eps, eps_mode, ddof, None, None)
     if x.dtype.char not in "fd" or not x.dtype.isnative or _load_kernels() is None:
         return None
     plan = _kernels_module.small_plan(x.shape, ax)
     if plan is None:
         return None
-    inside = eps_mode == "inside"
-    kernel = _kernels_module._forward_small
-    return (ax, n, float(n - ddof), float(eps), inside, plan.shape4, plan.stats, kernel)
+    return (ax, n, float(n - ddof), float(eps), eps_mode == "inside", plan)
 
 
 _env_mode_value: str | None = None
