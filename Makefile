@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck pytest bench clean
+.PHONY: demo test lint typecheck pytest bench clean clean-cache
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +31,10 @@ pytest: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m normgrad bench
 
-clean:
+# numba's cache (src/normgrad/__pycache__/*.nbi, *.nbc) is keyed on each kernel's own file:
+# after editing _pool.py or _stream.py, which the kernels in _kernels.py inline, clear it.
+clean-cache:
+	find src -name '*.nb[ic]' -delete
+
+clean: clean-cache
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -18,6 +18,8 @@ from normgrad import _ops
 from normgrad._errors import NormgradError
 
 pytest.importorskip("numba")
+import numba
+
 from normgrad import _kernels
 
 
@@ -643,3 +645,65 @@ def test_planned_call_refuses_zero_variance(rng):
         with _ops.use_kernels(mode), pytest.raises(NormgradError, match="variance"):
             ng.normalize(x, -1, eps=0)
     assert _kernels.calls["forward"] == before + 1
+
+
+@numba.njit
+def _seg_both(xs, ds, ys, dxs, mu, r, m, bt, stream):
+    _kernels._seg_forward(xs, xs, xs, ys, mu, r, False, stream)
+    _kernels._seg_backward(xs, ds, xs, False, dxs, mu, r, m, bt, stream)
+
+
+@pytest.mark.parametrize(("xdt", "ddt"), [("f4", "f4"), ("f8", "f8"), ("f4", "f8")])
+def test_streaming_stores_give_the_same_bits(rng, xdt, ddt):
+    """The non-temporal vector stores compute what the scalar loops compute (a kernel without
+    FMA contraction), for every length and alignment of the output, and leave the elements
+    around the segment alone."""
+    for n in [0, 1, 15, 16, 17, 40, 257]:
+        for shift in range(0, 9, 3):
+            x = (rng.normal(size=n) * 3 + 100).astype(xdt)
+            d = rng.normal(size=n).astype(ddt)
+            out = {}
+            for stream in (False, True):
+                ys = np.full(n + 16, -1.0, xdt)
+                dxs = np.full(n + 16, -1.0, xdt)
+                seg = slice(shift, shift + n)
+                _seg_both(x, d, ys[seg], dxs[seg], 99.5, 0.37, 0.01, -0.2, stream)
+                out[stream] = ys, dxs
+            for a, b in zip(out[False], out[True], strict=True):
+                np.testing.assert_array_equal(a, b)
+                assert np.all(b[:shift] == -1) and np.all(b[shift + n :] == -1)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [((400, 400), None), ((16, 999), -1), ((4, 3, 17, 19), (0, 2, 3)), ((4, 3, 17, 19), (2, 3))],
+    ids=["whole", "rows", "channels", "instance"],
+)
+def test_streaming_into_out_agrees(monkeypatch, rng, shape, axes, dtype):
+    """Preallocated outputs above STREAM_MIN_BYTES (here 0) are written with non-temporal
+    stores, also when misaligned: the same results as without (dx within a few ulp: kernels
+    with FMA contraction fuse the scalar loop and not the vector one) and as the generic path."""
+    monkeypatch.setattr(_kernels, "STREAM_MIN_BYTES", 0)
+    x = (rng.normal(size=shape) * 2 + 50).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    results = []
+    for limit in (0, 1 << 62):
+        monkeypatch.setattr(_kernels, "STREAM_MIN_BYTES", limit)
+        ybuf = np.empty(x.size + 1, dtype)[1:].reshape(shape)  # off a 64-byte boundary
+        dxbuf = np.empty(x.size + 3, dtype)[3:].reshape(shape)
+        with _ops.use_kernels(True), _path("blocked"):
+            y, ctx = ng.normalize_forward(x, axes, out=ybuf)
+            g = ng.normalize_backward(ctx, dy, out=dxbuf)
+        assert y is ybuf and g.x is dxbuf
+        results.append((y.copy(), g.x.copy(), ctx))
+    (ys, dxs, ctx), (yp, dxp, _) = results
+    np.testing.assert_array_equal(ys, yp)
+    _close(dxs, dxp, 4, _dx_scale(ctx, dy))
+    if axes is None:  # the split kernels do not contract: the same bits
+        np.testing.assert_array_equal(dxs, dxp)
+    with _ops.use_kernels(False):
+        yr, cr = ng.normalize_forward(x, axes)
+        gr = ng.normalize_backward(cr, dy)
+    _close(ys, yr, 4, _y_scale(cr))
+    _close(dxs, gr.x, 16, _dx_scale(cr, dy))
