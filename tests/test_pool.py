@@ -14,7 +14,7 @@ from numba import njit
 
 import normgrad as ng
 from normgrad import _kernels, _ops, _pool
-from normgrad._pool import chunk_done, claim
+from normgrad._pool import claim
 
 
 @njit(nogil=True)
@@ -31,7 +31,6 @@ def _mark(ctl, nchunks, items, slot, hits, who):  # type: ignore[no-untyped-def]
                 s += np.sqrt(k + i)
             if s < 0:
                 hits[i] = -1
-        chunk_done(ctl)
 
 
 @njit(nogil=True)
@@ -43,7 +42,6 @@ def _fail_at(ctl, nchunks, items, slot, bad):  # type: ignore[no-untyped-def]
         for i in range(i0, i1):
             if i == bad:
                 raise ValueError("planted failure")
-        chunk_done(ctl)
 
 
 @pytest.mark.parametrize("items", [1, 2, 7, 31, 32, 33, 500])
@@ -144,3 +142,15 @@ def test_whole_group_kernels_on_two_threads(rng, shape, axes, wshape, dtype):
     np.testing.assert_allclose(g.x, gr.x, rtol=0, atol=16 * ulp * np.abs(gr.x).max())
     np.testing.assert_allclose(g.weight, gr.weight, rtol=1e-10, atol=1e-9)
     np.testing.assert_allclose(g.bias, gr.bias, rtol=1e-10, atol=1e-9)
+
+
+@pytest.mark.parametrize(("nchunks", "threads"), [(1, 2), (10, 3), (33, 4)])
+def test_chunks_of_threads_that_never_come_are_stolen(nchunks, threads):
+    """Each thread owns a range of chunks; a thread that never runs leaves its range to the
+    others: here the caller alone takes every chunk exactly once and counts all done."""
+    ctl = _pool._deal(_pool._new_ctl(threads), nchunks, threads)
+    hits = np.zeros(nchunks, np.int64)
+    who = np.full(nchunks, -1, np.int64)
+    _mark(ctl, nchunks, nchunks, 0, hits, who)
+    assert np.all(hits == 1) and np.all(who == 0)
+    assert ctl[_pool._DONE] == nchunks

@@ -22,8 +22,8 @@ are merged in a fixed order (statistics with Chan's parallel formula for
 (many groups, or a small input) an item is a whole group and each direction is one call
 (`_forward_groups`, `_backward_groups`): both passes run while the group is in cache. The
 kernels release the GIL and run on the pool in `_pool.py` (`NUMBA_NUM_THREADS` threads, the
-caller included): each kernel claims chunks of items itself (`_claim`) and counts them done
-(`_chunk_done`); dweight/dbias sums go to one slot per chunk, not per thread.
+caller included): each kernel claims chunks of items itself (`_claim`, which also counts the
+previous chunk done); dweight/dbias sums go to one slot per chunk, not per thread.
 
 **Batch norm (sweep kernels).** Where a group is several runs (`Ra > 1`) and the affine
 parameters are constant per group, an item is instead a range of `Ra` rows of one `Ka` block
@@ -49,7 +49,6 @@ import numpy as np
 from numba import njit
 
 from ._pool import CHUNKS_PER_THREAD
-from ._pool import chunk_done as _chunk_done
 from ._pool import chunks as _chunks
 from ._pool import claim as _claim
 from ._pool import run as _run
@@ -250,7 +249,6 @@ def _stats_items(ctl, nchunks, items, t, x, nc, pmean, pm2):  # type: ignore[no-
             k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
             shift = np.float64(x[k0, 0, k1, 0])  # numba: float(float32) stays float32
             _, pmean[i], pm2[i] = _span_stats(x, k0, k1, lo, hi, shift)
-        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
@@ -290,7 +288,6 @@ def _forward_items(ctl, nchunks, items, t, x, mean, rstd, w, b, affine, nc, y, s
             k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
             g = k0 * kb + k1
             _span_forward(x, k0, k1, lo, hi, mean[g], rstd[g], w, b, affine, y, stream)
-        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
@@ -324,7 +321,6 @@ def _backward_sums_items(  # type: ignore[no-untyped-def]
             psg[i], psgd[i] = _span_backward_sums(
                 x, dy, k0, k1, lo, hi, mean[g], rstd[g], w, has_w, dwacc, need_dw, dbacc, need_db, k
             )
-        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
@@ -339,7 +335,6 @@ def _backward_items(ctl, nchunks, items, t, x, dy, mean, rstd, w, has_w, mg, bet
             g = k0 * kb + k1
             mu, r, mgg, btg = mean[g], rstd[g], mg[g], beta[g]
             _span_backward(x, dy, k0, k1, lo, hi, mu, r, w, has_w, mgg, btg, dx, stream)
-        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True, error_model="numpy")  # IEEE: 1/0 is inf
@@ -373,7 +368,6 @@ def _forward_groups(ctl, nchunks, items, t, x, w, b, affine, eps, inside, m, sta
                 _seg_forward(xs, xs, xs, y[k0, 0, k1], mu, r, False, stream)
             else:
                 _span_forward(x, k0, k1, 0, n, mu, r, w, b, affine, y, stream)
-        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
@@ -427,7 +421,6 @@ def _backward_groups(  # type: ignore[no-untyped-def]
                 )
                 bt = -c[g] * r * r * sgd / m
                 _span_backward(x, dy, k0, k1, 0, n, mu, r, w, has_w, sg / n, bt, dx, stream)
-        _chunk_done(ctl)
 
 
 # Sweep kernels (batch norm): item i = (k0, chunk c of the Ra rows) covers, in memory order,
@@ -470,7 +463,6 @@ def _stats_sweep(ctl, nchunks, items, t, x, nc, pmean, pm2):  # type: ignore[no-
                     pmean[i * kb + k1] = mean
                     pm2[i * kb + k1] = m2
                 cnt0 += rb
-        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
@@ -496,7 +488,6 @@ def _forward_sweep(ctl, nchunks, items, t, x, mean, rstd, wg, bg, affine, nc, y,
                             ys[j] = ((xs[j] - mu) * r) * wv + bv
                     else:
                         _seg_forward(xs, xs, xs, ys, mu, r, False, stream)
-        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
@@ -522,7 +513,6 @@ def _backward_sums_sweep(ctl, nchunks, items, t, x, dy, mean, nc, psdy, psdyd): 
                     )
                     psdy[i * kb + k1] += sg
                     psdyd[i * kb + k1] += sgd
-        _chunk_done(ctl)
 
 
 @njit(cache=True, nogil=True)
@@ -550,7 +540,6 @@ def _backward_sweep(ctl, nchunks, items, t, x, dy, mean, rstd, wg, has_w, mg, be
                             dxs[j] = r * (ds[j] * wv - m) + bt * (xs[j] - mu)
                     else:
                         _seg_backward(xs, ds, xs, False, dxs, mu, r, m, bt, stream)
-        _chunk_done(ctl)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True, error_model="numpy")  # IEEE: 1/0 is inf
