@@ -409,6 +409,36 @@ def test_out_is_filled_and_returned(rng, mode):
     np.testing.assert_array_equal(dxo, g2.x)
 
 
+@pytest.mark.parametrize("shape", [(8, 30), (80, 1024)], ids=["small", "planned"])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_out_on_the_planned_calls(rng, shape, contiguous):
+    """A C-contiguous `out` keeps a call without affine parameters on the small or planned
+    kernels (filled in place); a strided one takes the blocked kernels; same results."""
+    x = rng.normal(size=shape).astype(np.float32) + 3
+    dy = rng.normal(size=shape).astype(np.float32)
+    if contiguous:
+        yo, dxo = np.empty_like(x), np.empty_like(x)
+    else:
+        yo = np.empty((shape[0], 2 * shape[1]), np.float32)[:, ::2]
+        dxo = np.empty((shape[0], 2 * shape[1]), np.float32)[:, 1::2]
+    y2, ctx2 = ng.normalize_forward(x, -1)
+    g2 = ng.normalize_backward(ctx2, dy)
+    before = dict(_kernels.calls)
+    y, ctx = ng.normalize_forward(x, -1, out=yo)
+    g = ng.normalize_backward(ctx, dy, out=dxo)
+    assert y is yo and g.x is dxo
+    small = x.size <= _ops.SMALL_MAX_SIZE
+    planned = 2 if contiguous and small else 0
+    assert _kernels.calls["forward_small"] + _kernels.calls["backward_small"] == (
+        before["forward_small"] + before["backward_small"] + planned
+    )
+    _close(y, y2, 4, _y_scale(ctx2))
+    _close(g.x, g2.x, 16, _dx_scale(ctx2, dy))
+    if contiguous:
+        np.testing.assert_array_equal(y, y2)
+        np.testing.assert_array_equal(g.x, g2.x)
+
+
 def test_out_is_checked(rng):
     x = rng.normal(size=(4, 5))
     for bad in (np.empty((5, 4)), np.empty((4, 5), np.float32), [0.0] * 20, x, x[:, :]):

@@ -1034,46 +1034,51 @@ def small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
     return _Small(lay.shape4, (3, *keepdims), nthreads if nc == 1 else 0)
 
 
-def forward_planned(x, sp, eps, inside, m, stats, y) -> None:  # type: ignore[no-untyped-def]
+def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ignore[no-untyped-def]
     """`_forward_small`'s job for a larger input whose groups stay whole (`sp.threads` > 0):
     one `_forward_groups` call on the pool, without `forward`'s layout work (a tenth of a
-    10^5-element call)."""
+    10^5-element call). `given`: `y` is the caller's `out`."""
     groups = sp.shape4[0] * sp.shape4[2]
     none = _absent(True, sp.shape4).view  # never read: affine is False
     args = (x.reshape(sp.shape4), none, none, False, eps, inside, m, stats.reshape(3, groups))
-    _run(_forward_groups, groups, sp.threads, (*args, y.reshape(sp.shape4), False))
+    stream = _streams(y if given else None)
+    _run(_forward_groups, groups, sp.threads, (*args, y.reshape(sp.shape4), stream))
     calls["forward"] += 1
 
 
-def backward_small(ctx: Any, dy: np.ndarray, c_k: np.ndarray, single: bool) -> np.ndarray | None:
-    """`dx` for a context from a C-contiguous input without affine parameters and a
-    C-contiguous float32/float64 `dy`: one single-threaded `_backward_small` call if
-    `single`, else one `_backward_groups` call on the pool where groups stay whole; None
-    where neither applies."""
+def backward_small(
+    ctx: Any, dy: np.ndarray, c_k: np.ndarray, single: bool, out: np.ndarray | None
+) -> np.ndarray | None:
+    """`dx` for a context from a C-contiguous input without affine parameters, a
+    C-contiguous float32/float64 `dy` (and a C-contiguous checked `out`, if any): one
+    single-threaded `_backward_small` call if `single`, else one `_backward_groups` call on
+    the pool where groups stay whole; None where neither applies."""
     x = ctx.x
     sp = small_plan(x.shape, ctx.axes)
     if sp is None or not (x.flags.c_contiguous and dy.flags.c_contiguous):
+        return None
+    if out is not None and not out.flags.c_contiguous:
         return None
     if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.stats[1:]:
         return None
     if not (single or sp.threads):
         return None
-    dx = np.empty(sp.shape4, ctx.dtype)
+    dx = np.empty(sp.shape4, ctx.dtype) if out is None else out.reshape(sp.shape4)
     m = float(ctx.group_size - ctx.ddof)
     x4, dy4 = x.reshape(sp.shape4), dy.reshape(sp.shape4)
     mean, rstd, c = ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c_k.reshape(-1)
     if single:
         _backward_small(x4, dy4, mean, rstd, c, m, dx)
         calls["backward_small"] += 1
-        return dx.reshape(x.shape)
+        return dx.reshape(x.shape) if out is None else out
     groups = mean.size
     nchunks = _chunks(groups, sp.threads)
     none = _absent(True, sp.shape4).view  # never read: has_w is False
     acc = _repeat(_ZERO, (nchunks, *sp.shape4))  # never written: need_dw, need_db are False
-    args = (x4, dy4, mean, rstd, c, none, False, acc, False, acc, False, m, dx, False)
+    args = (x4, dy4, mean, rstd, c, none, False, acc, False, acc, False, m, dx, _streams(out))
     _run(_backward_groups, groups, sp.threads, args, nchunks)
     calls["backward"] += 1
-    return dx.reshape(x.shape)
+    return dx.reshape(x.shape) if out is None else out
 
 
 def _accumulator(p: _Param, nchunks: int, lay: Layout, used: bool) -> tuple[np.ndarray, np.ndarray]:

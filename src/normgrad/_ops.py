@@ -156,8 +156,8 @@ def normalize_forward(
     out: Array | None = None,
 ) -> tuple[Array, NormContext]:
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
-    if type(x) is np.ndarray and weight is None and bias is None and out is None:
-        res = _small_forward(x, axes, eps, eps_mode, ddof)
+    if type(x) is np.ndarray and weight is None and bias is None:
+        res = _small_forward(x, axes, eps, eps_mode, ddof, out)
         if res is not None:
             return res
     xp, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
@@ -198,12 +198,12 @@ def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None)
     xp = ctx.xp
     dy = _check_cotangent_shape(xp, ctx, dy, "dy")
     _check_out(xp, out, ctx.x, ctx.dtype, "out", ctx.x, dy)
-    no_affine = ctx.weight is None and ctx.bias is None and out is None
+    no_affine = ctx.weight is None and ctx.bias is None
     kernels, small, blocked = _kernels_for(ctx.x, no_affine)
     if kernels is not None and _is_numpy(dy):
         c = _coef(xp, ctx)
         if no_affine and (small or blocked):
-            dx = kernels.backward_small(ctx, dy, c, small)
+            dx = kernels.backward_small(ctx, dy, c, small, out)
             if dx is not None:
                 return Gradients(dx, None, None)
         if blocked:
@@ -705,14 +705,15 @@ _small_calls: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
 
 
 def _small_forward(
-    x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float
+    x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float, out: Any
 ) -> tuple[Array, NormContext] | None:
-    """`normalize_forward` of a C-contiguous NumPy input without affine parameters or `out`
-    whose layout reshapes to blocks, in one kernel call: single-threaded up to
-    `SMALL_MAX_SIZE` elements (`_kernels._forward_small`), else on the pool where each
-    group stays whole (`_kernels.forward_planned`); None where neither applies. The
-    arguments are validated once per distinct call signature and the plan cached: a small
-    call costs about 2.5 us, a fifth of it the kernel (docs/performance.md)."""
+    """`normalize_forward` of a C-contiguous NumPy input without affine parameters (and a
+    C-contiguous `out`, if any) whose layout reshapes to blocks, in one kernel call:
+    single-threaded up to `SMALL_MAX_SIZE` elements (`_kernels._forward_small`), else on
+    the pool where each group stays whole (`_kernels.forward_planned`); None where neither
+    applies. The arguments are validated once per distinct call signature and the plan
+    cached: a small call costs about 2.5 us, a fifth of it the kernel (docs/performance.md);
+    `out` is checked on every call."""
     if not x.flags.c_contiguous:
         return None
     if (_kernel_mode.get() or _env_mode()) == "0":
@@ -735,13 +736,19 @@ def _small_forward(
     single = x.size <= SMALL_MAX_SIZE
     if not (single or plan.threads):
         return None
-    y = np.empty(x.shape, x.dtype)
+    if out is None:
+        y = np.empty(x.shape, x.dtype)
+    elif type(out) is np.ndarray and out.flags.c_contiguous:
+        _check_out(_namespace(x), out, x, x.dtype, "out", x)
+        y = out
+    else:
+        return None
     st = np.empty(plan.stats)  # mean, var, rstd, each keepdims
     if single:
         _kernels_module._forward_small(x, plan.shape4, eps_f, inside, m, st, y)
         _kernels_module.calls["forward_small"] += 1
     else:
-        _kernels_module.forward_planned(x, plan, eps_f, inside, m, st, y)
+        _kernels_module.forward_planned(x, plan, eps_f, inside, m, st, y, out is not None)
     mean, var, rstd = st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
     if eps_f == 0:
         _refuse_zero_variance(np, var, x, ax)
