@@ -372,25 +372,9 @@ def _forward_groups(ctl, nchunks, items, t, x, w, b, affine, eps, inside, m, sta
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True)
 def _backward_groups(  # type: ignore[no-untyped-def]
-    ctl,
-    nchunks,
-    items,
-    t,
-    x,
-    dy,
-    mean,
-    rstd,
-    c,
-    w,
-    has_w,
-    dwacc,
-    need_dw,
-    dbacc,
-    need_db,
-    m,
-    dx,
-    stream,
-):
+    ctl, nchunks, items, t, x, dy, mean, rstd, c, w, has_w, dwacc, need_dw, dbacc, need_db, m,
+    dx, stream,
+):  # fmt: skip
     """Groups [i0, i1), each whole: `sum g`, `sum g (x - mu)`, then `dx` as `backward`."""
     _, ra, kb, rb = x.shape
     n = ra * rb
