@@ -642,10 +642,9 @@ def test_small_call_cache_keeps_validation(rng):
     ids=["rows", "instance", "whole"],
 )
 def test_planned_calls_match_blocked_kernels(rng, shape, axes, dtype):
-    """Above SMALL_MAX_SIZE, a C-contiguous input without affine parameters whose groups stay
-    whole runs one cached whole-group call per direction on the pool: the same kernels and
-    chunks as the blocked path, so the same bits; a whole tensor this size is split, so it
-    takes the blocked path."""
+    """Above SMALL_MAX_SIZE, a C-contiguous input without affine parameters runs one cached
+    call per direction on the pool (whole groups, or a whole tensor this size split into
+    chunks): the same kernels and chunks as the blocked path, so the same bits."""
     x = (rng.normal(size=shape) * 2 + 5).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
     assert x.size > _ops.SMALL_MAX_SIZE
@@ -663,7 +662,7 @@ def test_planned_calls_match_blocked_kernels(rng, shape, axes, dtype):
         np.testing.assert_array_equal(a, b)
     _check(x, axes, dy)
     planned = _kernels.small_plan(x.shape, ctx.axes)
-    assert (planned.threads > 0) == (axes is not None)
+    assert (planned.nc == 1) == (axes is not None)
 
 
 def test_planned_call_refuses_zero_variance(rng):
@@ -737,3 +736,59 @@ def test_streaming_into_out_agrees(monkeypatch, rng, shape, axes, dtype):
         gr = ng.normalize_backward(cr, dy)
     _close(ys, yr, 4, _y_scale(cr))
     _close(dxs, gr.x, 16, _dx_scale(cr, dy))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axes", "wshape"),
+    [((400, 400), None, (400, 400)), ((400, 400), None, (400,)), ((3, 70_001), -1, (70_001,))],
+)
+def test_split_groups_in_one_job(rng, shape, axes, wshape, dtype):
+    """Groups split into chunks run as one two-phase job per direction (`_forward_split`,
+    `_backward_split`: partials, a barrier, the merge in every thread, the second pass), with
+    weight and bias: within a few ulp of the generic path, and the same bits on every call."""
+    x = (rng.normal(size=shape) * 3 + 20).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    w = rng.normal(size=wshape).astype(dtype)
+    b = rng.normal(size=wshape).astype(dtype)
+    lay = _kernels.plan(x, tuple(range(x.ndim)) if axes is None else (x.ndim - 1,))
+    ka, ra, kb, rb = lay.shape4
+    assert _kernels._plan_threads(ka * kb, ra * rb)[0] > 1  # split: the case under test
+    _check(x, axes, dy, weight=w, bias=b)
+    with _ops.use_kernels(True):
+        runs = []
+        for _ in range(3):
+            y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+            g = ng.normalize_backward(ctx, dy)
+            runs.append((y, ctx.mean, ctx.rstd, g.x, g.weight, g.bias))
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other, strict=True):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_split_job_alone_matches_two_threads(rng):
+    """A two-phase job run by the caller alone (the pool busy) takes both threads' chunks
+    in both phases and gives the same bits as on two threads."""
+    from normgrad import _pool
+
+    x = rng.normal(size=(1, 1, 1, 300_000)) + 4
+    nchunks, items, nc = 32, 16, 16
+    counts = np.array([((c + 1) * x.size) // nc - (c * x.size) // nc for c in range(nc)], float)
+    none = _kernels._absent(True, x.shape).view
+    out = []
+    for threads in (1, 2):
+        stats, y, pm = np.empty((3, 1)), np.empty_like(x), np.empty((2, items))
+        phase = _pool.phase_ctl(nchunks, 2)
+        args = (phase, counts, pm[0], pm[1], x, none, none, False, 1e-5, True, float(x.size))
+        _pool.run(_kernels._forward_split, items, threads, (*args, stats, y, False), nchunks)
+        assert phase[_pool._DONE] == nchunks
+        out.append((stats, y))
+    for a, c in zip(*out, strict=True):
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_allclose(out[0][0][0, 0], x.mean(), rtol=1e-14)
+
+
+def test_split_groups_refuse_zero_variance():
+    x = np.full((400, 400), 3.0)
+    with _ops.use_kernels(True), pytest.raises(NormgradError, match="zero variance"):
+        ng.normalize(x, eps=0)

@@ -20,7 +20,9 @@ single group still feeds every thread); each item's partial sums land in their o
 are merged in a fixed order (statistics with Chan's parallel formula for
 `(count, mean, M2)`), so results do not depend on which thread ran what. With `nc == 1`
 (many groups, or a small input) an item is a whole group and each direction is one call
-(`_forward_groups`, `_backward_groups`): both passes run while the group is in cache. The
+(`_forward_groups`, `_backward_groups`): both passes run while the group is in cache. With
+`nc > 1` each direction is still one job (`_forward_split`, `_backward_split`): the partial
+sums, a barrier (`wait_done`), the merge (every thread the same), the second pass. The
 kernels release the GIL and run on the pool in `_pool.py` (`NUMBA_NUM_THREADS` threads, the
 caller included): each kernel claims chunks of items itself (`_claim`, which also counts the
 previous chunk done); dweight/dbias sums go to one slot per chunk, not per thread.
@@ -48,9 +50,10 @@ import numba
 import numpy as np
 from numba import njit
 
-from ._pool import CHUNKS_PER_THREAD
+from ._pool import CHUNKS_PER_THREAD, begin, wait_done
 from ._pool import chunks as _chunks
 from ._pool import claim as _claim
+from ._pool import phase_ctl as _phase_ctl
 from ._pool import run as _run
 from ._stream import STREAM_MIN_BYTES, stream_backward, stream_forward, stream_span
 
@@ -281,7 +284,7 @@ def _merge_kernel(pmean, pm2, counts, mean, m2):  # type: ignore[no-untyped-def]
 def _forward_items(ctl, nchunks, items, t, x, mean, rstd, w, b, affine, nc, y, stream):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
     while True:
-        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        k, i0, i1 = _claim(ctl, nchunks, items, t, True)
         if k < 0:
             return
         for i in range(i0, i1):
@@ -327,7 +330,7 @@ def _backward_sums_items(  # type: ignore[no-untyped-def]
 def _backward_items(ctl, nchunks, items, t, x, dy, mean, rstd, w, has_w, mg, beta, nc, dx, stream):  # type: ignore[no-untyped-def]
     _, ra, kb, rb = x.shape
     while True:
-        k, i0, i1 = _claim(ctl, nchunks, items, t)
+        k, i0, i1 = _claim(ctl, nchunks, items, t, True)
         if k < 0:
             return
         for i in range(i0, i1):
@@ -335,6 +338,67 @@ def _backward_items(ctl, nchunks, items, t, x, dy, mean, rstd, w, has_w, mg, bet
             g = k0 * kb + k1
             mu, r, mgg, btg = mean[g], rstd[g], mg[g], beta[g]
             _span_backward(x, dy, k0, k1, lo, hi, mu, r, w, has_w, mgg, btg, dx, stream)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")  # IEEE: 1/0 is inf
+def _forward_split(  # type: ignore[no-untyped-def]
+    ctl, nchunks, items, t, phase, counts, pmean, pm2, x, w, b, affine, eps, inside, m, stats, y,
+    stream,
+):  # fmt: skip
+    """Groups split into `nc = counts.size` chunks, in one job: partial statistics
+    (`_stats_items`, claiming on `phase`), a barrier, then every thread Chan-merges them in
+    the same order and takes `rstd` (`_ops._rstd`'s formulas), and `y` (`_forward_items`,
+    claiming on `ctl`, each thread's last-read chunks first). `stats` (3, groups): mean,
+    var, rstd (slot 0 writes them). One job instead of two and no Python in between."""
+    begin(ctl, t)
+    nc = counts.size
+    _stats_items(phase, nchunks, items, t, x, nc, pmean, pm2)
+    if not wait_done(phase, nchunks, ctl):
+        return
+    groups = stats.shape[1]
+    kb = x.shape[2]
+    mean = np.empty(groups)
+    m2 = np.empty(groups)
+    rstd = np.empty(groups)
+    _merge_kernel(pmean, pm2, counts, mean, m2)
+    for g in range(groups):
+        k0 = g // kb
+        mean[g] += x[k0, 0, g - k0 * kb, 0]  # the statistics kernels work on x - shift
+        v = m2[g] / m
+        rstd[g] = 1.0 / np.sqrt(v + eps) if inside else 1.0 / (np.sqrt(v) + eps)
+        if t == 0:
+            stats[0, g] = mean[g]
+            stats[1, g] = v
+            stats[2, g] = rstd[g]
+    _forward_items(ctl, nchunks, items, t, x, mean, rstd, w, b, affine, nc, y, stream)
+
+
+@njit(cache=True, nogil=True)
+def _backward_split(  # type: ignore[no-untyped-def]
+    ctl, nchunks, items, t, phase, nc, psg, psgd, x, dy, mean, rstd, c, w, has_w, dwacc,
+    need_dw, dbacc, need_db, m, dx, stream,
+):  # fmt: skip
+    """The backward of groups split into `nc` chunks, in one job: partial `sum g` and
+    `sum g (x - mu)` (`_backward_sums_items`, claiming on `phase`), a barrier, the sums in
+    chunk order, then `dx` (`_backward_items`, claiming on `ctl`, last-read chunks first)."""
+    begin(ctl, t)
+    args = (x, dy, mean, rstd, w, has_w, dwacc, need_dw, dbacc, need_db, nc, psg, psgd)
+    _backward_sums_items(phase, nchunks, items, t, *args)
+    if not wait_done(phase, nchunks, ctl):
+        return
+    groups = mean.size
+    n = x.shape[1] * x.shape[3]
+    mg = np.empty(groups)
+    beta = np.empty(groups)
+    for g in range(groups):
+        sg = 0.0
+        sgd = 0.0
+        for i in range(g * nc, (g + 1) * nc):
+            sg += psg[i]
+            sgd += psgd[i]
+        mg[g] = sg / n
+        beta[g] = -c[g] * rstd[g] * rstd[g] * sgd / m
+    _backward_items(ctl, nchunks, items, t, x, dy, mean, rstd, w, has_w, mg, beta, nc, dx, stream)
 
 
 @njit(cache=True, fastmath=_REASSOC, nogil=True, error_model="numpy")  # IEEE: 1/0 is inf
@@ -817,47 +881,51 @@ def forward(
         return None
     ka, ra, kb, rb = lay.shape4
     groups, n = ka * kb, ra * rb
+    affine = weight is not None or bias is not None
     sweep = _plan_sweep(lay.shape4, (w, b))
     if sweep is not None:
-        nc, nthreads = sweep
-        pmean = np.empty(ka * nc * kb)
-        pm2 = np.empty(ka * nc * kb)
-        _run(_stats_sweep, ka * nc, nthreads, (x4, nc, pmean, pm2))
-        pmean, pm2 = (_chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
-        counts = np.array([((c + 1) * ra // nc - c * ra // nc) * rb for c in range(nc)], float)
+        return _forward_by_sweep(x4, y, y4, lay, w, b, affine, ddof, finish, sweep, out)
+    nc, nthreads = _plan_threads(groups, n)
+    stats = np.empty((3, groups))
+    args = (x4, w.view, b.view, affine, eps, inside, n - ddof, stats, y4, _streams(out))
+    if nc == 1:  # whole groups: each group's passes while it is in cache
+        _run(_forward_groups, groups, nthreads, args)
     else:
-        nc, nthreads = _plan_threads(groups, n)
-        if nc == 1 and eps > 0:  # whole groups: one parallel call, each group still in cache
-            affine = weight is not None or bias is not None
-            stats = np.empty((3, groups))
-            gargs = (x4, w.view, b.view, affine, eps, inside, n - ddof)
-            _run(_forward_groups, groups, nthreads, (*gargs, stats, y4, _streams(out)))
-            calls["forward"] += 1
-            mean_k, var_k, rstd_k = (_stats_to_keepdims(v, lay) for v in stats)
-            return y, mean_k, var_k, rstd_k
-        pmean = np.empty(groups * nc)
-        pm2 = np.empty(groups * nc)
-        _run(_stats_items, pmean.size, nthreads, (x4, nc, pmean, pm2))
         counts = np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
-    if nc == 1:
-        mean, m2 = pmean, pm2
-    else:
-        mean, m2 = np.empty(groups), np.empty(groups)
-        _merge_kernel(pmean, pm2, counts, mean, m2)
+        nchunks = _chunks(groups * nc, nthreads)
+        phase = _phase_ctl(nchunks, nthreads)
+        pmean, pm2 = np.empty(groups * nc), np.empty(groups * nc)
+        _run(_forward_split, groups * nc, nthreads, (phase, counts, pmean, pm2, *args), nchunks)
+    calls["forward"] += 1
+    mean_k, var_k, rstd_k = (_stats_to_keepdims(v, lay) for v in stats)
+    if eps == 0:
+        finish(var_k)  # raises for a zero variance (the `_ops` rule)
+    return y, mean_k, var_k, rstd_k
+
+
+def _forward_by_sweep(  # type: ignore[no-untyped-def]
+    x4, y, y4, lay, w, b, affine, ddof, finish, sweep, out
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """`forward` for layouts that `_plan_sweep` accepts: partial statistics per item, their
+    merge and `rstd` here, then `y`."""
+    ka, ra, kb, rb = lay.shape4
+    nc, nthreads = sweep
+    pmean = np.empty(ka * nc * kb)
+    pm2 = np.empty(ka * nc * kb)
+    _run(_stats_sweep, ka * nc, nthreads, (x4, nc, pmean, pm2))
+    pmean, pm2 = (_chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
+    counts = np.array([((c + 1) * ra // nc - c * ra // nc) * rb for c in range(nc)], float)
+    mean, m2 = np.empty(ka * kb), np.empty(ka * kb)
+    _merge_kernel(pmean, pm2, counts, mean, m2)
     mean = mean + x4[:, 0, :, 0].ravel()  # the statistics kernels work on x - shift
     mean_k = _stats_to_keepdims(mean, lay)
-    var_k = _stats_to_keepdims(m2 / (n - ddof), lay)
+    var_k = _stats_to_keepdims(m2 / (ra * rb - ddof), lay)
     rstd_k = finish(var_k)
     rstd = _keepdims_to_groups(rstd_k, lay)
-    affine = weight is not None or bias is not None
-    if sweep is not None:
-        sargs = (x4, mean, rstd, _per_group(w), _per_group(b), affine, nc)
-        _run(_forward_sweep, ka * nc, nthreads, (*sargs, y4, _streams(out)))
-        calls["sweep"] += 1
-    else:
-        args = (x4, mean, rstd, w.view, b.view, affine, nc)
-        _run(_forward_items, groups * nc, nthreads, (*args, y4, _streams(out)))
+    sargs = (x4, mean, rstd, _per_group(w), _per_group(b), affine, nc)
+    _run(_forward_sweep, ka * nc, nthreads, (*sargs, y4, _streams(out)))
     calls["forward"] += 1
+    calls["sweep"] += 1
     return y, mean_k, var_k, rstd_k
 
 
@@ -905,29 +973,17 @@ def backward(
     dwacc, dw5 = _accumulator(w, nchunks, lay, has_w)
     dbacc, db5 = _accumulator(b, nchunks, lay, has_b)
     m = float(ctx.group_size - ctx.ddof)
-    if nc == 1:  # whole groups: one parallel call, each group still in cache
-        gargs = (x4, dy4, mean, rstd, c, w.view, has_w, dw5, has_w, db5, has_b, m)
-        _run(_backward_groups, groups, nthreads, (*gargs, dx4, _streams(out)), nchunks)
+    args = (x4, dy4, mean, rstd, c, w.view, has_w, dw5, has_w, db5, has_b, m, dx4, _streams(out))
+    if nc == 1:  # whole groups: each group's passes while it is in cache
+        _run(_backward_groups, groups, nthreads, args, nchunks)
     else:
-        args = (x4, dy4, mean, rstd, w.view, has_w, dw5, has_w, db5, has_b, nc)
-        _backward_in_chunks(args, groups, nc, nchunks, nthreads, n, c, rstd, m, dx4, _streams(out))
+        psg, psgd = np.empty(groups * nc), np.empty(groups * nc)
+        sargs = (_phase_ctl(nchunks, nthreads), nc, psg, psgd, *args)
+        _run(_backward_split, groups * nc, nthreads, sargs, nchunks)
     calls["backward"] += 1
     dw = _param_grad(dwacc, w, lay, x, ctx.weight)
     db = _param_grad(dbacc, b, lay, x, ctx.bias)
     return dx, dw, db
-
-
-def _backward_in_chunks(args, groups, nc, nchunks, nthreads, n, c, rstd, m, dx4, stream):  # type: ignore[no-untyped-def]
-    """The backward of groups split into `nc` chunks: partial sums, merge, then `dx`."""
-    psg = np.empty(groups * nc)
-    psgd = np.empty(groups * nc)
-    _run(_backward_sums_items, psg.size, nthreads, (*args, psg, psgd), nchunks)
-    sg = psg.reshape(groups, nc).sum(axis=1)
-    sgd = psgd.reshape(groups, nc).sum(axis=1)
-    mg = sg / n
-    beta = -c * rstd * rstd * sgd / m
-    args2 = (*args[:6], mg, beta, nc)
-    _run(_backward_items, groups * nc, nthreads, (*args2, dx4, stream))
 
 
 def _backward_by_sweep(  # type: ignore[no-untyped-def]
@@ -997,7 +1053,9 @@ class _Small(NamedTuple):
 
     shape4: tuple[int, int, int, int]
     stats: tuple[int, ...]  # (3, *shape of mean/var/rstd), groups in C order
-    threads: int  # for one whole-group call on the pool; 0 where groups must be split
+    nc: int  # chunks per group on the pool (`_plan_threads`; 1: whole groups)
+    threads: int
+    counts: np.ndarray  # elements in each chunk of a group (the merge's weights)
 
 
 @functools.lru_cache(maxsize=256)
@@ -1014,19 +1072,29 @@ def small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
         return None
     keepdims = tuple(1 if i in axes else s for i, s in enumerate(shape))
     ka, ra, kb, rb = lay.shape4
-    nc, nthreads = _plan_threads(ka * kb, ra * rb)
-    return _Small(lay.shape4, (3, *keepdims), nthreads if nc == 1 else 0)
+    n = ra * rb
+    nc, nthreads = _plan_threads(ka * kb, n)
+    counts = np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
+    return _Small(lay.shape4, (3, *keepdims), nc, nthreads, counts)
 
 
 def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ignore[no-untyped-def]
-    """`_forward_small`'s job for a larger input whose groups stay whole (`sp.threads` > 0):
-    one `_forward_groups` call on the pool, without `forward`'s layout work (a tenth of a
-    10^5-element call). `given`: `y` is the caller's `out`."""
+    """`_forward_small`'s job for a larger input, on the pool: one `_forward_groups` call
+    (whole groups) or `_forward_split` call, as `forward` makes, without its layout work (a
+    tenth of a 10^5-element call). `given`: `y` is the caller's `out`."""
     groups = sp.shape4[0] * sp.shape4[2]
     none = _absent(True, sp.shape4).view  # never read: affine is False
-    args = (x.reshape(sp.shape4), none, none, False, eps, inside, m, stats.reshape(3, groups))
     stream = _streams(y if given else None)
-    _run(_forward_groups, groups, sp.threads, (*args, y.reshape(sp.shape4), stream))
+    x4, stats2, y4 = x.reshape(sp.shape4), stats.reshape(3, groups), y.reshape(sp.shape4)
+    args = (x4, none, none, False, eps, inside, m, stats2, y4, stream)
+    if sp.nc == 1:
+        _run(_forward_groups, groups, sp.threads, args)
+    else:
+        items = groups * sp.nc
+        nchunks = _chunks(items, sp.threads)
+        pm = np.empty((2, items))
+        sargs = (_phase_ctl(nchunks, sp.threads), sp.counts, pm[0], pm[1], *args)
+        _run(_forward_split, items, sp.threads, sargs, nchunks)
     calls["forward"] += 1
 
 
@@ -1035,8 +1103,8 @@ def backward_small(
 ) -> np.ndarray | None:
     """`dx` for a context from a C-contiguous input without affine parameters, a
     C-contiguous float32/float64 `dy` (and a C-contiguous checked `out`, if any): one
-    single-threaded `_backward_small` call if `single`, else one `_backward_groups` call on
-    the pool where groups stay whole; None where neither applies."""
+    single-threaded `_backward_small` call if `single`, else one `_backward_groups` or
+    `_backward_split` call on the pool, as `backward` makes; None where they do not apply."""
     x = ctx.x
     sp = small_plan(x.shape, ctx.axes)
     if sp is None or not (x.flags.c_contiguous and dy.flags.c_contiguous):
@@ -1044,8 +1112,6 @@ def backward_small(
     if out is not None and not out.flags.c_contiguous:
         return None
     if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.stats[1:]:
-        return None
-    if not (single or sp.threads):
         return None
     dx = np.empty(sp.shape4, ctx.dtype) if out is None else out.reshape(sp.shape4)
     m = float(ctx.group_size - ctx.ddof)
@@ -1055,12 +1121,17 @@ def backward_small(
         _backward_small(x4, dy4, mean, rstd, c, m, dx)
         calls["backward_small"] += 1
         return dx.reshape(x.shape) if out is None else out
-    groups = mean.size
-    nchunks = _chunks(groups, sp.threads)
+    items = mean.size * sp.nc
+    nchunks = _chunks(items, sp.threads)
     none = _absent(True, sp.shape4).view  # never read: has_w is False
     acc = _repeat(_ZERO, (nchunks, *sp.shape4))  # never written: need_dw, need_db are False
     args = (x4, dy4, mean, rstd, c, none, False, acc, False, acc, False, m, dx, _streams(out))
-    _run(_backward_groups, groups, sp.threads, args, nchunks)
+    if sp.nc == 1:
+        _run(_backward_groups, items, sp.threads, args, nchunks)
+    else:
+        ps = np.empty((2, items))
+        sargs = (_phase_ctl(nchunks, sp.threads), sp.nc, ps[0], ps[1], *args)
+        _run(_backward_split, items, sp.threads, sargs, nchunks)
     calls["backward"] += 1
     return dx.reshape(x.shape) if out is None else out
 

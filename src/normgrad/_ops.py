@@ -710,10 +710,10 @@ def _small_forward(
     """`normalize_forward` of a C-contiguous NumPy input without affine parameters (and a
     C-contiguous `out`, if any) whose layout reshapes to blocks, in one kernel call:
     single-threaded up to `SMALL_MAX_SIZE` elements (`_kernels._forward_small`), else on
-    the pool where each group stays whole (`_kernels.forward_planned`); None where neither
-    applies. The arguments are validated once per distinct call signature and the plan
-    cached: a small call costs about 2.5 us, a fifth of it the kernel (docs/performance.md);
-    `out` is checked on every call."""
+    the pool (`_kernels.forward_planned`); None where the layout does not reshape. The
+    arguments are validated once per distinct call signature and the plan cached: a small
+    call costs about 2.5 us, a fifth of it the kernel (docs/performance.md); `out` is
+    checked on every call."""
     if not x.flags.c_contiguous:
         return None
     if (_kernel_mode.get() or _env_mode()) == "0":
@@ -734,8 +734,6 @@ def _small_forward(
         return None
     ax, n, m, eps_f, inside, plan = call
     single = x.size <= SMALL_MAX_SIZE
-    if not (single or plan.threads):
-        return None
     if out is None:
         y = np.empty(x.shape, x.dtype)
     elif type(out) is np.ndarray and out.flags.c_contiguous:

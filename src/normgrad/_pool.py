@@ -103,6 +103,14 @@ def _all_done(ctl, nchunks):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
+def begin(ctl, slot):  # type: ignore[no-untyped-def]
+    """Mark the job started (slot 0, inside its kernel) before a first claim on another
+    `ctl` (a kernel with two phases): workers may join now."""
+    if slot == 0 and _load_acquire(ctl, _STARTED) == 0:
+        _fetch_add(ctl, _STARTED, 1)
+
+
+@njit(cache=True, inline="always")
 def _take(ctl, at, back):  # type: ignore[no-untyped-def]
     """A chunk off the front (or, `back`, the end) of the range at `ctl[at]`, or -1."""
     while True:
@@ -116,24 +124,25 @@ def _take(ctl, at, back):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def claim(ctl, nchunks, items, slot):  # type: ignore[no-untyped-def]
-    """The next chunk `k` for thread `slot` and its item range `(k, i0, i1)`; each call also
-    counts the chunk from the previous call done (its results are stored). `(-1, 0, 0)`
+def claim(ctl, nchunks, items, slot, reverse=False):  # type: ignore[no-untyped-def]
+    """The next chunk `k` for thread `slot` and its item range `(k, i0, i1)`, from the front
+    of its range (`reverse`: from the back, so that a second pass starts on the data the
+    first pass read last, still in cache); each call also counts the chunk from the previous
+    call done (its results are stored). `(-1, 0, 0)`
     when none is left: the thread's count is published, and the caller (slot 0) waits here,
     GIL-free, until the job is finished and every worker that joined it is back in its spin
     (bounded: `run` checks again). Results kept per chunk `k` (not per thread) are
     deterministic."""
     mine = _LINE * (slot + 1)
-    if slot == 0 and _load_acquire(ctl, _STARTED) == 0:
-        _fetch_add(ctl, _STARTED, 1)  # in the kernel, GIL-free: now workers may join
+    begin(ctl, slot)  # in the kernel, GIL-free: now workers may join
     if ctl[mine + _BUSY]:
         ctl[mine + _COUNT] += 1
-    k = _take(ctl, mine + _RANGE, False)
+    k = _take(ctl, mine + _RANGE, reverse)
     threads = ctl.size // _LINE - 1
     for d in range(1, threads):
         if k >= 0:
             break
-        k = _take(ctl, _LINE * ((slot + d) % threads + 1) + _RANGE, True)
+        k = _take(ctl, _LINE * ((slot + d) % threads + 1) + _RANGE, not reverse)
     if k >= 0:
         ctl[mine + _BUSY] = 1
         return k, items * k // nchunks, items * (k + 1) // nchunks
@@ -145,6 +154,22 @@ def claim(ctl, nchunks, items, slot):  # type: ignore[no-untyped-def]
             if _all_done(ctl, nchunks) and _load_acquire(ctl, _IN_PYTHON) == 0:
                 break
     return -1, 0, 0
+
+
+@njit(cache=True, inline="always")
+def wait_done(phase, nchunks, ctl):  # type: ignore[no-untyped-def]
+    """Spin until every chunk of `phase` (a `ctl` dealt by `phase_ctl`) is done: the barrier
+    between a two-phase kernel's phases. False if a thread of the job `ctl` failed."""
+    while _load_acquire(phase, _DONE) < nchunks:
+        if _load_acquire(ctl, _FAILED) != 0:
+            return False
+    return True
+
+
+def phase_ctl(nchunks: int, nthreads: int) -> np.ndarray:
+    """The claim state for the first phase of a two-phase kernel run by `run` with the same
+    `nchunks` and `nthreads` (the job's own `ctl` serves the second phase)."""
+    return _deal(_new_ctl(max(1, nthreads)), nchunks, max(1, nthreads))
 
 
 @njit(cache=True, nogil=True)
