@@ -9,9 +9,11 @@ thread: its own range of chunks, packed (front, back), and its count of chunks d
 Each thread takes chunks from the front of its own range and, when that is empty, steals
 from the back of another's: a thread's claims touch only its own cache line, and from call
 to call it processes the same chunks (its data stay in its own cache). Done counts are
-published once per thread and job.
+published once per thread and job. A kernel with two phases (partial sums, then a pass that
+needs all of them) claims its first phase on a second `ctl` from `phase_ctl`, after `begin`,
+and waits for it with `wait_done`.
 
-Three things measured on this 2-core virtual machine shape it:
+Four things measured on this 2-core virtual machine shape it:
 
 * **A sleeping thread wakes late.** A thread blocked on a futex leaves its virtual CPU idle,
   the hypervisor halts it, and waking it took 10-30 us: most of a 10^6-element pass. So a
@@ -128,11 +130,10 @@ def claim(ctl, nchunks, items, slot, reverse=False):  # type: ignore[no-untyped-
     """The next chunk `k` for thread `slot` and its item range `(k, i0, i1)`, from the front
     of its range (`reverse`: from the back, so that a second pass starts on the data the
     first pass read last, still in cache); each call also counts the chunk from the previous
-    call done (its results are stored). `(-1, 0, 0)`
-    when none is left: the thread's count is published, and the caller (slot 0) waits here,
-    GIL-free, until the job is finished and every worker that joined it is back in its spin
-    (bounded: `run` checks again). Results kept per chunk `k` (not per thread) are
-    deterministic."""
+    call done (its results are stored). `(-1, 0, 0)` when none is left: the thread's count
+    is published, and the caller (slot 0) waits here, GIL-free, until the job is finished
+    and every worker that joined it is back in its spin (bounded: `run` checks again).
+    Results kept per chunk `k` (not per thread) are deterministic."""
     mine = _LINE * (slot + 1)
     begin(ctl, slot)  # in the kernel, GIL-free: now workers may join
     if ctl[mine + _BUSY]:
