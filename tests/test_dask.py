@@ -128,6 +128,7 @@ def _check_against_numpy_chunkwise(inp, out, eps):
         np.testing.assert_allclose(yn[i : i + step], (blk - mu) / np.sqrt(var + eps), atol=1e-10)
 
 
+@pytest.mark.serial
 def test_array_four_times_the_memory_limit_normalizes_in_bounded_memory(small_cluster, tmp_path):
     client, worker, evicted = small_cluster
     limit = worker.memory_manager.memory_limit
@@ -145,6 +146,7 @@ def test_array_four_times_the_memory_limit_normalizes_in_bounded_memory(small_cl
     _check_against_numpy_chunkwise(inp, out, 1e-5)
 
 
+@pytest.mark.serial
 def test_one_graph_is_also_correct_but_spills(small_cluster, tmp_path):
     # As one graph Dask keeps every chunk between the statistics and the output pass; the
     # worker stays within its limit only by spilling them. The staged example avoids that.
