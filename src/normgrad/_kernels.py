@@ -888,19 +888,42 @@ def forward(
     nc, nthreads = _plan_threads(groups, n)
     stats = np.empty((3, groups))
     args = (x4, w.view, b.view, affine, eps, inside, n - ddof, stats, y4, _streams(out))
-    if nc == 1:  # whole groups: each group's passes while it is in cache
-        _run(_forward_groups, groups, nthreads, args)
-    else:
-        counts = np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
-        nchunks = _chunks(groups * nc, nthreads)
-        phase = _phase_ctl(nchunks, nthreads)
-        pmean, pm2 = np.empty(groups * nc), np.empty(groups * nc)
-        _run(_forward_split, groups * nc, nthreads, (phase, counts, pmean, pm2, *args), nchunks)
-    calls["forward"] += 1
+    _forward_job(groups, nc, nthreads, _chunk_counts(n, nc), args)
     mean_k, var_k, rstd_k = (_stats_to_keepdims(v, lay) for v in stats)
     if eps == 0:
         finish(var_k)  # raises for a zero variance (the `_ops` rule)
     return y, mean_k, var_k, rstd_k
+
+
+def _forward_job(groups: int, nc: int, nthreads: int, counts: np.ndarray, args: tuple) -> None:
+    """One forward job on the pool: `_forward_groups` (whole groups: each group's passes while
+    it is in cache) or `_forward_split` (groups in `nc` chunks of `counts` elements)."""
+    if nc == 1:
+        _run(_forward_groups, groups, nthreads, args)
+    else:
+        items = groups * nc
+        nchunks = _chunks(items, nthreads)
+        pm = np.empty((2, items))  # partial means and M2
+        sargs = (_phase_ctl(nchunks, nthreads), counts, pm[0], pm[1], *args)
+        _run(_forward_split, items, nthreads, sargs, nchunks)
+    calls["forward"] += 1
+
+
+def _backward_job(groups: int, nc: int, nthreads: int, nchunks: int, args: tuple) -> None:
+    """One backward job on the pool: `_backward_groups` or `_backward_split`."""
+    if nc == 1:
+        _run(_backward_groups, groups, nthreads, args, nchunks)
+    else:
+        items = groups * nc
+        ps = np.empty((2, items))  # partial sum g and sum g (x - mu)
+        sargs = (_phase_ctl(nchunks, nthreads), nc, ps[0], ps[1], *args)
+        _run(_backward_split, items, nthreads, sargs, nchunks)
+    calls["backward"] += 1
+
+
+def _chunk_counts(n: int, nc: int) -> np.ndarray:
+    """Elements in each of the `nc` chunks of a group of `n` (the merge's weights)."""
+    return np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
 
 
 def _forward_by_sweep(  # type: ignore[no-untyped-def]
@@ -974,13 +997,7 @@ def backward(
     dbacc, db5 = _accumulator(b, nchunks, lay, has_b)
     m = float(ctx.group_size - ctx.ddof)
     args = (x4, dy4, mean, rstd, c, w.view, has_w, dw5, has_w, db5, has_b, m, dx4, _streams(out))
-    if nc == 1:  # whole groups: each group's passes while it is in cache
-        _run(_backward_groups, groups, nthreads, args, nchunks)
-    else:
-        psg, psgd = np.empty(groups * nc), np.empty(groups * nc)
-        sargs = (_phase_ctl(nchunks, nthreads), nc, psg, psgd, *args)
-        _run(_backward_split, groups * nc, nthreads, sargs, nchunks)
-    calls["backward"] += 1
+    _backward_job(groups, nc, nthreads, nchunks, args)
     dw = _param_grad(dwacc, w, lay, x, ctx.weight)
     db = _param_grad(dbacc, b, lay, x, ctx.bias)
     return dx, dw, db
@@ -1074,8 +1091,7 @@ def small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
     ka, ra, kb, rb = lay.shape4
     n = ra * rb
     nc, nthreads = _plan_threads(ka * kb, n)
-    counts = np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
-    return _Small(lay.shape4, (3, *keepdims), nc, nthreads, counts)
+    return _Small(lay.shape4, (3, *keepdims), nc, nthreads, _chunk_counts(n, nc))
 
 
 def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ignore[no-untyped-def]
@@ -1087,15 +1103,7 @@ def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ig
     stream = _streams(y if given else None)
     x4, stats2, y4 = x.reshape(sp.shape4), stats.reshape(3, groups), y.reshape(sp.shape4)
     args = (x4, none, none, False, eps, inside, m, stats2, y4, stream)
-    if sp.nc == 1:
-        _run(_forward_groups, groups, sp.threads, args)
-    else:
-        items = groups * sp.nc
-        nchunks = _chunks(items, sp.threads)
-        pm = np.empty((2, items))
-        sargs = (_phase_ctl(nchunks, sp.threads), sp.counts, pm[0], pm[1], *args)
-        _run(_forward_split, items, sp.threads, sargs, nchunks)
-    calls["forward"] += 1
+    _forward_job(groups, sp.nc, sp.threads, sp.counts, args)
 
 
 def backward_small(
@@ -1121,18 +1129,11 @@ def backward_small(
         _backward_small(x4, dy4, mean, rstd, c, m, dx)
         calls["backward_small"] += 1
         return dx.reshape(x.shape) if out is None else out
-    items = mean.size * sp.nc
-    nchunks = _chunks(items, sp.threads)
+    nchunks = _chunks(mean.size * sp.nc, sp.threads)
     none = _absent(True, sp.shape4).view  # never read: has_w is False
     acc = _repeat(_ZERO, (nchunks, *sp.shape4))  # never written: need_dw, need_db are False
     args = (x4, dy4, mean, rstd, c, none, False, acc, False, acc, False, m, dx, _streams(out))
-    if sp.nc == 1:
-        _run(_backward_groups, items, sp.threads, args, nchunks)
-    else:
-        ps = np.empty((2, items))
-        sargs = (_phase_ctl(nchunks, sp.threads), sp.nc, ps[0], ps[1], *args)
-        _run(_backward_split, items, sp.threads, sargs, nchunks)
-    calls["backward"] += 1
+    _backward_job(mean.size, sp.nc, sp.threads, nchunks, args)
     return dx.reshape(x.shape) if out is None else out
 
 
