@@ -545,6 +545,30 @@ def test_bench_runner_smoke(tmp_path):
     assert os.path.exists(tmp_path / "bench.md")
 
 
+def test_bench_records_the_thread_hand_off(tmp_path):
+    """Cases from HANDOFF_MIN elements record how long a cache line takes between the two
+    pool threads, and the tables show it per row."""
+    import numba
+
+    from normgrad import _bench
+
+    h = _bench.measure_handoff(2000)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        assert h is None
+    else:
+        assert h is not None and 0 < h < 1e6
+    args = _bench.parse_args(
+        ["--sizes", str(_bench.HANDOFF_MIN), "--repeat", "1", "--layouts", "rows",
+         "--dtypes", "float32", "--passes", "fwd", "--impls", "fused", "--out", str(tmp_path),
+         "--no-plot", "--no-accuracy", "--no-startup", "--plain"]
+    )  # fmt: skip
+    assert _bench.run(args) == 0
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert (row["handoff_ns"] is None) == (numba.config.NUMBA_NUM_THREADS < 2)
+    table = (tmp_path / "bench.md").read_text()
+    assert "| hand-off ns |" in table
+
+
 def test_concurrent_callers_get_the_same_results(rng):
     """Several Python threads on the thread pool at once: same results as one at a time."""
     from concurrent.futures import ThreadPoolExecutor
