@@ -54,16 +54,16 @@ def _path(path):
     single-call kernels up to SMALL_MAX_SIZE), "planned" (SMALL_MAX_SIZE = 0: C-contiguous
     inputs without affine parameters go to the cached whole-group call, others to the blocked
     kernels) or "blocked" (the blocked kernels' `forward`/`backward` for every input)."""
-    old = _ops.SMALL_MAX_SIZE, _ops._small_forward, _kernels.backward_small
+    old = _ops.SMALL_MAX_SIZE, _ops._planned_forward, _kernels.backward_planned
     if path != "small":
         _ops.SMALL_MAX_SIZE = 0
     if path == "blocked":
-        _ops._small_forward = lambda *a: None
-        _kernels.backward_small = lambda *a: None
+        _ops._planned_forward = lambda *a: None
+        _kernels.backward_planned = lambda *a: None
     try:
         yield
     finally:
-        _ops.SMALL_MAX_SIZE, _ops._small_forward, _kernels.backward_small = old
+        _ops.SMALL_MAX_SIZE, _ops._planned_forward, _kernels.backward_planned = old
 
 
 # Each agreement test runs on the small single-call kernels (where the layout allows), on the
@@ -685,7 +685,7 @@ def test_planned_calls_match_blocked_kernels(rng, shape, axes, dtype):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     _check(x, axes, dy)
-    planned = _kernels.small_plan(x.shape, ctx.axes)
+    planned = _kernels.call_plan(x.shape, ctx.axes)
     assert (planned.nc == 1) == (axes is not None)
 
 

@@ -865,8 +865,9 @@ def forward(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None:
     """Return `(y, mean, var, rstd)` (statistics keepdims float64), or None if the layout or
     the affine parameters do not fit the kernels. `finish(var)` returns `rstd` for a
-    keepdims var and raises for zero variance with eps=0 (the `_ops` rules); with eps > 0,
-    layouts where each item is a whole group compute `rstd` in the kernel (same formula)."""
+    keepdims var and raises for zero variance with eps=0 (the `_ops` rules): the sweep
+    layouts take `rstd` from it; the others compute it in the kernel (same formulas) and call
+    `finish` only with eps=0, for its check."""
     lay = plan(x, axes, (weight, bias))
     if lay is None:
         return None
@@ -1065,7 +1066,7 @@ def _group_acc(v: np.ndarray, p: _Param, lay: Layout) -> np.ndarray:
     return t.reshape(1, t.shape[0], 1, t.shape[1], 1)
 
 
-class _Small(NamedTuple):
+class _CallPlan(NamedTuple):
     """How a C-contiguous input is viewed by the planned calls: plain reshapes, no copies."""
 
     shape4: tuple[int, int, int, int]
@@ -1076,7 +1077,7 @@ class _Small(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
+def call_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _CallPlan | None:
     """The block layout of a C-contiguous array of `shape` if its blocks are in axis order
     (whole tensor, trailing axes, batch-norm axes...), so that `reshape` gives the blocks
     and groups come out in C order of the kept axes; None otherwise."""
@@ -1091,7 +1092,7 @@ def small_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _Small | None:
     ka, ra, kb, rb = lay.shape4
     n = ra * rb
     nc, nthreads = _plan_threads(ka * kb, n)
-    return _Small(lay.shape4, (3, *keepdims), nc, nthreads, _chunk_counts(n, nc))
+    return _CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, _chunk_counts(n, nc))
 
 
 def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ignore[no-untyped-def]
@@ -1106,7 +1107,7 @@ def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ig
     _forward_job(groups, sp.nc, sp.threads, sp.counts, args)
 
 
-def backward_small(
+def backward_planned(
     ctx: Any, dy: np.ndarray, c_k: np.ndarray, single: bool, out: np.ndarray | None
 ) -> np.ndarray | None:
     """`dx` for a context from a C-contiguous input without affine parameters, a
@@ -1114,7 +1115,7 @@ def backward_small(
     single-threaded `_backward_small` call if `single`, else one `_backward_groups` or
     `_backward_split` call on the pool, as `backward` makes; None where they do not apply."""
     x = ctx.x
-    sp = small_plan(x.shape, ctx.axes)
+    sp = call_plan(x.shape, ctx.axes)
     if sp is None or not (x.flags.c_contiguous and dy.flags.c_contiguous):
         return None
     if out is not None and not out.flags.c_contiguous:

@@ -157,7 +157,7 @@ def normalize_forward(
 ) -> tuple[Array, NormContext]:
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
     if type(x) is np.ndarray and weight is None and bias is None:
-        res = _small_forward(x, axes, eps, eps_mode, ddof, out)
+        res = _planned_forward(x, axes, eps, eps_mode, ddof, out)
         if res is not None:
             return res
     xp, ax, n, w, b, out_dtype = _validate(x, axes, eps, eps_mode, ddof, weight, bias)
@@ -202,8 +202,8 @@ def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None)
     kernels, small, blocked = _kernels_for(ctx.x, no_affine)
     if kernels is not None and _is_numpy(dy):
         c = _coef(xp, ctx)
-        if no_affine and (small or blocked):
-            dx = kernels.backward_small(ctx, dy, c, small, out)
+        if no_affine:  # (`kernels` is set only where small or blocked holds)
+            dx = kernels.backward_planned(ctx, dy, c, small, out)
             if dx is not None:
                 return Gradients(dx, None, None)
         if blocked:
@@ -687,7 +687,8 @@ def use_kernels(mode: bool | str = True) -> Iterator[None]:
     """Choose, inside a `with` block, whether NumPy float32/float64 inputs use the fused
     numba kernels: `True`/`"1"` always, `False`/`"0"` never (generic Array-API path),
     `"auto"` (the default): the small single-call kernels up to `SMALL_MAX_SIZE` elements
-    (C-contiguous, no affine parameters, no `out`), the blocked ones from `KERNEL_MIN_SIZE`.
+    (C-contiguous, no affine parameters, a C-contiguous `out` if any), the blocked ones from
+    `KERNEL_MIN_SIZE`.
 
     Without it, the environment variable `NORMGRAD_KERNELS` (`0`, `1` or `auto`), read at
     the first call that needs it, decides.
@@ -701,10 +702,10 @@ def use_kernels(mode: bool | str = True) -> Iterator[None]:
         _kernel_mode.reset(token)
 
 
-_small_calls: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
+_planned_calls: dict[tuple[Any, ...], tuple[Any, ...] | None] = {}
 
 
-def _small_forward(
+def _planned_forward(
     x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float, out: Any
 ) -> tuple[Array, NormContext] | None:
     """`normalize_forward` of a C-contiguous NumPy input without affine parameters (and a
@@ -722,12 +723,12 @@ def _small_forward(
         return None  # (True,) == (1,): keys must not mix what validation tells apart
     key = (x.shape, x.dtype, axes, type(axes), eps, type(eps), eps_mode, ddof, type(ddof))
     try:
-        call = _small_calls[key]
+        call = _planned_calls[key]
     except KeyError:
-        call = _small_call(x, axes, eps, eps_mode, ddof)
-        if len(_small_calls) >= 512:
-            _small_calls.clear()
-        _small_calls[key] = call
+        call = _plan_call(x, axes, eps, eps_mode, ddof)
+        if len(_planned_calls) >= 512:
+            _planned_calls.clear()
+        _planned_calls[key] = call
     except TypeError:  # unhashable axes (a list): the general path
         return None
     if call is None:
@@ -753,7 +754,7 @@ def _small_forward(
     return y, _numpy_context(x, ax, mean, var, rstd, eps_f, eps_mode, ddof, n)
 
 
-def _small_call(
+def _plan_call(
     x: np.ndarray, axes: Axes, eps: float, eps_mode: str, ddof: float
 ) -> tuple[Any, ...] | None:
     """Validate the arguments (raising as `normalize_forward` would) and plan the kernel
@@ -761,7 +762,7 @@ def _small_call(
     _, ax, n, _, _, _ = _validate(x, axes, eps, eps_mode, ddof, None, None)
     if x.dtype.char not in "fd" or not x.dtype.isnative or _load_kernels() is None:
         return None
-    plan = _kernels_module.small_plan(x.shape, ax)
+    plan = _kernels_module.call_plan(x.shape, ax)
     if plan is None:
         return None
     return (ax, n, float(n - ddof), float(eps), eps_mode == "inside", plan)
@@ -793,8 +794,9 @@ def _kernels_for(x: Array, small: bool) -> tuple[Any, bool, bool]:
     """`(_kernels module or None, use the small kernels, use the blocked kernels)`.
 
     NumPy float32/float64 inputs use the kernels: the small single-call ones (no affine
-    parameters, no `out`) up to `SMALL_MAX_SIZE` elements, the blocked multi-threaded ones
-    from `KERNEL_MIN_SIZE` elements on (or at every size with `use_kernels(True)`)."""
+    parameters, a C-contiguous `out` if any) up to `SMALL_MAX_SIZE` elements, the blocked
+    multi-threaded ones from `KERNEL_MIN_SIZE` elements on (or at every size with
+    `use_kernels(True)`)."""
     if not _is_numpy(x) or x.dtype.char not in "fd" or not x.dtype.isnative:
         # decided first: torch.compile traces this function, and not ContextVar.get
         return None, False, False
