@@ -685,8 +685,35 @@ def test_planned_calls_match_blocked_kernels(rng, shape, axes, dtype):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
     _check(x, axes, dy)
-    planned = _kernels.call_plan(x.shape, ctx.axes)
+    planned = _kernels.call_plan(x.shape, ctx.axes, x.itemsize)
     assert (planned.nc == 1) == (axes is not None)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_planned_batch_norm_sweeps_when_large(rng, monkeypatch, dtype):
+    """A C-contiguous batch-norm input without affine parameters runs whole-group items on
+    the planned calls, and the general path's memory-order sweep from SWEEP_MIN_BYTES on
+    (lowered here): both agree with the generic path, and `out` is filled in place."""
+    x = (rng.normal(size=(6, 8, 40, 40)) * 3 - 2).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    axes = (0, 2, 3)
+    for limit, sweeps in ((x.nbytes + 1, 0), (x.nbytes, 2)):
+        monkeypatch.setattr(_kernels, "SWEEP_MIN_BYTES", limit)
+        _kernels.call_plan.cache_clear()
+        _ops._planned_calls.clear()
+        before = dict(_kernels.calls)
+        _check(x, axes, dy)
+        assert _kernels.calls["sweep"] == before["sweep"] + sweeps
+        assert _kernels.calls["forward"] == before["forward"] + 1
+        yo, dxo = np.empty_like(x), np.empty_like(x)
+        y, ctx = ng.normalize_forward(x, axes)
+        y2, ctx2 = ng.normalize_forward(x, axes, out=yo)
+        g2 = ng.normalize_backward(ctx2, dy, out=dxo)
+        assert y2 is yo and g2.x is dxo
+        np.testing.assert_array_equal(y, yo)
+        np.testing.assert_array_equal(ng.normalize_backward(ctx, dy).x, dxo)
+    _kernels.call_plan.cache_clear()
+    _ops._planned_calls.clear()
 
 
 def test_planned_call_refuses_zero_variance(rng):

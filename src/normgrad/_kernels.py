@@ -61,6 +61,10 @@ BLOCK = 2048  # elements per in-cache block for the two-pass statistics (16 KiB 
 MIN_CHUNK = 16384  # smallest chunk a group is split into for threading
 PARALLEL_MIN_SIZE = 1 << 15  # below this, one thread beats waking the others
 SPLIT_MIN_SIZE = 1 << 17  # below this, no group is split: a split costs a merge and a call
+# C-contiguous batch-norm layouts without affine parameters (planned calls) are swept in
+# memory order from this size on; below, an item is a whole group, whose runs stay in cache
+# for the second pass (docs/performance.md: "Batch norm")
+SWEEP_MIN_BYTES = 1 << 25
 _REASSOC = {"reassoc", "contract"}  # lets LLVM vectorize the float64 sums
 
 # how often the kernels ran (tests look at it): blocked kernels, and small single-call ones
@@ -1074,13 +1078,15 @@ class _CallPlan(NamedTuple):
     nc: int  # chunks per group on the pool (`_plan_threads`; 1: whole groups)
     threads: int
     counts: np.ndarray  # elements in each chunk of a group (the merge's weights)
+    sweep: bool  # on the pool, `forward`'s and `backward`'s sweep kernels take it instead
 
 
 @functools.lru_cache(maxsize=256)
-def call_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _CallPlan | None:
+def call_plan(shape: tuple[int, ...], axes: tuple[int, ...], itemsize: int) -> _CallPlan | None:
     """The block layout of a C-contiguous array of `shape` if its blocks are in axis order
     (whole tensor, trailing axes, batch-norm axes...), so that `reshape` gives the blocks
-    and groups come out in C order of the kept axes; None otherwise."""
+    and groups come out in C order of the kept axes; None otherwise. `sweep`: a batch-norm
+    layout of `SWEEP_MIN_BYTES` or more, which the general path's sweep kernels run."""
     strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # C order, in items
     lay = _plan(shape, strides, axes, ())
     if lay is None:
@@ -1092,7 +1098,9 @@ def call_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> _CallPlan | None
     ka, ra, kb, rb = lay.shape4
     n = ra * rb
     nc, nthreads = _plan_threads(ka * kb, n)
-    return _CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, _chunk_counts(n, nc))
+    large = math.prod(shape) * itemsize >= SWEEP_MIN_BYTES
+    sweep = large and _plan_sweep(lay.shape4, ()) is not None
+    return _CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, _chunk_counts(n, nc), sweep)
 
 
 def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ignore[no-untyped-def]
@@ -1115,8 +1123,10 @@ def backward_planned(
     single-threaded `_backward_small` call if `single`, else one `_backward_groups` or
     `_backward_split` call on the pool, as `backward` makes; None where they do not apply."""
     x = ctx.x
-    sp = call_plan(x.shape, ctx.axes)
-    if sp is None or not (x.flags.c_contiguous and dy.flags.c_contiguous):
+    sp = call_plan(x.shape, ctx.axes, x.itemsize)
+    if sp is None or (sp.sweep and not single):
+        return None
+    if not (x.flags.c_contiguous and dy.flags.c_contiguous):
         return None
     if out is not None and not out.flags.c_contiguous:
         return None

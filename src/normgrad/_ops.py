@@ -735,6 +735,8 @@ def _planned_forward(
         return None
     ax, n, m, eps_f, inside, plan = call
     single = x.size <= SMALL_MAX_SIZE
+    if plan.sweep and not single:
+        return None  # the general path's sweep kernels
     if out is None:
         y = np.empty(x.shape, x.dtype)
     elif type(out) is np.ndarray and out.flags.c_contiguous:
@@ -762,7 +764,7 @@ def _plan_call(
     _, ax, n, _, _, _ = _validate(x, axes, eps, eps_mode, ddof, None, None)
     if x.dtype.char not in "fd" or not x.dtype.isnative or _load_kernels() is None:
         return None
-    plan = _kernels_module.call_plan(x.shape, ax)
+    plan = _kernels_module.call_plan(x.shape, ax, x.itemsize)
     if plan is None:
         return None
     return (ax, n, float(n - ddof), float(eps), eps_mode == "inside", plan)
