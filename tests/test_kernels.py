@@ -680,6 +680,8 @@ def test_planned_calls_match_blocked_kernels(rng, shape, axes, dtype):
             g = ng.normalize_backward(ctx, dy)
         assert _kernels.calls["forward"] == before["forward"] + 1
         assert _kernels.calls["backward"] == before["backward"] + 1
+        native = _kernels.calls["native"] - before["native"]
+        assert native == (2 if path == "planned" else 0)  # native jobs: the planned calls
         got[path] = (y, ctx.mean, ctx.var, ctx.rstd, g.x)
     for a, b in zip(got["planned"], got["blocked"], strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype
@@ -714,6 +716,20 @@ def test_planned_batch_norm_sweeps_when_large(rng, monkeypatch, dtype):
         np.testing.assert_array_equal(ng.normalize_backward(ctx, dy).x, dxo)
     _kernels.call_plan.cache_clear()
     _ops._planned_calls.clear()
+
+
+@pytest.mark.parametrize(
+    ("xdtype", "dydtype"), [(np.float32, np.float64), (np.float64, np.float32)]
+)
+def test_planned_backward_with_another_dy_dtype(rng, xdtype, dydtype):
+    """A `dy` whose dtype differs from `x`'s leaves the native jobs (compiled for one dtype)
+    for the blocked kernels: same results as the generic path."""
+    x = (rng.normal(size=(80, 1024)) + 3).astype(xdtype)
+    dy = rng.normal(size=x.shape).astype(dydtype)
+    before = dict(_kernels.calls)
+    _check(x, -1, dy)
+    assert _kernels.calls["native"] == before["native"] + 1  # the forward only
+    assert _kernels.calls["backward"] == before["backward"] + 1
 
 
 def test_planned_call_refuses_zero_variance(rng):

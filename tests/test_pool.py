@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 pytest.importorskip("numba")
-from numba import njit
+from numba import carray, cfunc, njit
 
 import normgrad as ng
 from normgrad import _kernels, _ops, _pool
-from normgrad._pool import claim
+from normgrad._pool import address, board_at, board_ctl, board_params, claim, run_job
 
 
 @njit(nogil=True)
@@ -154,3 +154,94 @@ def test_chunks_of_threads_that_never_come_are_stolen(nchunks, threads):
     _mark(ctl, nchunks, nchunks, 0, hits, who)
     assert np.all(hits == 1) and np.all(who == 0)
     assert ctl[_pool._DONE] == nchunks
+
+
+# A native job for the tests: the part marks items, as `_mark` does, through the board.
+def _mark_part_py(addr, slot):  # type: ignore[no-untyped-def]
+    board = board_at(addr)
+    p = board_params(board)
+    hits = carray(address(p[2]), p[1], np.int64)
+    who = carray(address(p[3]), p[1], np.int64)
+    _mark(board_ctl(board, 0), p[0], p[1], slot, hits, who)
+
+
+_mark_part = cfunc(_pool.PART_SIGNATURE)(_mark_part_py)
+
+
+@njit(nogil=True)
+def _mark_native(board, nthreads, part, nchunks, hits, who):  # type: ignore[no-untyped-def]
+    p = board_params(board)
+    p[0], p[1], p[2], p[3] = nchunks, hits.size, hits.ctypes.data, who.ctypes.data
+    run_job(board, part, nchunks, nthreads)
+
+
+def _native_marks(items, threads=2):
+    hits = np.zeros(items, np.int64)
+    who = np.full(items, -1, np.int64)
+    nchunks = _pool.chunks(items, threads)
+    _pool.run_native(_mark_native, threads, (_mark_part.address, nchunks, hits, who))
+    return hits, who
+
+
+@pytest.mark.parametrize("items", [1, 2, 7, 33, 500])
+def test_native_jobs_run_every_item_exactly_once(items):
+    """Native jobs (workers run their parts from their GIL-free spin, through the board),
+    alternating with Python jobs on the same pool: each item once, by a valid slot."""
+    for i in range(60):
+        if i % 3 == 0:
+            hits = np.zeros(items, np.int64)
+            _pool.run(_mark, items, 2, (hits, np.zeros(items, np.int64)))
+            np.testing.assert_array_equal(hits, 1)
+        hits, who = _native_marks(items)
+        np.testing.assert_array_equal(hits, 1)
+        assert set(np.unique(who)) <= {0, 1}
+    hits, who = _native_marks(items, threads=1)  # alone, on a board of its own
+    np.testing.assert_array_equal(hits, 1)
+    np.testing.assert_array_equal(who, 0)
+
+
+def test_native_job_after_the_workers_sleep():
+    """Workers that have gone to sleep (no job for longer than their spin) are woken by a
+    native job and take part again; every item still runs once."""
+    import time
+
+    _native_marks(64)
+    for _ in range(5):
+        time.sleep(0.02)  # about 40 times SPIN_WAIT
+        hits, _ = _native_marks(500)
+        np.testing.assert_array_equal(hits, 1)
+    deadline = time.monotonic() + 5
+    while _pool._pool.sleepers and time.monotonic() < deadline:
+        _native_marks(500)
+    assert _pool._pool.sleepers == 0
+
+
+def test_planned_calls_from_two_threads_at_once(rng):
+    """Two user threads normalizing at once: one runs native jobs on the pool, the other
+    alone on a board of its own; every result equals the sequential one bit for bit."""
+    import threading
+
+    shape = (64, 4096)
+    xs = [rng.normal(size=shape) * (i + 1) for i in range(2)]
+    dys = [rng.normal(size=shape) for _ in range(2)]
+    want = []
+    for x, dy in zip(xs, dys, strict=True):
+        y, ctx = ng.normalize_forward(x, -1)
+        want.append((y, ng.normalize_backward(ctx, dy).x))
+    bad = []
+
+    def work(i):
+        for _ in range(40):
+            y, ctx = ng.normalize_forward(xs[i], -1)
+            dx = ng.normalize_backward(ctx, dys[i]).x
+            if not (np.array_equal(y, want[i][0]) and np.array_equal(dx, want[i][1])):
+                bad.append(i)
+
+    before = _kernels.calls["native"]
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+    assert _kernels.calls["native"] > before

@@ -48,9 +48,23 @@ from typing import Any, NamedTuple
 
 import numba
 import numpy as np
-from numba import njit
+from numba import carray, cfunc, njit
+from numpy.lib.stride_tricks import as_strided
 
-from ._pool import CHUNKS_PER_THREAD, begin, wait_done
+from ._pool import (
+    CHUNKS_PER_THREAD,
+    PART_SIGNATURE,
+    address,
+    begin,
+    board_at,
+    board_ctl,
+    board_params,
+    board_scratch,
+    float_bits,
+    run_job,
+    run_native,
+    wait_done,
+)
 from ._pool import chunks as _chunks
 from ._pool import claim as _claim
 from ._pool import phase_ctl as _phase_ctl
@@ -67,8 +81,11 @@ SPLIT_MIN_SIZE = 1 << 17  # below this, no group is split: a split costs a merge
 SWEEP_MIN_BYTES = 1 << 25
 _REASSOC = {"reassoc", "contract"}  # lets LLVM vectorize the float64 sums
 
+_NO_PARTS = np.zeros((2, 1))  # split partials where groups are whole (never used)
 # how often the kernels ran (tests look at it): blocked kernels, and small single-call ones
-calls = {"forward": 0, "backward": 0, "forward_small": 0, "backward_small": 0, "sweep": 0}
+calls = {
+    "forward": 0, "backward": 0, "forward_small": 0, "backward_small": 0, "sweep": 0, "native": 0
+}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -851,6 +868,172 @@ def _plan_threads(groups: int, n: int) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Native jobs (planned calls): the caller writes the job's arrays (addresses: they are
+# C-contiguous) and scalars into the pool's board, and every thread, workers included, calls
+# the job's part: a `cfunc` that views them again and runs one group or split kernel for one
+# dtype (compiled, or loaded from numba's cache, on first use: `_part`). A worker stays in its
+# GIL-free spin from one such job to the next: no Python, none of the caller's objects to
+# touch (docs/performance.md: "Native jobs").
+# ---------------------------------------------------------------------------------------------
+
+# board parameter slots
+_NCHUNKS, _ITEMS, _NC, _GROUPS, _SHAPE = range(5)  # _SHAPE: 4 slots
+_X, _DY, _OUT, _MEAN, _RSTD, _C, _COUNTS, _PARTS, _EPS, _INSIDE, _M, _STREAM = range(9, 21)
+
+
+@njit(cache=True, inline="always")
+def _views(board, xdtype):  # type: ignore[no-untyped-def]
+    """The job's board, parameters, `x`, `dy` and output (`y` or `dx`): all of `xdtype`."""
+    p = board_params(board)
+    s4 = (p[_SHAPE], p[_SHAPE + 1], p[_SHAPE + 2], p[_SHAPE + 3])
+    x = carray(address(p[_X]), s4, xdtype)
+    return p, x, carray(address(p[_DY]), s4, xdtype), carray(address(p[_OUT]), s4, xdtype)
+
+
+@njit(cache=True, inline="always")
+def _claims(board, slot):  # type: ignore[no-untyped-def]
+    """The claim arguments every kernel starts with."""
+    p = board_params(board)
+    return (board_ctl(board, 0), p[_NCHUNKS], p[_ITEMS], slot)
+
+
+@njit(cache=True, inline="always")
+def _split_args(board):  # type: ignore[no-untyped-def]
+    """A split kernel's first-phase claim state and its two arrays of partial sums."""
+    p = board_params(board)
+    parts = carray(address(p[_PARTS]), (2, p[_ITEMS]), np.float64)
+    return board_ctl(board, 1), parts[0], parts[1]
+
+
+@njit(cache=True, inline="always")
+def _forward_args(board, xdtype):  # type: ignore[no-untyped-def]
+    """`_forward_groups`' arguments after the claims (x stands in for the absent weight and
+    bias: never read)."""
+    p, x, _, y = _views(board, xdtype)
+    stats = carray(address(p[_MEAN]), (3, p[_GROUPS]), np.float64)
+    eps, m = float_bits(p[_EPS]), float_bits(p[_M])
+    return (x, x, x, False, eps, p[_INSIDE] != 0, m, stats, y, p[_STREAM] != 0)
+
+
+@njit(cache=True, inline="always")
+def _forward_split_args(board, slot, xdtype):  # type: ignore[no-untyped-def]
+    p = board_params(board)
+    phase, pmean, pm2 = _split_args(board)
+    counts = carray(address(p[_COUNTS]), p[_NC], np.float64)
+    head = (*_claims(board, slot), phase, counts, pmean, pm2)
+    return head + _forward_args(board, xdtype)
+
+
+@njit(cache=True, inline="always")
+def _backward_args(board, xdtype):  # type: ignore[no-untyped-def]
+    """`_backward_groups`' arguments after the claims (stand-ins for the absent weight and
+    its sums)."""
+    p, x, dy, dx = _views(board, xdtype)
+    groups = p[_GROUPS]
+    mean = carray(address(p[_MEAN]), groups, np.float64)
+    rstd = carray(address(p[_RSTD]), groups, np.float64)
+    c = carray(address(p[_C]), groups, np.float64)
+    zero = board_scratch(board)[:1]  # never written: need_dw, need_db are False
+    acc = as_strided(zero, shape=(p[_NCHUNKS], *x.shape), strides=(0, 0, 0, 0, 0))
+    m, stream = float_bits(p[_M]), p[_STREAM] != 0
+    return (x, dy, mean, rstd, c, x, False, acc, False, acc, False, m, dx, stream)
+
+
+@njit(cache=True, inline="always")
+def _backward_split_args(board, slot, xdtype):  # type: ignore[no-untyped-def]
+    phase, psg, psgd = _split_args(board)
+    head = (*_claims(board, slot), phase, board_params(board)[_NC], psg, psgd)
+    return head + _backward_args(board, xdtype)
+
+
+# The parts, one kernel and dtype each (`_part` compiles them as cfuncs when first needed).
+def _forward_groups_f32(addr, slot):  # type: ignore[no-untyped-def]
+    b = board_at(addr)
+    _forward_groups(*(_claims(b, slot) + _forward_args(b, np.float32)))
+
+
+def _forward_groups_f64(addr, slot):  # type: ignore[no-untyped-def]
+    b = board_at(addr)
+    _forward_groups(*(_claims(b, slot) + _forward_args(b, np.float64)))
+
+
+def _forward_split_f32(addr, slot):  # type: ignore[no-untyped-def]
+    _forward_split(*_forward_split_args(board_at(addr), slot, np.float32))
+
+
+def _forward_split_f64(addr, slot):  # type: ignore[no-untyped-def]
+    _forward_split(*_forward_split_args(board_at(addr), slot, np.float64))
+
+
+def _backward_groups_f32(addr, slot):  # type: ignore[no-untyped-def]
+    b = board_at(addr)
+    _backward_groups(*(_claims(b, slot) + _backward_args(b, np.float32)))
+
+
+def _backward_groups_f64(addr, slot):  # type: ignore[no-untyped-def]
+    b = board_at(addr)
+    _backward_groups(*(_claims(b, slot) + _backward_args(b, np.float64)))
+
+
+def _backward_split_f32(addr, slot):  # type: ignore[no-untyped-def]
+    _backward_split(*_backward_split_args(board_at(addr), slot, np.float32))
+
+
+def _backward_split_f64(addr, slot):  # type: ignore[no-untyped-def]
+    _backward_split(*_backward_split_args(board_at(addr), slot, np.float64))
+
+
+_PARTS_BY_NAME = {f.__name__: f for f in (
+    _forward_groups_f32, _forward_groups_f64, _forward_split_f32, _forward_split_f64,
+    _backward_groups_f32, _backward_groups_f64, _backward_split_f32, _backward_split_f64,
+)}  # fmt: skip
+
+
+@functools.cache
+def _part(name: str) -> Any:
+    """The compiled part `name` (kept alive here: workers call it by address)."""
+    return cfunc(PART_SIGNATURE, cache=True)(_PARTS_BY_NAME[name])
+
+
+def _part_name(direction: str, split: bool, dtype: Any) -> str:
+    return f"_{direction}_{'split' if split else 'groups'}_f{8 * np.dtype(dtype).itemsize}"
+
+
+@njit(cache=True, inline="always")
+def _post(board, nchunks, nc, groups, x, dy, out):  # type: ignore[no-untyped-def]
+    """Write the parameters every native job has."""
+    p = board_params(board)
+    p[_NCHUNKS], p[_ITEMS], p[_NC], p[_GROUPS] = nchunks, groups * nc, nc, groups
+    for i in range(4):
+        p[_SHAPE + i] = x.shape[i]
+    p[_X], p[_DY], p[_OUT] = x.ctypes.data, dy.ctypes.data, out.ctypes.data
+
+
+@njit(cache=True, nogil=True)
+def _forward_native(
+    board, nthreads, part, nchunks, x, y, stats, counts, pm, eps, inside, m, stream
+):  # type: ignore[no-untyped-def]
+    """The caller's side of a native forward (`_run_native` calls it)."""
+    p = board_params(board)
+    _post(board, nchunks, counts.size, stats.shape[1], x, x, y)
+    p[_MEAN], p[_COUNTS], p[_PARTS] = stats.ctypes.data, counts.ctypes.data, pm.ctypes.data
+    p[_EPS], p[_INSIDE], p[_M], p[_STREAM] = float_bits(eps), inside, float_bits(m), stream
+    run_job(board, part, nchunks, nthreads)
+
+
+@njit(cache=True, nogil=True)
+def _backward_native(board, nthreads, part, nchunks, nc, x, dy, dx, mean, rstd, c, ps, m, stream):  # type: ignore[no-untyped-def]
+    """The caller's side of a native backward."""
+    p = board_params(board)
+    _post(board, nchunks, nc, mean.size, x, dy, dx)
+    p[_MEAN], p[_RSTD], p[_C], p[_PARTS] = (
+        mean.ctypes.data, rstd.ctypes.data, c.ctypes.data, ps.ctypes.data,
+    )  # fmt: skip
+    p[_M], p[_STREAM] = float_bits(m), stream
+    run_job(board, part, nchunks, nthreads)
+
+
+# ---------------------------------------------------------------------------------------------
 # Entry points called by _ops
 # ---------------------------------------------------------------------------------------------
 
@@ -1108,11 +1291,15 @@ def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ig
     (whole groups) or `_forward_split` call, as `forward` makes, without its layout work (a
     tenth of a 10^5-element call). `given`: `y` is the caller's `out`."""
     groups = sp.shape4[0] * sp.shape4[2]
-    none = _absent(True, sp.shape4).view  # never read: affine is False
     stream = _streams(y if given else None)
     x4, stats2, y4 = x.reshape(sp.shape4), stats.reshape(3, groups), y.reshape(sp.shape4)
-    args = (x4, none, none, False, eps, inside, m, stats2, y4, stream)
-    _forward_job(groups, sp.nc, sp.threads, sp.counts, args)
+    nchunks = _chunks(groups * sp.nc, sp.threads)
+    pm = np.empty((2, groups * sp.nc)) if sp.nc > 1 else _NO_PARTS
+    part = _part(_part_name("forward", sp.nc > 1, x.dtype)).address
+    args = (part, nchunks, x4, y4, stats2, sp.counts, pm, eps, inside, m, stream)
+    run_native(_forward_native, sp.threads, args)
+    calls["forward"] += 1
+    calls["native"] += 1
 
 
 def backward_planned(
@@ -1140,11 +1327,16 @@ def backward_planned(
         _backward_small(x4, dy4, mean, rstd, c, m, dx)
         calls["backward_small"] += 1
         return dx.reshape(x.shape) if out is None else out
+    if dy.dtype != x.dtype:
+        return None  # the blocked kernels (native jobs are compiled for one dtype)
     nchunks = _chunks(mean.size * sp.nc, sp.threads)
-    none = _absent(True, sp.shape4).view  # never read: has_w is False
-    acc = _repeat(_ZERO, (nchunks, *sp.shape4))  # never written: need_dw, need_db are False
-    args = (x4, dy4, mean, rstd, c, none, False, acc, False, acc, False, m, dx, _streams(out))
-    _backward_job(mean.size, sp.nc, sp.threads, nchunks, args)
+    ps = np.empty((2, mean.size * sp.nc)) if sp.nc > 1 else _NO_PARTS
+    mean, rstd, c = (np.ascontiguousarray(v) for v in (mean, rstd, c))  # addresses travel
+    part = _part(_part_name("backward", sp.nc > 1, x.dtype)).address
+    args = (part, nchunks, sp.nc, x4, dy4, dx, mean, rstd, c, ps, m, _streams(out))
+    run_native(_backward_native, sp.threads, args)
+    calls["backward"] += 1
+    calls["native"] += 1
     return dx.reshape(x.shape) if out is None else out
 
 

@@ -46,7 +46,8 @@ import threading
 from typing import Any
 
 import numpy as np
-from numba import njit, types
+from llvmlite import ir
+from numba import carray, njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
@@ -92,11 +93,49 @@ def _swap_if_typing(typingctx, arr, i, old, new):  # type: ignore[no-untyped-def
     return types.boolean(arr, i, old, new), codegen
 
 
+def _address_typing(typingctx, addr):  # type: ignore[no-untyped-def]
+    """An int64 address (`arr.ctypes.data`, stored in a board) as a `voidptr` for
+    `numba.carray`."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.inttoptr(args[0], cgutils.voidptr_t)
+
+    return types.voidptr(addr), codegen
+
+
+def _float_bits_typing(typingctx, v):  # type: ignore[no-untyped-def]
+    """The bits of a float64 as an int64 (or back): floats travel in a board's int64 slots."""
+    to = types.float64 if v == types.int64 else types.int64
+    lt = ir.DoubleType() if to == types.float64 else ir.IntType(64)
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        return builder.bitcast(args[0], lt)
+
+    return to(v), codegen
+
+
+def _call_part_typing(typingctx, fn, board_address, slot):  # type: ignore[no-untyped-def]
+    """Call the C function at address `fn` as `fn(board_address, slot)` (a native job's part:
+    a `cfunc` of `PART_SIGNATURE`)."""
+
+    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
+        i64 = ir.IntType(64)
+        fnty = ir.FunctionType(ir.VoidType(), [i64, i64])
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [args[1], args[2]])
+        return context.get_dummy_value()
+
+    return types.void(fn, board_address, slot), codegen
+
+
 # numba intrinsics: called from jitted code as `_load_acquire(arr, i)`, `_fetch_add(arr, i, v)`,
 # `_swap_if(arr, i, old, new)`
 _load_acquire: Any = intrinsic(_load_acquire_typing)
 _fetch_add: Any = intrinsic(_fetch_add_typing)
 _swap_if: Any = intrinsic(_swap_if_typing)
+address: Any = intrinsic(_address_typing)
+float_bits: Any = intrinsic(_float_bits_typing)
+call_part: Any = intrinsic(_call_part_typing)
+PART_SIGNATURE = types.void(types.int64, types.int64)  # (board address, slot)
 
 
 @njit(cache=True, inline="always")
@@ -173,15 +212,107 @@ def phase_ctl(nchunks: int, nthreads: int) -> np.ndarray:
     return _deal(_new_ctl(max(1, nthreads)), nchunks, max(1, nthreads))
 
 
+# Native jobs. A pool's `board` (an int64 array) carries one job at a time that workers run
+# without entering Python: `_SEQ` is odd while a job is open; its part (the address of a
+# `cfunc` called with the board's address and the thread's slot), its parameters (the
+# caller's `board_params`: addresses and scalars), its claim state (`board_ctl(board, 0)`)
+# and a second-phase one (`board_ctl(board, 1)`) follow. A worker counts itself in `_JOINED`
+# and then checks that the job it saw is still open; the caller, once every chunk is done,
+# closes it and waits until `_JOINED` is 0: a worker never touches a job's data after its
+# caller has returned.
+_SEQ, _SIZE, _PART = 0, 1, 2  # job number, threads the board serves, the job's part
+_JOINED = _LINE  # workers inside the open job
+_PARAMS = 2 * _LINE
+BOARD_PARAMS = 3 * _LINE  # int64 slots for the caller's parameters
+_SCRATCH = _PARAMS + BOARD_PARAMS  # one line the parts may use (stand-ins)
+_HEAD = _SCRATCH + _LINE
+
+
+def new_board(threads: int) -> np.ndarray:
+    board = np.zeros(_HEAD + 2 * _LINE * (threads + 1), np.int64)
+    board[_SIZE] = threads
+    return board
+
+
+@njit(cache=True, inline="always")
+def board_at(addr):  # type: ignore[no-untyped-def]
+    """The board at address `addr` (a part's first argument)."""
+    size = carray(address(addr), _HEAD, np.int64)[_SIZE]
+    return carray(address(addr), _HEAD + 2 * _LINE * (size + 1), np.int64)
+
+
+@njit(cache=True, inline="always")
+def board_params(board):  # type: ignore[no-untyped-def]
+    return board[_PARAMS : _PARAMS + BOARD_PARAMS]
+
+
+@njit(cache=True, inline="always")
+def board_scratch(board):  # type: ignore[no-untyped-def]
+    """The board's scratch line as float64 values."""
+    return carray(address(board.ctypes.data + 8 * _SCRATCH), _LINE, np.float64)
+
+
+@njit(cache=True, inline="always")
+def board_ctl(board, which):  # type: ignore[no-untyped-def]
+    """The claim state of the open job (`which` 0) or of its first phase (1)."""
+    n = _LINE * (board[_SIZE] + 1)
+    at = _HEAD + which * n
+    return board[at : at + n]
+
+
+@njit(cache=True, inline="always")
+def run_job(board, part, nchunks, nthreads):  # type: ignore[no-untyped-def]
+    """The caller's side of a native job, its parameters written: fresh claim states dealt to
+    `nthreads`, open the job, run `part` as slot 0, wait for every chunk, close the job and
+    wait for the workers inside it to leave."""
+    for which in range(2):
+        ctl = board_ctl(board, which)
+        ctl[:] = 0
+        _deal(ctl, nchunks, nthreads)
+    board[_PART] = part
+    _fetch_add(board, _SEQ, 1)
+    call_part(part, board.ctypes.data, 0)
+    ctl = board_ctl(board, 0)
+    while not _all_done(ctl, nchunks):
+        pass
+    _fetch_add(board, _SEQ, 1)
+    while _load_acquire(board, _JOINED) != 0:
+        pass
+
+
+@njit(cache=True, inline="always")
+def _join_native(board, last):  # type: ignore[no-untyped-def]
+    """The number of the open native job if it is not `last` and the worker is now counted
+    in it, else 0."""
+    s = _load_acquire(board, _SEQ)
+    if s & 1 == 0 or s == last:
+        return 0
+    _fetch_add(board, _JOINED, 1)
+    if _load_acquire(board, _SEQ) == s:
+        return s
+    _fetch_add(board, _JOINED, -1)
+    return 0
+
+
 @njit(cache=True, nogil=True)
-def _await_job(ctl, prev, iters):  # type: ignore[no-untyped-def]
-    """A worker, back from job `prev`, spins until job `ctl` starts (True: joined it) or
-    `iters` loads have passed (False)."""
+def _await_job(ctl, prev, board, slot, iters):  # type: ignore[no-untyped-def]
+    """A worker, back from Python job `prev`, spins until Python job `ctl` starts (True: it
+    is counted in the job's `ctl[_IN_PYTHON]`) or `iters` loads have passed without any job
+    (False), running its part of every native job opened on `board` meanwhile."""
     _fetch_add(prev, _IN_PYTHON, -1)
-    for _ in range(iters):
+    last = 0
+    i = 0
+    while i < iters:
         if _load_acquire(ctl, _STARTED) != 0:
             _fetch_add(ctl, _IN_PYTHON, 1)
             return True
+        s = _join_native(board, last)
+        if s != 0:
+            call_part(board[_PART], board.ctypes.data, slot)
+            _fetch_add(board, _JOINED, -1)
+            last = s
+            i = 0
+        i += 1
     return False
 
 
@@ -202,7 +333,8 @@ def _new_ctl(threads: int) -> np.ndarray:
     return np.zeros(_LINE * (threads + 1), np.int64)
 
 
-def _deal(ctl: np.ndarray, nchunks: int, nthreads: int) -> np.ndarray:
+@njit(cache=True)
+def _deal(ctl, nchunks, nthreads):  # type: ignore[no-untyped-def]
     """Give threads 0..nthreads-1 equal ranges of the `nchunks` chunks (others none)."""
     for t in range(nthreads):
         ctl[_LINE * (t + 1) + _RANGE] = (t * nchunks // nthreads) << 32 | (
@@ -255,6 +387,7 @@ class _Pool:
         self.job: _Job | None = None
         self.cond = threading.Condition()
         self.sleepers = 0
+        self.board = new_board(size)
         for slot in range(1, size):
             threading.Thread(
                 target=self._loop, args=(slot,), name=f"normgrad-{slot}", daemon=True
@@ -264,13 +397,17 @@ class _Pool:
         prev = _new_ctl(self.size)
         prev[_IN_PYTHON] = 1
         while True:
-            ctl, count = self.next_ctl, self.count
-            joined = _await_job(ctl, prev, SPIN_WAIT)  # True: counted in ctl[_IN_PYTHON]
+            ctl, count, last = self.next_ctl, self.count, self.job
+            joined = _await_job(ctl, prev, self.board, slot, SPIN_WAIT)  # True: counted in ctl
             if not joined:
                 with self.cond:
                     self.sleepers += 1
                     self.cond.wait_for(functools.partial(self._published_since, count))
                     self.sleepers -= 1
+                if self.job is last:  # woken for a native job: back to the spin
+                    prev = _new_ctl(self.size)
+                    prev[_IN_PYTHON] = 1
+                    continue
             job = self.job  # the job that started, or a later one: either is fine
             assert job is not None  # set before `count` or a `ctl` changes
             if not joined or job.ctl is not ctl:  # count us in the job we work on
@@ -282,6 +419,13 @@ class _Pool:
 
     def _published_since(self, count: int) -> bool:
         return self.count != count
+
+    def wake(self) -> None:
+        """Wake sleeping workers for a native job (they spin again and join it)."""
+        if self.sleepers:
+            with self.cond:
+                self.count += 1
+                self.cond.notify_all()
 
     def run(self, kernel: Any, items: int, nchunks: int, nthreads: int, args: tuple) -> None:
         job = _Job(kernel, items, nchunks, nthreads, args, _deal(self.next_ctl, nchunks, nthreads))
@@ -318,6 +462,24 @@ def run(kernel: Any, items: int, nthreads: int, args: tuple, nchunks: int | None
         if _pool is None or _pool.size < nthreads:
             _pool = _Pool(nthreads)  # an older, smaller pool's workers just sleep
         _pool.run(kernel, items, nchunks, nthreads, args)
+    finally:
+        _pool_lock.release()
+
+
+def run_native(caller: Any, nthreads: int, args: tuple) -> None:
+    """Run a native job: `caller(board, nthreads, *args)` (GIL-free jitted code) writes its
+    parameters into `board_params(board)` and calls `run_job`; workers spinning between jobs
+    run their parts without entering Python. On one thread, or while another user thread
+    holds the pool, the caller runs alone on a board of its own."""
+    global _pool
+    if nthreads <= 1 or not _pool_lock.acquire(blocking=False):
+        caller(new_board(1), 1, *args)
+        return
+    try:
+        if _pool is None or _pool.size < nthreads:
+            _pool = _Pool(nthreads)
+        _pool.wake()
+        caller(_pool.board, nthreads, *args)
     finally:
         _pool_lock.release()
 
