@@ -245,3 +245,26 @@ def test_planned_calls_from_two_threads_at_once(rng):
         t.join()
     assert not bad
     assert _kernels.calls["native"] > before
+
+
+def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_native_job():
+    """The worker's spin times out while the caller runs Python (holding the GIL): it waits
+    for the GIL to go to sleep, and must then see the native job that the caller has just
+    published, not sleep through it (the caller would run it alone)."""
+    import time
+
+    _native_marks(64)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1.0)  # the caller keeps the GIL while it runs Python
+    try:
+        joined = 0
+        for _ in range(6):
+            end = time.perf_counter() + 0.02  # 40 times the workers' spin
+            while time.perf_counter() < end:
+                pass
+            hits, who = _native_marks(4000)
+            np.testing.assert_array_equal(hits, 1)
+            joined += int(np.any(who == 1))
+    finally:
+        sys.setswitchinterval(old)
+    assert joined >= 5  # (before the fix: every other job, the worker slept through it)

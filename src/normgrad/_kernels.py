@@ -25,7 +25,9 @@ are merged in a fixed order (statistics with Chan's parallel formula for
 sums, a barrier (`wait_done`), the merge (every thread the same), the second pass. The
 kernels release the GIL and run on the pool in `_pool.py` (`NUMBA_NUM_THREADS` threads, the
 caller included): each kernel claims chunks of items itself (`_claim`, which also counts the
-previous chunk done); dweight/dbias sums go to one slot per chunk, not per thread.
+previous chunk done); dweight/dbias sums go to one slot per chunk, not per thread. The
+planned calls (C-contiguous, no affine parameters) run the same kernels as native jobs:
+the workers call them without entering Python (see "Native jobs" below).
 
 **Batch norm (sweep kernels).** Where a group is several runs (`Ra > 1`) and the affine
 parameters are constant per group, an item is instead a range of `Ra` rows of one `Ka` block
