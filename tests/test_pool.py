@@ -247,24 +247,48 @@ def test_planned_calls_from_two_threads_at_once(rng):
     assert _kernels.calls["native"] > before
 
 
+# A native job that slot 0 cannot finish before a worker has taken part: it spins (bounded)
+# until a worker has counted itself in `flag`.
+def _await_worker_py(addr, slot):  # type: ignore[no-untyped-def]
+    p = board_params(board_at(addr))
+    flag = carray(address(p[0]), 1, np.int64)
+    if slot != 0:
+        _pool._fetch_add(flag, 0, 1)
+        return
+    for _ in range(p[1]):
+        if _pool._load_acquire(flag, 0) != 0:
+            return
+
+
+_await_worker_part = cfunc(_pool.PART_SIGNATURE)(_await_worker_py)
+
+
+@njit(nogil=True)
+def _await_worker_native(board, nthreads, part, flag, spins):  # type: ignore[no-untyped-def]
+    p = board_params(board)
+    p[0], p[1] = flag.ctypes.data, spins
+    run_job(board, part, 0, nthreads)
+
+
 def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_native_job():
     """The worker's spin times out while the caller runs Python (holding the GIL): it waits
     for the GIL to go to sleep, and must then see the native job that the caller has just
-    published, not sleep through it (the caller would run it alone)."""
+    published, not sleep through it. The job here waits (up to seconds) for a worker."""
     import time
 
+    part = _await_worker_part.address
+    _pool.run_native(_await_worker_native, 1, (part, np.zeros(1, np.int64), 0))  # compiled
     _native_marks(64)
     old = sys.getswitchinterval()
     sys.setswitchinterval(1.0)  # the caller keeps the GIL while it runs Python
     try:
-        joined = 0
-        for _ in range(6):
+        for _ in range(3):
             end = time.perf_counter() + 0.02  # 40 times the workers' spin
             while time.perf_counter() < end:
                 pass
-            hits, who = _native_marks(4000)
-            np.testing.assert_array_equal(hits, 1)
-            joined += int(np.any(who == 1))
+            flag = np.zeros(1, np.int64)
+            args = (part, flag, 2_000_000_000)
+            _pool.run_native(_await_worker_native, 2, args)
+            assert flag[0] == 1  # before the fix: 0, the worker slept through the job
     finally:
         sys.setswitchinterval(old)
-    assert joined >= 5  # (before the fix: every other job, the worker slept through it)
