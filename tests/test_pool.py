@@ -270,10 +270,13 @@ def _await_worker_native(board, nthreads, part, flag, spins):  # type: ignore[no
     run_job(board, part, 0, nthreads)
 
 
+@pytest.mark.serial  # switches the GIL interval for the process: other threads must be idle
 def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_native_job():
     """The worker's spin times out while the caller runs Python (holding the GIL): it waits
     for the GIL to go to sleep, and must then see the native job that the caller has just
-    published, not sleep through it. The job here waits (up to seconds) for a worker."""
+    published, not sleep through it. The job here waits (up to seconds) for a worker. (In
+    the parallel run it failed: with a 1 s switch interval, another thread of the test
+    process could hold the GIL that the worker needed.)"""
     import time
 
     part = _await_worker_part.address
@@ -287,7 +290,7 @@ def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_
             while time.perf_counter() < end:
                 pass
             flag = np.zeros(1, np.int64)
-            args = (part, flag, 2_000_000_000)
+            args = (part, flag, 10_000_000_000)  # seconds of spinning at most
             _pool.run_native(_await_worker_native, 2, args)
             assert flag[0] == 1  # before the fix: 0, the worker slept through the job
     finally:
