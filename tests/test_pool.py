@@ -203,6 +203,7 @@ def test_native_jobs_run_every_item_exactly_once(items):
 def test_native_job_after_the_workers_sleep():
     """Workers that have gone to sleep (no job for longer than their spin) are woken by a
     native job and take part again; every item still runs once."""
+    import threading
     import time
 
     _native_marks(64)
@@ -213,7 +214,12 @@ def test_native_job_after_the_workers_sleep():
     deadline = time.monotonic() + 5
     while _pool._pool.sleepers and time.monotonic() < deadline:
         _native_marks(500)
-    assert _pool._pool.sleepers == 0
+    state = {
+        "pool lock held": _pool._pool_lock.locked(),
+        "count": _pool._pool.count,
+        "threads": [t.name for t in threading.enumerate()],
+    }
+    assert _pool._pool.sleepers == 0, state
 
 
 def test_planned_calls_from_two_threads_at_once(rng):
@@ -271,7 +277,9 @@ def _await_worker_native(board, nthreads, part, flag, spins):  # type: ignore[no
 
 
 @pytest.mark.serial  # switches the GIL interval for the process: other threads must be idle
-def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_native_job():
+def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_native_job(
+    monkeypatch,
+):
     """The worker's spin times out while the caller runs Python (holding the GIL): it waits
     for the GIL to go to sleep, and must then see the native job that the caller has just
     published, not sleep through it. The job here waits (up to seconds) for a worker. (In
@@ -279,6 +287,7 @@ def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_
     process could hold the GIL that the worker needed.)"""
     import time
 
+    monkeypatch.setattr(_pool, "_SLEEP_CHECK", 60.0)  # no periodic look at the board
     part = _await_worker_part.address
     _pool.run_native(_await_worker_native, 1, (part, np.zeros(1, np.int64), 0))  # compiled
     _native_marks(64)

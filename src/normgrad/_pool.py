@@ -59,6 +59,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 SPIN_WAIT = 1 << 20  # spin iterations before sleeping: about 0.5 ms here (0.5 ns each)
+_SLEEP_CHECK = 0.01  # seconds between a sleeping worker's looks at the board
 CHUNKS_PER_THREAD = 16  # claims are local atomics: fine chunks balance a late thread
 _STARTED, _DONE, _FAILED, _IN_PYTHON = range(4)  # the job's fields of `ctl`
 _LINE = 8  # int64 per cache line: thread t's fields start at _LINE * (t + 1)
@@ -409,7 +410,12 @@ class _Pool:
             if not joined:
                 with self.cond:
                     self.sleepers += 1
-                    self.cond.wait_for(functools.partial(self._published_since, count))
+                    published = functools.partial(self._published_since, count)
+                    # every 10 ms, also look for an open native job: a wakeup that never
+                    # comes (none is known to be lost) costs at most that much
+                    while not self.cond.wait_for(published, _SLEEP_CHECK):
+                        if self.board[_SEQ] & 1:
+                            break
                     self.sleepers -= 1
                 if self.job is last:  # woken for a native job: back to the spin
                     prev = _new_ctl(self.size)
