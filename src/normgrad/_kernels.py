@@ -1317,7 +1317,9 @@ def backward_planned(
         return None
     if not (x.flags.c_contiguous and dy.flags.c_contiguous):
         return None
-    if out is not None and not out.flags.c_contiguous:
+    if not (x.flags.aligned and dy.flags.aligned):  # (native jobs view aligned memory)
+        return None
+    if out is not None and not (out.flags.c_contiguous and out.flags.aligned):
         return None
     if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.stats[1:]:
         return None

@@ -715,7 +715,7 @@ def _planned_forward(
     arguments are validated once per distinct call signature and the plan cached: a small
     call costs about 2.5 us, a fifth of it the kernel (docs/performance.md); `out` is
     checked on every call."""
-    if not x.flags.c_contiguous:
+    if not (x.flags.c_contiguous and x.flags.aligned):  # (native jobs view aligned memory)
         return None
     if (_kernel_mode.get() or _env_mode()) == "0":
         return None
@@ -739,7 +739,7 @@ def _planned_forward(
         return None  # the general path's sweep kernels
     if out is None:
         y = np.empty(x.shape, x.dtype)
-    elif type(out) is np.ndarray and out.flags.c_contiguous:
+    elif type(out) is np.ndarray and out.flags.c_contiguous and out.flags.aligned:
         _check_out(_namespace(x), out, x, x.dtype, "out", x)
         y = out
     else:
