@@ -991,14 +991,17 @@ _PARTS_BY_NAME = {f.__name__: f for f in (
 )}  # fmt: skip
 
 
+_COMPILED_PARTS: list[Any] = []  # kept alive: workers call them by address
+
+
 @functools.cache
-def _part(name: str) -> Any:
-    """The compiled part `name` (kept alive here: workers call it by address)."""
-    return cfunc(PART_SIGNATURE, cache=True)(_PARTS_BY_NAME[name])
-
-
-def _part_name(direction: str, split: bool, dtype: Any) -> str:
-    return f"_{direction}_{'split' if split else 'groups'}_f{8 * np.dtype(dtype).itemsize}"
+def _part(direction: str, split: bool, itemsize: int) -> int:
+    """The address of the part for `direction` ("forward", "backward"), split or whole
+    groups, and float32 or float64 (`itemsize` 4 or 8), compiled (or loaded) on first use."""
+    name = f"_{direction}_{'split' if split else 'groups'}_f{8 * itemsize}"
+    compiled: Any = cfunc(PART_SIGNATURE, cache=True)(_PARTS_BY_NAME[name])
+    _COMPILED_PARTS.append(compiled)
+    return int(compiled.address)
 
 
 @njit(cache=True, inline="always")
@@ -1297,7 +1300,7 @@ def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ig
     x4, stats2, y4 = x.reshape(sp.shape4), stats.reshape(3, groups), y.reshape(sp.shape4)
     nchunks = _chunks(groups * sp.nc, sp.threads)
     pm = np.empty((2, groups * sp.nc)) if sp.nc > 1 else _NO_PARTS
-    part = _part(_part_name("forward", sp.nc > 1, x.dtype)).address
+    part = _part("forward", sp.nc > 1, x.itemsize)
     args = (part, nchunks, x4, y4, stats2, sp.counts, pm, eps, inside, m, stream)
     run_native(_forward_native, sp.threads, args)
     calls["forward"] += 1
@@ -1336,7 +1339,7 @@ def backward_planned(
     nchunks = _chunks(mean.size * sp.nc, sp.threads)
     ps = np.empty((2, mean.size * sp.nc)) if sp.nc > 1 else _NO_PARTS
     mean, rstd, c = (np.ascontiguousarray(v) for v in (mean, rstd, c))  # addresses travel
-    part = _part(_part_name("backward", sp.nc > 1, x.dtype)).address
+    part = _part("backward", sp.nc > 1, x.itemsize)
     args = (part, nchunks, sp.nc, x4, dy4, dx, mean, rstd, c, ps, m, _streams(out))
     run_native(_backward_native, sp.threads, args)
     calls["backward"] += 1
