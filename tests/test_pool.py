@@ -282,9 +282,9 @@ def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_
 ):
     """The worker's spin times out while the caller runs Python (holding the GIL): it waits
     for the GIL to go to sleep, and must then see the native job that the caller has just
-    published, not sleep through it. The job here waits (up to seconds) for a worker. (In
-    the parallel run it failed: with a 1 s switch interval, another thread of the test
-    process could hold the GIL that the worker needed.)"""
+    published, not sleep through it. The job here waits (up to seconds) for a worker. (It
+    failed once in the parallel pass of a fresh clone, cause not found; alone it passes, and
+    it fails on the old `wake()`.)"""
     import time
 
     monkeypatch.setattr(_pool, "_SLEEP_CHECK", 60.0)  # no periodic look at the board
