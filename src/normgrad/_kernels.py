@@ -1089,8 +1089,9 @@ def forward(
 
 
 def _forward_job(groups: int, nc: int, nthreads: int, counts: np.ndarray, args: tuple) -> None:
-    """One forward job on the pool: `_forward_groups` (whole groups: each group's passes while
-    it is in cache) or `_forward_split` (groups in `nc` chunks of `counts` elements)."""
+    """`forward`'s Python job on the pool: `_forward_groups` (whole groups: each group's
+    passes while it is in cache) or `_forward_split` (groups in `nc` chunks of `counts`
+    elements)."""
     if nc == 1:
         _run(_forward_groups, groups, nthreads, args)
     else:
@@ -1103,7 +1104,7 @@ def _forward_job(groups: int, nc: int, nthreads: int, counts: np.ndarray, args: 
 
 
 def _backward_job(groups: int, nc: int, nthreads: int, nchunks: int, args: tuple) -> None:
-    """One backward job on the pool: `_backward_groups` or `_backward_split`."""
+    """`backward`'s Python job on the pool: `_backward_groups` or `_backward_split`."""
     if nc == 1:
         _run(_backward_groups, groups, nthreads, args, nchunks)
     else:
@@ -1292,9 +1293,9 @@ def call_plan(shape: tuple[int, ...], axes: tuple[int, ...], itemsize: int) -> _
 
 
 def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ignore[no-untyped-def]
-    """`_forward_small`'s job for a larger input, on the pool: one `_forward_groups` call
-    (whole groups) or `_forward_split` call, as `forward` makes, without its layout work (a
-    tenth of a 10^5-element call). `given`: `y` is the caller's `out`."""
+    """`_forward_small`'s job for a larger input, as one native job on the pool running
+    `_forward_groups` (whole groups) or `_forward_split`, as `forward` would, without its
+    layout work (a tenth of a 10^5-element call). `given`: `y` is the caller's `out`."""
     groups = sp.shape4[0] * sp.shape4[2]
     stream = _streams(y if given else None)
     x4, stats2, y4 = x.reshape(sp.shape4), stats.reshape(3, groups), y.reshape(sp.shape4)
@@ -1310,10 +1311,11 @@ def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ig
 def backward_planned(
     ctx: Any, dy: np.ndarray, c_k: np.ndarray, single: bool, out: np.ndarray | None
 ) -> np.ndarray | None:
-    """`dx` for a context from a C-contiguous input without affine parameters, a
-    C-contiguous float32/float64 `dy` (and a C-contiguous checked `out`, if any): one
-    single-threaded `_backward_small` call if `single`, else one `_backward_groups` or
-    `_backward_split` call on the pool, as `backward` makes; None where they do not apply."""
+    """`dx` for a context from a C-contiguous aligned input without affine parameters, a
+    C-contiguous aligned float32/float64 `dy` (and a C-contiguous aligned checked `out`, if
+    any): one single-threaded `_backward_small` call if `single`, else (with `dy` of `x`'s
+    dtype, not a sweep layout) one native job running `_backward_groups` or
+    `_backward_split`, as `backward` would; None where they do not apply."""
     x = ctx.x
     sp = call_plan(x.shape, ctx.axes, x.itemsize)
     if sp is None or (sp.sweep and not single):
