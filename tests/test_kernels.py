@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -533,16 +532,17 @@ def test_bench_runner_smoke(tmp_path):
 
     args = _bench.parse_args(
         ["--sizes", "1000", "--repeat", "1", "--layouts", "whole", "--dtypes", "float64",
-         "--impls", "fused,generic,numpy", "--out", str(tmp_path), "--no-plot",
-         "--no-accuracy", "--plain"]
+         "--impls", "fused,fused_out,fused_mapped,generic,numpy", "--out", str(tmp_path),
+         "--no-plot", "--no-accuracy", "--plain"]
     )  # fmt: skip
     assert _bench.run(args) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
     impls = {r["impl"] for r in data["results"]}
-    assert impls == {"fused", "generic", "numpy"}
+    assert impls == {"fused", "fused_out", "fused_mapped", "generic", "numpy"}
     assert data["triad_bytes_per_s"] > 0
     assert all(r["median_s"] > 0 for r in data["results"])
-    assert os.path.exists(tmp_path / "bench.md")
+    table = (tmp_path / "bench.md").read_text()
+    assert "| fused % roof | out % roof | mapped % roof | fused vs generic |" in table
 
 
 def test_bench_records_the_thread_hand_off(tmp_path):

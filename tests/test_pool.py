@@ -5,6 +5,7 @@ that run on it agree with the generic path."""
 import os
 import subprocess
 import sys
+import weakref
 
 import numpy as np
 import pytest
@@ -54,6 +55,18 @@ def test_every_item_runs_exactly_once(items):
         _pool.run(_mark, items, 2, (hits, who))
         np.testing.assert_array_equal(hits, 1)
         assert set(np.unique(who)) <= {0, 1}
+
+
+def test_the_pool_keeps_no_arguments_after_the_call():
+    """A job's arrays die with the caller's references (the pool used to keep the last
+    job's arguments, outputs included, until the next job)."""
+    hits = np.zeros(64, np.int64)
+    who = np.full(64, -1, np.int64)
+    gone = weakref.ref(hits)
+    _pool.run(_mark, 64, 2, (hits, who))
+    np.testing.assert_array_equal(hits, 1)
+    del hits
+    assert gone() is None
 
 
 def test_one_thread_runs_everything_in_the_caller():

@@ -14,6 +14,7 @@ from ._ops import (
     normalize_jvp,
     use_kernels,
 )
+from ._recycle import release_buffers
 from .check import Finding, GradReport, assert_gradients, check_gradients
 from .explain import explain
 
@@ -35,5 +36,6 @@ __all__ = [
     "normalize_forward",
     "normalize_jacobian",
     "normalize_jvp",
+    "release_buffers",
     "use_kernels",
 ]

@@ -36,12 +36,13 @@ from typing import Any
 import numpy as np
 
 import normgrad as ng
-from normgrad import _ops
+from normgrad import _ops, _recycle
 
 SIZES = (10**3, 10**4, 10**5, 10**6, 10**7, 5 * 10**7)
 QUICK_SIZES = (10**3, 10**5, 10**7)
 LAYOUTS = ("whole", "rows", "channels", "instance")
-IMPLS = ("fused", "fused_out", "generic", "numpy", "torch", "jax")
+IMPLS = ("fused", "fused_out", "fused_mapped", "generic", "numpy", "torch", "jax")
+OURS = ("fused", "fused_out", "fused_mapped")  # (columns of their own % roof)
 PASSES = ("fwd", "fwdbwd")
 ROOF_PASSES = {"fwd": 3, "fwdbwd": 8}
 LOCAL_TRIAD_MIN = 10**6  # cases this large get a triad of their own
@@ -201,8 +202,9 @@ def bench_case(
         fn = _make(impl, layout, axes, x, dy, passes, peers)
         if fn is None:
             continue
-        err = _check(fn(), ref, dtype, impl, layout)
-        samples = time_it(fn, repeat)
+        with _recycle.paused() if impl == "fused_mapped" else contextlib.nullcontext():
+            err = _check(fn(), ref, dtype, impl, layout)
+            samples = time_it(fn, repeat)
         res = Result(layout, shape, x.size, dtype, passes, impl, float(np.median(samples)))
         res.samples, res.roofline_s, res.max_err = samples, roof, err
         res.triad_bytes_per_s = triad
@@ -255,7 +257,7 @@ def _make(
     impl: str, layout: str, axes: Any, x: Any, dy: Any, passes: str, peers: dict[str, Any]
 ) -> Callable[[], tuple[Any, ...]] | None:
     bwd = passes == "fwdbwd"
-    if impl in ("fused", "generic", "fused_out"):
+    if impl in ("fused", "generic", "fused_out", "fused_mapped"):
         mode = impl != "generic"
         yo = np.empty_like(x) if impl == "fused_out" else None
         dxo = np.empty_like(x) if impl == "fused_out" else None
@@ -593,9 +595,11 @@ def format_report(report: dict[str, Any]) -> str:
     for lay, dt, p in keys:
         rows = [r for r in res if (r["layout"], r["dtype"], r["passes"]) == (lay, dt, p)]
         impls = list(dict.fromkeys(r["impl"] for r in rows))
-        peers = [i for i in impls if i not in ("fused", "fused_out")]
+        peers = [i for i in impls if i not in OURS]
         lines.append(f"### {lay}, {dt}, {p}\n")
-        head = ["size", "shape"] + [f"{i} ms" for i in impls] + ["fused % roof", "out % roof"]
+        ours = [i for i in OURS if i in impls]
+        head = ["size", "shape"] + [f"{i} ms" for i in impls]
+        head += [f"{i.replace('fused_', '')} % roof" for i in ours]
         head += [f"fused vs {i}" for i in peers] + ["hand-off ns"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
@@ -604,7 +608,7 @@ def format_report(report: dict[str, Any]) -> str:
             any_r = next(iter(by.values()))
             cells = [f"{size:.0e}", "x".join(map(str, any_r["shape"]))]
             cells += [f"{by[i]['median_s'] * 1e3:.3g}" if i in by else "" for i in impls]
-            for i in ("fused", "fused_out"):
+            for i in ours:
                 r = by.get(i)
                 cells.append(f"{100 * r['roofline_s'] / r['median_s']:.0f}%" if r else "")
             f = by.get("fused")

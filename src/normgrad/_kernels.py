@@ -53,6 +53,7 @@ import numpy as np
 from numba import carray, cfunc, njit
 from numpy.lib.stride_tricks import as_strided
 
+from . import _recycle
 from ._pool import (
     CHUNKS_PER_THREAD,
     PART_SIGNATURE,
@@ -787,15 +788,19 @@ def view4(a: np.ndarray, lay: Layout) -> np.ndarray | None:
         return v
 
 
-def _new_like(x: np.ndarray, lay: Layout, dtype: Any) -> np.ndarray:
-    """A new array of x's shape whose memory order follows x's (C order for C input)."""
-    buf = np.empty(lay.new_shape, dtype=dtype)
-    return buf.transpose(lay.new_perm)
+def _new_like(x: np.ndarray, lay: Layout, dtype: Any) -> tuple[np.ndarray, bool]:
+    """A new array of x's shape whose memory order follows x's (C order for C input), and
+    whether its memory was recycled (`_recycle.empty`)."""
+    buf, recycled = _recycle.empty(lay.new_shape, dtype)
+    return buf.transpose(lay.new_perm), recycled
 
 
-def _output(x: np.ndarray, lay: Layout, dtype: Any, out: np.ndarray | None) -> np.ndarray:
+def _output(
+    x: np.ndarray, lay: Layout, dtype: Any, out: np.ndarray | None
+) -> tuple[np.ndarray, bool]:
+    """The output array, and whether to write it with streaming stores (`_streams`)."""
     if out is not None:
-        return out
+        return out, _streams(out)
     return _new_like(x, lay, dtype)
 
 
@@ -847,12 +852,12 @@ def _param(p: Any, x: np.ndarray, lay: Layout, fill: np.ndarray) -> _Param | Non
     return _Param(view, tuple(s != 0 for s in strides4))  # type: ignore[arg-type]
 
 
-def _streams(out: np.ndarray | None) -> bool:
+def _streams(out: np.ndarray) -> bool:
     """Whether to write a preallocated `out` with non-temporal stores: where it cannot stay in
-    cache. Not new outputs: their pages come zeroed from the kernel, already in cache, and
-    streaming past it was slower (10^7 float32 forward+backward 10.0 -> 10.4 ms, while a
-    preallocated `out` went 5.7 -> 4.5 ms)."""
-    return out is not None and out.nbytes >= STREAM_MIN_BYTES
+    cache (recycled outputs too). Not newly mapped outputs: their pages come zeroed from the
+    kernel, already in cache, and streaming past it was slower (10^7 float32
+    forward+backward 10.0 -> 10.4 ms, while a preallocated `out` went 5.7 -> 4.5 ms)."""
+    return out.nbytes >= STREAM_MIN_BYTES
 
 
 def _plan_threads(groups: int, n: int) -> tuple[int, int]:
@@ -1068,7 +1073,7 @@ def forward(
     x4 = view4(x, lay)
     if w is None or b is None or x4 is None:
         return None
-    y = _output(x, lay, out_dtype, out)
+    y, stream = _output(x, lay, out_dtype, out)
     y4 = view4(y, lay)
     if y4 is None:
         return None
@@ -1077,10 +1082,10 @@ def forward(
     affine = weight is not None or bias is not None
     sweep = _plan_sweep(lay.shape4, (w, b))
     if sweep is not None:
-        return _forward_by_sweep(x4, y, y4, lay, w, b, affine, ddof, finish, sweep, out)
+        return _forward_by_sweep(x4, y, y4, lay, w, b, affine, ddof, finish, sweep, stream)
     nc, nthreads = _plan_threads(groups, n)
     stats = np.empty((3, groups))
-    args = (x4, w.view, b.view, affine, eps, inside, n - ddof, stats, y4, _streams(out))
+    args = (x4, w.view, b.view, affine, eps, inside, n - ddof, stats, y4, stream)
     _forward_job(groups, nc, nthreads, _chunk_counts(n, nc), args)
     mean_k, var_k, rstd_k = (_stats_to_keepdims(v, lay) for v in stats)
     if eps == 0:
@@ -1121,7 +1126,7 @@ def _chunk_counts(n: int, nc: int) -> np.ndarray:
 
 
 def _forward_by_sweep(  # type: ignore[no-untyped-def]
-    x4, y, y4, lay, w, b, affine, ddof, finish, sweep, out
+    x4, y, y4, lay, w, b, affine, ddof, finish, sweep, stream
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """`forward` for layouts that `_plan_sweep` accepts: partial statistics per item, their
     merge and `rstd` here, then `y`."""
@@ -1140,7 +1145,7 @@ def _forward_by_sweep(  # type: ignore[no-untyped-def]
     rstd_k = finish(var_k)
     rstd = _keepdims_to_groups(rstd_k, lay)
     sargs = (x4, mean, rstd, _per_group(w), _per_group(b), affine, nc)
-    _run(_forward_sweep, ka * nc, nthreads, (*sargs, y4, _streams(out)))
+    _run(_forward_sweep, ka * nc, nthreads, (*sargs, y4, stream))
     calls["forward"] += 1
     calls["sweep"] += 1
     return y, mean_k, var_k, rstd_k
@@ -1165,10 +1170,10 @@ def backward(
         dy = dy.astype(np.float64)
     dy4 = view4(dy, lay)
     if dy4 is None:  # dy's memory order differs from x's: copy it into x's order
-        dyc = _new_like(x, lay, dy.dtype)
+        dyc, _ = _new_like(x, lay, dy.dtype)
         dyc[...] = dy
         dy4 = view4(dyc, lay)
-    dx = _output(x, lay, out_dtype, out)
+    dx, stream = _output(x, lay, out_dtype, out)
     dx4 = view4(dx, lay)
     if dx4 is None:
         return None
@@ -1179,7 +1184,6 @@ def backward(
     c = _keepdims_to_groups(c_k, lay)
     sweep = _plan_sweep(lay.shape4, (w, b))
     if sweep is not None:
-        stream = _streams(out)
         return _backward_by_sweep(ctx, x4, dy4, dx, dx4, lay, w, b, mean, rstd, c, sweep, stream)
     nc, nthreads = _plan_threads(groups, n)
     has_w, has_b = ctx.weight is not None, ctx.bias is not None
@@ -1190,7 +1194,7 @@ def backward(
     dwacc, dw5 = _accumulator(w, nchunks, lay, has_w)
     dbacc, db5 = _accumulator(b, nchunks, lay, has_b)
     m = float(ctx.group_size - ctx.ddof)
-    args = (x4, dy4, mean, rstd, c, w.view, has_w, dw5, has_w, db5, has_b, m, dx4, _streams(out))
+    args = (x4, dy4, mean, rstd, c, w.view, has_w, dw5, has_w, db5, has_b, m, dx4, stream)
     _backward_job(groups, nc, nthreads, nchunks, args)
     dw = _param_grad(dwacc, w, lay, x, ctx.weight)
     db = _param_grad(dbacc, b, lay, x, ctx.bias)
@@ -1292,12 +1296,12 @@ def call_plan(shape: tuple[int, ...], axes: tuple[int, ...], itemsize: int) -> _
     return _CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, _chunk_counts(n, nc), sweep)
 
 
-def forward_planned(x, sp, eps, inside, m, stats, y, given) -> None:  # type: ignore[no-untyped-def]
+def forward_planned(x, sp, eps, inside, m, stats, y, stream) -> None:  # type: ignore[no-untyped-def]
     """`_forward_small`'s job for a larger input, as one native job on the pool running
     `_forward_groups` (whole groups) or `_forward_split`, as `forward` would, without its
-    layout work (a tenth of a 10^5-element call). `given`: `y` is the caller's `out`."""
+    layout work (a tenth of a 10^5-element call). `stream`: write `y` with streaming stores
+    (an `out` or recycled memory that cannot stay in cache)."""
     groups = sp.shape4[0] * sp.shape4[2]
-    stream = _streams(y if given else None)
     x4, stats2, y4 = x.reshape(sp.shape4), stats.reshape(3, groups), y.reshape(sp.shape4)
     nchunks = _chunks(groups * sp.nc, sp.threads)
     pm = np.empty((2, groups * sp.nc)) if sp.nc > 1 else _NO_PARTS
@@ -1328,7 +1332,10 @@ def backward_planned(
         return None
     if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.stats[1:]:
         return None
-    dx = np.empty(sp.shape4, ctx.dtype) if out is None else out.reshape(sp.shape4)
+    if out is None:
+        dx, stream = _recycle.empty(sp.shape4, ctx.dtype)
+    else:
+        dx, stream = out.reshape(sp.shape4), _streams(out)
     m = float(ctx.group_size - ctx.ddof)
     x4, dy4 = x.reshape(sp.shape4), dy.reshape(sp.shape4)
     mean, rstd, c = ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c_k.reshape(-1)
@@ -1342,7 +1349,7 @@ def backward_planned(
     ps = np.empty((2, mean.size * sp.nc)) if sp.nc > 1 else _NO_PARTS
     mean, rstd, c = (np.ascontiguousarray(v) for v in (mean, rstd, c))  # addresses travel
     part = _part("backward", sp.nc > 1, x.itemsize)
-    args = (part, nchunks, sp.nc, x4, dy4, dx, mean, rstd, c, ps, m, _streams(out))
+    args = (part, nchunks, sp.nc, x4, dy4, dx, mean, rstd, c, ps, m, stream)
     run_native(_backward_native, sp.threads, args)
     calls["backward"] += 1
     calls["native"] += 1

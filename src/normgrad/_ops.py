@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import array_api_compat as aac
 import numpy as np
 
+from . import _recycle
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
 
@@ -738,10 +739,13 @@ def _planned_forward(
     if plan.sweep and not single:
         return None  # the general path's sweep kernels
     if out is None:
-        y = np.empty(x.shape, x.dtype)
+        if x.nbytes < _recycle.MIN_BYTES:  # (the small calls' budget is microseconds)
+            y, stream = np.empty(x.shape, x.dtype), False
+        else:
+            y, stream = _recycle.empty(x.shape, x.dtype)
     elif type(out) is np.ndarray and out.flags.c_contiguous and out.flags.aligned:
         _check_out(_namespace(x), out, x, x.dtype, "out", x)
-        y = out
+        y, stream = out, out.nbytes >= _kernels_module.STREAM_MIN_BYTES
     else:
         return None
     st = np.empty(plan.stats)  # mean, var, rstd, each keepdims
@@ -749,7 +753,7 @@ def _planned_forward(
         _kernels_module._forward_small(x, plan.shape4, eps_f, inside, m, st, y)
         _kernels_module.calls["forward_small"] += 1
     else:
-        _kernels_module.forward_planned(x, plan, eps_f, inside, m, st, y, out is not None)
+        _kernels_module.forward_planned(x, plan, eps_f, inside, m, st, y, stream)
     mean, var, rstd = st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
     if eps_f == 0:
         _refuse_zero_variance(np, var, x, ax)

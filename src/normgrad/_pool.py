@@ -356,15 +356,17 @@ class _Job:
         self, kernel: Any, items: int, nchunks: int, nthreads: int, args: tuple, ctl: Any
     ) -> None:
         self.kernel, self.items, self.nchunks, self.nthreads = kernel, items, nchunks, nthreads
-        self.args, self.ctl = args, ctl
+        self.args: tuple | None = args  # None once the caller has returned
+        self.ctl = ctl
         self.cond = threading.Condition()
         self.sleeping = False
         self.error: BaseException | None = None
 
     def work(self, slot: int) -> None:
-        if slot < self.nthreads:  # else a bigger pool than this job asked for
+        args = self.args  # (a late worker finds None: nothing left to claim)
+        if slot < self.nthreads and args is not None:  # else a bigger pool than this job asked for
             try:
-                self.kernel(self.ctl, self.nchunks, self.items, slot, *self.args)
+                self.kernel(self.ctl, self.nchunks, self.items, slot, *args)
             except BaseException as e:  # re-raised by the caller
                 self.error = e
                 _add(self.ctl, _FAILED, 1)
@@ -452,7 +454,10 @@ class _Pool:
             with self.cond:
                 self.cond.notify_all()
         job.work(0)
-        job.wait()
+        try:
+            job.wait()
+        finally:
+            job.args = None  # the pool must not keep the caller's arrays alive
 
 
 _pool: _Pool | None = None

@@ -1,0 +1,178 @@
+"""Large kernel outputs reuse the memory of dead ones (`_recycle`), safely."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+import normgrad as ng
+from normgrad import _ops, _recycle
+from normgrad._errors import NormgradError
+
+pytest.importorskip("numba")
+
+from test_kernels import PATHS, _close, _dx_scale, _path
+
+
+@pytest.fixture
+def recycling(monkeypatch):
+    """Recycle outputs from 64 KiB (not 32 MiB: fast tests), keep at most 16 MiB."""
+    monkeypatch.setattr(_recycle, "MIN_BYTES", 1 << 16)
+    monkeypatch.setattr(_recycle, "_limit", 16 << 20)
+    ng.release_buffers()
+    yield
+    ng.release_buffers()
+
+
+def _address(a: np.ndarray) -> int:
+    return a.__array_interface__["data"][0]
+
+
+LAYOUTS = pytest.mark.parametrize(
+    ("shape", "axes", "pshape"),
+    [((300, 400), None, None), ((64, 999), -1, (999,)), ((8, 6, 33, 17), (0, 2, 3), (6, 1, 1))],
+    ids=["whole", "rows", "channels"],
+)
+
+
+@PATHS
+@LAYOUTS
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_dead_outputs_are_reused(recycling, rng, path, shape, axes, pshape, affine, dtype):
+    """Once y and dx die, the next call's outputs take their memory (written with streaming
+    stores there): the same y, dx within a few ulp (kernels with FMA contraction fuse the
+    scalar loop and not the vector one), and nothing kept while they are in use."""
+    x = (rng.normal(size=shape) * 3 + 40).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    x0, dy0 = x.copy(), dy.copy()
+    w = b = None
+    if affine and pshape is not None:
+        w, b = rng.normal(size=pshape), rng.normal(size=pshape)
+    with _ops.use_kernels(True), _path(path):
+        y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+        dx = ng.normalize_backward(ctx, dy).x
+        y1, dx1, ctx1 = y.copy(), dx.copy(), ctx
+        used = {_address(y), _address(dx)}
+        assert _recycle.held_bytes() == 0
+        del y, dx, ctx
+        assert _recycle.held_bytes() == 2 * x.nbytes
+        y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+        dx = ng.normalize_backward(ctx, dy).x
+    assert {_address(y), _address(dx)} == used
+    assert _recycle.held_bytes() == 0
+    np.testing.assert_array_equal(y, y1)
+    _close(dx, dx1, 4, _dx_scale(ctx1, dy))
+    np.testing.assert_array_equal(x, x0)
+    np.testing.assert_array_equal(dy, dy0)
+    with _ops.use_kernels(False):
+        yr, cr = ng.normalize_forward(x, axes, weight=w, bias=b)
+        dxr = ng.normalize_backward(cr, dy).x
+    _close(y, yr, 4, float(np.max(np.abs(cr.mean * cr.rstd))) * (1 if w is None else 4))
+    _close(dx, dxr, 16, _dx_scale(cr, dy))
+
+
+def test_a_live_view_keeps_its_memory(recycling, rng):
+    """A view of an output (even of a view) keeps the output's memory out of reuse."""
+    x = rng.normal(size=(300, 400))
+    y = ng.normalize(x)
+    view = y.T[::2].view(np.int64)
+    before = view.copy()
+    del y
+    assert _recycle.held_bytes() == 0
+    y2 = ng.normalize(x + 1.0)
+    assert not np.shares_memory(y2, view)
+    np.testing.assert_array_equal(view, before)
+    del view
+    assert _recycle.held_bytes() == x.nbytes
+    del y2
+    assert _recycle.held_bytes() == 2 * x.nbytes
+
+
+def test_limit_drops_the_oldest(recycling, monkeypatch, rng):
+    """The free list keeps at most the limit, dropping the oldest buffers first; a buffer
+    over the limit is never kept; `release_buffers` empties it and says how much."""
+    monkeypatch.setattr(_recycle, "_limit", 3 * (1 << 20))
+    sizes = [1 << 20, (1 << 20) + 8, (1 << 20) + 16, (1 << 20) + 24]  # bytes of float64 output
+    for nbytes in sizes:
+        y = ng.normalize(rng.normal(size=nbytes // 8))
+        del y
+    assert _recycle.held_bytes() <= 3 * (1 << 20)
+    assert [raw.nbytes for raw in _recycle._free] == sizes[-2:]
+    big = ng.normalize(rng.normal(size=(1 << 20) // 2))  # 4 MiB: over the limit
+    del big
+    assert [raw.nbytes for raw in _recycle._free] == sizes[-2:]
+    assert ng.release_buffers() == sum(sizes[-2:])
+    assert _recycle.held_bytes() == 0 and not _recycle._free
+
+
+def test_environment_variable(monkeypatch, rng):
+    """`NORMGRAD_RECYCLE_MB`: 0 keeps nothing; anything but a whole number >= 0 is a clear
+    error naming the variable and the value."""
+    monkeypatch.setattr(_recycle, "MIN_BYTES", 1 << 16)
+    x = rng.normal(size=(300, 400))
+    for bad in ("lots", "-1", "1.5"):
+        monkeypatch.setattr(_recycle, "_limit", None)
+        monkeypatch.setenv("NORMGRAD_RECYCLE_MB", bad)
+        with pytest.raises(NormgradError, match=rf"NORMGRAD_RECYCLE_MB.*{bad!r}"):
+            ng.normalize(x)
+    monkeypatch.setattr(_recycle, "_limit", None)
+    monkeypatch.setenv("NORMGRAD_RECYCLE_MB", "0")
+    y = ng.normalize(x)
+    del y
+    assert _recycle.held_bytes() == 0
+    monkeypatch.setattr(_recycle, "_limit", None)
+    monkeypatch.delenv("NORMGRAD_RECYCLE_MB")
+    assert 0 < _recycle._limit_bytes() <= 1 << 30
+    monkeypatch.setattr(_recycle, "_limit", None)
+    monkeypatch.setenv("NORMGRAD_RECYCLE_MB", "5")
+    assert _recycle._limit_bytes() == 5 << 20
+
+
+def test_paused_maps_every_output(recycling, rng):
+    """Inside `paused()` (the benchmark's `fused_mapped`) no output takes or leaves memory
+    for reuse; afterwards recycling goes on with the same limit."""
+    x = rng.normal(size=(300, 400))
+    y = ng.normalize(x)
+    del y
+    assert _recycle.held_bytes() == x.nbytes
+    with _recycle.paused():
+        y = ng.normalize(x)
+        assert _recycle.held_bytes() == x.nbytes  # not taken
+        del y
+        assert _recycle.held_bytes() == x.nbytes  # not given back
+    assert _recycle._limit_bytes() == 16 << 20
+    kept = ng.normalize(x)
+    assert _recycle.held_bytes() == 0 and kept.shape == x.shape
+
+
+def test_threads_share_the_free_list(recycling, rng):
+    """Four threads normalizing at once, their outputs dying in any order: every result is
+    right and no buffer is handed to two live outputs."""
+    xs = [rng.normal(size=(200, 300)) * (k + 1) + k for k in range(4)]
+    with _ops.use_kernels(False):
+        refs = [ng.normalize(x) for x in xs]
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            kept = []
+            for i in range(30):
+                y = ng.normalize(xs[k])
+                np.testing.assert_allclose(y, refs[k], rtol=0, atol=1e-12)
+                kept.append(y)
+                if i % 3 == 2:
+                    addresses = [_address(a) for a in kept]
+                    assert len(set(addresses)) == len(addresses)
+                    kept.clear()
+        except BaseException as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
