@@ -5,6 +5,7 @@ that run on it agree with the generic path."""
 import os
 import subprocess
 import sys
+import traceback
 import weakref
 
 import numpy as np
@@ -227,12 +228,22 @@ def test_native_job_after_the_workers_sleep():
     deadline = time.monotonic() + 5
     while _pool._pool.sleepers and time.monotonic() < deadline:
         _native_marks(500)
-    state = {
-        "pool lock held": _pool._pool_lock.locked(),
-        "count": _pool._pool.count,
-        "threads": [t.name for t in threading.enumerate()],
-    }
-    assert _pool._pool.sleepers == 0, state
+    if _pool._pool.sleepers:
+        frames = sys._current_frames()
+        workers = [t for t in threading.enumerate() if t.name.startswith("normgrad-")]
+        state = {
+            "pool lock held": _pool._pool_lock.locked(),
+            "count": _pool._pool.count,
+            "board head": _pool._pool.board[:8].tolist(),
+            "threads": [t.name for t in threading.enumerate()],
+            "workers": {
+                f"{t.name} alive={t.is_alive()}": "".join(
+                    traceback.format_stack(frames[t.ident]) if t.ident in frames else "?"
+                )
+                for t in workers
+            },
+        }
+        pytest.fail(f"a worker still sleeps: {state}")
 
 
 def test_planned_calls_from_two_threads_at_once(rng):

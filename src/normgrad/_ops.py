@@ -743,6 +743,7 @@ def _planned_forward(
             y, stream = np.empty(x.shape, x.dtype), False
         else:
             y, stream = _recycle.empty(x.shape, x.dtype)
+            stream = stream and y.nbytes >= _kernels_module.STREAM_MIN_BYTES
     elif type(out) is np.ndarray and out.flags.c_contiguous and out.flags.aligned:
         _check_out(_namespace(x), out, x, x.dtype, "out", x)
         y, stream = out, out.nbytes >= _kernels_module.STREAM_MIN_BYTES
