@@ -111,6 +111,11 @@ def test_limit_drops_the_oldest(recycling, monkeypatch, rng):
     assert [raw.nbytes for raw in _recycle._order.values()] == sizes[-2:]
     assert ng.release_buffers() == sum(sizes[-2:])
     assert _recycle.held_bytes() == 0 and not _recycle._free and not _recycle._order
+    alive = [ng.normalize(rng.normal(size=(1 << 20) // 8)) for _ in range(4)]  # one size
+    del alive
+    kept = list(_recycle._order.values())
+    assert len(kept) == 3 and _recycle.held_bytes() == 3 << 20
+    assert all(a is b for a, b in zip(_recycle._free[1 << 20], kept, strict=True))
 
 
 def test_environment_variable(monkeypatch, rng):

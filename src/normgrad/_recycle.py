@@ -81,6 +81,8 @@ def empty(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, bool]:
         stack = _free.get(nbytes)
         if stack:
             raw = stack.pop()
+            if not stack:
+                del _free[nbytes]
             del _order[id(raw)]
             _held -= nbytes
     recycled = raw is not None
@@ -95,10 +97,10 @@ def empty(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, bool]:
 def _died(ref: weakref.ref) -> None:
     """`owner` is gone: every view of the output with it. Keep its memory for reuse."""
     global _held
-    entry = _live.pop(id(ref), None)
-    if entry is None:  # (at interpreter exit)
+    try:
+        raw = _live.pop(id(ref))[1]
+    except AttributeError:  # at interpreter exit, when module globals are already None
         return
-    raw = entry[1]
     limit = _limit_bytes()
     if raw.nbytes > limit:
         return
@@ -108,14 +110,18 @@ def _died(ref: weakref.ref) -> None:
         _held += raw.nbytes
         while _held > limit:
             _, old = _order.popitem(last=False)
-            _free[old.nbytes].remove(old)  # (the oldest of its size: first in its list)
+            stack = _free[old.nbytes]
+            assert stack[0] is old  # the oldest of its size (not `remove`: arrays compare by value)
+            del stack[0]
+            if not stack:
+                del _free[old.nbytes]
             _held -= old.nbytes
 
 
 def release_buffers() -> int:
     """Return the memory normgrad keeps for reuse to the system; the number of bytes.
 
-    The fused kernels keep the memory of dead outputs of 32 MiB or more (up to
+    The fused kernels keep the memory of dead outputs of 1 MiB or more (up to
     `NORMGRAD_RECYCLE_MB` MiB) and reuse it for the next output of the same size, saving the
     OS's zeroing of new pages. Outputs still alive are not affected."""
     global _held
