@@ -790,21 +790,27 @@ def view4(a: np.ndarray, lay: Layout) -> np.ndarray | None:
         return v
 
 
+def new_output(shape: tuple[int, ...], dtype: Any) -> tuple[np.ndarray, bool]:
+    """A new C-order output (`_recycle.empty`), and whether to write it with streaming
+    stores: recycled memory of `STREAM_MIN_BYTES` or more, as an `out=` (`streams`)."""
+    y, recycled = _recycle.empty(shape, dtype)
+    return y, recycled and streams(y)
+
+
 def _new_like(x: np.ndarray, lay: Layout, dtype: Any) -> tuple[np.ndarray, bool]:
     """A new array of x's shape whose memory order follows x's (C order for C input), and
-    whether its memory was recycled (`_recycle.empty`)."""
-    buf, recycled = _recycle.empty(lay.new_shape, dtype)
-    return buf.transpose(lay.new_perm), recycled
+    `new_output`'s streaming flag."""
+    buf, stream = new_output(lay.new_shape, dtype)
+    return buf.transpose(lay.new_perm), stream
 
 
 def _output(
     x: np.ndarray, lay: Layout, dtype: Any, out: np.ndarray | None
 ) -> tuple[np.ndarray, bool]:
-    """The output array, and whether to write it with streaming stores (`_streams`)."""
+    """The output array, and whether to write it with streaming stores."""
     if out is not None:
-        return out, _streams(out)
-    y, recycled = _new_like(x, lay, dtype)
-    return y, recycled and _streams(y)
+        return out, streams(out)
+    return _new_like(x, lay, dtype)
 
 
 def _stats_to_keepdims(v: np.ndarray, lay: Layout) -> np.ndarray:
@@ -855,7 +861,7 @@ def _param(p: Any, x: np.ndarray, lay: Layout, fill: np.ndarray) -> _Param | Non
     return _Param(view, tuple(s != 0 for s in strides4))  # type: ignore[arg-type]
 
 
-def _streams(out: np.ndarray) -> bool:
+def streams(out: np.ndarray) -> bool:
     """Whether to write a preallocated `out` (or recycled memory) with non-temporal stores:
     where it cannot stay in cache. Not newly mapped outputs: their pages come zeroed from the
     kernel, already in cache, and streaming past it was slower (10^7 float32
@@ -1336,10 +1342,9 @@ def backward_planned(
     if dy.dtype.char not in "fd" or not dy.dtype.isnative or ctx.mean.shape != sp.stats[1:]:
         return None
     if out is None:
-        dx, recycled = _recycle.empty(sp.shape4, ctx.dtype)
-        stream = recycled and _streams(dx)
+        dx, stream = new_output(sp.shape4, ctx.dtype)
     else:
-        dx, stream = out.reshape(sp.shape4), _streams(out)
+        dx, stream = out.reshape(sp.shape4), streams(out)
     m = float(ctx.group_size - ctx.ddof)
     x4, dy4 = x.reshape(sp.shape4), dy.reshape(sp.shape4)
     mean, rstd, c = ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c_k.reshape(-1)

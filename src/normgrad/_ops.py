@@ -742,11 +742,10 @@ def _planned_forward(
         if x.nbytes < _recycle.MIN_BYTES:  # (the small calls' budget is microseconds)
             y, stream = np.empty(x.shape, x.dtype), False
         else:
-            y, stream = _recycle.empty(x.shape, x.dtype)
-            stream = stream and y.nbytes >= _kernels_module.STREAM_MIN_BYTES
+            y, stream = _kernels_module.new_output(x.shape, x.dtype)
     elif type(out) is np.ndarray and out.flags.c_contiguous and out.flags.aligned:
         _check_out(_namespace(x), out, x, x.dtype, "out", x)
-        y, stream = out, out.nbytes >= _kernels_module.STREAM_MIN_BYTES
+        y, stream = out, _kernels_module.streams(out)
     else:
         return None
     st = np.empty(plan.stats)  # mean, var, rstd, each keepdims
