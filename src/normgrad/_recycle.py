@@ -147,7 +147,7 @@ def paused() -> Iterator[None]:
 
 
 def held_bytes() -> int:
-    """Bytes of dead outputs kept for reuse (tests and benchmarks)."""
+    """Bytes of dead outputs kept for reuse (for tests)."""
     return _held
 
 
