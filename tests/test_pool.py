@@ -218,8 +218,9 @@ def test_native_job_after_the_workers_sleep(monkeypatch):
     """A worker that has gone to sleep (no job for longer than its spin) is woken by a
     native job and takes part again; every item still runs once. On a pool of its own: the
     process's pool may have more workers (an earlier test asked for 4 threads), and on 2
-    cores shared with another test process all of them were rarely awake at once, which
-    an older version of this test waited for (it failed twice in fresh-clone runs)."""
+    cores shared with another test process they can rarely all be awake at one instant,
+    which an older version of this test waited for (it failed twice, in a fresh-clone run
+    and a cold-cache one, cause not proven)."""
     import threading
     import time
 
