@@ -18,7 +18,7 @@ from test_kernels import PATHS, _close, _dx_scale, _path, _y_scale
 
 @pytest.fixture
 def recycling(monkeypatch):
-    """Recycle outputs from 64 KiB (not 32 MiB: fast tests), keep at most 16 MiB."""
+    """Recycle outputs from 64 KiB (not 1 MiB: small, fast tests), keep at most 16 MiB."""
     monkeypatch.setattr(_recycle, "MIN_BYTES", 1 << 16)
     monkeypatch.setattr(_recycle, "_limit", 16 << 20)
     ng.release_buffers()
