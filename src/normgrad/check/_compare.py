@@ -38,8 +38,9 @@ from ._diagnose import (
     nonfinite_finding,
     passed_findings,
 )
-from ._fd import F64, Target
+from ._fd import FiniteDifferences
 from ._report import Finding, GradReport
+from ._target import F64, Evaluations, Target
 
 MODES = ("auto", "full", "probe")
 FULL_MAX = 2048  # largest number of inputs (and of outputs) for the dense Jacobian
@@ -106,12 +107,13 @@ def check_gradients(
             "with f(x) -> y and vjp(x, dy) -> dx."
         )
 
-    t = Target(f, x, vjp, jvp, progress)
+    t = Target(f, x, vjp, jvp, Evaluations(progress))
+    fd = FiniteDifferences(t)
     # A stream of its own, so dy is not the very vector a user drew with default_rng(seed).
     rng = np.random.default_rng((int(seed), 0x6E67))
     dy1 = _cotangent(dy, t, rng)
     dy2 = rng.standard_normal(t.m)
-    h = t.steps(step)
+    h = fd.steps(step)
     if mode == "auto":
         mode = "full" if t.n <= AUTO_FULL_MAX and t.m <= FULL_MAX else "probe"
     if mode == "full" and (t.n > FULL_MAX or t.m > FULL_MAX):
@@ -125,14 +127,14 @@ def check_gradients(
     pairs = [(dy1, t.flatten_vjp(raw)), (dy2, t.vjp(dy2))]
     tol = Tol(eps_a, math.sqrt(eps_a) if rtol is None else float(rtol), atol)
     columns = t.n if mode == "full" else PROBES
-    t.total = t.n_evals + 13 + 4 * columns
-    t.calibrate(rng, h)
-    t.detect_complex(rng, h)
-    t.total = t.n_evals + (6 if t.complex_ok else 4) * columns
+    t.evals.plan(13 + 4 * columns)
+    fd.calibrate(rng, h)
+    fd.detect_complex(rng, h)
+    t.evals.plan((6 if fd.complex_ok else 4) * columns)
     labels = ("the given dy" if dy is not None else "a random dy", "a second, random dy")
     if mode == "full":
-        return _full(t, rng, h, pairs, tol, labels)
-    return _probe(t, rng, h, pairs, tol, labels)
+        return _full(fd, rng, h, pairs, tol, labels)
+    return _probe(fd, rng, h, pairs, tol, labels)
 
 
 def assert_gradients(
@@ -190,40 +192,56 @@ def _cotangent(dy: Any, t: Target, rng: np.random.Generator) -> F64:
 
 
 def _full(
-    t: Target, rng: np.random.Generator, h: F64, pairs: list[Pair], tol: Tol, labels: Any
+    fd: FiniteDifferences,
+    rng: np.random.Generator,
+    h: F64,
+    pairs: list[Pair],
+    tol: Tol,
+    labels: Any,
 ) -> GradReport:
-    jac, err, kink = t.jacobian(h)
+    t = fd.target
+    jac, err, kink = fd.jacobian(h)
     sides = []
     for dy, dx in pairs:
         num = jac.T @ dy
         mag = np.abs(dy) @ np.abs(jac)
-        floor = t.rounding_floor(tol.eps_a) * float(np.max(np.abs(dy)))
+        floor = fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(dy)))
         floor = floor + _measured(t, dy, dx, tol.eps_a)
-        fd = np.abs(dy) @ err
+        fde = np.abs(dy) @ err
         scale = float(np.max(mag, initial=0.0))
-        tl, strict = tol(num, fd, mag + _finite_abs(dx), scale, floor=floor)
+        tl, strict = tol(num, fde, mag + _finite_abs(dx), scale, floor=floor)
         kinks = (kink & (dy != 0)[:, None]).any(axis=0)
-        sides.append(Side(dy, dx, num, fd, tl, strict, kinks, tol.atol_for(scale), mag))
+        sides.append(Side(dy, dx, num, fde, tl, strict, kinks, tol.atol_for(scale), mag))
+    analytic_jacobian: list[F64 | None] = [None]
 
     def diagnose() -> Diagnosis:
-        return diagnose_full(t, sides, jac, err, tol), None
+        findings, analytic_jacobian[0] = diagnose_full(fd, sides, jac, err, tol)
+        return findings, None
 
     n = t.n
     unit = [np.eye(1, n, j).ravel() for j in range(n)] if t.jvp_fn is not None else []
-    report = _finish(t, "full", sides, pairs, tol, labels, diagnose, unit, list(jac.T), list(err.T))
-    report.analytic_jacobian = t.analytic_jacobian
+    report = _finish(
+        fd, "full", sides, pairs, tol, labels, diagnose, unit, list(jac.T), list(err.T)
+    )
+    report.analytic_jacobian = analytic_jacobian[0]
     report.numerical_jacobian = jac
-    report.step_sweep = _sweep_fn(t, h, rng)
+    report.step_sweep = _sweep_fn(fd, h, rng)
     return report
 
 
 def _probe(
-    t: Target, rng: np.random.Generator, h: F64, pairs: list[Pair], tol: Tol, labels: Any
+    fd: FiniteDifferences,
+    rng: np.random.Generator,
+    h: F64,
+    pairs: list[Pair],
+    tol: Tol,
+    labels: Any,
 ) -> GradReport:
+    t = fd.target
     dirs, vals, errs, kinks = [], [], [], []
     for _ in range(PROBES):
         u = h * rng.standard_normal(t.n)
-        d = t.directional(u)
+        d = fd.directional(u)
         dirs.append(u)
         vals.append(d.value)
         errs.append(d.err)
@@ -231,30 +249,30 @@ def _probe(
     sides = []
     for dy, dx in pairs:
         num = np.array([dy @ v for v in vals])
-        fd = np.array([np.abs(dy) @ e for e in errs])
+        fde = np.array([np.abs(dy) @ e for e in errs])
         ana = np.array([dx @ u for u in dirs])
         dxa = _finite_abs(dx)
         rms = float(np.sqrt(np.mean(dxa * dxa)))
         mag = np.array([(dxa + rms) @ np.abs(u) for u in dirs])
-        floor = t.rounding_floor(tol.eps_a) * float(np.max(np.abs(dy)))
+        floor = fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(dy)))
         floor = floor + _measured(t, dy, dx, tol.eps_a)
         scale = max(float(np.abs(dy) @ np.abs(v)) for v in vals)
         weight = np.array([np.sum(np.abs(u)) for u in dirs])
         floors = np.array([floor @ np.abs(u) for u in dirs])
-        tl, strict = tol(num, fd, mag, scale, weight=weight, floor=floors)
+        tl, strict = tol(num, fde, mag, scale, weight=weight, floor=floors)
         kink = np.array([bool(np.any(k & (dy != 0))) for k in kinks])
-        sides.append(Side(dy, ana, num, fd, tl, strict, kink, tol.atol_for(scale), strict))
+        sides.append(Side(dy, ana, num, fde, tl, strict, kink, tol.atol_for(scale), strict))
 
     def diagnose() -> Diagnosis:
-        return diagnose_probe(t, sides, pairs[0][1], dirs, vals, h, tol, rng, LOCALIZE_BUDGET)
+        return diagnose_probe(fd, sides, pairs[0][1], dirs, vals, h, tol, rng, LOCALIZE_BUDGET)
 
-    report = _finish(t, "probe", sides, pairs, tol, labels, diagnose, dirs, vals, errs)
-    report.step_sweep = _sweep_fn(t, h, rng)
+    report = _finish(fd, "probe", sides, pairs, tol, labels, diagnose, dirs, vals, errs)
+    report.step_sweep = _sweep_fn(fd, h, rng)
     return report
 
 
 def _finish(
-    t: Target,
+    fd: FiniteDifferences,
     mode: str,
     sides: list[Side],
     pairs: list[Pair],
@@ -266,6 +284,7 @@ def _finish(
     jvp_errs: list[F64],
 ) -> GradReport:
     """The verdict, the findings and the report, common to both modes."""
+    t = fd.target
     ok = all(s.passed for s in sides)
     located: list[int] | None = None
     bad_grad = nonfinite_finding(t, [(lab, dx) for lab, (_, dx) in zip(labels, pairs, strict=True)])
@@ -283,7 +302,7 @@ def _finish(
     # The summary shows the user's cotangent, unless only the second one fails.
     k = 1 if sides[0].passed and not sides[1].passed else 0
     s, dx = sides[k], pairs[k][1]
-    notes = list(t.notes)
+    notes = list(t.notes.items)
     if k == 1:
         notes.append(
             f"the check passes for {labels[0]} but fails for {labels[1]}; the errors and arrays "
@@ -305,14 +324,14 @@ def _finish(
         fd_error_estimate=t.unflatten(s.fd) if full else s.fd,
         diagnosis=findings,
         mode=mode,
-        n_evals=t.n_evals,
+        n_evals=t.evals.done,
         tolerance=t.unflatten(s.tol) if full else s.tol,
         rtol=tol.rtol,
         atol=s.atol,
         notes=notes,
         eval_dtype=np.dtype(t.eval_out_dtype).name,
         analytic_dtype=_dtype_name(tol.eps_a),
-        complex_step=t.complex_ok,
+        complex_step=fd.complex_ok,
         probe_analytic=None if full else s.dx,
         probe_numerical=None if full else s.num,
         input_shapes=list(t.shapes),
@@ -347,9 +366,9 @@ def _measured(t: Target, dy: F64, dx: F64, eps_a: float) -> F64:
         return np.zeros(t.n)
     dx64 = t.vjp64(dy)
     if dx64 is None:
-        note = "the backward refused float64 input, so its rounding is estimated, not measured."
-        if note not in t.notes:
-            t.notes.append(note)
+        t.notes.add(
+            "the backward refused float64 input, so its rounding is estimated, not measured."
+        )
         return np.zeros(t.n)
     ok = np.isfinite(dx)
     return np.where(ok, 2 * np.abs(np.where(ok, dx, 0.0) - dx64), 0.0)
@@ -369,14 +388,17 @@ def _dtype_name(eps: float) -> str:
     return "float"
 
 
-def _sweep_fn(t: Target, h: F64, rng: np.random.Generator) -> Callable[[], dict[str, Any]]:
+def _sweep_fn(
+    fd: FiniteDifferences, h: F64, rng: np.random.Generator
+) -> Callable[[], dict[str, Any]]:
     """Lazy (run by `plot`): the error of a plain central difference against the step size,
     along one random direction, relative to the largest derivative along it."""
     seed = int(rng.integers(2**31))
+    t = fd.target
 
     def sweep() -> dict[str, Any]:
         u = h * np.random.default_rng(seed).standard_normal(t.n)
-        best = t.directional(u)
+        best = fd.directional(u)
         scale = float(np.max(np.abs(best.value), initial=0.0)) or 1.0
         mults = np.logspace(-8, 4, 37)
         errors = []

@@ -15,13 +15,16 @@ Groups are the connected components of J's significant entries (a normalization'
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._fd import F64, Target, nice_number
+from ._fd import FiniteDifferences
 from ._report import Finding
+from ._target import F64, Target
 
 MAX_LISTED = 20  # indices listed in evidence
 MAX_LOCATED = 8  # partial: at most this many bad elements (probe mode)
@@ -153,7 +156,7 @@ def _common(t: Target, sides: list[Side], dx1: F64, eps_a: float, probe: bool) -
     if probe or not t.multi:
         return None
     for i in range(len(t.shapes)):
-        sl = slice(int(t.offsets[i]), int(t.offsets[i + 1]))
+        sl = t.input_slice(i)
         if all(np.any(s.bad[sl]) and np.all(np.abs(s.dx[sl]) <= s.strict[sl]) for s in sides):
             top = float(np.max(np.abs(s1.num[sl])))
             return [_zero(f"the backward returns zeros for input {i} (x[{i}])", top, input=i)]
@@ -193,21 +196,24 @@ def _nondiff(t: Target, where: Any, probe: bool = False) -> Finding:
 # ---------------------------------------------------------------------------------------------
 
 
-def diagnose_full(t: Target, sides: list[Side], jac: F64, err: F64, tol: Tol) -> list[Finding]:
+def diagnose_full(
+    fd: FiniteDifferences, sides: list[Side], jac: F64, err: F64, tol: Tol
+) -> tuple[list[Finding], F64 | None]:
+    """(findings, the analytic Jacobian when it was built)."""
+    t = fd.target
     eps_a = tol.eps_a
     found = _common(t, sides, sides[0].dx, eps_a, probe=False)
     if found is not None:
-        return found
+        return found, None
     A = np.stack([t.vjp(np.eye(1, t.m, i).ravel()) for i in range(t.m)])
-    t.analytic_jacobian = A
     bad_rows = [i for i in range(t.m) if not np.all(np.isfinite(A[i]))]
     if bad_rows:
         label = f"dy = the unit vector at output {bad_rows[0]}"
         finding = nonfinite_finding(t, [(label, A[bad_rows[0]])])
         assert finding is not None
-        return [finding]
+        return [finding], A
     scale = float(np.max(np.abs(jac), initial=0.0))
-    T, _ = tol(jac, err, np.abs(A) + np.abs(jac), scale, floor=t.rounding_floor(eps_a)[None, :])
+    T, _ = tol(jac, err, np.abs(A) + np.abs(jac), scale, floor=fd.rounding_floor(eps_a)[None, :])
     if eps_a > np.finfo(np.float64).eps:  # the low-precision backward's measured rounding
         rows64 = [t.vjp64(np.eye(1, t.m, i).ravel()) for i in range(t.m)]
         got = [r64 for r64 in rows64 if r64 is not None]
@@ -219,7 +225,7 @@ def diagnose_full(t: Target, sides: list[Side], jac: F64, err: F64, tol: Tol) ->
         kink_bad |= s.bad & s.kinks
     if np.any(kink_bad) and findings[0].kind != "nondifferentiable":
         findings.append(_nondiff(t, np.flatnonzero(kink_bad)))
-    return findings
+    return findings, A
 
 
 def structure(t: Target, A: F64, J: F64, T: F64) -> list[Finding]:
@@ -519,7 +525,7 @@ def _unknown(E: F64, T: F64, badmask: Any) -> Finding:
 
 
 def diagnose_probe(
-    t: Target,
+    fd: FiniteDifferences,
     sides: list[Side],
     dx1: F64,
     dirs: list[F64],
@@ -530,6 +536,7 @@ def diagnose_probe(
     budget: int,
 ) -> tuple[list[Finding], list[int] | None]:
     """`dx1` is the full vjp(x, dy) of the first side (sides hold its projections)."""
+    t = fd.target
     found = _common(t, sides, dx1, tol.eps_a, probe=True)
     if found is not None:
         return found, None
@@ -543,20 +550,20 @@ def diagnose_probe(
         if np.all(np.abs(a - c * n) <= 2 * limit * max(1.0, abs(c))):
             return [_scale_finding(c, [t.n, t.m])], None
     if t.m == t.n:
-        tr = _probe_transpose(t, s1, dx1, dirs, h, tol)
+        tr = _probe_transpose(fd, s1, dx1, dirs, h, tol)
         if tr is not None:
             return [tr], None
-    return _localize(t, s1, dx1, h, tol, rng, budget)
+    return _localize(fd, s1, dx1, h, tol, rng, budget)
 
 
 def _probe_transpose(
-    t: Target, s1: Side, dx: F64, dirs: list[F64], h: F64, tol: Tol
+    fd: FiniteDifferences, s1: Side, dx: F64, dirs: list[F64], h: F64, tol: Tol
 ) -> Finding | None:
     """Does vjp(dy) = `dx` equal J·dy (one more directional derivative, along dy itself)?"""
     scale = float(np.median(h)) / max(float(np.sqrt(np.mean(s1.dy**2))), 1e-300)
-    d = t.directional(scale * s1.dy)
+    d = fd.directional(scale * s1.dy)
     jdy, err = d.value / scale, d.err / scale
-    floor = t.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
+    floor = fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
     big = float(np.max(np.abs(jdy), initial=0.0))
     limit, _ = tol(jdy, err, np.abs(dx) + np.abs(jdy), big, floor=floor)
     if not np.all(np.abs(dx - jdy) <= 2 * limit):
@@ -578,7 +585,7 @@ def _probe_transpose(
 
 
 def _localize(
-    t: Target,
+    fd: FiniteDifferences,
     s1: Side,
     dx: F64,
     h: F64,
@@ -589,26 +596,27 @@ def _localize(
     """Bisection: probe directions restricted to halves of a failing index set, breadth first,
     until single elements remain, more than MAX_LOCATED sets fail, or the budget is spent.
     `dx` is vjp(x, dy) for the side's dy."""
-    start = t.n_evals
-    per_test = 6 if t.complex_ok else 4
-    floor = t.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
-    t.total = max(t.total, t.n_evals + budget)
+    t, evals = fd.target, fd.target.evals
+    start = evals.done
+    per_test = 6 if fd.complex_ok else 4
+    floor = fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
+    evals.allow(budget)
 
     def fails(idx: Any) -> bool:
         u = np.zeros(t.n)
         u[idx] = h[idx] * rng.standard_normal(len(idx))
-        d = t.directional(u)
+        d = fd.directional(u)
         num = float(s1.dy @ d.value)
-        fd = float(np.abs(s1.dy) @ d.err)
+        fde = float(np.abs(s1.dy) @ d.err)
         terms = float(np.abs(dx[idx]) @ np.abs(u[idx]))
         au = np.abs(u[idx])
-        limit, _ = tol(num, fd, terms, terms, float(np.sum(au)), float(floor[idx] @ au))
+        limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), float(floor[idx] @ au))
         return bool(abs(float(dx @ u) - num) > limit)
 
     frontier = [np.arange(t.n)]
     located: list[int] = []
     spread = False
-    while frontier and t.n_evals - start + 2 * per_test <= budget:
+    while frontier and evals.done - start + 2 * per_test <= budget:
         S = frontier.pop(0)
         if len(S) == 1:
             located.append(int(S[0]))
@@ -620,7 +628,7 @@ def _localize(
             break
     located += [int(S[0]) for S in frontier if len(S) == 1]
     frontier = [S for S in frontier if len(S) > 1]
-    ev_budget = {"evaluations": t.n_evals - start, "budget": budget}
+    ev_budget = {"evaluations": evals.done - start, "budget": budget}
     if not spread and located and not frontier:
         located.sort()
         f = _partial(t, np.asarray(located), t.n)
@@ -675,3 +683,19 @@ def diagnose_jvp(ana: F64, num: F64, tol: F64, t: Target) -> list[Finding]:
             ev,
         )
     ]
+
+
+def nice_number(c: float, sizes: Sequence[int]) -> str:
+    """A readable name for a fitted factor: 2, 1/2, -1, N=784, 1/N, 3/2..."""
+    if not math.isfinite(c):
+        return str(c)
+    for n in sorted(set(int(s) for s in sizes if s > 2), reverse=True):
+        for val, name in ((n, f"{n} (= n)"), (1 / n, f"1/{n} (= 1/n)")):
+            for sgn, sname in ((1, ""), (-1, "-")):
+                if abs(c - sgn * val) <= 1e-4 * abs(val):
+                    return sname + name
+    for q in range(1, 9):
+        p = round(c * q)
+        if p != 0 and abs(c - p / q) <= 1e-4 * abs(c):
+            return str(p) if q == 1 else f"{p}/{q}"
+    return f"{c:.6g}"
