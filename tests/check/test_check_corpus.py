@@ -6,6 +6,7 @@ from _fd import fd_jacobian
 from grad_corpus import Case, correct_cases, wrong_cases
 
 from normgrad.check import KINDS, check_gradients
+from normgrad.check._catalogue import template_of
 
 WRONG = wrong_cases()
 CORRECT = correct_cases()
@@ -30,6 +31,7 @@ def test_wrong_backward_first_finding(case: Case) -> None:
         assert finding.kind in KINDS and finding.message
         if finding.kind != "ok":
             assert finding.hint
+        assert template_of(finding) is not None, finding
 
 
 @pytest.mark.parametrize("case", CORRECT, ids=lambda c: c.name)
@@ -37,6 +39,7 @@ def test_correct_backward_no_false_alarm(case: Case) -> None:
     report = check_gradients(case.f, case.x, case.vjp, **case.kwargs)
     assert report.ok, str(report)
     assert report.kinds == ["ok"], str(report)
+    assert template_of(report.diagnosis[0]) is not None
 
 
 def _vjp_by_fd(case: Case, dy: np.ndarray) -> np.ndarray:

@@ -10,6 +10,7 @@ report.ok, report.diagnosis[0].kind      # e.g. False, "diagonal"
 See docs/checker.md for how it works.
 """
 
+from ._catalogue import KINDS
 from ._compare import (
     AUTO_FULL_MAX,
     FULL_MAX,
@@ -18,7 +19,7 @@ from ._compare import (
     assert_gradients,
     check_gradients,
 )
-from ._report import KINDS, Finding, GradReport
+from ._report import Finding, GradReport
 
 __all__ = [
     "AUTO_FULL_MAX",

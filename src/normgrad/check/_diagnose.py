@@ -15,13 +15,14 @@ Groups are the connected components of J's significant entries (a normalization'
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from . import _catalogue as cat
+from . import _normalization
+from ._catalogue import nice_number
 from ._fd import FiniteDifferences
 from ._report import Finding
 from ._target import F64, Target
@@ -86,18 +87,9 @@ def passed_findings(sides: list[Side]) -> list[Finding]:
     if any(noisy):
         s = sides[0] if noisy[0] else sides[1]
         diff = np.abs(s.dx - s.num)
-        return [
-            Finding(
-                "fd_noise",
-                f"the mismatch (up to {diff.max():.3g}) exceeds rtol/atol but lies within the "
-                f"finite-difference error estimate (up to {s.fd.max():.3g}): no evidence of a "
-                "bug, but the numerical side cannot confirm the requested accuracy.",
-                "evaluate f in float64, let the checker choose the step (step=None), or loosen "
-                "rtol/atol.",
-                {"max_mismatch": float(diff.max()), "max_fd_error": float(s.fd.max())},
-            )
-        ]
-    return [Finding("ok", "the backward matches finite differences within tolerance.")]
+        evidence = {"max_mismatch": float(diff.max()), "max_fd_error": float(s.fd.max())}
+        return [cat.FD_NOISE.finding(evidence, mismatch=diff.max(), fd_error=s.fd.max())]
+    return [cat.OK.finding()]
 
 
 def nonfinite_finding(t: Target, grads: list[tuple[str, F64]]) -> Finding | None:
@@ -106,15 +98,13 @@ def nonfinite_finding(t: Target, grads: list[tuple[str, F64]]) -> Finding | None
         where = np.flatnonzero(~np.isfinite(dx))
         if len(where):
             idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
-            return Finding(
-                "nonfinite",
-                f"the backward returned NaN or Inf at {len(where)} of {t.n} elements of dx for "
-                f"{label}, first at index {idx[0]} (value {dx[where[0]]}), where f and its "
-                "finite differences are finite.",
-                "look for a division by zero, a log or sqrt of 0 or of a negative, or an "
-                "overflow (exp of a large x) in the backward at that element; use the stable "
-                "form (eps inside the sqrt, log-sum-exp, a where() that avoids 0/0).",
+            return cat.NONFINITE.finding(
                 {"indices": idx, "count": len(where), "cotangent": label},
+                count=len(where),
+                n=t.n,
+                label=label,
+                first=idx[0],
+                value=dx[where[0]],
             )
     return None
 
@@ -125,26 +115,15 @@ def _common(t: Target, sides: list[Side], dx1: F64, eps_a: float, probe: bool) -
     s1 = sides[0]
     all_zero = all(np.all(np.abs(s.dx) <= s.strict) for s in sides)
     if all_zero and (not probe or not np.any(dx1)):
-        return [_zero("the backward returns zeros", float(np.max(np.abs(s1.num))))]
+        top = float(np.max(np.abs(s1.num)))
+        return [cat.ZERO.finding({"max_numerical": top}, top=top)]
     dx2 = t.vjp(2 * s1.dy)
     scale = float(np.max(np.abs(dx1), initial=0.0))
     lin_tol = 16 * eps_a * (np.abs(dx1) + scale) + 1e-300
     if np.any(np.abs(dx2 - 2 * dx1) > lin_tol):
         const = bool(np.all(np.abs(dx2 - dx1) <= lin_tol))
-        msg = (
-            "the backward returns the same result whatever dy is: it ignores dy"
-            if const
-            else "vjp(x, 2*dy) is not 2*vjp(x, dy): the result does not scale with dy"
-        )
-        return [
-            Finding(
-                "ignores_dy",
-                msg + " (a vector-Jacobian product must be linear in dy).",
-                "multiply by the incoming gradient dy (the chain rule's outer factor) instead "
-                "of ones, and do not add terms that do not contain dy.",
-                {"constant_in_dy": const},
-            )
-        ]
+        template = cat.IGNORES_DY if const else cat.NOT_LINEAR_IN_DY
+        return [template.finding({"constant_in_dy": const})]
     if probe:  # one value per probe direction and side
         bad = np.concatenate([s.bad for s in sides])
         kinks = np.concatenate([np.asarray(s.kinks, dtype=bool) for s in sides])
@@ -159,36 +138,18 @@ def _common(t: Target, sides: list[Side], dx1: F64, eps_a: float, probe: bool) -
         sl = t.input_slice(i)
         if all(np.any(s.bad[sl]) and np.all(np.abs(s.dx[sl]) <= s.strict[sl]) for s in sides):
             top = float(np.max(np.abs(s1.num[sl])))
-            return [_zero(f"the backward returns zeros for input {i} (x[{i}])", top, input=i)]
+            return [
+                cat.ZERO_FOR_INPUT.finding({"max_numerical": top, "input": i}, top=top, input=i)
+            ]
     return None
 
 
-def _zero(what: str, top: float, **evidence: Any) -> Finding:
-    return Finding(
-        "zero",
-        f"{what} (within rounding) but the true gradient is not zero (up to {top:.3g}).",
-        "check that the backward writes its result (not a fresh zeros array), that no "
-        "term is multiplied by a zero, and that gradients are not detached.",
-        {"max_numerical": top, **evidence},
-    )
-
-
 def _nondiff(t: Target, where: Any, probe: bool = False) -> Finding:
-    ev: dict[str, Any] = {"count": len(where)}
-    if not probe:
-        ev["indices"] = [t.index(int(j)) for j in where[:MAX_LISTED]]
-        at = f" at {len(where)} element(s), e.g. {ev['indices'][:3]}"
-    else:
-        at = f" along {len(where)} probe direction(s)"
-    return Finding(
-        "nondifferentiable",
-        "left and right finite differences disagree" + at + ": f has a kink there (like "
-        "relu(0) or abs(0)), so no single derivative exists and any value between the one-sided "
-        "ones is a valid subgradient.",
-        "not a bug in itself: check away from kinks (perturb x), or decide which one-sided "
-        "derivative your backward should return there.",
-        ev,
-    )
+    if probe:
+        return cat.NONDIFFERENTIABLE_PROBES.finding({"count": len(where)}, count=len(where))
+    idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx}
+    return cat.NONDIFFERENTIABLE.finding(evidence, count=len(where), examples=idx[:3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,18 +207,10 @@ def structure(t: Target, A: F64, J: F64, T: F64) -> list[Finding]:
         if not np.all(np.abs(J - JT) <= 2 * (T + T.T)):
             c = float(np.sum(A * JT)) / jj
             if fits(c * JT, max(1.0, abs(c))):
-                extra = "" if abs(c - 1) < 1e-3 else f", times {nice_number(c, sizes)}"
-                return [
-                    Finding(
-                        "transpose",
-                        "the backward computes J·dy instead of Jᵀ·dy (the Jacobian is used "
-                        f"untransposed{extra}).",
-                        "a vector-Jacobian product sums over outputs: dx_j = Σ_i dy_i ∂y_i/∂x_j. "
-                        "Swap the roles of the indices (e.g. reverse a cumsum, transpose a "
-                        "matrix, flip a convolution kernel).",
-                        {"factor": c},
-                    )
-                ]
+                if abs(c - 1) < 1e-3:
+                    return [cat.TRANSPOSE.finding({"factor": c})]
+                name = nice_number(c, sizes)
+                return [cat.TRANSPOSE_SCALED.finding({"factor": c}, factor_name=name)]
         off = ~np.eye(n, dtype=bool)
         j_off = np.any(np.abs(J[off]) > 2 * T[off])
         if j_off and np.all(np.abs(A[off]) <= 2 * T[off]):
@@ -271,64 +224,32 @@ def structure(t: Target, A: F64, J: F64, T: F64) -> list[Finding]:
     if missing is not None:
         return [missing]
     if 0 < len(rows) <= max(1, m // 10):
-        return [
-            Finding(
-                "partial",
-                f"the backward mishandles the cotangent of {len(rows)} of {m} outputs (flat "
-                f"output indices {rows[:MAX_LISTED].tolist()}); the others are right.",
-                "look at the special cases of those outputs: boundaries, padding, the first or "
-                "last element, a masked position.",
-                {"outputs": rows[:MAX_LISTED].tolist(), "count": len(rows)},
-            )
-        ]
+        listed = rows[:MAX_LISTED].tolist()
+        evidence = {"outputs": listed, "count": len(rows)}
+        return [cat.PARTIAL_OUTPUTS.finding(evidence, count=len(rows), m=m, outputs=listed)]
     return [_unknown(E, T, badmask)]
 
 
-def _scale_finding(c: float, sizes: list[int]) -> Finding:
+def _scale_finding(c: float, sizes: list[int], jvp: bool = False) -> Finding:
+    what = "jvp" if jvp else "backward"
     if abs(c + 1) < 1e-3:
-        return Finding(
-            "sign",
-            "the backward has the wrong sign: analytic = -numerical everywhere.",
-            "look for a flipped subtraction (a - b vs b - a) or a minus sign lost or added in "
-            "the chain rule.",
-            {"factor": c},
-        )
+        return (cat.JVP_SIGN if jvp else cat.SIGN).finding({"factor": c}, what=what)
     name = nice_number(c, sizes)
-    return Finding(
-        "scale",
-        f"the backward is off by a constant factor: analytic = {name} × numerical.",
-        "look for a factor of that size: a 2 from differentiating a square, a 1/N or N from a "
-        "mean vs a sum, a step size or temperature applied twice or not at all.",
-        {"factor": c, "factor_name": name},
-    )
+    template = cat.JVP_SCALE if jvp else cat.SCALE
+    return template.finding({"factor": c, "factor_name": name}, what=what, factor_name=name)
 
 
 def _diagonal(t: Target, A: F64, J: F64, T: F64, sizes: list[int]) -> list[Finding]:
     d = np.diag(A) - np.diag(J)
     td = 2 * np.diag(T)
     if np.all(np.abs(d) <= td):
-        diag_msg = "its diagonal is right"
-        ev: dict[str, Any] = {}
+        finding = cat.DIAGONAL.finding()
     elif np.all(np.abs(d - d.mean()) <= td):
-        diag_msg = (
-            f"its diagonal also differs by a constant {d.mean():.4g} (a term {d.mean():.4g}·dy "
-            "too many: the missing cross terms' own diagonal part)"
-        )
-        ev = {"extra_dy_coefficient": float(d.mean())}
+        evidence = {"extra_dy_coefficient": float(d.mean())}
+        finding = cat.DIAGONAL_SHIFTED.finding(evidence, shift=d.mean())
     else:
-        diag_msg = "its diagonal differs from the true one as well"
-        ev = {"max_diagonal_error": float(np.max(np.abs(d)))}
-    findings = [
-        Finding(
-            "diagonal",
-            "the backward uses only ∂y_i/∂x_i (its Jacobian is diagonal): the cross terms "
-            "∂y_i/∂x_j (j ≠ i) through quantities shared by many elements (a mean, a variance, "
-            f"a sum) are missing; {diag_msg}.",
-            "every x_j also moves the shared quantities that every y_i depends on: add their "
-            "paths to the chain rule (dx_j = Σ_i dy_i ∂y_i/∂x_j sums over ALL outputs i).",
-            ev,
-        )
-    ]
+        finding = cat.DIAGONAL_WRONG.finding({"max_diagonal_error": float(np.max(np.abs(d)))})
+    findings = [finding]
     paths = _cross_term_paths(t, J, T)
     if paths is not None:
         findings.append(paths)
@@ -370,12 +291,9 @@ def _cross_term_paths(t: Target, J: F64, T: F64) -> Finding | None:
         e_var += float(np.sum(p1**2)) * float(u @ u)
         coef_mean.append(float(np.mean(p0)))
     return _paths_finding(
-        "the missing cross terms are ",
-        "",
+        _normalization.CROSS_TERM_PATHS,
         e_mean,
         e_var,
-        "for a normalization y = (x - μ)/σ: dx = (1/σ)(g - mean(g) - x̂·mean(g·x̂)) with "
-        "g = dy; the mean(g) term is the mean path, the x̂·mean(g·x̂) term the variance path.",
         {"groups": len(coef_mean), "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0},
     )
 
@@ -387,7 +305,7 @@ def _centered(t: Target, cols: Any) -> F64:
 
 
 def _paths_finding(
-    lead: str, tail: str, e_mean: float, e_var: float, hint: str, evidence: dict[str, Any]
+    template: Any, e_mean: float, e_var: float, evidence: dict[str, Any], **fields: Any
 ) -> Finding | None:
     """A `missing_term` finding naming the normalization's paths by their share of the fitted
     error's energy: the mean path (constant over a group) and the variance path (along
@@ -397,33 +315,18 @@ def _paths_finding(
         return None
     names = []
     if e_mean > 1e-3 * total:
-        names.append(
-            "the mean path (every x_j moves the group mean: a term constant over the group)"
-        )
+        names.append(_normalization.MEAN_PATH)
     if e_var > 1e-3 * total:
-        names.append(
-            "the variance path (every x_j moves the group variance: a term along x - mean, "
-            "i.e. along x̂)"
-        )
-    return Finding(
-        "missing_term",
-        lead + " and ".join(names) + tail + ".",
-        hint,
-        {**evidence, "mean_path_share": e_mean / total, "variance_path_share": e_var / total},
-    )
+        names.append(_normalization.VARIANCE_PATH)
+    shares = {"mean_path_share": e_mean / total, "variance_path_share": e_var / total}
+    return template.finding({**evidence, **shares}, paths=" and ".join(names), **fields)
 
 
 def _partial(t: Target, cols: Any, n: int) -> Finding:
     idx = [t.index(int(j)) for j in cols[:MAX_LISTED]]
-    return Finding(
-        "partial",
-        f"most elements are right but {len(cols)} of {n} are wrong: {idx}"
-        + (" ..." if len(cols) > MAX_LISTED else "")
-        + ".",
-        "look at what is special about those elements: a boundary, padding, the first or last "
-        "element, a tie, a masked or clipped position.",
-        {"indices": idx, "count": len(cols)},
-    )
+    more = " ..." if len(cols) > MAX_LISTED else ""
+    evidence = {"indices": idx, "count": len(cols)}
+    return cat.PARTIAL.finding(evidence, count=len(cols), n=n, indices=idx, more=more)
 
 
 def _groups(J: F64, T: F64) -> tuple[Any, Any]:
@@ -477,13 +380,11 @@ def _missing_term(t: Target, E: F64, J: F64, T: F64, badmask: Any) -> Finding | 
         e_var += float(np.sum(P[:, 1] ** 2)) if P.shape[1] > 1 else 0.0
     if fitted:
         found = _paths_finding(
-            "a term that couples all elements of a group is missing or wrong: ",
-            f" ({len(bad_groups)} group(s) affected)",
+            _normalization.GROUP_PATHS,
             e_mean,
             e_var,
-            "check the chain rule through the shared statistics: the mean path gives "
-            "-mean(g)/σ, the variance path -x̂·mean(g·x̂)/σ (g = dy·weight).",
             {"groups": len(bad_groups)},
+            groups=len(bad_groups),
         )
         if found is not None:
             return found
@@ -496,27 +397,14 @@ def _missing_term(t: Target, E: F64, J: F64, T: F64, badmask: Any) -> Finding | 
         return None
     for k in (1, 2):
         if len(s) > k and np.all(np.abs(E - (U[:, :k] * s[:k]) @ Vt[:k]) <= 2 * T):
-            return Finding(
-                "missing_term",
-                f"the error has rank {k}: a term that couples many elements (through a shared "
-                "quantity such as a sum, mean or norm) is missing or wrong.",
-                "find the quantity that all outputs share and add (or fix) its path in the "
-                "chain rule.",
-                {"rank": k, "singular_values": s[: k + 1].tolist()},
-            )
+            evidence = {"rank": k, "singular_values": s[: k + 1].tolist()}
+            return cat.LOW_RANK_ERROR.finding(evidence, rank=k)
     return None
 
 
 def _unknown(E: F64, T: F64, badmask: Any) -> Finding:
-    return Finding(
-        "unknown",
-        f"the backward is wrong at {int(badmask.any(axis=0).sum())} of {E.shape[1]} elements "
-        "and no known pattern (zero, sign, scale, transpose, diagonal, missing term, partial) "
-        "explains the difference.",
-        "compare report.analytic_jacobian with report.numerical_jacobian (or report.plot) to "
-        "see where they differ; re-derive the chain rule step by step.",
-        {"bad_entries": int(badmask.sum()), "max_error": float(np.max(np.abs(E)))},
-    )
+    evidence = {"bad_entries": int(badmask.sum()), "max_error": float(np.max(np.abs(E)))}
+    return cat.UNKNOWN.finding(evidence, bad=int(badmask.any(axis=0).sum()), n=E.shape[1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,13 +463,7 @@ def _probe_transpose(
     )
     if sym:
         return None
-    return Finding(
-        "transpose",
-        "the backward computes J·dy instead of Jᵀ·dy (the Jacobian is used untransposed).",
-        "a vector-Jacobian product sums over outputs: dx_j = Σ_i dy_i ∂y_i/∂x_j. Swap the roles "
-        "of the indices (e.g. reverse a cumsum, transpose a matrix, flip a convolution kernel).",
-        {},
-    )
+    return cat.TRANSPOSE.finding()
 
 
 def _localize(
@@ -635,67 +517,22 @@ def _localize(
         return [Finding(f.kind, f.message, f.hint, {**f.evidence, **ev_budget})], located
     if not spread and frontier:
         ranges = [(t.index(int(S[0])), t.index(int(S[-1]))) for S in frontier]
-        return [
-            Finding(
-                "partial",
-                f"the mismatch is confined to {len(frontier)} index range(s) of x "
-                f"(first..last: {ranges[:MAX_LOCATED]}) plus elements {located}; the "
-                "localization budget ran out before single elements were isolated.",
-                "check those elements with mode='full' on a slice, or look at what is special "
-                "about them (boundaries, padding).",
-                {"ranges": ranges, "indices": located, **ev_budget},
-            )
-        ], located
-    return [
-        Finding(
-            "unknown",
-            "the backward is wrong along random directions, the mismatch is spread over many "
-            "elements, and it is not a constant factor, a sign or a transpose.",
-            "run check_gradients(..., mode='full') on a smaller input of the same function for "
-            "a finer diagnosis (diagonal, missing term, partial).",
-            ev_budget,
+        evidence = {"ranges": ranges, "indices": located, **ev_budget}
+        finding = cat.PARTIAL_RANGES.finding(
+            evidence, count=len(frontier), ranges=ranges[:MAX_LOCATED], indices=located
         )
-    ], None
+        return [finding], located
+    return [cat.UNKNOWN_PROBES.finding(ev_budget)], None
 
 
 def diagnose_jvp(ana: F64, num: F64, tol: F64, t: Target) -> list[Finding]:
     """The forward derivative jvp(x, tx) against J·tx (values flattened)."""
     if not np.all(np.isfinite(ana)):
-        kind, msg = "nonfinite", "jvp returns NaN or Inf where J·tx is finite."
-        ev: dict[str, Any] = {"count": int(np.sum(~np.isfinite(ana)))}
-    elif np.all(ana == 0):
-        kind, msg, ev = "zero", "jvp returns zeros but J·tx is not zero.", {}
-    else:
-        nn = float(num @ num)
-        c = float(ana @ num) / nn if nn > 0 else 0.0
-        if nn > 0 and np.all(np.abs(ana - c * num) <= 2 * tol * max(1.0, abs(c))):
-            f = _scale_finding(c, [t.n, t.m])
-            kind, msg, ev = f.kind, f.message.replace("backward", "jvp"), f.evidence
-        else:
-            kind = "unknown"
-            msg = "jvp(x, tx) disagrees with the finite-difference J·tx in no simple pattern."
-            ev = {"max_error": float(np.max(np.abs(ana - num)))}
-    return [
-        Finding(
-            kind,
-            "jvp: " + msg,
-            "the forward derivative must be ty = J·tx, the transpose of what vjp computes.",
-            ev,
-        )
-    ]
-
-
-def nice_number(c: float, sizes: Sequence[int]) -> str:
-    """A readable name for a fitted factor: 2, 1/2, -1, N=784, 1/N, 3/2..."""
-    if not math.isfinite(c):
-        return str(c)
-    for n in sorted(set(int(s) for s in sizes if s > 2), reverse=True):
-        for val, name in ((n, f"{n} (= n)"), (1 / n, f"1/{n} (= 1/n)")):
-            for sgn, sname in ((1, ""), (-1, "-")):
-                if abs(c - sgn * val) <= 1e-4 * abs(val):
-                    return sname + name
-    for q in range(1, 9):
-        p = round(c * q)
-        if p != 0 and abs(c - p / q) <= 1e-4 * abs(c):
-            return str(p) if q == 1 else f"{p}/{q}"
-    return f"{c:.6g}"
+        return [cat.JVP_NONFINITE.finding({"count": int(np.sum(~np.isfinite(ana)))})]
+    if np.all(ana == 0):
+        return [cat.JVP_ZERO.finding()]
+    nn = float(num @ num)
+    c = float(ana @ num) / nn if nn > 0 else 0.0
+    if nn > 0 and np.all(np.abs(ana - c * num) <= 2 * tol * max(1.0, abs(c))):
+        return [_scale_finding(c, [t.n, t.m], jvp=True)]
+    return [cat.JVP_UNKNOWN.finding({"max_error": float(np.max(np.abs(ana - num)))})]

@@ -1,8 +1,11 @@
-"""What the checker returns: `Finding` (one diagnosis) and `GradReport` (the whole verdict)."""
+"""What the checker returns: `Finding` (one diagnosis) and `GradReport` (the whole verdict); and
+`Template`, a finding before its values are known (each one is in `_catalogue.py`)."""
 
 from __future__ import annotations
 
 import math
+import re
+import string
 import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -10,27 +13,12 @@ from typing import Any
 
 import numpy as np
 
-KINDS = (
-    "ok",
-    "fd_noise",
-    "nondifferentiable",
-    "nonfinite",
-    "zero",
-    "ignores_dy",
-    "sign",
-    "scale",
-    "transpose",
-    "diagonal",
-    "missing_term",
-    "partial",
-    "unknown",
-)
-
 
 @dataclass(frozen=True)
 class Finding:
     """One diagnosis: a stable `kind` (one of `KINDS`), a one-line `message`, a `hint` for the
-    fix, and `evidence` (plain numbers, strings and index lists: a fitted factor, bad indices)."""
+    fix, and `evidence` (plain numbers, strings and index lists: a fitted factor, bad indices).
+    The checker builds each one from a `Template` of `_catalogue.py`."""
 
     kind: str
     message: str
@@ -44,6 +32,28 @@ class Finding:
             "hint": self.hint,
             "evidence": jsonable(self.evidence),
         }
+
+
+@dataclass(frozen=True)
+class Template:
+    """One kind of finding's text: `message` has `str.format` fields, filled by `finding`."""
+
+    kind: str
+    message: str
+    hint: str = ""
+
+    def finding(self, evidence: dict[str, Any] | None = None, **fields: Any) -> Finding:
+        return Finding(self.kind, self.message.format(**fields), self.hint, dict(evidence or {}))
+
+    def matches(self, finding: Finding) -> bool:
+        """Whether `finding` reads as if built by `self.finding` (any values in the fields)."""
+        pattern = "".join(
+            re.escape(literal) + ("" if name is None else "(.*)")
+            for literal, name, _, _ in string.Formatter().parse(self.message)
+        )
+        return (finding.kind, finding.hint) == (self.kind, self.hint) and bool(
+            re.fullmatch(pattern, finding.message, flags=re.DOTALL)
+        )
 
 
 Grad = Any  # one ndarray, or a tuple of ndarrays for a tuple of inputs
