@@ -1,7 +1,8 @@
-"""The checker's driver: choose the mode, compute both sides, compare, hand over to diagnosis.
+"""The checker's driver: validate the arguments, choose the mode, compute both sides, compare,
+call the rules (`_rules.diagnose`), build the report.
 
 Tolerance for each compared value (an element of dx in `full` mode, a directional derivative
-in `probe` mode), one formula (`_diagnose.Tol`) everywhere:
+in `probe` mode), one formula (`_evidence.Tol`) everywhere:
 
     tol = fd_error_estimate + analytic rounding + atol + rtol * |numerical|
 
@@ -24,32 +25,63 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._errors import NormgradError
-from ._diagnose import (
+from ._catalogue import PASSING
+from ._evidence import (
+    Directions,
+    Evidence,
+    Gradient,
+    NumericalJacobian,
     Side,
     Tol,
-    diagnose_full,
-    diagnose_jvp,
-    diagnose_probe,
-    nonfinite_finding,
-    passed_findings,
+    finite_abs,
 )
 from ._fd import FiniteDifferences
-from ._report import Finding, GradReport
+from ._report import GradReport
+from ._rules import Diagnosis, diagnose
 from ._target import F64, Evaluations, Target
 
 MODES = ("auto", "full", "probe")
-FULL_MAX = 2048  # largest number of inputs (and of outputs) for the dense Jacobian
-AUTO_FULL_MAX = 1024  # `auto` builds the dense Jacobian up to this many inputs
-PROBES = 8  # random directions in probe mode
-LOCALIZE_BUDGET = 400  # evaluations of f spent on localizing bad elements in probe mode
+# The defaults of check_gradients' budget keywords (setting these names changes nothing):
+FULL_MAX = 2048  # full_max: most inputs (and outputs) for the dense Jacobian of mode="full"
+AUTO_FULL_MAX = 1024  # auto_full_max: mode="auto" builds the dense Jacobian up to this many inputs
+PROBES = 8  # probes: random directions in probe mode
+LOCALIZE_BUDGET = 400  # localize_budget: evaluations of f for localizing bad elements (probe)
 
-Pair = tuple[F64, F64]  # (dy, dx = vjp(x, dy)), flat
-Diagnosis = tuple[list[Finding], list[int] | None]  # findings, localized flat indices
+
+class Budgets(NamedTuple):
+    """How much work a check may do (see the keywords of `check_gradients`)."""
+
+    probes: int
+    full_max: int
+    auto_full_max: int
+    localize_budget: int
+
+
+_BUDGET_MEANING = {
+    "probes": "the number of random directions in probe mode",
+    "full_max": "the most inputs and outputs for mode='full'",
+    "auto_full_max": "mode='auto' checks up to this many inputs in full mode",
+    "localize_budget": "evaluations of f for localizing bad elements in probe mode",
+}
+_BUDGET_DEFAULT = Budgets(PROBES, FULL_MAX, AUTO_FULL_MAX, LOCALIZE_BUDGET)
+
+
+class _Setup(NamedTuple):
+    """What both modes start from: the numerical side, its steps, the random stream, the
+    tolerance, the two cotangents and the user's vjp for each."""
+
+    fd: FiniteDifferences
+    steps: F64
+    rng: np.random.Generator
+    tol: Tol
+    dys: list[F64]
+    grads: list[Gradient]
+    budgets: Budgets
 
 
 def check_gradients(
@@ -65,6 +97,10 @@ def check_gradients(
     atol: float | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
+    probes: int = PROBES,
+    full_max: int = FULL_MAX,
+    auto_full_max: int = AUTO_FULL_MAX,
+    localize_budget: int = LOCALIZE_BUDGET,
 ) -> GradReport:
     """Compare a backward `vjp` with finite differences of `f` and say what is wrong.
 
@@ -77,9 +113,9 @@ def check_gradients(
       `sum(y)` of a normalization is exactly zero and hides bugs). A second random cotangent
       is always checked too.
     - `jvp(x, tx) -> ty`: optional forward derivative, checked against `J tx`.
-    - `mode`: `"full"` (dense numerical Jacobian, up to `FULL_MAX` elements), `"probe"`
-      (`PROBES` random directional derivatives, any size), `"auto"` (full up to
-      `AUTO_FULL_MAX` inputs).
+    - `mode`: `"full"` (dense numerical Jacobian, up to `full_max` inputs and outputs),
+      `"probe"` (`probes` random directional derivatives, any size), `"auto"` (full up to
+      `auto_full_max` inputs, and never above `full_max`).
     - `step`: finite-difference step (number or one per element), used as is; default per
       element `eps**(1/4) * max(|x_j|, rms(x))`, shrunk where f curves on a finer scale.
     - `rtol`, `atol`: added to the finite-difference error estimate (defaults above).
@@ -87,9 +123,79 @@ def check_gradients(
       report.
     - `progress(done, total)`: called after each evaluation of `f` (keyword only); `total`
       is the planned number of evaluations and may grow (step refinement, localization).
+    - Budgets, positive ints: `probes=8`, `full_max=2048`, `auto_full_max=1024`, and
+      `localize_budget=400` evaluations of `f` for localizing bad elements in probe mode.
 
     Returns a `GradReport`; `report.ok` is the verdict and `report.diagnosis` the findings.
     """
+    _check_options(mode, rtol, atol, seed, progress, vjp)
+    budgets = _budgets(Budgets(probes, full_max, auto_full_max, localize_budget))
+    t = Target(f, x, vjp, jvp, Evaluations(progress))
+    fd = FiniteDifferences(t)
+    # A stream of its own, so dy is not the very vector a user drew with default_rng(seed).
+    rng = np.random.default_rng((int(seed), 0x6E67))
+    dy1 = _cotangent(dy, t, rng)
+    dy2 = rng.standard_normal(t.m)
+    h = fd.steps(step)
+    mode = _choose_mode(mode, t, budgets)
+    raw = t.vjp_raw(dy1)
+    eps_a = t.analytic_eps(raw)
+    labels = ("the given dy" if dy is not None else "a random dy", "a second, random dy")
+    grads = [Gradient(labels[0], t.flatten_vjp(raw)), Gradient(labels[1], t.vjp(dy2))]
+    tol = Tol(eps_a, math.sqrt(eps_a) if rtol is None else float(rtol), atol)
+    columns = t.n if mode == "full" else budgets.probes
+    t.evals.plan(13 + 4 * columns)
+    fd.calibrate(rng, h)
+    fd.detect_complex(rng, h)
+    t.evals.plan((6 if fd.complex_ok else 4) * columns)
+    setup = _Setup(fd, h, rng, tol, [dy1, dy2], grads, budgets)
+    ev = _full(setup) if mode == "full" else _probe(setup)
+    diagnosis = diagnose(ev)
+    return _report(ev, diagnosis, _sweep_fn(fd, h, rng))
+
+
+def assert_gradients(
+    f: Callable[..., Any],
+    x: Any,
+    vjp: Callable[..., Any],
+    *,
+    dy: Any = None,
+    jvp: Callable[..., Any] | None = None,
+    mode: str = "auto",
+    step: Any = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+    progress: Callable[[int, int], None] | None = None,
+    probes: int = PROBES,
+    full_max: int = FULL_MAX,
+    auto_full_max: int = AUTO_FULL_MAX,
+    localize_budget: int = LOCALIZE_BUDGET,
+) -> GradReport:
+    """`check_gradients`, raising `AssertionError` with the report's text when not ok."""
+    report = check_gradients(
+        f,
+        x,
+        vjp,
+        dy=dy,
+        jvp=jvp,
+        mode=mode,
+        step=step,
+        rtol=rtol,
+        atol=atol,
+        seed=seed,
+        progress=progress,
+        probes=probes,
+        full_max=full_max,
+        auto_full_max=auto_full_max,
+        localize_budget=localize_budget,
+    )
+    if not report.ok:
+        raise AssertionError(str(report))
+    return report
+
+
+def _check_options(mode: str, rtol: Any, atol: Any, seed: Any, progress: Any, vjp: Any) -> None:
     if mode not in MODES:
         raise NormgradError(f"mode must be one of {MODES}; got {mode!r}.")
     for name, v in (("rtol", rtol), ("atol", atol)):
@@ -107,67 +213,31 @@ def check_gradients(
             "with f(x) -> y and vjp(x, dy) -> dx."
         )
 
-    t = Target(f, x, vjp, jvp, Evaluations(progress))
-    fd = FiniteDifferences(t)
-    # A stream of its own, so dy is not the very vector a user drew with default_rng(seed).
-    rng = np.random.default_rng((int(seed), 0x6E67))
-    dy1 = _cotangent(dy, t, rng)
-    dy2 = rng.standard_normal(t.m)
-    h = fd.steps(step)
+
+def _budgets(given: Budgets) -> Budgets:
+    """Each budget must be an int >= 1."""
+    for name, v, default in zip(Budgets._fields, given, _BUDGET_DEFAULT, strict=True):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise NormgradError(
+                f"{name} must be an int >= 1 ({_BUDGET_MEANING[name]}); got {v!r}. Pass e.g. "
+                f"{name}={default}."
+            )
+    return Budgets(*(int(v) for v in given))
+
+
+def _choose_mode(mode: str, t: Target, budgets: Budgets) -> str:
+    """`auto`: full up to `auto_full_max` inputs (and `full_max` outputs), else probe."""
+    full_max = budgets.full_max
     if mode == "auto":
-        mode = "full" if t.n <= AUTO_FULL_MAX and t.m <= FULL_MAX else "probe"
-    if mode == "full" and (t.n > FULL_MAX or t.m > FULL_MAX):
+        small = t.n <= min(budgets.auto_full_max, full_max) and t.m <= full_max
+        return "full" if small else "probe"
+    if mode == "full" and (t.n > full_max or t.m > full_max):
         raise NormgradError(
             f"mode='full' builds a dense {t.m}x{t.n} Jacobian with {4 * t.n} evaluations of f; "
-            f"it is limited to {FULL_MAX} inputs and outputs. Use mode='probe' (or 'auto') for "
-            "large inputs, or check a smaller input."
+            f"it is limited to {full_max} inputs and outputs. Use mode='probe' (or 'auto') for "
+            "large inputs, check a smaller input, or raise full_max=."
         )
-    raw = t.vjp_raw(dy1)
-    eps_a = t.analytic_eps(raw)
-    pairs = [(dy1, t.flatten_vjp(raw)), (dy2, t.vjp(dy2))]
-    tol = Tol(eps_a, math.sqrt(eps_a) if rtol is None else float(rtol), atol)
-    columns = t.n if mode == "full" else PROBES
-    t.evals.plan(13 + 4 * columns)
-    fd.calibrate(rng, h)
-    fd.detect_complex(rng, h)
-    t.evals.plan((6 if fd.complex_ok else 4) * columns)
-    labels = ("the given dy" if dy is not None else "a random dy", "a second, random dy")
-    if mode == "full":
-        return _full(fd, rng, h, pairs, tol, labels)
-    return _probe(fd, rng, h, pairs, tol, labels)
-
-
-def assert_gradients(
-    f: Callable[..., Any],
-    x: Any,
-    vjp: Callable[..., Any],
-    *,
-    dy: Any = None,
-    jvp: Callable[..., Any] | None = None,
-    mode: str = "auto",
-    step: Any = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    seed: int = 0,
-    progress: Callable[[int, int], None] | None = None,
-) -> GradReport:
-    """`check_gradients`, raising `AssertionError` with the report's text when not ok."""
-    report = check_gradients(
-        f,
-        x,
-        vjp,
-        dy=dy,
-        jvp=jvp,
-        mode=mode,
-        step=step,
-        rtol=rtol,
-        atol=atol,
-        seed=seed,
-        progress=progress,
-    )
-    if not report.ok:
-        raise AssertionError(str(report))
-    return report
+    return mode
 
 
 def _cotangent(dy: Any, t: Target, rng: np.random.Generator) -> F64:
@@ -191,67 +261,52 @@ def _cotangent(dy: Any, t: Target, rng: np.random.Generator) -> F64:
     return arr.ravel().copy()
 
 
-def _full(
-    fd: FiniteDifferences,
-    rng: np.random.Generator,
-    h: F64,
-    pairs: list[Pair],
-    tol: Tol,
-    labels: Any,
-) -> GradReport:
+def _full(s: _Setup) -> Evidence:
+    """Full mode: the dense numerical Jacobian, and dx against J^T dy per element."""
+    fd, tol = s.fd, s.tol
     t = fd.target
-    jac, err, kink = fd.jacobian(h)
+    jac, err, kink = fd.jacobian(s.steps)
     sides = []
-    for dy, dx in pairs:
+    for dy, (_, dx) in zip(s.dys, s.grads, strict=True):
         num = jac.T @ dy
         mag = np.abs(dy) @ np.abs(jac)
         floor = fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(dy)))
         floor = floor + _measured(t, dy, dx, tol.eps_a)
         fde = np.abs(dy) @ err
         scale = float(np.max(mag, initial=0.0))
-        tl, strict = tol(num, fde, mag + _finite_abs(dx), scale, floor=floor)
+        tl, strict = tol(num, fde, mag + finite_abs(dx), scale, floor=floor)
         kinks = (kink & (dy != 0)[:, None]).any(axis=0)
         sides.append(Side(dy, dx, num, fde, tl, strict, kinks, tol.atol_for(scale), mag))
-    analytic_jacobian: list[F64 | None] = [None]
-
-    def diagnose() -> Diagnosis:
-        findings, analytic_jacobian[0] = diagnose_full(fd, sides, jac, err, tol)
-        return findings, None
-
-    n = t.n
-    unit = [np.eye(1, n, j).ravel() for j in range(n)] if t.jvp_fn is not None else []
-    report = _finish(
-        fd, "full", sides, pairs, tol, labels, diagnose, unit, list(jac.T), list(err.T)
+    return Evidence(
+        fd,
+        sides,
+        s.grads,
+        tol,
+        s.steps,
+        s.rng,
+        s.budgets.localize_budget,
+        numerical=NumericalJacobian(jac, err),
     )
-    report.analytic_jacobian = analytic_jacobian[0]
-    report.numerical_jacobian = jac
-    report.step_sweep = _sweep_fn(fd, h, rng)
-    return report
 
 
-def _probe(
-    fd: FiniteDifferences,
-    rng: np.random.Generator,
-    h: F64,
-    pairs: list[Pair],
-    tol: Tol,
-    labels: Any,
-) -> GradReport:
+def _probe(s: _Setup) -> Evidence:
+    """Probe mode: <dy, J u> against <dx, u> along `probes` random directions u."""
+    fd, tol = s.fd, s.tol
     t = fd.target
     dirs, vals, errs, kinks = [], [], [], []
-    for _ in range(PROBES):
-        u = h * rng.standard_normal(t.n)
+    for _ in range(s.budgets.probes):
+        u = s.steps * s.rng.standard_normal(t.n)
         d = fd.directional(u)
         dirs.append(u)
         vals.append(d.value)
         errs.append(d.err)
         kinks.append(d.kink)
     sides = []
-    for dy, dx in pairs:
+    for dy, (_, dx) in zip(s.dys, s.grads, strict=True):
         num = np.array([dy @ v for v in vals])
         fde = np.array([np.abs(dy) @ e for e in errs])
         ana = np.array([dx @ u for u in dirs])
-        dxa = _finite_abs(dx)
+        dxa = finite_abs(dx)
         rms = float(np.sqrt(np.mean(dxa * dxa)))
         mag = np.array([(dxa + rms) @ np.abs(u) for u in dirs])
         floor = fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(dy)))
@@ -262,54 +317,27 @@ def _probe(
         tl, strict = tol(num, fde, mag, scale, weight=weight, floor=floors)
         kink = np.array([bool(np.any(k & (dy != 0))) for k in kinks])
         sides.append(Side(dy, ana, num, fde, tl, strict, kink, tol.atol_for(scale), strict))
-
-    def diagnose() -> Diagnosis:
-        return diagnose_probe(fd, sides, pairs[0][1], dirs, vals, h, tol, rng, LOCALIZE_BUDGET)
-
-    report = _finish(fd, "probe", sides, pairs, tol, labels, diagnose, dirs, vals, errs)
-    report.step_sweep = _sweep_fn(fd, h, rng)
-    return report
+    probes = Directions(dirs, vals, errs)
+    budget = s.budgets.localize_budget
+    return Evidence(fd, sides, s.grads, tol, s.steps, s.rng, budget, probes=probes)
 
 
-def _finish(
-    fd: FiniteDifferences,
-    mode: str,
-    sides: list[Side],
-    pairs: list[Pair],
-    tol: Tol,
-    labels: Any,
-    diagnose: Callable[[], Diagnosis],
-    jvp_dirs: list[F64],
-    jvp_vals: list[F64],
-    jvp_errs: list[F64],
-) -> GradReport:
-    """The verdict, the findings and the report, common to both modes."""
-    t = fd.target
-    ok = all(s.passed for s in sides)
-    located: list[int] | None = None
-    bad_grad = nonfinite_finding(t, [(lab, dx) for lab, (_, dx) in zip(labels, pairs, strict=True)])
-    if bad_grad is not None:
-        ok, findings = False, [bad_grad]
-    elif ok:
-        findings = passed_findings(sides)
-    else:
-        findings, located = diagnose()
-    if t.jvp_fn is not None:
-        findings_jvp = _check_jvp(t, jvp_dirs, jvp_vals, jvp_errs, tol)
-        if findings_jvp:
-            ok = False
-            findings = [f for f in findings if f.kind not in ("ok", "fd_noise")] + findings_jvp
-    # The summary shows the user's cotangent, unless only the second one fails.
+def _report(ev: Evidence, diagnosis: Diagnosis, sweep: Callable[[], Any]) -> GradReport:
+    """The verdict and the report. The summary shows the user's cotangent, unless only the
+    second one fails."""
+    t, sides, findings = ev.target, ev.sides, diagnosis.findings
+    ok = all(s.passed for s in sides) and all(f.kind in PASSING for f in findings)
     k = 1 if sides[0].passed and not sides[1].passed else 0
-    s, dx = sides[k], pairs[k][1]
+    s, dx = sides[k], ev.grads[k].dx
     notes = list(t.notes.items)
     if k == 1:
         notes.append(
-            f"the check passes for {labels[0]} but fails for {labels[1]}; the errors and arrays "
-            "shown are for the second one."
+            f"the check passes for {ev.grads[0].label} but fails for {ev.grads[1].label}; the "
+            "errors and arrays shown are for the second one."
         )
     diff = np.abs(s.dx - s.num)
-    full = mode == "full"
+    full = ev.numerical is not None
+    located = diagnosis.located
     if full:
         worst: tuple[int, ...] | None = t.index(int(np.argmax(diff)))
     else:
@@ -323,40 +351,23 @@ def _finish(
         numerical=t.unflatten(s.num) if full else None,
         fd_error_estimate=t.unflatten(s.fd) if full else s.fd,
         diagnosis=findings,
-        mode=mode,
+        mode="full" if full else "probe",
         n_evals=t.evals.done,
         tolerance=t.unflatten(s.tol) if full else s.tol,
-        rtol=tol.rtol,
+        rtol=ev.tol.rtol,
         atol=s.atol,
         notes=notes,
         eval_dtype=np.dtype(t.eval_out_dtype).name,
-        analytic_dtype=_dtype_name(tol.eps_a),
-        complex_step=fd.complex_ok,
+        analytic_dtype=_dtype_name(ev.tol.eps_a),
+        complex_step=ev.fd.complex_ok,
         probe_analytic=None if full else s.dx,
         probe_numerical=None if full else s.num,
+        analytic_jacobian=diagnosis.analytic_jacobian,
+        numerical_jacobian=ev.numerical.J if ev.numerical is not None else None,
         input_shapes=list(t.shapes),
         output_shape=tuple(t.y_shape),
+        step_sweep=sweep,
     )
-
-
-def _check_jvp(
-    t: Target, dirs: list[F64], vals: list[F64], errs: list[F64], tol: Tol
-) -> list[Finding]:
-    """jvp(u) against the numerical J u along each direction (unit vectors in full mode)."""
-    ana = np.concatenate([t.jvp(u) for u in dirs])
-    num, err = np.concatenate(vals), np.concatenate(errs)
-    weight = np.concatenate([np.full(t.m, np.sum(np.abs(u))) for u in dirs])
-    scale = float(np.max(np.abs(num), initial=0.0))
-    limit, _ = tol(num, err, _finite_abs(ana) + np.abs(num), scale, weight=weight)
-    if np.all(np.abs(ana - num) <= limit):
-        return []
-    return diagnose_jvp(ana, num, limit, t)
-
-
-def _finite_abs(a: F64) -> F64:
-    """|a| where finite, else 0: a NaN or Inf in the user's values fails the comparison itself
-    and must not widen the tolerance it is compared with."""
-    return np.where(np.isfinite(a), np.abs(a), 0.0)
 
 
 def _measured(t: Target, dy: F64, dx: F64, eps_a: float) -> F64:

@@ -5,7 +5,13 @@ error along x - mean, i.e. along x̂). The generic rules (`_rules.py`) consult i
 
 from __future__ import annotations
 
-from ._report import Template
+from typing import Any
+
+import numpy as np
+
+from ._evidence import Jacobians
+from ._report import Finding, Template
+from ._target import F64
 
 MEAN_PATH = "the mean path (every x_j moves the group mean: a term constant over the group)"
 VARIANCE_PATH = (
@@ -27,3 +33,95 @@ GROUP_PATHS = Template(
     "variance path -x̂·mean(g·x̂)/σ (g = dy·weight).",
 )
 TEMPLATES = (CROSS_TERM_PATHS, GROUP_PATHS)
+
+
+def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
+    """For a backward whose Jacobian is diagonal: fit J's off-diagonal entries, per group and
+    per row, by a + b (x_j - mean). The `a` part is the mean path, the `b` part the variance
+    path; None unless the fit holds for every group."""
+    J, T = jac.J, jac.T
+    rows_l, cols_l = jac.row_groups, jac.col_groups
+    e_mean = e_var = 0.0
+    coef_mean = []
+    for g in np.unique(cols_l):
+        cols = np.flatnonzero(cols_l == g)
+        rows = cols[rows_l[cols] == g] if J.shape[0] == J.shape[1] else cols
+        if len(cols) < 3 or len(rows) != len(cols) or not np.array_equal(rows, cols):
+            return None
+        Jg, Tg = J[np.ix_(rows, cols)], T[np.ix_(rows, cols)]
+        u = _centered(x, cols)
+        k = len(cols)
+        # Per-row least squares of Jg[i, j] ~ p0 + p1 u_j over j != i (normal equations minus
+        # the diagonal point).
+        diag = np.diag(Jg)
+        s0 = k - 1.0
+        s1 = -u
+        s11 = float(u @ u) - u * u
+        r0 = Jg.sum(axis=1) - diag
+        r1 = Jg @ u - diag * u
+        det = s0 * s11 - s1 * s1
+        if np.any(det <= 0):
+            return None
+        p0 = (s11 * r0 - s1 * r1) / det
+        p1 = (s0 * r1 - s1 * r0) / det
+        model = p0[:, None] + p1[:, None] * u[None, :]
+        off = ~np.eye(k, dtype=bool)
+        if not np.all(np.abs((Jg - model)[off]) <= 2 * Tg[off] + 1e-12 * np.abs(Jg).max()):
+            return None
+        e_mean += float(np.sum(p0**2)) * k
+        e_var += float(np.sum(p1**2)) * float(u @ u)
+        coef_mean.append(float(np.mean(p0)))
+    evidence = {
+        "groups": len(coef_mean),
+        "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0,
+    }
+    return _paths_finding(CROSS_TERM_PATHS, e_mean, e_var, evidence)
+
+
+def group_paths(jac: Jacobians, x: F64) -> Finding | None:
+    """Whether the error A - J lies, in every group with a wrong entry, in span{1, x - mean}
+    (per row): a missing or wrong mean path and/or variance path. None otherwise."""
+    rows_l, cols_l = jac.row_groups, jac.col_groups
+    bad_groups = np.unique(cols_l[jac.bad.any(axis=0)])
+    e_mean = e_var = 0.0
+    for g in bad_groups:
+        cols = np.flatnonzero(cols_l == g)
+        rows = np.flatnonzero(rows_l == g)
+        if len(rows) == 0 or len(cols) < 2:  # a "group" of one element couples nothing
+            return None
+        Eg, Tg = jac.E[np.ix_(rows, cols)], jac.T[np.ix_(rows, cols)]
+        u = _centered(x, cols)
+        basis = [np.ones(len(cols)) / np.sqrt(len(cols))]
+        if float(u @ u) > 0 and len(cols) > 2:
+            basis.append(u / np.sqrt(float(u @ u)))
+        B = np.stack(basis, axis=1)  # orthonormal: 1 and u are orthogonal
+        P = Eg @ B
+        if not np.all(np.abs(Eg - P @ B.T) <= 2 * Tg):
+            return None
+        e_mean += float(np.sum(P[:, 0] ** 2))
+        e_var += float(np.sum(P[:, 1] ** 2)) if P.shape[1] > 1 else 0.0
+    evidence = {"groups": len(bad_groups)}
+    return _paths_finding(GROUP_PATHS, e_mean, e_var, evidence, groups=len(bad_groups))
+
+
+def _centered(x: F64, cols: Any) -> F64:
+    """x - mean(x) over one group's columns: the direction of the variance path."""
+    xg = x[cols]
+    return np.asarray(xg - xg.mean(), dtype=np.float64)
+
+
+def _paths_finding(
+    template: Template, e_mean: float, e_var: float, evidence: dict[str, Any], **fields: Any
+) -> Finding | None:
+    """A finding naming the paths by their share of the fitted error's energy (each path named
+    when above 0.1 % of it); None when the fitted error is zero."""
+    total = e_mean + e_var
+    if not total > 0:
+        return None
+    names = []
+    if e_mean > 1e-3 * total:
+        names.append(MEAN_PATH)
+    if e_var > 1e-3 * total:
+        names.append(VARIANCE_PATH)
+    shares = {"mean_path_share": e_mean / total, "variance_path_share": e_var / total}
+    return template.finding({**evidence, **shares}, paths=" and ".join(names), **fields)

@@ -1,0 +1,496 @@
+"""The checker's rules: what kind of mistake explains the difference between the analytic and
+the numerical derivatives, tried in the order of docs/checker.md.
+
+Each rule takes the `Evidence` of one check and returns its findings, or None to let the next
+rule try; the first rule that answers decides. The tables below are the order; a new rule is
+one function and one entry in a table. Texts come from `_catalogue.py`; what is specific to
+normalizations (the mean and variance paths) from `_normalization.py`.
+
+In full mode the analytic Jacobian `A` is built row by row from the vjp (one call per output,
+with basis cotangents) and compared with the numerical `J` entry by entry: a model "fits" when
+`|A - model| <= 2 T` everywhere (`Jacobians.fits`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _catalogue as cat
+from . import _normalization
+from ._catalogue import PASSING, nice_number
+from ._evidence import Evidence, Jacobians, finite_abs
+from ._report import Finding
+from ._target import F64, Target
+
+MAX_LISTED = 20  # indices listed in evidence
+MAX_LOCATED = 8  # partial: at most this many bad elements (probe mode)
+
+Rule = Callable[[Evidence], list[Finding] | None]
+
+
+class Diagnosis(NamedTuple):
+    """The findings, most important first, and what the diagnosis built on the way."""
+
+    findings: list[Finding]
+    located: list[int] | None = None  # probe mode: flat indices of the bad elements found
+    analytic_jacobian: F64 | None = None  # full mode, built once the check failed
+
+
+def diagnose(ev: Evidence) -> Diagnosis:
+    """Both modes: `VERDICT`, then the mode's rules, then the jvp (`jvp_findings`)."""
+    found = first_answer(ev, VERDICT)
+    if found is not None:
+        diagnosis = Diagnosis(found)
+    else:
+        diagnosis = diagnose_full(ev) if ev.full else diagnose_probe(ev)
+    mismatch = jvp_findings(ev) if ev.target.jvp_fn is not None else None
+    if not mismatch:
+        return diagnosis
+    kept = [f for f in diagnosis.findings if f.kind not in PASSING]
+    return diagnosis._replace(findings=kept + mismatch)
+
+
+def diagnose_full(ev: Evidence) -> Diagnosis:
+    """`FULL`; then the analytic Jacobian (M vjp calls) and `ON_JACOBIANS`. Where bad elements
+    sit at kinks, `nondifferentiable` is reported too."""
+    found = first_answer(ev, FULL)
+    if found is not None:
+        return Diagnosis(found)
+    t = ev.target
+    A = np.stack([t.vjp(np.eye(1, t.m, i).ravel()) for i in range(t.m)])
+    bad_rows = [i for i in range(t.m) if not np.all(np.isfinite(A[i]))]
+    if bad_rows:
+        label = f"dy = the unit vector at output {bad_rows[0]}"
+        return Diagnosis([_nonfinite(t, label, A[bad_rows[0]])], analytic_jacobian=A)
+    assert ev.numerical is not None
+    ev = replace(ev, jacobians=Jacobians.compare(A, ev.numerical.J, _entry_tolerance(ev, A)))
+    found = first_answer(ev, ON_JACOBIANS)
+    assert found is not None  # `unknown` always answers
+    return Diagnosis(found + _also_at_kinks(ev, found), analytic_jacobian=A)
+
+
+def diagnose_probe(ev: Evidence) -> Diagnosis:
+    """`PROBE`; then the bad elements are localized by bisection (`localize`)."""
+    found = first_answer(ev, PROBE)
+    return Diagnosis(found) if found is not None else localize(ev)
+
+
+def first_answer(ev: Evidence, rules: tuple[Rule, ...]) -> list[Finding] | None:
+    for rule in rules:
+        found = rule(ev)
+        if found is not None:
+            return found
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# both modes
+# ---------------------------------------------------------------------------------------------
+
+
+def nonfinite(ev: Evidence) -> list[Finding] | None:
+    """A NaN or Inf in the backward's dx fails, whatever else holds (first cotangent with one)."""
+    for label, dx in ev.grads:
+        if not np.all(np.isfinite(dx)):
+            return [_nonfinite(ev.target, label, dx)]
+    return None
+
+
+def _nonfinite(t: Target, label: str, dx: F64) -> Finding:
+    where = np.flatnonzero(~np.isfinite(dx))
+    idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"indices": idx, "count": len(where), "cotangent": label}
+    return cat.NONFINITE.finding(
+        evidence, count=len(where), n=t.n, label=label, first=idx[0], value=dx[where[0]]
+    )
+
+
+def passed(ev: Evidence) -> list[Finding] | None:
+    """Every value within tolerance: `ok`, or `fd_noise` where only the finite-difference
+    error estimate lets a value pass."""
+    if not all(s.passed for s in ev.sides):
+        return None
+    noisy = [s for s in ev.sides if np.any(np.abs(s.dx - s.num) > s.strict)]
+    if not noisy:
+        return [cat.OK.finding()]
+    s = noisy[0]
+    diff = np.abs(s.dx - s.num)
+    evidence = {"max_mismatch": float(diff.max()), "max_fd_error": float(s.fd.max())}
+    return [cat.FD_NOISE.finding(evidence, mismatch=diff.max(), fd_error=s.fd.max())]
+
+
+def zero(ev: Evidence) -> list[Finding] | None:
+    """The backward returns zeros (within rounding) and the true gradient is not zero."""
+    sides = ev.sides
+    if not all(np.all(np.abs(s.dx) <= s.strict) for s in sides):
+        return None
+    if not ev.full and np.any(ev.grads[0].dx):  # zero along the probes only
+        return None
+    top = float(np.max(np.abs(sides[0].num)))
+    return [cat.ZERO.finding({"max_numerical": top}, top=top)]
+
+
+def ignores_dy(ev: Evidence) -> list[Finding] | None:
+    """vjp(x, 2 dy) must be 2 vjp(x, dy) (one more vjp call)."""
+    dx1 = ev.grads[0].dx
+    dx2 = ev.target.vjp(2 * ev.sides[0].dy)
+    scale = float(np.max(np.abs(dx1), initial=0.0))
+    lin_tol = 16 * ev.tol.eps_a * (np.abs(dx1) + scale) + 1e-300
+    if not np.any(np.abs(dx2 - 2 * dx1) > lin_tol):
+        return None
+    const = bool(np.all(np.abs(dx2 - dx1) <= lin_tol))
+    template = cat.IGNORES_DY if const else cat.NOT_LINEAR_IN_DY
+    return [template.finding({"constant_in_dy": const})]
+
+
+def nondifferentiable(ev: Evidence) -> list[Finding] | None:
+    """Every bad value is at a kink: one-sided differences disagree there."""
+    flags = [(s.bad, np.asarray(s.kinks, dtype=bool)) for s in ev.sides]
+    if ev.full:  # one value per element of x, for either side
+        bad = np.logical_or.reduce([b for b, _ in flags])
+        kinks = np.logical_or.reduce([k for _, k in flags])
+    else:  # one value per probe direction and side
+        bad = np.concatenate([b for b, _ in flags])
+        kinks = np.concatenate([k for _, k in flags])
+    if not (np.any(bad) and np.all(kinks[bad])):
+        return None
+    return [_nondifferentiable(ev, np.flatnonzero(bad & kinks))]
+
+
+def _nondifferentiable(ev: Evidence, where: Any) -> Finding:
+    if not ev.full:
+        return cat.NONDIFFERENTIABLE_PROBES.finding({"count": len(where)}, count=len(where))
+    idx = [ev.target.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx}
+    return cat.NONDIFFERENTIABLE.finding(evidence, count=len(where), examples=idx[:3])
+
+
+def _scale_finding(c: float, sizes: list[int], jvp: bool = False) -> Finding:
+    """`sign` (c = -1) or `scale`, the factor named (see `nice_number`)."""
+    what = "jvp" if jvp else "backward"
+    if abs(c + 1) < 1e-3:
+        return (cat.JVP_SIGN if jvp else cat.SIGN).finding({"factor": c}, what=what)
+    name = nice_number(c, sizes)
+    template = cat.JVP_SCALE if jvp else cat.SCALE
+    return template.finding({"factor": c, "factor_name": name}, what=what, factor_name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# full mode
+# ---------------------------------------------------------------------------------------------
+
+
+def zero_for_one_input(ev: Evidence) -> list[Finding] | None:
+    """With a tuple x: zeros for one input whose true gradient is not zero."""
+    t, sides = ev.target, ev.sides
+    if not t.multi:
+        return None
+    for i in range(len(t.shapes)):
+        sl = t.input_slice(i)
+        if all(np.any(s.bad[sl]) and np.all(np.abs(s.dx[sl]) <= s.strict[sl]) for s in sides):
+            top = float(np.max(np.abs(sides[0].num[sl])))
+            evidence = {"max_numerical": top, "input": i}
+            return [cat.ZERO_FOR_INPUT.finding(evidence, top=top, input=i)]
+    return None
+
+
+def _entry_tolerance(ev: Evidence, A: F64) -> F64:
+    """`Tol` per Jacobian entry; for a low-precision backward plus its measured rounding,
+    2 |A - A64| (M more vjp calls, on float64 copies)."""
+    t, tol = ev.target, ev.tol
+    assert ev.numerical is not None
+    J, err = ev.numerical
+    scale = float(np.max(np.abs(J), initial=0.0))
+    floor = ev.fd.rounding_floor(tol.eps_a)[None, :]
+    T, _ = tol(J, err, np.abs(A) + np.abs(J), scale, floor=floor)
+    if tol.eps_a > np.finfo(np.float64).eps:
+        rows64 = [t.vjp64(np.eye(1, t.m, i).ravel()) for i in range(t.m)]
+        got = [r64 for r64 in rows64 if r64 is not None]
+        if len(got) == t.m:
+            T += 2 * np.nan_to_num(np.abs(A - np.stack(got)), nan=0.0, posinf=0.0)
+    return np.asarray(T)
+
+
+def sign_or_scale(ev: Evidence) -> list[Finding] | None:
+    """A ~ c J (least-squares c = <A, J>/<J, J>), and A is not simply J."""
+    jac = ev.jac
+    jj = float(np.sum(jac.J * jac.J))
+    if not jj > 0:
+        return None
+    c = float(np.sum(jac.A * jac.J)) / jj
+    if jac.fits(c * jac.J, max(1.0, abs(c))) and not jac.fits(jac.J):
+        return [_scale_finding(c, jac.sizes())]
+    return None
+
+
+def transpose(ev: Evidence) -> list[Finding] | None:
+    """A ~ c Jᵀ for a square J that is not symmetric: J·dy instead of Jᵀ·dy."""
+    jac = ev.jac
+    J, T = jac.J, jac.T
+    jj = float(np.sum(J * J))
+    if J.shape[0] != J.shape[1] or not jj > 0 or np.all(np.abs(J - J.T) <= 2 * (T + T.T)):
+        return None
+    c = float(np.sum(jac.A * J.T)) / jj
+    if not jac.fits(c * J.T, max(1.0, abs(c))):
+        return None
+    if abs(c - 1) < 1e-3:
+        return [cat.TRANSPOSE.finding({"factor": c})]
+    name = nice_number(c, jac.sizes())
+    return [cat.TRANSPOSE_SCALED.finding({"factor": c}, factor_name=name)]
+
+
+def diagonal(ev: Evidence) -> list[Finding] | None:
+    """A is diagonal while the square J is not: the cross terms are missing. Also says how the
+    diagonal compares, and which normalization paths the cross terms are, when they fit."""
+    jac = ev.jac
+    A, J, T = jac.A, jac.J, jac.T
+    n = J.shape[1]
+    if J.shape[0] != n or not float(np.sum(J * J)) > 0:
+        return None
+    off = ~np.eye(n, dtype=bool)
+    if not np.any(np.abs(J[off]) > 2 * T[off]) or not np.all(np.abs(A[off]) <= 2 * T[off]):
+        return None
+    d = np.diag(A) - np.diag(J)
+    td = 2 * np.diag(T)
+    if np.all(np.abs(d) <= td):
+        finding = cat.DIAGONAL.finding()
+    elif np.all(np.abs(d - d.mean()) <= td):
+        evidence = {"extra_dy_coefficient": float(d.mean())}
+        finding = cat.DIAGONAL_SHIFTED.finding(evidence, shift=d.mean())
+    else:
+        finding = cat.DIAGONAL_WRONG.finding({"max_diagonal_error": float(np.max(np.abs(d)))})
+    paths = _normalization.cross_term_paths(jac, ev.target.x64)
+    return [finding] if paths is None else [finding, paths]
+
+
+def partial(ev: Evidence) -> list[Finding] | None:
+    """At most 10 % of the columns (elements of x) are wrong."""
+    cols = np.flatnonzero(ev.jac.bad.any(axis=0))
+    n = ev.target.n
+    if not 0 < len(cols) <= max(1, n // 10):
+        return None
+    return [_partial(ev.target, cols)]
+
+
+def _partial(t: Target, cols: Any, evidence: dict[str, Any] | None = None) -> Finding:
+    idx = [t.index(int(j)) for j in cols[:MAX_LISTED]]
+    more = " ..." if len(cols) > MAX_LISTED else ""
+    listed = {"indices": idx, "count": len(cols), **(evidence or {})}
+    return cat.PARTIAL.finding(listed, count=len(cols), n=t.n, indices=idx, more=more)
+
+
+def missing_term(ev: Evidence) -> list[Finding] | None:
+    """A - J is what one shared term gives: per group in span{1, x - mean} (a normalization's
+    mean and variance paths, `_normalization.group_paths`), or else of rank 1 or 2."""
+    found = _normalization.group_paths(ev.jac, ev.target.x64)
+    if found is None:
+        found = _low_rank_error(ev.jac)
+    return None if found is None else [found]
+
+
+def _low_rank_error(jac: Jacobians) -> Finding | None:
+    E = jac.E
+    if not np.all(np.isfinite(E)):
+        return None
+    try:
+        U, s, Vt = np.linalg.svd(E, full_matrices=False)
+    except np.linalg.LinAlgError:
+        return None
+    for k in (1, 2):
+        if len(s) > k and np.all(np.abs(E - (U[:, :k] * s[:k]) @ Vt[:k]) <= 2 * jac.T):
+            evidence = {"rank": k, "singular_values": s[: k + 1].tolist()}
+            return cat.LOW_RANK_ERROR.finding(evidence, rank=k)
+    return None
+
+
+def partial_outputs(ev: Evidence) -> list[Finding] | None:
+    """The cotangents of at most 10 % of the outputs are mishandled (rows of A)."""
+    rows = np.flatnonzero(ev.jac.bad.any(axis=1))
+    m = ev.target.m
+    if not 0 < len(rows) <= max(1, m // 10):
+        return None
+    listed = rows[:MAX_LISTED].tolist()
+    evidence = {"outputs": listed, "count": len(rows)}
+    return [cat.PARTIAL_OUTPUTS.finding(evidence, count=len(rows), m=m, outputs=listed)]
+
+
+def unknown(ev: Evidence) -> list[Finding] | None:
+    """No known pattern fits: said honestly."""
+    jac = ev.jac
+    evidence = {"bad_entries": int(jac.bad.sum()), "max_error": float(np.max(np.abs(jac.E)))}
+    bad = int(jac.bad.any(axis=0).sum())
+    return [cat.UNKNOWN.finding(evidence, bad=bad, n=jac.E.shape[1])]
+
+
+def _also_at_kinks(ev: Evidence, found: list[Finding]) -> list[Finding]:
+    """`nondifferentiable` as a further finding, for bad elements at kinks."""
+    kink_bad = np.zeros(ev.target.n, dtype=bool)
+    for s in ev.sides:
+        kink_bad |= s.bad & s.kinks
+    if np.any(kink_bad) and found[0].kind != "nondifferentiable":
+        return [_nondifferentiable(ev, np.flatnonzero(kink_bad))]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------
+# probe mode
+# ---------------------------------------------------------------------------------------------
+
+
+def probe_sign_or_scale(ev: Evidence) -> list[Finding] | None:
+    """Every probe of both cotangents is off by the same factor c."""
+    a = np.concatenate([s.dx for s in ev.sides])
+    n = np.concatenate([s.num for s in ev.sides])
+    limit = np.concatenate([s.tol for s in ev.sides])
+    nn = float(n @ n)
+    if not nn > 0:
+        return None
+    c = float(a @ n) / nn
+    if np.all(np.abs(a - c * n) <= 2 * limit * max(1.0, abs(c))):
+        return [_scale_finding(c, [ev.target.n, ev.target.m])]
+    return None
+
+
+def probe_transpose(ev: Evidence) -> list[Finding] | None:
+    """For square J: does vjp(dy) equal J·dy (one more directional derivative, along dy)?"""
+    t, s1, tol = ev.target, ev.sides[0], ev.tol
+    if t.m != t.n:
+        return None
+    dx = ev.grads[0].dx
+    scale = float(np.median(ev.steps)) / max(float(np.sqrt(np.mean(s1.dy**2))), 1e-300)
+    d = ev.fd.directional(scale * s1.dy)
+    jdy, err = d.value / scale, d.err / scale
+    floor = ev.fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
+    big = float(np.max(np.abs(jdy), initial=0.0))
+    limit, _ = tol(jdy, err, np.abs(dx) + np.abs(jdy), big, floor=floor)
+    if not np.all(np.abs(dx - jdy) <= 2 * limit):
+        return None
+    # J dy must differ from J^T dy, seen through the probes: <J dy, u> vs <dy, J u>.
+    assert ev.probes is not None
+    sym = all(
+        abs(jdy @ u - n) <= tl + float(np.abs(err) @ np.abs(u))
+        for u, n, tl in zip(ev.probes.dirs, s1.num, s1.tol, strict=True)
+    )
+    return None if sym else [cat.TRANSPOSE.finding()]
+
+
+def localize(ev: Evidence) -> Diagnosis:
+    """The bad elements by bisection (`_bisect`): single elements (`partial`), index ranges
+    when the budget ran out first (`partial`), or spread out (`unknown`)."""
+    t = ev.target
+    start = t.evals.done
+    located, frontier, spread = _bisect(ev)
+    spent = {"evaluations": t.evals.done - start, "budget": ev.localize_budget}
+    if not spread and located and not frontier:
+        located.sort()
+        return Diagnosis([_partial(t, np.asarray(located), spent)], located)
+    if not spread and frontier:
+        ranges = [(t.index(int(S[0])), t.index(int(S[-1]))) for S in frontier]
+        evidence = {"ranges": ranges, "indices": located, **spent}
+        finding = cat.PARTIAL_RANGES.finding(
+            evidence, count=len(frontier), ranges=ranges[:MAX_LOCATED], indices=located
+        )
+        return Diagnosis([finding], located)
+    return Diagnosis([cat.UNKNOWN_PROBES.finding(spent)])
+
+
+def _bisect(ev: Evidence) -> tuple[list[int], list[Any], bool]:
+    """Probe directions restricted to halves of a failing index set, breadth first, until
+    single elements remain, more than MAX_LOCATED sets fail, or the budget is spent.
+    (located elements, index sets still failing, spread out)."""
+    t, budget = ev.target, ev.localize_budget
+    start = t.evals.done
+    per_test = 6 if ev.fd.complex_ok else 4
+    fails = _restricted_probe(ev)
+    t.evals.allow(budget)
+    frontier = [np.arange(t.n)]
+    located: list[int] = []
+    spread = False
+    while frontier and t.evals.done - start + 2 * per_test <= budget:
+        S = frontier.pop(0)
+        if len(S) == 1:
+            located.append(int(S[0]))
+            continue
+        halves = [S[: len(S) // 2], S[len(S) // 2 :]]
+        frontier += [hf for hf in halves if fails(hf)]
+        if len(frontier) + len(located) > MAX_LOCATED:
+            spread = True
+            break
+    located += [int(S[0]) for S in frontier if len(S) == 1]
+    return located, [S for S in frontier if len(S) > 1], spread
+
+
+def _restricted_probe(ev: Evidence) -> Callable[[Any], bool]:
+    """fails(idx): does a random probe restricted to the elements `idx` fail (first cotangent)?"""
+    s1, tol, h, dx = ev.sides[0], ev.tol, ev.steps, ev.grads[0].dx
+    floor = ev.fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
+
+    def fails(idx: Any) -> bool:
+        u = np.zeros(ev.target.n)
+        u[idx] = h[idx] * ev.rng.standard_normal(len(idx))
+        d = ev.fd.directional(u)
+        num = float(s1.dy @ d.value)
+        fde = float(np.abs(s1.dy) @ d.err)
+        terms = float(np.abs(dx[idx]) @ np.abs(u[idx]))
+        au = np.abs(u[idx])
+        limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), float(floor[idx] @ au))
+        return bool(abs(float(dx @ u) - num) > limit)
+
+    return fails
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward derivative
+# ---------------------------------------------------------------------------------------------
+
+
+def jvp_findings(ev: Evidence) -> list[Finding]:
+    """jvp(u) against the numerical J u along each direction (`Evidence.jvp_directions`):
+    nothing when it matches, else nonfinite, zero, sign/scale or unknown."""
+    t, tol = ev.target, ev.tol
+    dirs, vals, errs = ev.jvp_directions()
+    ana = np.concatenate([t.jvp(u) for u in dirs])
+    num, err = np.concatenate(vals), np.concatenate(errs)
+    weight = np.concatenate([np.full(t.m, np.sum(np.abs(u))) for u in dirs])
+    scale = float(np.max(np.abs(num), initial=0.0))
+    limit, _ = tol(num, err, finite_abs(ana) + np.abs(num), scale, weight=weight)
+    if np.all(np.abs(ana - num) <= limit):
+        return []
+    if not np.all(np.isfinite(ana)):
+        return [cat.JVP_NONFINITE.finding({"count": int(np.sum(~np.isfinite(ana)))})]
+    if np.all(ana == 0):
+        return [cat.JVP_ZERO.finding()]
+    nn = float(num @ num)
+    c = float(ana @ num) / nn if nn > 0 else 0.0
+    if nn > 0 and np.all(np.abs(ana - c * num) <= 2 * limit * max(1.0, abs(c))):
+        return [_scale_finding(c, [t.n, t.m], jvp=True)]
+    return [cat.JVP_UNKNOWN.finding({"max_error": float(np.max(np.abs(ana - num)))})]
+
+
+# The order of the rules (docs/checker.md, "Order of the tests").
+# Both modes, first: a NaN or Inf in dx always fails; a check within tolerance passes.
+VERDICT: tuple[Rule, ...] = (nonfinite, passed)
+# Full mode, from vjp calls and the one-sided differences only.
+FULL: tuple[Rule, ...] = (zero, ignores_dy, nondifferentiable, zero_for_one_input)
+# Full mode, on the Jacobians (after the analytic one is built and found finite).
+ON_JACOBIANS: tuple[Rule, ...] = (
+    sign_or_scale,
+    transpose,
+    diagonal,
+    partial,
+    missing_term,
+    partial_outputs,
+    unknown,
+)
+# Probe mode, before `localize`.
+PROBE: tuple[Rule, ...] = (
+    zero,
+    ignores_dy,
+    nondifferentiable,
+    probe_sign_or_scale,
+    probe_transpose,
+)
