@@ -340,6 +340,20 @@ def test_report_json_writes_null_for_non_finite() -> None:
 # --- report ----------------------------------------------------------------------------------
 
 
+def test_report_carries_the_analytic_jacobian_the_diagnosis_built() -> None:
+    x = problem_input(4, 5)
+    report = check_gradients(problem_forward, x, problem_backward)
+    rows = [problem_backward(x, np.eye(1, x.size, i).reshape(x.shape)).ravel() for i in range(20)]
+    np.testing.assert_array_equal(report.analytic_jacobian, np.stack(rows))
+    assert report.numerical_jacobian.shape == (20, 20)
+    # Built only when a failing full-mode check needs it.
+    assert check_gradients(norm_f(), x, norm_vjp()).analytic_jacobian is None
+    assert (
+        check_gradients(problem_forward, x, problem_backward, mode="probe").analytic_jacobian
+        is None
+    )
+
+
 def test_report_to_dict_is_json_and_str_readable() -> None:
     x = problem_input(6, 6)
     report = check_gradients(problem_forward, x, problem_backward)
