@@ -7,7 +7,8 @@ print(report)                            # verdict, errors, findings with hints
 report.ok, report.diagnosis[0].kind      # e.g. False, "diagonal"
 ```
 
-See docs/checker.md for how it works.
+`PROBES`, `FULL_MAX`, `AUTO_FULL_MAX` and `LOCALIZE_BUDGET` are the defaults of the keywords
+`probes`, `full_max`, `auto_full_max` and `localize_budget`. See docs/checker.md for how it works.
 """
 
 from ._catalogue import KINDS

@@ -2,9 +2,10 @@
 the numerical derivatives, tried in the order of docs/checker.md.
 
 Each rule takes the `Evidence` of one check and returns its findings, or None to let the next
-rule try; the first rule that answers decides. The tables below are the order; a new rule is
-one function and one entry in a table. Texts come from `_catalogue.py`; what is specific to
-normalizations (the mean and variance paths) from `_normalization.py`.
+rule try; the first rule that answers decides. The order is in the tables at the end of this
+file (VERDICT, FULL, ON_JACOBIANS, PROBE); a new rule is one function and one table entry.
+Texts come from `_catalogue.py`; what is specific to normalizations (the mean and variance
+paths) from `_normalization.py`.
 
 In full mode the analytic Jacobian `A` is built row by row from the vjp (one call per output,
 with basis cotangents) and compared with the numerical `J` entry by entry: a model "fits" when
