@@ -561,9 +561,9 @@ def _save_plot(report: Any, path: str | None, out: Printer | None) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The question, reproduced, diagnosed and fixed. 0 when the wrong gradient was caught
     and the exact one passed (the demo ran as intended)."""
+    from ._explain import explain
     from ._ops import normalize
     from ._problem import PROBLEM_EPS, problem_backward, problem_forward, problem_input
-    from .explain import explain
 
     out = Printer()
     x = problem_input(seed=args.seed)
@@ -812,7 +812,7 @@ def _op_functions(
 
 def cmd_explain(args: argparse.Namespace) -> int:
     """Print the forward and the reverse sweep node by node (always exit 0 on valid input)."""
-    from .explain import explain
+    from ._explain import explain
 
     x = _input_x(args)
     axes = parse_axes(args.axes)
@@ -820,8 +820,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     ex = explain(x, axes, dy, **_op_kwargs(args))
     comparison: tuple[Any, ...] = ()
     if args.compare:
+        from ._explain import compare_adjoints
         from ._io import load_named_arrays
-        from .explain import compare_adjoints
 
         comparison = compare_adjoints(ex, load_named_arrays(args.compare))
     first_bad = next((c.node for c in comparison if not c.ok), None)
