@@ -10,6 +10,7 @@ import pytest
 from _fd import fd_jacobian
 
 from normgrad import cli, normalize
+from normgrad.cli import _output
 
 MINE = """
 from dataclasses import dataclass
@@ -343,7 +344,7 @@ def test_explain_json(capsys, tmp_path):
     )
     assert code == 0 and doc["departures"] == [] and doc["first_mismatch"] is None
     nodes = {n["name"]: n for n in doc["nodes"]}
-    ctx_dx = cli.np.asarray(nodes["x"]["adjoint"])
+    ctx_dx = np.asarray(nodes["x"]["adjoint"])
     jac = fd_jacobian(lambda z: normalize(z, 1, eps_mode="outside"), x)
     np.testing.assert_allclose(ctx_dx, np.tensordot(x[::-1], jac, axes=2), atol=1e-7)
     assert doc["options"]["axes"] == [1]
@@ -520,46 +521,46 @@ def test_no_command_help_and_version(capsys):
 def test_rich_on_a_terminal_plain_under_no_color(capsys, monkeypatch):
     pytest.importorskip("rich")
     plain = run(capsys, "explain", "--shape", "2x2")[1]
-    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setattr(_output, "stdout_is_terminal", lambda: True)
     monkeypatch.setenv("NO_COLOR", "1")
-    assert cli.Printer().console is None
+    assert _output.Printer().console is None
     assert run(capsys, "explain", "--shape", "2x2")[1] == plain
     monkeypatch.delenv("NO_COLOR")
-    assert cli.Printer().console is not None
+    assert _output.Printer().console is not None
     code, fancy, _ = run(capsys, "explain", "--shape", "2x2")
     assert code == 0 and "μ = mean(x)" in fancy and "PASS" in fancy
 
 
 def test_plain_without_rich(capsys, monkeypatch):
-    monkeypatch.setattr(cli, "_stdout_is_terminal", lambda: True)
+    monkeypatch.setattr(_output, "stdout_is_terminal", lambda: True)
     monkeypatch.delenv("NO_COLOR", raising=False)
     monkeypatch.setitem(sys.modules, "rich.console", None)  # import fails: no rich
-    assert cli.Printer().console is None
+    assert _output.Printer().console is None
 
 
 def test_progress_bar_only_on_a_terminal(monkeypatch, capsys):
     pytest.importorskip("rich")
-    with cli._progress(True, "x") as cb:
+    with _output.progress(True, "x") as cb:
         assert cb is None  # stderr is not a terminal under pytest
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     monkeypatch.delenv("NO_COLOR", raising=False)
-    with cli._progress(True, "x") as cb:
+    with _output.progress(True, "x") as cb:
         assert cb is not None
         for i in range(0, 501, 50):
             cb(i, 500)
-    with cli._progress(False, "x") as cb:
+    with _output.progress(False, "x") as cb:
         assert cb is None
 
 
 def test_long_check_reports_progress(monkeypatch, capsys):
     calls = []
-    real = cli._progress
+    real = _output.progress
 
     def spy(enabled, description):
         calls.append(enabled)
         return real(enabled, description)
 
-    monkeypatch.setattr(cli, "_progress", spy)
+    monkeypatch.setattr(_output, "progress", spy)
     assert run(capsys, "check", "--shape", "16x16")[0] == 0
     assert calls == [True]
     assert run(capsys, "check", "--shape", "4x4", "--json")[0] == 0
