@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 
 from .._errors import NormgradError
 from . import bench, check, demo, explain, vectors
-from ._options import PROG, InputError, Parser, parse
+from ._options import PROG, Parser, parse
 
 __all__ = ["build_parser", "main"]
 
@@ -61,7 +61,7 @@ def _guard(run: Callable[[], int]) -> int:
     """`run()`'s exit code; user errors become one line on stderr and exit 2."""
     try:
         return run()
-    except (NormgradError, InputError) as e:
+    except NormgradError as e:
         message = " ".join(str(e).split())  # one line, whatever the message held
         sys.stderr.write(f"{PROG}: error: {message}\n")
         return 2

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import NormgradError
 from . import _output
-from ._options import InputError
 from ._output import Printer, short_float
 
 Functions = tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]  # f, vjp, jvp
@@ -20,7 +20,7 @@ def _checker() -> Any:
     try:
         from .. import check as checker
     except ImportError as e:  # pragma: no cover - part of the package
-        raise InputError(f"the gradient checker is not available ({e}).") from None
+        raise NormgradError(f"the gradient checker is not available ({e}).") from None
     return checker
 
 
@@ -76,12 +76,12 @@ def save_plot(report: Any, path: str | None, out: Printer | None) -> None:
         report.plot(path)
     except ImportError as e:
         if (e.name or "").split(".")[0] == "matplotlib":
-            raise InputError(
+            raise NormgradError(
                 "--plot needs matplotlib; install it with pip install 'normgrad[plot]'."
             ) from None
-        raise InputError(f"--plot is not available ({e}); drop --plot.") from None
+        raise NormgradError(f"--plot is not available ({e}); drop --plot.") from None
     except OSError as e:
-        raise InputError(
+        raise NormgradError(
             f"--plot {path}: cannot write it ({e.strerror or e}); give a path in an existing, "
             "writable folder."
         ) from None

@@ -11,11 +11,9 @@ from typing import Any, NoReturn
 
 import numpy as np
 
+from .._errors import NormgradError
+
 PROG = "normgrad"
-
-
-class InputError(Exception):
-    """A usage or input problem found by the CLI itself (exit 2, one line)."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -121,7 +119,7 @@ def parse_axes(text: str) -> int | tuple[int, ...] | None:
     try:
         items = tuple(int(p) for p in t.replace(" ", "").split(","))
     except ValueError:
-        raise InputError(
+        raise NormgradError(
             f"--axes {text!r} is not a list of ints; write all, 1, -1 or 0,2."
         ) from None
     return items[0] if len(items) == 1 else items
@@ -140,7 +138,7 @@ def input_x(args: argparse.Namespace, dtype: str = "float64") -> np.ndarray:
     else:
         shape = parse_shape(args.shape)
         if math.prod(shape) > 10_000_000:
-            raise InputError(f"--shape {args.shape} is too large; use at most 1e7 elements.")
+            raise NormgradError(f"--shape {args.shape} is too large; use at most 1e7 elements.")
         x = np.random.default_rng(args.seed).standard_normal(shape)
     return x.astype(dtype)
 
@@ -155,7 +153,7 @@ def input_dy(args: argparse.Namespace, x: np.ndarray, default: str) -> np.ndarra
         return np.random.default_rng(args.seed + 1).standard_normal(x.shape).astype(x.dtype)
     dy = load_array(choice)
     if dy.shape != x.shape:
-        raise InputError(
+        raise NormgradError(
             f"--dy {choice} has shape {dy.shape} but x has shape {x.shape}; give one value "
             "per element of y."
         )

@@ -10,7 +10,8 @@ import argparse
 import importlib
 from typing import Any
 
-from ._options import PROG, InputError, Parser, parse
+from .._errors import NormgradError
+from ._options import PROG, Parser, parse
 
 
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -28,7 +29,7 @@ def _runner() -> Any:
     try:
         return importlib.import_module("normgrad._bench")
     except ImportError as e:
-        raise InputError(
+        raise NormgradError(
             f"the benchmark runner is not available ({e}); reinstall normgrad from a full checkout."
         ) from None
 

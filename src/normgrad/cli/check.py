@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from .._errors import NormgradError
 from ._checking import diagnosis_kinds, op_functions, print_report, run_check, save_plot
 from ._options import (
-    InputError,
     add_check_options,
     add_op_options,
     add_shared,
@@ -88,11 +88,11 @@ def _user_checks(args: argparse.Namespace, x: np.ndarray) -> tuple[str, dict[str
     """The user's backward (and jvp) against finite differences of their forward: the title,
     the options recorded in the JSON output, the checks."""
     if args.forward is None or args.backward is None:
-        raise InputError(
+        raise NormgradError(
             "checking your own code needs both --forward FILE.py:fn and --backward FILE.py:fn."
         )
     if args.affine:
-        raise InputError("--affine applies to normgrad's op; drop it with --forward.")
+        raise NormgradError("--affine applies to normgrad's op; drop it with --forward.")
     f = load_function(args.forward, "--forward")
     vjp = load_function(args.backward, "--backward")
     jvp = load_function(args.jvp, "--jvp") if args.jvp else None
@@ -148,27 +148,27 @@ def load_function(spec: str, option: str) -> Callable[..., Any]:
     """`path/to/file.py:fn` or `package.module:fn` -> the callable."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise InputError(
+        raise NormgradError(
             f"{option} {spec!r} must name a function as FILE.py:function or module:function."
         )
     if target.endswith(".py") or "/" in target or os.sep in target:
         path = Path(target)
         if not path.is_file():
-            raise InputError(f"{option}: no such file {target}; check the path.")
+            raise NormgradError(f"{option}: no such file {target}; check the path.")
         module = _load_file(path, option)
     else:
         try:
             module = importlib.import_module(target)
         except Exception as e:
-            raise InputError(
+            raise NormgradError(
                 f"{option}: cannot import module {target!r} ({type(e).__name__}: {e}); check "
                 "the name, or give a file path like path/to/file.py:function."
             ) from None
     fn = getattr(module, name, None)
     if fn is None:
-        raise InputError(f"{option}: {target} has no attribute {name!r}; check the name.")
+        raise NormgradError(f"{option}: {target} has no attribute {name!r}; check the name.")
     if not callable(fn):
-        raise InputError(f"{option}: {target}:{name} is not a function.")
+        raise NormgradError(f"{option}: {target}:{name} is not a function.")
     return fn
 
 
@@ -181,14 +181,14 @@ def _load_file(path: Path, option: str) -> Any:
         return cached
     spec = importlib.util.spec_from_file_location(name, resolved)
     if spec is None or spec.loader is None:
-        raise InputError(f"{option}: cannot load {path} as Python; give a .py file.")
+        raise NormgradError(f"{option}: cannot load {path} as Python; give a .py file.")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look their module up here
     try:
         spec.loader.exec_module(module)
     except Exception as e:
         del sys.modules[name]
-        raise InputError(
+        raise NormgradError(
             f"{option}: running {path} raised {type(e).__name__}: {e}; fix that file."
         ) from None
     return module
