@@ -4,11 +4,13 @@ help and version, rich or plain output, the progress bar, `python -m normgrad`."
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from _cli_helpers import assert_usage_error, run
 
+import normgrad
 from normgrad.cli import _output
 
 
@@ -141,11 +143,12 @@ def test_long_check_reports_progress(monkeypatch, capsys):
 
 
 def test_python_dash_m(tmp_path):
+    tree = str(Path(normgrad.__file__).parents[1])  # the normgrad under test, not an installed one
     proc = subprocess.run(
         [sys.executable, "-m", "normgrad", "explain", "--shape", "2x2", "--json"],
         capture_output=True,
         text=True,
-        env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1"},
+        env={"PATH": "/usr/bin:/bin", "NO_COLOR": "1", "PYTHONPATH": tree},
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["nodes"][0]["name"] == "x"
