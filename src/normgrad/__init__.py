@@ -2,6 +2,7 @@
 gradient checker that says what is wrong."""
 
 from ._errors import NormgradError
+from ._explain import explain
 from ._ops import (
     BackwardTangents,
     Gradients,
@@ -16,7 +17,6 @@ from ._ops import (
 )
 from ._recycle import release_buffers
 from .check import Finding, GradReport, assert_gradients, check_gradients
-from .explain import explain
 
 __version__ = "0.1.0"
 

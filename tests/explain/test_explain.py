@@ -6,9 +6,8 @@ from _fd import fd_jacobian
 from hypothesis import given
 from hypothesis import strategies as st
 
-from normgrad import NormgradError, normalize, normalize_backward, normalize_forward
+from normgrad import NormgradError, explain, normalize, normalize_backward, normalize_forward
 from normgrad._problem import problem_backward, problem_input
-from normgrad.explain import explain
 
 OPTIONS = [
     ((3, 4), None, "inside", 0),
@@ -144,7 +143,7 @@ def test_property_sweep_matches_backward(values, eps_mode):
 
 
 def test_compare_adjoints_finds_the_first_wrong_node(rng):
-    from normgrad.explain import compare_adjoints
+    from normgrad._explain import compare_adjoints
 
     x, dy = rng.standard_normal((3, 4)), rng.standard_normal((3, 4))
     ex = explain(x, None, dy)
@@ -179,7 +178,7 @@ def test_large_offset_small_spread_agrees_at_every_node(rng):
 
 
 def test_compare_adjoints_refuses_two_names_for_one_node_and_complex(rng):
-    from normgrad.explain import compare_adjoints
+    from normgrad._explain import compare_adjoints
 
     ex = explain(rng.standard_normal((2, 3)))
     with pytest.raises(NormgradError, match="both name the node mu"):
@@ -188,3 +187,11 @@ def test_compare_adjoints_refuses_two_names_for_one_node_and_complex(rng):
         compare_adjoints(ex, {"mu": 1.0 + 2.0j})
     doc = compare_adjoints(ex, {"mu": ex.node("mu").adjoint})[0].to_dict()
     assert doc["node"] == "mu" and doc["ok"] is True
+
+
+def test_explain_is_the_function_and_its_module_is_private():
+    import normgrad
+    import normgrad._explain as module
+
+    assert normgrad.explain is module.explain
+    assert callable(normgrad.explain) and not hasattr(normgrad.explain, "compare_adjoints")
