@@ -1,12 +1,15 @@
-"""Run the normgrad benchmarks: `python benchmarks/run.py [--quick] [--out DIR] ...`.
+"""Run the normgrad benchmarks: `python benchmarks/run.py [--quick] [--out DIR] ...`
+(`make bench`, and `normgrad bench` from a source checkout).
 
-The same runner as `normgrad bench` (src/normgrad/_bench.py); results go to
-benchmarks/results/ (git-ignored): bench.json, bench.md and bench.png.
+Results go to benchmarks/results/ (git-ignored): bench.json, bench.md and bench.png.
 """
 
 import sys
+from pathlib import Path
 
-from normgrad import _bench
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import bench_kernels
 
 if __name__ == "__main__":
-    sys.exit(_bench.run(_bench.parse_args()))
+    sys.exit(bench_kernels.run(bench_kernels.parse_args()))

@@ -1,6 +1,7 @@
 """normgrad: mean-variance normalization over any axes with exact derivatives, and a
 gradient checker that says what is wrong."""
 
+from ._dispatch import Plan, plan_backward, plan_forward, use_kernels
 from ._errors import NormgradError
 from ._explain import explain
 from ._ops import (
@@ -13,9 +14,8 @@ from ._ops import (
     normalize_forward,
     normalize_jacobian,
     normalize_jvp,
-    use_kernels,
 )
-from ._recycle import release_buffers
+from ._runtime import release_buffers
 from .check import Finding, GradReport, assert_gradients, check_gradients
 
 __version__ = "0.1.0"
@@ -27,6 +27,7 @@ __all__ = [
     "Gradients",
     "NormContext",
     "NormgradError",
+    "Plan",
     "assert_gradients",
     "check_gradients",
     "explain",
@@ -36,6 +37,8 @@ __all__ = [
     "normalize_forward",
     "normalize_jacobian",
     "normalize_jvp",
+    "plan_backward",
+    "plan_forward",
     "release_buffers",
     "use_kernels",
 ]

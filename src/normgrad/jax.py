@@ -62,7 +62,7 @@ def _normalize_jvp(
     tx, tweight, tbias = (None if _is_float0(t) else t for t in tangents)
     if tx is None:  # x has an integer dtype: it does not move
         tx = jnp.zeros(x.shape, jnp.result_type(float))
-    return normalize_jvp(  # type: ignore[no-any-return]
+    return normalize_jvp(
         x,
         tx,
         axes,

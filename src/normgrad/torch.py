@@ -19,7 +19,8 @@ from torch import nn
 
 from ._axes import Axes
 from ._errors import NormgradError
-from ._ops import EPS_MODES, context_from_statistics, normalize_backward, normalize_forward
+from ._ops import context_from_statistics, normalize_backward, normalize_forward
+from ._validate import EPS_MODES
 
 __all__ = ["MeanVarNorm", "normalize"]
 
@@ -28,7 +29,7 @@ class _Normalize(torch.autograd.Function):
     """forward: `normalize_forward`; backward: `normalize_backward`, both on torch tensors."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         x: torch.Tensor,
         weight: torch.Tensor | None,
         bias: torch.Tensor | None,
@@ -51,7 +52,7 @@ class _Normalize(torch.autograd.Function):
         ctx.mark_non_differentiable(mean, var, rstd)
 
     @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *_stats: Any) -> Any:  # type: ignore[override]
+    def backward(ctx: Any, dy: torch.Tensor, *_stats: Any) -> Any:
         x, weight, bias, mean, var, rstd = ctx.saved_tensors
         axes, eps, eps_mode, ddof = ctx.options
         if torch.is_grad_enabled():
@@ -94,7 +95,7 @@ def normalize(
             "Use torch.as_tensor(x), or normgrad.normalize for NumPy/JAX/Dask arrays."
         )
     y, *_ = _Normalize.apply(x, weight, bias, axes, eps, eps_mode, ddof)
-    return y  # type: ignore[no-any-return]
+    return y
 
 
 class MeanVarNorm(nn.Module):

@@ -1,4 +1,4 @@
-"""Large kernel outputs reuse the memory of dead ones (`_recycle`), safely."""
+"""Large kernel outputs reuse the memory of dead ones (`_recycle.Recycler`), safely."""
 
 from __future__ import annotations
 
@@ -6,24 +6,22 @@ import threading
 
 import numpy as np
 import pytest
+from _kernel_checks import close, dx_scale, kernel_path, y_scale
 
 import normgrad as ng
-from normgrad import _kernels, _ops, _recycle
+from normgrad import testing
 from normgrad._errors import NormgradError
 
 pytest.importorskip("numba")
 
-from test_kernels import PATHS, _close, _dx_scale, _path, _y_scale
+PATHS = pytest.mark.parametrize("path", ["small", "planned", "blocked"])
 
 
 @pytest.fixture
-def recycling(monkeypatch):
+def recycling():
     """Recycle outputs from 64 KiB (not 1 MiB: small, fast tests), keep at most 16 MiB."""
-    monkeypatch.setattr(_recycle, "MIN_BYTES", 1 << 16)
-    monkeypatch.setattr(_recycle, "_limit", 16 << 20)
-    ng.release_buffers()
-    yield
-    ng.release_buffers()
+    with testing.recycler(1 << 16, 16 << 20) as rec:
+        yield rec
 
 
 def _address(a: np.ndarray) -> int:
@@ -41,41 +39,38 @@ LAYOUTS = pytest.mark.parametrize(
 @LAYOUTS
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_dead_outputs_are_reused(
-    recycling, monkeypatch, rng, path, shape, axes, pshape, affine, dtype
-):
+def test_dead_outputs_are_reused(recycling, rng, path, shape, axes, pshape, affine, dtype):
     """Once y and dx die, the next call's outputs take their memory: the same bits, and
     nothing kept while they are in use. The float64 cases write recycled memory with
-    streaming stores (from STREAM_MIN_BYTES, here 0)."""
-    if dtype == np.float64:
-        monkeypatch.setattr(_kernels, "STREAM_MIN_BYTES", 0)
+    streaming stores (from stream_min_bytes, here 0)."""
+    stream = 0 if dtype == np.float64 else 1 << 62
     x = (rng.normal(size=shape) * 3 + 40).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
     x0, dy0 = x.copy(), dy.copy()
     w = b = None
     if affine and pshape is not None:
         w, b = rng.normal(size=pshape), rng.normal(size=pshape)
-    with _ops.use_kernels(True), _path(path):
+    with testing.settings(stream_min_bytes=stream), kernel_path(path):
         y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
         dx = ng.normalize_backward(ctx, dy).x
         y1, dx1 = y.copy(), dx.copy()
         used = {_address(y), _address(dx)}
-        assert _recycle.held_bytes() == 0
+        assert recycling.held == 0
         del y, dx, ctx
-        assert _recycle.held_bytes() == 2 * x.nbytes
+        assert recycling.held == 2 * x.nbytes
         y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
         dx = ng.normalize_backward(ctx, dy).x
     assert {_address(y), _address(dx)} == used
-    assert _recycle.held_bytes() == 0
+    assert recycling.held == 0
     np.testing.assert_array_equal(y, y1)
     np.testing.assert_array_equal(dx, dx1)
     np.testing.assert_array_equal(x, x0)
     np.testing.assert_array_equal(dy, dy0)
-    with _ops.use_kernels(False):
+    with ng.use_kernels(False):
         yr, cr = ng.normalize_forward(x, axes, weight=w, bias=b)
         dxr = ng.normalize_backward(cr, dy).x
-    _close(y, yr, 4, _y_scale(cr))
-    _close(dx, dxr, 16, _dx_scale(cr, dy))
+    close(y, yr, 4, y_scale(cr))
+    close(dx, dxr, 16, dx_scale(cr, dy))
 
 
 def test_a_live_view_keeps_its_memory(recycling, rng):
@@ -85,83 +80,81 @@ def test_a_live_view_keeps_its_memory(recycling, rng):
     view = y.T[::2].view(np.int64)
     before = view.copy()
     del y
-    assert _recycle.held_bytes() == 0
+    assert recycling.held == 0
     y2 = ng.normalize(x + 1.0)
     assert not np.shares_memory(y2, view)
     np.testing.assert_array_equal(view, before)
     del view
-    assert _recycle.held_bytes() == x.nbytes
+    assert recycling.held == x.nbytes
     del y2
-    assert _recycle.held_bytes() == 2 * x.nbytes
+    assert recycling.held == 2 * x.nbytes
 
 
-def test_limit_drops_the_oldest(recycling, monkeypatch, rng):
+def test_limit_drops_the_oldest(recycling, rng):
     """The free list keeps at most the limit, dropping the oldest buffers first; a buffer
     over the limit is never kept; `release_buffers` empties it and says how much."""
-    monkeypatch.setattr(_recycle, "_limit", 3 * (1 << 20))
+    recycling.limit = 3 * (1 << 20)
     sizes = [1 << 20, (1 << 20) + 8, (1 << 20) + 16, (1 << 20) + 24]  # bytes of float64 output
     for nbytes in sizes:
         y = ng.normalize(rng.normal(size=nbytes // 8))
         del y
-    assert _recycle.held_bytes() <= 3 * (1 << 20)
-    assert [raw.nbytes for raw in _recycle._order.values()] == sizes[-2:]
+    assert recycling.held <= 3 * (1 << 20)
+    assert [raw.nbytes for raw in recycling.order.values()] == sizes[-2:]
     big = ng.normalize(rng.normal(size=(1 << 20) // 2))  # 4 MiB: over the limit
     del big
-    assert [raw.nbytes for raw in _recycle._order.values()] == sizes[-2:]
+    assert [raw.nbytes for raw in recycling.order.values()] == sizes[-2:]
     assert ng.release_buffers() == sum(sizes[-2:])
-    assert _recycle.held_bytes() == 0 and not _recycle._free and not _recycle._order
+    assert recycling.held == 0 and not recycling.free and not recycling.order
     alive = [ng.normalize(rng.normal(size=(1 << 20) // 8)) for _ in range(4)]  # one size
     del alive
-    kept = list(_recycle._order.values())
-    assert len(kept) == 3 and _recycle.held_bytes() == 3 << 20
-    assert all(a is b for a, b in zip(_recycle._free[1 << 20], kept, strict=True))
+    kept = list(recycling.order.values())
+    assert len(kept) == 3 and recycling.held == 3 << 20
+    assert all(a is b for a, b in zip(recycling.free[1 << 20], kept, strict=True))
 
 
 def test_environment_variable(monkeypatch, rng):
     """`NORMGRAD_RECYCLE_MB`: 0 keeps nothing; anything but a whole number >= 0 is a clear
     error naming the variable and the value."""
-    monkeypatch.setattr(_recycle, "MIN_BYTES", 1 << 16)
     x = rng.normal(size=(300, 400))
     for bad in ("lots", "-1", "1.5"):
-        monkeypatch.setattr(_recycle, "_limit", None)
         monkeypatch.setenv("NORMGRAD_RECYCLE_MB", bad)
-        with pytest.raises(NormgradError, match=rf"NORMGRAD_RECYCLE_MB.*{bad!r}"):
+        with testing.recycler(1 << 16), pytest.raises(NormgradError, match=rf"RECYCLE_MB.*{bad!r}"):
             ng.normalize(x)
-    monkeypatch.setattr(_recycle, "_limit", None)
     monkeypatch.setenv("NORMGRAD_RECYCLE_MB", "0")
-    y = ng.normalize(x)
-    del y
-    assert _recycle.held_bytes() == 0
-    monkeypatch.setattr(_recycle, "_limit", None)
+    with testing.recycler(1 << 16) as rec:
+        y = ng.normalize(x)
+        del y
+        assert rec.held == 0
     monkeypatch.delenv("NORMGRAD_RECYCLE_MB")
-    assert 0 < _recycle._limit_bytes() <= 1 << 30
-    monkeypatch.setattr(_recycle, "_limit", None)
+    with testing.recycler(1 << 16) as rec:
+        assert 0 < rec.limit_bytes() <= 1 << 30
     monkeypatch.setenv("NORMGRAD_RECYCLE_MB", "5")
-    assert _recycle._limit_bytes() == 5 << 20
+    with testing.recycler(1 << 16) as rec:
+        assert rec.limit_bytes() == 5 << 20
 
 
 def test_paused_maps_every_output(recycling, rng):
-    """Inside `paused()` (the benchmark's `fused_mapped`) no output takes or leaves memory
+    """Inside `recycling_paused()` (the benchmark's `fused_mapped`) no output takes or leaves memory
     for reuse; afterwards recycling goes on with the same limit."""
     x = rng.normal(size=(300, 400))
     y = ng.normalize(x)
     del y
-    assert _recycle.held_bytes() == x.nbytes
-    with _recycle.paused():
+    assert recycling.held == x.nbytes
+    with testing.recycling_paused():
         y = ng.normalize(x)
-        assert _recycle.held_bytes() == x.nbytes  # not taken
+        assert recycling.held == x.nbytes  # not taken
         del y
-        assert _recycle.held_bytes() == x.nbytes  # not given back
-    assert _recycle._limit_bytes() == 16 << 20
+        assert recycling.held == x.nbytes  # not given back
+    assert recycling.limit_bytes() == 16 << 20
     kept = ng.normalize(x)
-    assert _recycle.held_bytes() == 0 and kept.shape == x.shape
+    assert recycling.held == 0 and kept.shape == x.shape
 
 
 def test_threads_share_the_free_list(recycling, rng):
     """Four threads normalizing at once, their outputs dying in any order: every result is
     right and no buffer is handed to two live outputs."""
     xs = [rng.normal(size=(200, 300)) * (k + 1) + k for k in range(4)]
-    with _ops.use_kernels(False):
+    with ng.use_kernels(False):
         refs = [ng.normalize(x) for x in xs]
     errors: list[BaseException] = []
 

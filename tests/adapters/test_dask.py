@@ -16,7 +16,7 @@ import dask  # noqa: E402
 
 import normgrad as ng  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "normalize_zarr.py"
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "normalize_zarr.py"
 
 
 def _load_example():

@@ -1,10 +1,12 @@
-"""The kernels' thread pool (src/normgrad/_pool.py): every chunk runs exactly once, errors
+"""The kernels' thread pool (src/normgrad/kernels/_pool.py): every chunk runs exactly once, errors
 reach the caller, forked children and concurrent callers work, and the whole-group kernels
 that run on it agree with the generic path."""
 
 import os
 import subprocess
 import sys
+import threading
+import time
 import traceback
 import weakref
 
@@ -15,14 +17,19 @@ pytest.importorskip("numba")
 from numba import carray, cfunc, njit
 
 import normgrad as ng
-from normgrad import _kernels, _ops, _pool
-from normgrad._pool import address, board_at, board_ctl, board_params, claim, run_job
+from normgrad import _formulas, _runtime, testing
+from normgrad.kernels import _layout, _pool
+from normgrad.kernels._board import board_at, board_ctl, board_params
+from normgrad.kernels._intrinsics import address, fetch_add, load_acquire
+from normgrad.kernels._native import PART_SIGNATURE
+from normgrad.kernels._pool import run_job, take
 
 
 @njit(nogil=True)
-def _mark(ctl, nchunks, items, slot, hits, who):  # type: ignore[no-untyped-def]
+def _mark(claim, hits, who):
+    slot = claim[3]
     while True:
-        k, i0, i1 = claim(ctl, nchunks, items, slot)
+        k, i0, i1 = take(claim)
         if k < 0:
             return
         for i in range(i0, i1):
@@ -36,9 +43,9 @@ def _mark(ctl, nchunks, items, slot, hits, who):  # type: ignore[no-untyped-def]
 
 
 @njit(nogil=True)
-def _fail_at(ctl, nchunks, items, slot, bad):  # type: ignore[no-untyped-def]
+def _fail_at(claim, bad):
     while True:
-        k, i0, i1 = claim(ctl, nchunks, items, slot)
+        k, i0, i1 = take(claim)
         if k < 0:
             return
         for i in range(i0, i1):
@@ -89,12 +96,10 @@ def test_a_kernel_error_reaches_the_caller_and_the_pool_survives(bad):
 
 FORK_SCRIPT = """
 import os, numpy as np, normgrad as ng
-from normgrad import _ops
-
 x = np.random.default_rng(1).normal(size=(4, 60_000))
 
 def both():
-    with _ops.use_kernels(True):
+    with ng.use_kernels(True):
         y, ctx = ng.normalize_forward(x, -1)
         return y, ng.normalize_backward(ctx, x).x
 
@@ -132,24 +137,25 @@ def test_whole_group_kernels_on_two_threads(rng, shape, axes, wshape, dtype):
     """Each item a whole group (statistics, rstd and y in one call; sums and dx in the
     other), on two threads with per-thread dweight/dbias: equal to the generic path within a
     few ulp, and bit-identical from call to call."""
-    assert np.prod(shape) >= _kernels.PARALLEL_MIN_SIZE
+    assert np.prod(shape) >= _layout.PARALLEL_MIN_SIZE
     x = (rng.normal(size=shape) * 3 + 50).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
     w = rng.normal(size=wshape) + 1
     b = rng.normal(size=wshape)
-    with _ops.use_kernels(True):
+    with ng.use_kernels(True):
         y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
         g = ng.normalize_backward(ctx, dy)
         y2, ctx2 = ng.normalize_forward(x, axes, weight=w, bias=b)
         g2 = ng.normalize_backward(ctx2, dy)
-    with _ops.use_kernels(False):
+    with ng.use_kernels(False):
         yr, ctxr = ng.normalize_forward(x, axes, weight=w, bias=b)
         gr = ng.normalize_backward(ctxr, dy)
     for a, a2 in ((y, y2), (g.x, g2.x), (g.weight, g2.weight), (g.bias, g2.bias)):
         np.testing.assert_array_equal(a, a2)
     ulp = np.finfo(dtype).eps
-    # the kernels compute rstd themselves: the same formula as `_ops._rstd`, bit for bit
-    np.testing.assert_array_equal(ctx.rstd, _ops._rstd(np, ctx.var, ctx.eps, ctx.eps_mode))
+    # the kernels compute rstd themselves: the same formula as the generic path, bit for bit
+    rstd = _formulas.rstd(np, ctx.var, ctx.eps, ctx.eps_mode == "inside")
+    np.testing.assert_array_equal(ctx.rstd, rstd)
     np.testing.assert_allclose(ctx.mean, ctxr.mean, rtol=1e-14)
     np.testing.assert_allclose(ctx.var, ctxr.var, rtol=1e-12)
     np.testing.assert_allclose(y, yr, rtol=0, atol=4 * ulp * np.abs(yr).max())
@@ -165,25 +171,25 @@ def test_chunks_of_threads_that_never_come_are_stolen(nchunks, threads):
     ctl = _pool._deal(_pool._new_ctl(threads), nchunks, threads)
     hits = np.zeros(nchunks, np.int64)
     who = np.full(nchunks, -1, np.int64)
-    _mark(ctl, nchunks, nchunks, 0, hits, who)
+    _mark((ctl, nchunks, nchunks, 0), hits, who)
     assert np.all(hits == 1) and np.all(who == 0)
-    assert ctl[_pool._DONE] == nchunks
+    assert ctl[_pool.DONE] == nchunks
 
 
 # A native job for the tests: the part marks items, as `_mark` does, through the board.
-def _mark_part_py(addr, slot):  # type: ignore[no-untyped-def]
+def _mark_part_py(addr, slot):
     board = board_at(addr)
     p = board_params(board)
     hits = carray(address(p[2]), p[1], np.int64)
     who = carray(address(p[3]), p[1], np.int64)
-    _mark(board_ctl(board, 0), p[0], p[1], slot, hits, who)
+    _mark((board_ctl(board, 0), p[0], p[1], slot), hits, who)
 
 
-_mark_part = cfunc(_pool.PART_SIGNATURE)(_mark_part_py)
+_mark_part = cfunc(PART_SIGNATURE)(_mark_part_py)
 
 
 @njit(nogil=True)
-def _mark_native(board, nthreads, part, nchunks, hits, who):  # type: ignore[no-untyped-def]
+def _mark_native(board, nthreads, part, nchunks, hits, who):
     p = board_params(board)
     p[0], p[1], p[2], p[3] = nchunks, hits.size, hits.ctypes.data, who.ctypes.data
     run_job(board, part, nchunks, nthreads)
@@ -214,19 +220,18 @@ def test_native_jobs_run_every_item_exactly_once(items):
     np.testing.assert_array_equal(who, 0)
 
 
-def test_native_job_after_the_workers_sleep(monkeypatch):
+def test_native_job_after_the_workers_sleep():
     """A worker that has gone to sleep (no job for longer than its spin) is woken by a
     native job and takes part again; every item still runs once. On a pool of its own: the
     process's pool may have more workers (an earlier test asked for 4 threads), and on 2
     cores shared with another test process they can rarely all be awake at one instant,
     which an older version of this test waited for (it failed twice, in a fresh-clone run
     and a cold-cache one, cause not proven)."""
-    import threading
-    import time
+    with testing.private_pool(2, sleep_check=60.0) as pool:  # woken by `wake()`, not a look
+        _check_the_woken_worker(pool)
 
-    monkeypatch.setattr(_pool, "_SLEEP_CHECK", 60.0)  # woken by `wake()`, not by a look
-    pool = _pool._Pool(2)
-    monkeypatch.setattr(_pool, "_pool", pool)
+
+def _check_the_woken_worker(pool):
     _native_marks(64)
     deadline = time.monotonic() + 5
     while not pool.sleepers and time.monotonic() < deadline:
@@ -242,7 +247,7 @@ def test_native_job_after_the_workers_sleep(monkeypatch):
         frames = sys._current_frames()
         workers = [t for t in threading.enumerate() if t.name.startswith("normgrad-")]
         state = {
-            "pool lock held": _pool._pool_lock.locked(),
+            "pool lock held": _runtime.STATE.pool_lock.locked(),
             "sleepers": pool.sleepers,
             "count": pool.count,
             "board head": pool.board[:8].tolist(),
@@ -259,8 +264,6 @@ def test_native_job_after_the_workers_sleep(monkeypatch):
 def test_planned_calls_from_two_threads_at_once(rng):
     """Two user threads normalizing at once: one runs native jobs on the pool, the other
     alone on a board of its own; every result equals the sequential one bit for bit."""
-    import threading
-
     shape = (64, 4096)
     xs = [rng.normal(size=shape) * (i + 1) for i in range(2)]
     dys = [rng.normal(size=shape) for _ in range(2)]
@@ -277,51 +280,51 @@ def test_planned_calls_from_two_threads_at_once(rng):
             if not (np.array_equal(y, want[i][0]) and np.array_equal(dx, want[i][1])):
                 bad.append(i)
 
-    before = _kernels.calls["native"]
     threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with testing.record_paths() as seen:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     assert not bad
-    assert _kernels.calls["native"] > before
+    assert ("forward", "native") in seen
 
 
 # A native job that slot 0 cannot finish before a worker has taken part: it spins (bounded)
 # until a worker has counted itself in `flag`.
-def _await_worker_py(addr, slot):  # type: ignore[no-untyped-def]
+def _await_worker_py(addr, slot):
     p = board_params(board_at(addr))
     flag = carray(address(p[0]), 1, np.int64)
     if slot != 0:
-        _pool._fetch_add(flag, 0, 1)
+        fetch_add(flag, 0, 1)
         return
     for _ in range(p[1]):
-        if _pool._load_acquire(flag, 0) != 0:
+        if load_acquire(flag, 0) != 0:
             return
 
 
-_await_worker_part = cfunc(_pool.PART_SIGNATURE)(_await_worker_py)
+_await_worker_part = cfunc(PART_SIGNATURE)(_await_worker_py)
 
 
 @njit(nogil=True)
-def _await_worker_native(board, nthreads, part, flag, spins):  # type: ignore[no-untyped-def]
+def _await_worker_native(board, nthreads, part, flag, spins):
     p = board_params(board)
     p[0], p[1] = flag.ctypes.data, spins
     run_job(board, part, 0, nthreads)
 
 
 @pytest.mark.serial  # switches the GIL interval for the process: other threads must be idle
-def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_native_job(
-    monkeypatch,
-):
+def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_native_job():
     """The worker's spin times out while the caller runs Python (holding the GIL): it waits
     for the GIL to go to sleep, and must then see the native job that the caller has just
     published, not sleep through it. The job here waits (up to seconds) for a worker. (It
     failed once in the parallel pass of a fresh clone, cause not found; alone it passes, and
     it fails on the old `wake()`.)"""
-    import time
+    with testing.private_pool(2, sleep_check=60.0):  # no periodic look at the board
+        _join_after_the_gil()
 
-    monkeypatch.setattr(_pool, "_SLEEP_CHECK", 60.0)  # no periodic look at the board
+
+def _join_after_the_gil():
     part = _await_worker_part.address
     _pool.run_native(_await_worker_native, 1, (part, np.zeros(1, np.int64), 0))  # compiled
     _native_marks(64)

@@ -9,7 +9,7 @@ import pytest
 import normgrad as ng
 from normgrad._problem import problem_backward, problem_forward, problem_input
 
-DOC = (Path(__file__).parents[1] / "docs" / "derivation.md").read_text()
+DOC = (Path(__file__).parents[2] / "docs" / "derivation.md").read_text()
 X = np.array([[1.0, 3.0], [5.0, 7.0]])
 
 

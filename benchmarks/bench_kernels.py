@@ -1,7 +1,8 @@
 """Benchmarks: normgrad's fused kernels against its generic path, plain NumPy, PyTorch and JAX.
 
-`normgrad bench` and `benchmarks/run.py` call `add_arguments` and `run`. In one process it
-measures a STREAM-style triad (the machine's bytes/s), then for every layout, size, dtype
+`make bench`, `python benchmarks/run.py` and `normgrad bench` (from a source checkout) call
+`add_arguments` and `run`; it uses only public API (`normgrad`, `normgrad.testing`). In one
+process it measures a STREAM-style triad (the machine's bytes/s), then for every layout, size, dtype
 and pass (forward, forward+backward) each implementation: its result is first checked
 against normgrad's generic path, then timed (median of repeats). It writes `bench.json`,
 `bench.md` (tables) and `bench.png` (throughput against size) to `--out`.
@@ -36,7 +37,7 @@ from typing import Any
 import numpy as np
 
 import normgrad as ng
-from normgrad import _ops, _recycle
+from normgrad import testing
 
 SIZES = (10**3, 10**4, 10**5, 10**6, 10**7, 5 * 10**7)
 QUICK_SIZES = (10**3, 10**5, 10**7)
@@ -102,11 +103,11 @@ def run(args: argparse.Namespace) -> int:
         report["triad_bytes_per_s"] = triad
         for lay, n, dt, p in cases:
             step(f"{lay} n={n:.0e} {dt} {p}")
-            # this shared machine's bandwidth drifts over minutes (41-77 GB/s seen): cases
+            # a shared machine's bandwidth drifts over minutes (docs/performance.md): cases
             # whose roofline matters get a triad of their own, taken just before them
             local = measure_triad(3, triad_n) if n >= LOCAL_TRIAD_MIN else triad
-            # and its two virtual CPUs share an L3 at times and not at others (45-70 ns per
-            # cache-line hand-off against 130-230 ns): in-cache sizes feel it most
+            # and virtual CPUs may share an L3 at times and not at others (a slower
+            # cache-line hand-off): in-cache sizes feel it most
             hand = measure_handoff() if n >= HANDOFF_MIN else None
             res = bench_case(lay, n, dt, p, impls, peers, args.repeat, local)
             report["results"] += [dict(r, handoff_ns=hand) for r in res]
@@ -192,7 +193,7 @@ def bench_case(
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
-    with _ops.use_kernels(False):
+    with ng.use_kernels(False):
         ry, rctx = ng.normalize_forward(x, axes, eps=EPS)
         rdx = ng.normalize_backward(rctx, dy).x
     ref = (ry,) if passes == "fwd" else (ry, rdx)
@@ -202,7 +203,7 @@ def bench_case(
         fn = _make(impl, layout, axes, x, dy, passes, peers)
         if fn is None:
             continue
-        with _recycle.paused() if impl == "fused_mapped" else contextlib.nullcontext():
+        with testing.recycling_paused() if impl == "fused_mapped" else contextlib.nullcontext():
             err = _check(fn(), ref, dtype, impl, layout)
             samples = time_it(fn, repeat)
         res = Result(layout, shape, x.size, dtype, passes, impl, float(np.median(samples)))
@@ -263,7 +264,7 @@ def _make(
         dxo = np.empty_like(x) if impl == "fused_out" else None
 
         def normgrad_fn() -> tuple[Any, ...]:
-            with _ops.use_kernels(mode):
+            with ng.use_kernels(mode):
                 y, ctx = ng.normalize_forward(x, axes, eps=EPS, out=yo)
                 if not bwd:
                     return (y,)
@@ -398,51 +399,10 @@ def measure_triad(repeat: int, n: int = 2 * 10**7) -> float:
     return 24 * n / min(samples)
 
 
-@functools.lru_cache(maxsize=1)
-def _handoff_kernel() -> Any:
-    import numba
-
-    from . import _pool
-
-    @numba.njit(nogil=True)
-    def pingpong(  # pragma: no cover
-        ctl: Any, nchunks: int, items: int, t: int, cnt: Any, n: int, done: Any
-    ) -> None:
-        while True:
-            k, _, _ = _pool.claim(ctl, nchunks, items, t)
-            if k < 0:
-                return
-            turns = 0
-            for _ in range(1 << 27):  # bounded: the other side may never come
-                if turns == n:
-                    break
-                if _pool._load_acquire(cnt, 0) % 2 == k:
-                    _pool._fetch_add(cnt, 0, 1)
-                    turns += 1
-            done[k] = turns
-
-    return pingpong
-
-
 def measure_handoff(n: int = 20_000) -> float | None:
-    """Nanoseconds for a cache line to pass from one pool thread to the other and back
-    (two threads taking turns on an atomic counter), or None without a second thread."""
-    import numba
-
-    from . import _pool
-
-    if numba.config.NUMBA_NUM_THREADS < 2:  # type: ignore[attr-defined]
-        return None
-    kernel = _handoff_kernel()
-    best = None
-    for _ in range(4):  # the best of 4: the worker may be asleep or late the first time
-        cnt, done = np.zeros(1, np.int64), np.zeros(2, np.int64)
-        t = time.perf_counter()
-        _pool.run(kernel, 2, 2, (cnt, n, done), 2)
-        took = (time.perf_counter() - t) / (2 * n) * 1e9
-        if done.min() == n and (best is None or took < best):
-            best = took
-    return best
+    """Nanoseconds for a cache line to pass between the two pool threads and back, or None
+    without a second thread (`normgrad.testing.thread_handoff_ns`)."""
+    return testing.thread_handoff_ns(n)
 
 
 def bench_accuracy(sizes: list[int], peers: dict[str, Any]) -> list[dict[str, Any]]:
@@ -517,10 +477,9 @@ import time
 t0 = time.perf_counter()
 import numpy as np
 import normgrad as ng
-from normgrad import _ops
 t1 = time.perf_counter()
 x = np.random.default_rng(0).normal(size={n})
-with _ops.use_kernels({mode!r}):
+with ng.use_kernels({mode!r}):
     y, ctx = ng.normalize_forward(x)
     ng.normalize_backward(ctx, x)
 t2 = time.perf_counter()

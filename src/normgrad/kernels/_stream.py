@@ -3,16 +3,17 @@
 An ordinary store first reads the destination's cache line from memory (write-allocate), so
 writing `y` costs two passes of memory traffic; a non-temporal store writes the line without
 reading it. For outputs much larger than the last-level cache that makes `y = (x - mu) r`
-about a quarter faster (one thread, 10^7 float32: 1.76 -> 1.36 ms; docs/performance.md); for
-outputs that fit in the cache it is slower (the line is not kept), so `STREAM_MIN_BYTES`.
+markedly faster (docs/performance.md, "Streaming stores"); for outputs that fit in the cache
+it is slower (the line is not kept), so only outputs from `Settings.stream_min_bytes`
+(`_runtime`) stream.
 
 `stream_span` finds the 64-byte-aligned part of a contiguous segment; `stream_forward` and
 `stream_backward` write it with vector non-temporal stores, computing in float64 with the
 same operations in the same order as the kernels' scalar loops (the same bits, tested), and
 end with a fence so the stores are visible before the chunk is counted done.
 
-numba caches the kernels that inline these by `_kernels.py`'s own time stamp: after editing
-this file, `make clean-cache`.
+numba caches the kernels that inline these by `_loops.py`'s own time stamp: after editing
+this file, `make clean-cache` (`make test` does it when a kernel file changed).
 """
 
 from __future__ import annotations
@@ -24,12 +25,11 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-STREAM_MIN_BYTES = 1 << 24  # outputs from 16 MiB (half this machine's L3) stream
 VEC_BYTES = 64  # one cache line, and one AVX-512 register
 
 
 @njit(cache=True, inline="always")
-def stream_span(n, out, a, b):  # type: ignore[no-untyped-def]
+def stream_span(n, out, a, b):
     """`[j0, j1)`: the part of `out[:n]` that starts on a 64-byte boundary and holds whole
     vectors, if `out`, `a` and `b` (the inputs) are contiguous; `(n, n)` otherwise."""
     size = out.itemsize
@@ -47,7 +47,7 @@ def _width(out_type: Any) -> int:
     return VEC_BYTES * 8 // int(out_type.dtype.bitwidth)
 
 
-def _load(context, builder, aty, arr, idx, width):  # type: ignore[no-untyped-def]
+def _load(context, builder, aty, arr, idx, width):
     """`arr[idx : idx + width]` as a float64 vector (unaligned load)."""
     data = cgutils.create_struct_proxy(aty)(context, builder, value=arr).data
     elt = context.get_data_type(aty.dtype)
@@ -58,7 +58,7 @@ def _load(context, builder, aty, arr, idx, width):  # type: ignore[no-untyped-de
     return builder.fpext(v, ir.VectorType(ir.DoubleType(), width))
 
 
-def _store(context, builder, aty, arr, idx, width, val):  # type: ignore[no-untyped-def]
+def _store(context, builder, aty, arr, idx, width, val):
     """Round `val` to the array's dtype and store it at `arr[idx]` (aligned, non-temporal)."""
     data = cgutils.create_struct_proxy(aty)(context, builder, value=arr).data
     elt = context.get_data_type(aty.dtype)
@@ -70,14 +70,14 @@ def _store(context, builder, aty, arr, idx, width, val):  # type: ignore[no-unty
     store.set_metadata("nontemporal", hint)
 
 
-def _splat(builder, val, width):  # type: ignore[no-untyped-def]
+def _splat(builder, val, width):
     vec = ir.Constant(ir.VectorType(ir.DoubleType(), width), ir.Undefined)
     for i in range(width):
         vec = builder.insert_element(vec, val, ir.Constant(ir.IntType(32), i))
     return vec
 
 
-def _vector_loop(builder, j0, j1, width, body):  # type: ignore[no-untyped-def]
+def _vector_loop(builder, j0, j1, width, body):
     """Call `body(idx)` for idx = j0, j0 + width, ... < j1, then fence."""
     step = ir.Constant(j0.type, width)
     count = builder.sdiv(builder.sub(j1, j0), step)
@@ -86,15 +86,17 @@ def _vector_loop(builder, j0, j1, width, body):  # type: ignore[no-untyped-def]
     builder.fence("seq_cst")  # non-temporal stores are weakly ordered: publish them
 
 
-def _stream_forward_typing(typingctx, xs, ys, j0, j1, mu, r):  # type: ignore[no-untyped-def]
-    """`ys[j] = (xs[j] - mu) * r` for j in [j0, j1), as `_kernels._seg_forward`."""
+def _stream_forward_typing(typingctx, xs, ys, j0, j1, coef):
+    """`ys[j] = (xs[j] - mu) * r` for j in [j0, j1), `coef = (mu, r)`, as
+    `_loops._write_y`."""
     width = _width(ys)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        xa, ya, lo, hi, mu_v, r_v = args
+    def codegen(context, builder, sig, args):
+        xa, ya, lo, hi, pair = args
+        mu_v, r_v = (builder.extract_value(pair, i) for i in range(2))
         mus, rs = _splat(builder, mu_v, width), _splat(builder, r_v, width)
 
-        def body(idx):  # type: ignore[no-untyped-def]
+        def body(idx):
             xv = _load(context, builder, sig.args[0], xa, idx, width)
             val = builder.fmul(builder.fsub(xv, mus), rs)
             _store(context, builder, sig.args[1], ya, idx, width, val)
@@ -102,20 +104,21 @@ def _stream_forward_typing(typingctx, xs, ys, j0, j1, mu, r):  # type: ignore[no
         _vector_loop(builder, lo, hi, width, body)
         return context.get_dummy_value()
 
-    sig = types.void(xs, ys, types.intp, types.intp, types.float64, types.float64)
+    sig = types.void(xs, ys, types.intp, types.intp, types.UniTuple(types.float64, 2))
     return sig, codegen
 
 
-def _stream_backward_typing(typingctx, xs, ds, dxs, j0, j1, mu, r, m, bt):  # type: ignore[no-untyped-def]
-    """`dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)` for j in [j0, j1), as
-    `_kernels._seg_backward` without a weight."""
+def _stream_backward_typing(typingctx, xs, ds, dxs, j0, j1, coef):
+    """`dxs[j] = r * (ds[j] - m) + bt * (xs[j] - mu)` for j in [j0, j1), `coef = (mu, r, m,
+    bt)`, as `_loops._write_dx` without a weight."""
     width = _width(dxs)
 
-    def codegen(context, builder, sig, args):  # type: ignore[no-untyped-def]
-        xa, da, dxa, lo, hi, mu_v, r_v, m_v, bt_v = args
+    def codegen(context, builder, sig, args):
+        xa, da, dxa, lo, hi, quad = args
+        mu_v, r_v, m_v, bt_v = (builder.extract_value(quad, i) for i in range(4))
         mus, rs, ms, bts = (_splat(builder, v, width) for v in (mu_v, r_v, m_v, bt_v))
 
-        def body(idx):  # type: ignore[no-untyped-def]
+        def body(idx):
             xv = _load(context, builder, sig.args[0], xa, idx, width)
             dv = _load(context, builder, sig.args[1], da, idx, width)
             left = builder.fmul(rs, builder.fsub(dv, ms))
@@ -125,12 +128,11 @@ def _stream_backward_typing(typingctx, xs, ds, dxs, j0, j1, mu, r, m, bt):  # ty
         _vector_loop(builder, lo, hi, width, body)
         return context.get_dummy_value()
 
-    f64 = types.float64
-    sig = types.void(xs, ds, dxs, types.intp, types.intp, f64, f64, f64, f64)
+    sig = types.void(xs, ds, dxs, types.intp, types.intp, types.UniTuple(types.float64, 4))
     return sig, codegen
 
 
-# called from jitted code: stream_forward(xs, ys, j0, j1, mu, r) and
-# stream_backward(xs, ds, dxs, j0, j1, mu, r, m, bt)
+# called from jitted code: stream_forward(xs, ys, j0, j1, (mu, r)) and
+# stream_backward(xs, ds, dxs, j0, j1, (mu, r, m, bt))
 stream_forward: Any = intrinsic(_stream_forward_typing)
 stream_backward: Any = intrinsic(_stream_backward_typing)

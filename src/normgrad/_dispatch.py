@@ -1,0 +1,280 @@
+"""Which code runs: every rule of it, in one place.
+
+`forward` and `backward` take a call as the user made it and return the validated call with
+a `Plan` that names its path and carries what that path needs:
+
+    small    one single-threaded kernel call (C-contiguous NumPy input, no affine
+             parameters, up to `settings.small_max_size` elements)
+    native   the same layouts above that size: one native job on the thread pool
+             (`kernels/_native.py`), no Python on the workers
+    blocked  the group kernels on the pool, through Python jobs: any strides, affine
+             parameters, from `settings.kernel_min_size` elements
+    sweep    batch-norm layouts (several runs per group, per-group parameters), swept in
+             memory order; also planned batch-norm calls of `settings.sweep_min_bytes`
+    generic  the Array-API formulas (`_generic.py`): every other array, dtype or layout
+
+`use_kernels(mode)` changes the choice inside a block: `False`/`"0"`/`"generic"` never a
+kernel, `True`/`"1"` a kernel at every size, `"auto"` the rules above, or a path name to use
+that path wherever it can take the call (the generic path elsewhere). `plan_forward` and
+`plan_backward` tell which path a call takes, and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _runtime
+from ._axes import Axes
+from ._validate import Spec, check_out, validate
+
+
+class Plan(NamedTuple):
+    """The path a call takes (`path`, one of "small", "native", "blocked", "sweep",
+    "generic"), why (`reason`), and what the path needs: the kernels' `layout`, the block
+    `views` (blocked and sweep: x, weight, bias and output views), the op's scalars `op`
+    (eps, eps inside, m) and `threads` (chunks per group or row chunks, threads)."""
+
+    path: str
+    reason: str
+    layout: Any = None
+    views: Any = None
+    op: tuple[Any, ...] = ()
+    threads: tuple[int, int] = (1, 1)
+
+
+KERNEL_OFF = ("0", "generic")
+_PLANNED_MODES = ("auto", "1", "small", "native")
+
+
+@contextmanager
+def use_kernels(mode: bool | str = True) -> Iterator[None]:
+    """Choose, inside a `with` block, which code NumPy float32/float64 inputs run on:
+    `True`/`"1"` the fused kernels at every size, `False`/`"0"`/`"generic"` never (the
+    generic Array-API path), `"auto"` (the default) the kernels where they are faster, or a
+    path name (`"small"`, `"native"`, `"blocked"`, `"sweep"`) to use that path wherever it
+    can take the call and the generic path elsewhere.
+
+    Without it, the environment variable `NORMGRAD_KERNELS` (any of these values), read at
+    the first call that needs it, decides. Every path gives the same results within a few
+    ulp; `plan_forward` tells which one a call takes.
+    """
+    named = "1" if mode is True else "0" if mode is False else mode
+    token = _runtime.MODE.set(_runtime.check_mode(named, "mode"))
+    try:
+        yield
+    finally:
+        _runtime.MODE.reset(token)
+
+
+def plan_forward(
+    x: Any,
+    axes: Axes = None,
+    *,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    ddof: float = 0,
+    weight: Any = None,
+    bias: Any = None,
+    out: Any = None,
+) -> Plan:
+    """The `Plan` that `normalize_forward` with these arguments runs: its path and why."""
+    return forward(x, axes, eps, eps_mode, ddof, weight, bias, out)[3]
+
+
+def plan_backward(ctx: Any, dy: Any, *, out: Any = None) -> Plan:
+    """The `Plan` that `normalize_backward(ctx, dy, out=out)` runs: its path and why."""
+    from ._validate import cotangent
+
+    return backward(ctx, cotangent(ctx.xp, ctx.x, dy, "dy"), out)
+
+
+# --- forward -------------------------------------------------------------------------------------
+
+
+def forward(
+    x: Any, axes: Axes, eps: Any, eps_mode: Any, ddof: Any, weight: Any, bias: Any, out: Any
+) -> tuple[Spec, Any, Any, Plan]:
+    """Validate a forward call and choose its path: `(spec, weight, bias, plan)`."""
+    if type(x) is np.ndarray and weight is None and bias is None:
+        hit = _planned_forward(x, axes, eps, eps_mode, ddof, out)
+        if hit is not None:
+            return hit[0], None, None, hit[1]
+    spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    check_out(spec.xp, out, x, spec.dtype, x)
+    return spec, w, b, _choose(x, spec, (w, b), out, None)
+
+
+def _planned_forward(
+    x: np.ndarray, axes: Axes, eps: Any, eps_mode: Any, ddof: Any, out: Any
+) -> tuple[Spec, Plan] | None:
+    """The small and native paths' calls, validated and planned once per call signature
+    (the small calls' budget is microseconds); `out` is checked on every call. None where
+    another path (or the general validation) takes the call."""
+    if not (x.flags.c_contiguous and x.flags.aligned):  # (native jobs view aligned memory)
+        return None
+    mode = _runtime.kernel_mode()
+    if mode not in _PLANNED_MODES:
+        return None
+    if type(axes) is tuple and any(type(a) is not int for a in axes):
+        return None  # (True,) == (1,): keys must not mix what validation tells apart
+    key = (x.shape, x.dtype, axes, type(axes), eps, type(eps), eps_mode, ddof, type(ddof), mode)
+    planned = _runtime.STATE.planned
+    try:
+        entry = planned[key]
+    except KeyError:
+        entry = _plan_call(x, axes, eps, eps_mode, ddof, mode)
+        if len(planned) >= _runtime.PLANNED_MAX:
+            planned.clear()
+        planned[key] = entry
+    except TypeError:  # unhashable axes (a list): the general path
+        return None
+    if entry is None:
+        return None
+    if out is not None:
+        if not (type(out) is np.ndarray and out.flags.c_contiguous and out.flags.aligned):
+            return None
+        check_out(entry[0].xp, out, x, x.dtype, x)
+    return entry
+
+
+def _plan_call(
+    x: np.ndarray, axes: Axes, eps: Any, eps_mode: Any, ddof: Any, mode: str
+) -> tuple[Spec, Plan] | None:
+    """Validate (raising as the general path would) and plan a cacheable call."""
+    spec, _, _ = validate(x, axes, eps, eps_mode, ddof, None, None)
+    if _not_kernel_array(x) is not None or _runtime.kernels() is None:
+        return None
+    plan = _planned(x, spec, mode)
+    return None if plan is None else (spec, plan)
+
+
+def _planned(x: np.ndarray, spec: Spec, mode: str) -> Plan | None:
+    """The small or native plan of a C-contiguous aligned input without affine parameters
+    (checked by the caller), or None."""
+    from .kernels._layout import call_plan
+
+    cp = call_plan(x.shape, spec.axes)
+    if cp is None:
+        return None
+    op = (spec.eps, spec.inside, spec.m)
+    settings = _runtime.STATE.settings
+    small = x.size <= settings.small_max_size
+    if (small and mode != "native") or mode == "small":
+        return Plan("small", "a C-contiguous input without affine parameters", cp, None, op)
+    large_sweep = cp.runs_per_group > 1 and x.nbytes >= settings.sweep_min_bytes
+    if mode == "native" or not large_sweep:
+        why = "a C-contiguous input without affine parameters, above the small size"
+        return Plan("native", why, cp, None, op, (cp.nc, cp.threads))
+    return None
+
+
+def _choose(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, dy: Any) -> Plan:
+    """The path of a call that the planned calls did not take (forward: `dy` None)."""
+    why = _not_kernel_array(x)
+    if why is None and dy is not None and type(dy) is not np.ndarray:
+        why = "dy is not a NumPy array"
+    if why is not None:  # (before the mode: torch.compile traces this, not ContextVar.get)
+        return Plan("generic", why)
+    mode = _runtime.kernel_mode()
+    if mode in KERNEL_OFF:
+        return Plan("generic", "the kernels are switched off (use_kernels, NORMGRAD_KERNELS)")
+    if _runtime.kernels() is None:
+        return Plan("generic", "numba is not available")
+    if mode == "auto" and x.size < _runtime.STATE.settings.kernel_min_size:
+        return Plan("generic", "below kernel_min_size the generic path is as fast")
+    if mode in ("small", "native"):
+        why = f"the {mode} kernels take C-contiguous inputs without affine parameters only"
+        return Plan("generic", why)
+    return _blocked(x, spec, params, out, mode)
+
+
+def _blocked(x: np.ndarray, spec: Spec, params: tuple[Any, Any], out: Any, mode: str) -> Plan:
+    """The blocked or sweep plan: the block layout, the parameters and the output as block
+    views (the generic path where one does not fit)."""
+    from .kernels import _layout
+
+    lay = _layout.plan(x, spec.axes, params)
+    if lay is None:
+        return Plan("generic", "the layout needs more than two blocks of kept or reduced axes")
+    w = _layout.param(params[0], x, lay, True)
+    b = _layout.param(params[1], x, lay, False)
+    if w is None or b is None:
+        return Plan("generic", "weight or bias varies over part of a block of merged axes")
+    x4 = _layout.view4(x, lay)
+    out4 = None if out is None else _layout.view4(out, lay)
+    if x4 is None or (out is not None and out4 is None):
+        return Plan("generic", "x or out cannot be viewed as blocks without a copy")
+    views = (x4, w, b, out4)
+    op = (spec.eps, spec.inside, spec.m)
+    per_group = lay.shape4[1] > 1 and not any(p.varies[1] or p.varies[3] for p in (w, b))
+    if per_group and mode != "blocked":
+        why = "several runs per group with per-group parameters (batch norm)"
+        return Plan("sweep", why, lay, views, op, _layout.sweep_threads(lay.shape4))
+    if mode == "sweep":
+        return Plan("generic", "the sweep kernels take batch-norm layouts only")
+    threads = _layout.threads_for(lay.groups, lay.group_size)
+    return Plan("blocked", "the group kernels on the thread pool", lay, views, op, threads)
+
+
+def _not_kernel_array(x: Any) -> str | None:
+    """Why `x` is not for the kernels (None if it is)."""
+    if type(x) is not np.ndarray or x.dtype.char not in "fd" or not x.dtype.isnative:
+        return "x is not a NumPy float32/float64 array in native byte order"
+    return None
+
+
+# --- backward ------------------------------------------------------------------------------------
+
+
+def backward(ctx: Any, dy: Any, out: Any) -> Plan:
+    """The path of `normalize_backward(ctx, dy, out=out)` (arguments checked)."""
+    x = ctx.x
+    if ctx.weight is None and ctx.bias is None and type(x) is np.ndarray:
+        plan = _planned_backward(ctx, dy, out)
+        if plan is not None:
+            return plan
+    spec = _spec_of(ctx)
+    return _choose(x, spec, (ctx.weight, ctx.bias), out, dy)
+
+
+def _planned_backward(ctx: Any, dy: Any, out: Any) -> Plan | None:
+    """The small or native backward of a context without affine parameters: C-contiguous
+    aligned x, dy (float32/float64) and out; native jobs also need dy in x's dtype."""
+    x = ctx.x
+    if type(dy) is not np.ndarray or _not_kernel_array(x) is not None:
+        return None
+    if not (x.flags.c_contiguous and x.flags.aligned and dy.flags.c_contiguous):
+        return None
+    if not dy.flags.aligned or dy.dtype.char not in "fd" or not dy.dtype.isnative:
+        return None
+    if out is not None and not (out.flags.c_contiguous and out.flags.aligned):
+        return None
+    mode = _runtime.kernel_mode()
+    if mode not in _PLANNED_MODES:
+        return None
+    key = ("backward", x.shape, x.dtype, ctx.axes, ctx.eps, ctx.eps_mode, ctx.ddof, mode)
+    planned = _runtime.STATE.planned
+    try:
+        plan = planned[key]
+    except KeyError:
+        plan = None if _runtime.kernels() is None else _planned(x, _spec_of(ctx), mode)
+        if len(planned) >= _runtime.PLANNED_MAX:
+            planned.clear()
+        planned[key] = plan
+    if plan is None or ctx.mean.shape != plan.layout.stats[1:]:
+        return None
+    if plan.path == "native" and dy.dtype != x.dtype:
+        return None  # (native jobs are compiled for one dtype): the blocked kernels
+    return plan
+
+
+def _spec_of(ctx: Any) -> Spec:
+    m = float(ctx.group_size - ctx.ddof)
+    inside = ctx.eps_mode == "inside"
+    return Spec(
+        ctx.xp, ctx.axes, ctx.group_size, ctx.eps, ctx.eps_mode, ctx.ddof, ctx.dtype, m, inside
+    )

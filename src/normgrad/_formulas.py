@@ -1,0 +1,58 @@
+r"""The op's scalar formulas, written once for every path.
+
+Plain Python: the generic Array-API path calls them on arrays (with its namespace as `xp`),
+and the fused kernels compile the same functions (`kernels/_loops.py` registers them with
+numba), so every path computes the same expression in the same order. Notation as in
+docs/derivation.md: within a group of `n` elements, `m = n - ddof`, `d = x - mu`.
+
+    rstd  = 1 / sqrt(var + eps)                    (eps inside)
+          = 1 / (sqrt(var) + eps)                  (eps outside)
+    dx    = r (g - mean_g) + beta d,   mean_g = sum(g) / n,   beta = -c r^2 sum(g d) / m
+
+(`c` is the variance path's coefficient: `rstd` inside, `1/sqrt(var)` outside.) The same
+`dx` formula is the symmetric Jacobian applied to any vector, so it also gives the JVP.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def rstd(xp: Any, var: Any, eps: float, inside: bool) -> Any:
+    """`1 / sqrt(var + eps)` (eps inside) or `1 / (sqrt(var) + eps)` (eps outside)."""
+    if inside:
+        return 1.0 / xp.sqrt(var + eps)
+    return 1.0 / (xp.sqrt(var) + eps)
+
+
+def xhat(x: Any, mu: Any, r: Any) -> Any:
+    """The normalized value `(x - mu) r`."""
+    return (x - mu) * r
+
+
+def gradient(g: Any, d: Any, r: Any, mean_g: Any, beta: Any) -> Any:
+    """`dx = r (g - mean_g) + beta d`, with `d = x - mu` (see `backward_coefficients`)."""
+    return r * (g - mean_g) + beta * d
+
+
+def backward_coefficients(
+    sum_g: Any, sum_gd: Any, n: float, m: float, r: Any, c: Any
+) -> tuple[Any, Any]:
+    """`(mean_g, beta)` of `dx = r (g - mean_g) + beta (x - mu)` from a group's `sum(g)` and
+    `sum(g (x - mu))`."""
+    return sum_g / n, -c * r * r * sum_gd / m
+
+
+def chan_merge(
+    cnt: float, mean: float, m2: float, nb: float, mb: float, qb: float
+) -> tuple[float, float, float]:
+    """Merge the moments `(count, mean, M2)` of a second part into a first (Chan et al.):
+    exact at any offset between the parts. An empty part changes nothing; an empty first
+    part is replaced without arithmetic (no `inf * 0` when the means overflow)."""
+    if nb == 0.0:
+        return cnt, mean, m2
+    if cnt == 0.0:
+        return nb, mb, qb
+    tot = cnt + nb
+    delta = mb - mean
+    return tot, mean + delta * (nb / tot), m2 + qb + delta * delta * (cnt * nb / tot)

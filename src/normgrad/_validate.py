@@ -1,0 +1,208 @@
+"""Every check of the public functions' arguments, and the validated call (`Spec`).
+
+Each check raises `NormgradError` with the rule, what was received and the fix. `validate`
+runs them all for a forward call; `_dispatch` runs it once per call signature of small
+NumPy calls and caches the result.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import array_api_compat as aac
+import numpy as np
+
+from . import _runtime
+from ._axes import Axes, normalize_axes
+from ._errors import NormgradError
+
+Array = Any
+EPS_MODES = ("inside", "outside")
+
+
+class Spec(NamedTuple):
+    """A validated call, without its arrays: what every path needs besides x, weight, bias."""
+
+    xp: Any  # the array namespace
+    axes: tuple[int, ...]  # sorted, non-negative
+    n: int  # group size
+    eps: float
+    eps_mode: str
+    ddof: float
+    dtype: Any  # dtype of y (and of dx)
+    m: float  # n - ddof: the variance divides by it
+    inside: bool  # eps_mode == "inside"
+
+
+def validate(
+    x: Array, axes: Axes, eps: float, eps_mode: str, ddof: float, weight: Any, bias: Any
+) -> tuple[Spec, Array | None, Array | None]:
+    """Check every argument of a forward call: `(spec, weight, bias)`, the parameters as
+    arrays of x's namespace."""
+    xp = _array_namespace(x)
+    dtype = float_dtype(xp, x.dtype, "x")
+    if x.ndim == 0:
+        raise NormgradError(
+            "x is a 0-d array (a scalar); its normalization is always 0. Pass an array "
+            "with at least one dimension."
+        )
+    if 0 in x.shape:
+        raise NormgradError(
+            f"x is empty (shape {tuple(x.shape)}); normalization needs at least one element "
+            "in every group."
+        )
+    ax = normalize_axes(axes, x.ndim)
+    n = 1
+    for i in ax:  # a loop, not a genexpr: torch.compile traces it
+        n *= int(x.shape[i])
+    _check_options(eps, eps_mode, ddof, n)
+    w = param(xp, weight, "weight", x, x)
+    b = param(xp, bias, "bias", x, x)
+    spec = Spec(xp, ax, n, float(eps), eps_mode, ddof, dtype, float(n - ddof), eps_mode == "inside")
+    return spec, w, b
+
+
+def _array_namespace(x: Any) -> Any:
+    try:
+        return namespace(x)
+    except TypeError:
+        raise NormgradError(
+            f"x must be an array (NumPy, PyTorch, JAX, Dask, CuPy or any Array-API array); "
+            f"got {type(x).__name__}. Wrap lists with numpy.asarray(x)."
+        ) from None
+
+
+def _check_options(eps: Any, eps_mode: Any, ddof: Any, n: int) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not math.isfinite(eps):
+        raise NormgradError(f"eps must be a finite real number >= 0; got {eps!r}.")
+    if eps < 0:
+        raise NormgradError(
+            f"eps must be >= 0 (it keeps the denominator away from zero); got eps={eps}."
+        )
+    if eps_mode not in EPS_MODES:
+        raise NormgradError(
+            f"eps_mode must be 'inside' ((x-mu)/sqrt(var+eps)) or 'outside' "
+            f"((x-mu)/(sqrt(var)+eps)); got {eps_mode!r}."
+        )
+    if not isinstance(ddof, (int, float)) or isinstance(ddof, bool) or not 0 <= ddof:
+        raise NormgradError(f"ddof must be a number >= 0 (0: biased, 1: unbiased); got {ddof!r}.")
+    if ddof >= n:
+        raise NormgradError(
+            f"ddof={ddof} must be smaller than the group size n={n} (the variance divides by "
+            f"n - ddof); reduce over more elements or use ddof=0."
+        )
+
+
+def namespace(a: Array) -> Any:
+    """`array_namespace(a)`, without its cost for plain NumPy arrays."""
+    if type(a) is np.ndarray:
+        xp = _runtime.STATE.numpy_xp
+        if xp is None:
+            xp = _runtime.STATE.numpy_xp = aac.array_namespace(a)
+        return xp
+    return aac.array_namespace(a)
+
+
+def namespace_or_none(a: Any) -> Any:
+    if type(a) is np.ndarray:
+        return namespace(a)
+    return aac.array_namespace(a) if aac.is_array_api_obj(a) else None
+
+
+def float_dtype(xp: Any, dtype: Any, name: str) -> Any:
+    """The floating dtype results take: float dtypes stay, integers become float64."""
+    if getattr(dtype, "kind", None) == "f":  # NumPy dtypes, without isdtype's cost
+        return dtype
+    if xp.isdtype(dtype, "real floating"):
+        return dtype
+    if xp.isdtype(dtype, "integral"):
+        return xp.float64
+    raise NormgradError(
+        f"{name} has dtype {dtype}; normalize needs real numbers (floats or integers). "
+        f"Convert it, e.g. {name}.astype(float)."
+    )
+
+
+def param(xp: Any, value: Any, name: str, x: Array, like: Array) -> Array | None:
+    """Check that an affine parameter (or its tangent) broadcasts to `like.shape` unchanged."""
+    if value is None:
+        return None
+    if not aac.is_array_api_obj(value) or namespace(value) is not xp:
+        value = xp.asarray(value, device=aac.device(x))
+    float_dtype(xp, value.dtype, name)
+    shape, target = tuple(value.shape), tuple(like.shape)
+    if not _broadcasts_to(shape, target):
+        raise NormgradError(
+            f"{name} of shape {shape} does not broadcast to the output shape {target}; give it "
+            f"the shape of the kept axes, of the reduced axes (e.g. {target[-1:]} for the last "
+            "axis), or keep size-1 axes where it should repeat."
+        )
+    return value
+
+
+def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(s in (1, t) for s, t in zip(reversed(shape), reversed(target), strict=False))
+
+
+def cotangent(xp: Any, x: Array, v: Array, name: str) -> Array:
+    """`v` as an array of xp with a real dtype and exactly the shape of x (not cast)."""
+    if namespace_or_none(v) is not xp:
+        v = xp.asarray(v, device=aac.device(x))
+    float_dtype(xp, v.dtype, name)
+    if tuple(v.shape) != tuple(x.shape):
+        raise NormgradError(
+            f"{name} has shape {tuple(v.shape)} but must have the shape of x and y, "
+            f"{tuple(x.shape)}; pass one value per output element."
+        )
+    return v
+
+
+def check_out(xp: Any, out: Any, x: Array, dtype: Any, *inputs: Array) -> None:
+    """A preallocated result: same library, shape and dtype, writeable, not overlapping the
+    inputs."""
+    if out is None:
+        return
+    if namespace_or_none(out) is not xp:
+        raise NormgradError(
+            f"out must be an array of the same library as x ({xp.__name__}); got "
+            f"{type(out).__name__}. Allocate it with that library, e.g. empty_like(x)."
+        )
+    if tuple(out.shape) != tuple(x.shape) or out.dtype != dtype:
+        raise NormgradError(
+            f"out must have the result's shape {tuple(x.shape)} and dtype {dtype}; got "
+            f"shape {tuple(out.shape)} and dtype {out.dtype}. Allocate it like the result."
+        )
+    if aac.is_jax_array(out):
+        raise NormgradError("out cannot be a JAX array (JAX arrays are immutable); omit it.")
+    if type(out) is np.ndarray and not (
+        out.flags.writeable and not any(np.may_share_memory(out, a) for a in inputs)
+    ):
+        raise NormgradError(
+            "out must be a writeable array that does not overlap the inputs (x, dy); "
+            "pass a separate buffer, e.g. numpy.empty_like(x)."
+        )
+
+
+def refuse_zero_variance(xp: Any, var: Array, x: Array, axes: tuple[int, ...]) -> None:
+    """eps=0 and a group of zero variance: its normalization divides by zero."""
+    if aac.is_lazy_array(var):  # Dask, JAX under jit: cannot look without computing
+        return
+    if bool(xp.any(var == 0)):
+        raise NormgradError(
+            f"a group of x (shape {tuple(x.shape)}, axes {axes}) has zero variance and eps=0, "
+            "so its normalization divides by zero; pass eps > 0 (e.g. 1e-5)."
+        )
+
+
+def size_of(x: Any) -> int | None:
+    """The number of elements, or None where the shape is not known."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return None
+    try:
+        return math.prod(int(s) for s in shape)
+    except (TypeError, ValueError):
+        return None

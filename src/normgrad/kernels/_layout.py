@@ -1,0 +1,315 @@
+"""Layout planning for the kernels, in plain Python: how an array and its affine parameters
+are viewed as `(Ka, Ra, Kb, Rb)` blocks, how many threads and chunks a call gets, and the
+conversions of per-group values to and from keepdims statistics.
+
+Every axes choice is viewed, without copying, as a 4-d block array: kept and reduced axes,
+each block a run of axes that merge in memory (axes taken in memory order, so transposed or
+sliced inputs work as well). Whole tensor is `(1, 1, 1, N)`, layer norm `(rows, 1, 1, D)`,
+batch norm over `(0, 2, 3)` is `(1, N, C, H*W)`. Layouts that need more than two blocks of
+either kind have no layout (`None`), and the generic path takes them.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+from typing import Any, NamedTuple
+
+import numba
+import numpy as np
+
+MIN_CHUNK = 16384  # smallest chunk a group is split into for threading
+PARALLEL_MIN_SIZE = 1 << 15  # below this, one thread beats waking the others
+SPLIT_MIN_SIZE = 1 << 17  # below this, no group is split: a split costs a merge and a call
+
+
+class Layout(NamedTuple):
+    """Blocks of original axes (each in memory order) for (Ka, Ra, Kb, Rb); `perm`, the
+    blocks' axes in that order then the size-1 axes; `order`, every axis in memory order
+    (size-1 axes last), which new outputs follow."""
+
+    blocks: tuple[tuple[int, ...], ...]
+    shape4: tuple[int, int, int, int]
+    order: tuple[int, ...]
+    perm: tuple[int, ...]
+    # precomputed for the per-call reshapes:
+    new_shape: tuple[int, ...]  # x's shape in memory order, for new outputs
+    new_perm: tuple[int, ...]  # from memory order back to x's axis order
+    kept_shape: tuple[int, ...]  # the group grid: kept axes in block order
+    kept_perm: tuple[int, ...]  # group grid -> kept axes in axis order
+    keepdims: tuple[int, ...]  # shape of the statistics
+    sorted_kept_shape: tuple[int, ...]  # kept axes' sizes in axis order
+    groups_perm: tuple[int, ...]  # kept axes in axis order -> group grid
+
+    @property
+    def groups(self) -> int:
+        return self.shape4[0] * self.shape4[2]
+
+    @property
+    def group_size(self) -> int:
+        return self.shape4[1] * self.shape4[3]
+
+
+def plan(x: np.ndarray, axes: tuple[int, ...], params: tuple[Any, ...] = ()) -> Layout | None:
+    """The block layout of `x` for reducing over `axes`, or None if it needs > 4 blocks.
+
+    Axes merge only where `x` and every affine parameter (broadcast to x) merge, so that a
+    parameter either repeats or varies over a whole block."""
+    pstrides = tuple(
+        np.broadcast_to(np.asarray(p), x.shape).strides for p in params if p is not None
+    )
+    return _plan(x.shape, x.strides, axes, pstrides)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(
+    shape: tuple[int, ...],
+    strides: tuple[int, ...],
+    axes: tuple[int, ...],
+    pstrides: tuple[tuple[int, ...], ...],
+) -> Layout | None:
+    order = sorted((i for i in range(len(shape)) if shape[i] > 1), key=lambda i: -abs(strides[i]))
+    runs = _runs(shape, order, axes, (strides, *pstrides))  # (order: stable, ties keep axes)
+    kruns = [tuple(r) for red, r in runs if not red]
+    rruns = [tuple(r) for red, r in runs if red]
+    if len(kruns) > 2 or len(rruns) > 2:
+        return None
+    rb = rruns[-1] if rruns else ()
+    ra = rruns[0] if len(rruns) == 2 else ()
+    if len(kruns) == 2:
+        ka, kb = kruns
+    elif kruns and (not rruns or order.index(kruns[0][0]) < order.index(rruns[0][0])):
+        ka, kb = kruns[0], ()
+    else:
+        ka, kb = (), (kruns[0] if kruns else ())
+    return _layout(shape, axes, order, (ka, ra, kb, rb))
+
+
+def _runs(
+    shape: tuple[int, ...], order: list[int], axes: tuple[int, ...], views: tuple[Any, ...]
+) -> list[tuple[bool, list[int]]]:
+    """Axes in memory order, grouped into runs of kept or reduced axes that merge in every
+    view."""
+    runs: list[tuple[bool, list[int]]] = []
+    for i in order:
+        red = i in axes
+        if (
+            runs
+            and runs[-1][0] == red
+            and all(_mergeable(shape, v, runs[-1][1][-1], i) for v in views)
+        ):
+            runs[-1][1].append(i)
+        else:
+            runs.append((red, [i]))
+    return runs
+
+
+def _layout(
+    shape: tuple[int, ...], axes: tuple[int, ...], order: list[int], blocks: tuple[Any, ...]
+) -> Layout:
+    ka, ra, kb, rb = blocks
+    shape4 = tuple(math.prod(shape[i] for i in blk) for blk in blocks)
+    rest = tuple(i for i in range(len(shape)) if shape[i] == 1)
+    full_order = tuple(order) + rest
+    kept = ka + kb
+    srt = sorted(kept)
+    return Layout(
+        blocks,
+        shape4,
+        full_order,
+        ka + ra + kb + rb + rest,
+        tuple(shape[i] for i in full_order),
+        tuple(int(i) for i in np.argsort(full_order)),
+        tuple(shape[i] for i in kept),
+        tuple(int(i) for i in np.argsort(kept)),
+        tuple(1 if i in axes else shape[i] for i in range(len(shape))),
+        tuple(shape[i] for i in srt),
+        tuple(srt.index(i) for i in kept),
+    )
+
+
+def _mergeable(shape: tuple[int, ...], strides: tuple[int, ...], outer: int, inner: int) -> bool:
+    return strides[outer] == strides[inner] * shape[inner]
+
+
+def view4(a: np.ndarray, lay: Layout) -> np.ndarray | None:
+    """`a` (of x's shape) as a (Ka, Ra, Kb, Rb) view, or None if a block does not merge."""
+    t = a.transpose(lay.perm)
+    try:
+        return np.reshape(t, lay.shape4, copy=False)
+    except ValueError:  # NumPy would have to copy
+        return None
+    except TypeError:  # NumPy < 2.1: no copy= argument; setting .shape never copies
+        v = t.view()
+        try:
+            v.shape = lay.shape4
+        except AttributeError:
+            return None
+        return v
+
+
+def stats_to_keepdims(v: np.ndarray, lay: Layout) -> np.ndarray:
+    """Per-group values (group order = kept axes of the layout) -> keepdims array."""
+    return v.reshape(lay.kept_shape).transpose(lay.kept_perm).reshape(lay.keepdims)
+
+
+def keepdims_to_groups(v: np.ndarray, lay: Layout) -> np.ndarray:
+    """Inverse of `stats_to_keepdims`: a flat contiguous float64 array in group order."""
+    v = np.asarray(v, dtype=np.float64).reshape(lay.sorted_kept_shape)
+    return np.ascontiguousarray(v.transpose(lay.groups_perm)).reshape(-1)
+
+
+# --- affine parameters as block views ---------------------------------------------------------
+
+
+class Param(NamedTuple):
+    view: np.ndarray  # float64 (Ka, Ra, Kb, Rb) view, zero strides where it repeats
+    varies: tuple[bool, bool, bool, bool]
+
+
+_ONE, _ZERO = np.ones(1), np.zeros(1)  # never written: stand-ins for absent parameters
+
+
+def _repeat(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    return np.ndarray(shape, np.float64, buffer=value, strides=(0,) * len(shape))
+
+
+@functools.lru_cache(maxsize=64)
+def _absent(one: bool, shape4: tuple[int, int, int, int]) -> Param:
+    """The stand-in for an absent parameter (kernels never read or write it)."""
+    return Param(_repeat(_ONE if one else _ZERO, shape4), (False,) * 4)
+
+
+def param(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Param | None:
+    """An affine parameter as a block view (a stand-in of ones or zeros when absent); None
+    if it varies over part of a block only."""
+    if p is None:
+        return _absent(one, lay.shape4)
+    compact = np.array(p, dtype=np.float64)  # a contiguous copy: small, and ours to view
+    full = np.broadcast_to(compact, x.shape)
+    strides4 = []
+    for blk in lay.blocks:
+        st = [full.strides[i] for i in blk]
+        if any(st) and not all(
+            _mergeable(full.shape, full.strides, o, i) and full.strides[i]
+            for o, i in itertools.pairwise(blk)
+        ):
+            return None
+        strides4.append(st[-1] if st else 0)
+    view = np.ndarray(lay.shape4, np.float64, buffer=compact, strides=tuple(strides4))
+    return Param(view, tuple(s != 0 for s in strides4))  # type: ignore[arg-type]
+
+
+def per_group(p: Param) -> np.ndarray:
+    """A per-group affine parameter as a flat float64 array in group order."""
+    return np.ascontiguousarray(p.view[:, 0, :, 0]).reshape(-1)
+
+
+def accumulator(p: Param, nchunks: int, lay: Layout, used: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-chunk float64 sums in the parameter's compact block shape, and their 5-d view."""
+    if not used:  # never written (need_dw / need_db is False)
+        return _ZERO, _repeat(_ZERO, (nchunks, *lay.shape4))
+    compact = tuple(s if v else 1 for s, v in zip(lay.shape4, p.varies, strict=True))
+    acc = np.zeros((nchunks, *compact))
+    strides = tuple(st if v else 0 for st, v in zip(acc.strides[1:], p.varies, strict=True))
+    view = np.ndarray(
+        (nchunks, *lay.shape4), np.float64, buffer=acc, strides=(acc.strides[0], *strides)
+    )
+    return acc, view
+
+
+def group_accumulator(v: np.ndarray, p: Param, lay: Layout) -> np.ndarray:
+    """Per-group sums `v` as a `param_grad` accumulator in `p`'s compact block shape."""
+    t = v.reshape(lay.shape4[0], lay.shape4[2])
+    if not p.varies[0]:
+        t = t.sum(axis=0, keepdims=True)
+    if not p.varies[2]:
+        t = t.sum(axis=1, keepdims=True)
+    return t.reshape(1, t.shape[0], 1, t.shape[1], 1)
+
+
+def param_grad(
+    acc: np.ndarray, p: Param, lay: Layout, x: np.ndarray, like: Any
+) -> np.ndarray | None:
+    """Sum the per-chunk accumulators (in chunk order) and give them the parameter's own
+    shape and dtype."""
+    if like is None:
+        return None
+    axes = [i for blk, v in zip(lay.blocks, p.varies, strict=True) if v for i in blk]
+    total = acc.sum(axis=0).reshape([x.shape[i] for i in axes]).transpose(np.argsort(axes))
+    dtype = like.dtype if np.issubdtype(like.dtype, np.floating) else np.float64
+    return total.reshape(like.shape).astype(dtype)
+
+
+# --- threads ------------------------------------------------------------------------------------
+
+
+def max_threads() -> int:
+    return max(1, int(numba.config.NUMBA_NUM_THREADS))  # type: ignore[attr-defined]
+
+
+def threads_for(groups: int, n: int) -> tuple[int, int]:
+    """(chunks per group, threads): enough items to keep every thread busy, chunks not tiny;
+    one thread below `PARALLEL_MIN_SIZE` elements, where starting threads costs more, and
+    whole groups only below `SPLIT_MIN_SIZE`."""
+    if groups * n < PARALLEL_MIN_SIZE:
+        return 1, 1
+    nthreads = max_threads()
+    if groups * n < SPLIT_MIN_SIZE:
+        return 1, min(nthreads, groups)
+    want = -(-8 * nthreads // groups)  # ceil
+    nc = max(1, min(want, n // MIN_CHUNK))
+    return nc, min(nthreads, groups * nc)
+
+
+def sweep_threads(shape4: tuple[int, int, int, int]) -> tuple[int, int]:
+    """(row chunks per Ka block, threads) for the sweep kernels."""
+    ka, ra, kb, rb = shape4
+    if ka * ra * kb * rb < PARALLEL_MIN_SIZE:
+        return 1, 1
+    nthreads = max_threads()
+    nc = max(1, min(-(-8 * nthreads // ka), ra))
+    return nc, min(nthreads, ka * nc)
+
+
+def chunk_counts(n: int, nc: int) -> np.ndarray:
+    """Elements in each of the `nc` chunks of a group of `n` (the merge's weights)."""
+    return np.array([((c + 1) * n) // nc - (c * n) // nc for c in range(nc)], float)
+
+
+def chunks_last(p: np.ndarray, ka: int, nc: int, kb: int) -> np.ndarray:
+    """Sweep partials from [k0, chunk, k1] order to `merge_parts`' [group, chunk]."""
+    return np.ascontiguousarray(p.reshape(ka, nc, kb).transpose(0, 2, 1)).reshape(-1)
+
+
+# --- the planned calls: C-contiguous inputs viewed by plain reshapes ----------------------------
+
+
+class CallPlan(NamedTuple):
+    """How a C-contiguous input is viewed by the planned calls: plain reshapes, no copies."""
+
+    shape4: tuple[int, int, int, int]
+    stats: tuple[int, ...]  # (3, *shape of mean/var/rstd), groups in C order
+    nc: int  # chunks per group on the pool (`threads_for`; 1: whole groups)
+    threads: int
+    counts: np.ndarray  # elements in each chunk of a group (the merge's weights)
+    runs_per_group: int  # Ra: more than 1 is a batch-norm layout (the sweep kernels fit)
+
+
+@functools.lru_cache(maxsize=256)
+def call_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> CallPlan | None:
+    """The block layout of a C-contiguous array of `shape` if its blocks are in axis order
+    (whole tensor, trailing axes, batch-norm axes...), so that `reshape` gives the blocks
+    and groups come out in C order of the kept axes; None otherwise."""
+    strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # C order, in items
+    lay = _plan(shape, strides, axes, ())
+    if lay is None:
+        return None
+    big = [i for i in lay.perm if shape[i] > 1]
+    if big != sorted(big):
+        return None
+    keepdims = tuple(1 if i in axes else s for i, s in enumerate(shape))
+    nc, nthreads = threads_for(lay.groups, lay.group_size)
+    counts = chunk_counts(lay.group_size, nc)
+    return CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, counts, lay.shape4[1])

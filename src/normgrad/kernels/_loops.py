@@ -1,0 +1,561 @@
+"""Every numba loop of the fused kernels, in one file (numba caches per file).
+
+**Views.** Every layout is viewed, without copying, as a 4-d block array `(Ka, Ra, Kb, Rb)`
+(`_layout.py`): kept and reduced axes, a group `g` is a `(k0, k1)` pair, `g = k0 Kb + k1`,
+and its `n = Ra Rb` elements are `Ra` runs of `Rb`, walked by a flat index `pos` over
+`(ra, rb)`. `at = (k0, r0, k1)` names one run.
+
+**Bundles** (plain tuples, which numba passes at no cost and Python passes to numba
+cheaply; NamedTuples would cost microseconds at each call from Python):
+
+    claim = (ctl, nchunks, items, slot)    the pool's claim state for this thread
+    io    = (x, w, b, y)                   forward: input, weight, bias, output views
+          = (x, dy, w, dx)                 backward
+    op    = (eps, inside, m)               the op's scalars: m = n - ddof
+    flags = (affine, stream)               forward: apply w and b; streaming stores
+          = (has_w, need_dw, need_db, stream)   backward
+    acc   = (dwacc, dbacc, k)              dweight/dbias sums per chunk `k` (5-d views)
+    stats = (3, groups) float64: mean, var, rstd (forward); (mean, rstd, c) (backward)
+
+**The formulas** are `_formulas.py`'s, compiled here (`rstd`, `backward_coefficients`,
+`chan_merge`, `xhat`, `gradient`): the generic path and every kernel evaluate the same
+expressions. The element loops (`_add_block`, `_write_y`, `_add_sums`, `_write_dx`) are the
+only places that touch elements; every path (small, groups, split, sweep) calls them, so a
+variant of the op is written once, there.
+
+**Passes.** Forward: statistics (two-pass inside in-cache blocks of `BLOCK` elements, merged
+with Chan's formula; shifted by the group's first element, so a constant group has exactly
+zero variance and a large offset cannot overflow the squares), then `y`. Backward: `sum g`
+and `sum g (x - mu)` (and dweight/dbias), then `dx`. Sums are float64, `x - mu` is float64
+for float32 input, and each output is rounded once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+from numba.extending import register_jitable
+
+from .._formulas import backward_coefficients, chan_merge, gradient, rstd, xhat
+from ._pool import begin, on, take, wait_done
+from ._stream import stream_backward, stream_forward, stream_span
+
+for _formula in (rstd, backward_coefficients, chan_merge, xhat, gradient):
+    register_jitable(inline="always")(_formula)  # kernels call the same Python functions
+
+BLOCK = 2048  # elements per in-cache block of the two-pass statistics (16 KiB of float64)
+# Every kernel: cache=True, nogil=True (the pool runs them GIL-free), error_model="numpy"
+# (IEEE: 1/0 is inf, no exception). "reassoc" lets LLVM vectorize the float64 sums: the
+# kernels whose loops sum take it (inlined helpers compile with their caller's flags). Not
+# "contract": FMAs in the scalar loops and none in the streaming stores would give streamed
+# and ordinary outputs different bits.
+_REASSOC = {"reassoc"}
+
+
+# --- positions --------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _group_at(g, kb):
+    k0 = g // kb
+    return k0, g - k0 * kb
+
+
+@njit(cache=True, inline="always")
+def _piece(pos, hi, rb):
+    """The run `r0` that flat position `pos` lies in, and its elements `[a, e)` below `hi`."""
+    r0 = pos // rb
+    a = pos - r0 * rb
+    return r0, a, min(rb, a + hi - pos)
+
+
+@njit(cache=True, inline="always")
+def _item(i, nc, n, kb):
+    """Item `i` of groups split into `nc` chunks: its group `(k0, k1)` and flat range."""
+    g = i // nc
+    c = i - g * nc
+    k0, k1 = _group_at(g, kb)
+    return k0, k1, (c * n) // nc, ((c + 1) * n) // nc
+
+
+@njit(cache=True, inline="always")
+def _rows(i, nc, ra):
+    """Sweep item `i`: block `k0` and its rows `[lo, hi)` (chunk `i % nc` of the `Ra` rows)."""
+    k0 = i // nc
+    c = i - k0 * nc
+    return k0, (c * ra) // nc, ((c + 1) * ra) // nc
+
+
+# --- element loops: the only code that touches elements -----------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _add_block(x, at, a, e, shift, acc):
+    """Merge the two-pass moments of `x[at][a:e] - shift` (one in-cache block) into `acc`,
+    `(count, mean, M2)`."""
+    k0, r0, k1 = at
+    s = 0.0
+    for j in range(a, e):
+        s += x[k0, r0, k1, j] - shift
+    nb = float(e - a)
+    mb = s / nb
+    q = 0.0
+    for j in range(a, e):
+        d = (x[k0, r0, k1, j] - shift) - mb
+        q += d * d
+    return chan_merge(acc[0], acc[1], acc[2], nb, mb, q)
+
+
+@njit(cache=True, inline="always")
+def _write_y(io, at, a, e, mu, r, flags):
+    """`y = xhat w + b` on `[a, e)` of a run (`xhat` alone without `affine`); with
+    `stream`, its aligned middle through non-temporal stores (`_stream`, the same bits)."""
+    x, w, b, y = io
+    affine, stream = flags
+    k0, r0, k1 = at
+    if affine:
+        for j in range(a, e):
+            y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r) * w[k0, r0, k1, j] + b[k0, r0, k1, j]
+        return
+    j0 = j1 = e
+    if stream:
+        xs, ys = x[k0, r0, k1, a:e], y[k0, r0, k1, a:e]
+        s0, s1 = stream_span(e - a, ys, xs, xs)
+        if s1 > s0:
+            stream_forward(xs, ys, s0, s1, (mu, r))
+        j0, j1 = a + s0, a + s1
+    for j in range(a, j0):  # everything when not streaming
+        y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r)
+    for j in range(j1, e):
+        y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r)
+
+
+@njit(cache=True, inline="always")
+def _add_sums(io, acc, at, a, e, mu, r, flags):
+    """`sum g` and `sum g (x - mu)` over `[a, e)` of a run (g = dy w); adds `dy xhat` and
+    `dy` into the dweight and dbias sums of chunk `k` where needed."""
+    x, dy, w, _ = io
+    dwacc, dbacc, k = acc
+    has_w, need_dw, need_db, _ = flags
+    k0, r0, k1 = at
+    sg = 0.0
+    sgd = 0.0
+    if has_w:
+        for j in range(a, e):
+            gj = dy[k0, r0, k1, j] * w[k0, r0, k1, j]
+            sg += gj
+            sgd += gj * (x[k0, r0, k1, j] - mu)
+    else:
+        for j in range(a, e):
+            dj = np.float64(dy[k0, r0, k1, j])
+            sg += dj
+            sgd += dj * (x[k0, r0, k1, j] - mu)
+    if need_dw:
+        for j in range(a, e):
+            dwacc[k, k0, r0, k1, j] += dy[k0, r0, k1, j] * xhat(x[k0, r0, k1, j], mu, r)
+    if need_db:
+        for j in range(a, e):
+            dbacc[k, k0, r0, k1, j] += dy[k0, r0, k1, j]
+    return sg, sgd
+
+
+@njit(cache=True, inline="always")
+def _write_dx(io, at, a, e, coef, flags):
+    """`dx = r (g - mean_g) + beta (x - mu)` on `[a, e)` of a run, `coef = (mu, r, mean_g,
+    beta)`; `stream` as in `_write_y`."""
+    x, dy, w, dx = io
+    mu, r, mg, bt = coef
+    has_w, _, _, stream = flags
+    k0, r0, k1 = at
+    if has_w:
+        for j in range(a, e):
+            gj = dy[k0, r0, k1, j] * w[k0, r0, k1, j]
+            dx[k0, r0, k1, j] = gradient(gj, x[k0, r0, k1, j] - mu, r, mg, bt)
+        return
+    j0 = j1 = e
+    if stream:
+        xs, ds, dxs = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], dx[k0, r0, k1, a:e]
+        s0, s1 = stream_span(e - a, dxs, xs, ds)
+        if s1 > s0:
+            stream_backward(xs, ds, dxs, s0, s1, coef)
+        j0, j1 = a + s0, a + s1
+    for j in range(a, j0):  # everything when not streaming
+        dx[k0, r0, k1, j] = gradient(dy[k0, r0, k1, j], x[k0, r0, k1, j] - mu, r, mg, bt)
+    for j in range(j1, e):
+        dx[k0, r0, k1, j] = gradient(dy[k0, r0, k1, j], x[k0, r0, k1, j] - mu, r, mg, bt)
+
+
+# --- spans: flat ranges of one group, walked run by run -------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _span_stats(x, k0, k1, lo, hi, shift):
+    """`(count, mean, M2)` of `x - shift` over flat `[lo, hi)` of group `(k0, k1)`."""
+    rb = x.shape[3]
+    acc = (0.0, 0.0, 0.0)
+    pos = lo
+    while pos < hi:
+        r0, a, e = _piece(pos, hi, rb)
+        s = a
+        while s < e:
+            t = min(e, s + BLOCK)
+            acc = _add_block(x, (k0, r0, k1), s, t, shift, acc)
+            s = t
+        pos += e - a
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _span_y(io, k0, k1, lo, hi, mu, r, flags):
+    rb = io[0].shape[3]
+    pos = lo
+    while pos < hi:
+        r0, a, e = _piece(pos, hi, rb)
+        _write_y(io, (k0, r0, k1), a, e, mu, r, flags)
+        pos += e - a
+
+
+@njit(cache=True, inline="always")
+def _span_sums(io, acc, k0, k1, lo, hi, mu, r, flags):
+    rb = io[0].shape[3]
+    sg = 0.0
+    sgd = 0.0
+    pos = lo
+    while pos < hi:
+        r0, a, e = _piece(pos, hi, rb)
+        g1, g2 = _add_sums(io, acc, (k0, r0, k1), a, e, mu, r, flags)
+        sg += g1
+        sgd += g2
+        pos += e - a
+    return sg, sgd
+
+
+@njit(cache=True, inline="always")
+def _span_dx(io, k0, k1, lo, hi, coef, flags):
+    rb = io[0].shape[3]
+    pos = lo
+    while pos < hi:
+        r0, a, e = _piece(pos, hi, rb)
+        _write_dx(io, (k0, r0, k1), a, e, coef, flags)
+        pos += e - a
+
+
+# --- whole groups -------------------------------------------------------------------------------
+
+
+@njit(cache=True, inline="always")
+def _finish_stats(x, k0, k1, moments, op):
+    """`(mean, var, rstd)` of a group from the moments of `x - shift` (shift: its first
+    element)."""
+    eps, inside, m = op
+    mu = np.float64(x[k0, 0, k1, 0]) + moments[1]  # (np.float64: float() keeps float32)
+    v = moments[2] / m
+    return mu, v, rstd(np, v, eps, inside)
+
+
+@njit(cache=True, inline="always")
+def _forward_group(io, g, op, stats, flags):
+    """Statistics, `rstd` and `y` of group `g`, whole (both passes while it is in cache)."""
+    x = io[0]
+    _, ra, kb, rb = x.shape
+    k0, k1 = _group_at(g, kb)
+    shift = np.float64(x[k0, 0, k1, 0])
+    mu, v, r = _finish_stats(x, k0, k1, _span_stats(x, k0, k1, 0, ra * rb, shift), op)
+    stats[0, g] = mu
+    stats[1, g] = v
+    stats[2, g] = r
+    _span_y(io, k0, k1, 0, ra * rb, mu, r, flags)
+
+
+@njit(cache=True, inline="always")
+def _backward_group(io, acc, g, stats, m, flags):
+    """Sums and `dx` of group `g`, whole; `stats = (mean, rstd, c)` per group."""
+    mean, rs, c = stats
+    _, ra, kb, rb = io[0].shape
+    k0, k1 = _group_at(g, kb)
+    mu, r = mean[g], rs[g]
+    n = ra * rb
+    sg, sgd = _span_sums(io, acc, k0, k1, 0, n, mu, r, flags)
+    mg, bt = backward_coefficients(sg, sgd, n, m, r, c[g])
+    _span_dx(io, k0, k1, 0, n, (mu, r, mg, bt), flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def forward_small(xin, yin, stats_in, shape4, op):
+    """The whole forward of a small C-contiguous input on one thread, no affine parameters
+    (`xin`, `yin` of any shape, viewed here as `shape4`; `stats_in` as (3, groups))."""
+    x = xin.reshape(shape4)
+    y = yin.reshape(shape4)
+    stats = stats_in.reshape((3, shape4[0] * shape4[2]))
+    for g in range(stats.shape[1]):
+        _forward_group((x, x, x, y), g, op, stats, (False, False))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def backward_small(xin, dyin, dxin, shape4, stats, m):
+    """The whole backward of a small C-contiguous input on one thread, no affine
+    parameters; `stats = (mean, rstd, c)` flat per group."""
+    x = xin.reshape(shape4)
+    dy = dyin.reshape(shape4)
+    dx = dxin.reshape(shape4)
+    acc = (np.zeros((1, 1, 1, 1, 1)), np.zeros((1, 1, 1, 1, 1)), 0)  # never used
+    for g in range(stats[0].size):
+        _backward_group((x, dy, x, dx), acc, g, stats, m, (False, False, False, False))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def forward_groups(claim, io, op, stats, flags):
+    """Groups as items, each whole: `_forward_group` on the claimed ranges."""
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for g in range(i0, i1):
+            _forward_group(io, g, op, stats, flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def backward_groups(claim, io, acc, stats, m, flags):
+    """Groups as items, each whole: `_backward_group`, dweight/dbias sums per chunk."""
+    dwacc, dbacc, _ = acc
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for g in range(i0, i1):
+            _backward_group(io, (dwacc, dbacc, k), g, stats, m, flags)
+
+
+# --- split groups: chunks of groups, partial sums, a barrier, the merge, the second pass ---------
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _stats_items(claim, x, nc, parts):
+    pmean, pm2 = parts
+    _, ra, kb, rb = x.shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            shift = np.float64(x[k0, 0, k1, 0])
+            _, pmean[i], pm2[i] = _span_stats(x, k0, k1, lo, hi, shift)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def merge_parts(parts, counts, mean, m2):
+    """Chan-merge each group's `nc = counts.size` partial moments (`parts[.][g nc + c]`, in
+    chunk order) into its mean and M2."""
+    pmean, pm2 = parts
+    nc = counts.size
+    for g in range(mean.size):
+        acc = (0.0, 0.0, 0.0)
+        for c in range(nc):
+            i = g * nc + c
+            acc = chan_merge(acc[0], acc[1], acc[2], counts[c], pmean[i], pm2[i])
+        mean[g] = acc[1]
+        m2[g] = acc[2]
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def forward_split(claim, phase, split, io, op, stats, flags):
+    """Groups split into `nc = counts.size` chunks, in one job: partial statistics (claimed
+    on `phase`), a barrier, then every thread merges them in the same order and takes `rstd`,
+    then `y` (claimed on the job's own state, each thread's last-read chunks first). Slot 0
+    writes `stats`. `split = (counts, pmean, pm2)`."""
+    counts, pmean, pm2 = split
+    x = io[0]
+    begin(claim)
+    _stats_items(on(claim, phase), x, counts.size, (pmean, pm2))
+    if not wait_done(phase, claim):
+        return
+    groups = stats.shape[1]
+    mean = np.empty(groups)
+    m2 = np.empty(groups)
+    merge_parts((pmean, pm2), counts, mean, m2)
+    mine = np.empty((3, groups))
+    kb = x.shape[2]
+    for g in range(groups):
+        k0, k1 = _group_at(g, kb)
+        mine[0, g], mine[1, g], mine[2, g] = _finish_stats(x, k0, k1, (0.0, mean[g], m2[g]), op)
+        if claim[3] == 0:
+            stats[:, g] = mine[:, g]
+    _items_y(claim, io, counts.size, mine, flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _items_y(claim, io, nc, stats, flags):
+    _, ra, kb, rb = io[0].shape
+    while True:
+        k, i0, i1 = take(claim, True)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            _span_y(io, k0, k1, lo, hi, stats[0, g], stats[2, g], flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _sums_items(claim, io, acc, stats, split, flags):
+    mean, rs, _ = stats
+    nc, psg, psgd = split
+    _, ra, kb, rb = io[0].shape
+    dwacc, dbacc, _ = acc
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            psg[i], psgd[i] = _span_sums(
+                io, (dwacc, dbacc, k), k0, k1, lo, hi, mean[g], rs[g], flags
+            )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _items_dx(claim, io, coefs, nc, flags):
+    mean, rs, mg, beta = coefs
+    _, ra, kb, rb = io[0].shape
+    while True:
+        k, i0, i1 = take(claim, True)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            _span_dx(io, k0, k1, lo, hi, (mean[g], rs[g], mg[g], beta[g]), flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def backward_split(claim, phase, split, io, acc, stats, m, flags):
+    """The backward of groups split into `nc` chunks, in one job: partial `sum g` and
+    `sum g (x - mu)` (claimed on `phase`), a barrier, the sums in chunk order, then `dx`
+    (last-read chunks first). `split = (nc, psg, psgd)`."""
+    nc, psg, psgd = split
+    mean, rs, c = stats
+    begin(claim)
+    _sums_items(on(claim, phase), io, acc, stats, split, flags)
+    if not wait_done(phase, claim):
+        return
+    _, ra, _, rb = io[0].shape
+    mg = np.empty(mean.size)
+    beta = np.empty(mean.size)
+    for g in range(mean.size):
+        sg = 0.0
+        sgd = 0.0
+        for i in range(g * nc, (g + 1) * nc):
+            sg += psg[i]
+            sgd += psgd[i]
+        mg[g], beta[g] = backward_coefficients(sg, sgd, ra * rb, m, rs[g], c[g])
+    _items_dx(claim, io, (mean, rs, mg, beta), nc, flags)
+
+
+# --- sweeps (batch norm): items are row ranges of one Ka block, every group, memory order -------
+# Item i = (k0, chunk of the Ra rows) covers rows [lo, hi) of every kb group, so each thread
+# streams one contiguous region (and first-touches its own pages of a fresh output). Partial
+# results sit at [i * kb + k1]. Affine parameters are constant per group: scalars per group.
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def stats_sweep(claim, x, nc, parts):
+    pmean, pm2 = parts
+    _, ra, kb, rb = x.shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            cnt = 0.0  # every group of the item has seen the same rows
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    acc = (cnt, pmean[i * kb + k1], pm2[i * kb + k1])
+                    shift = np.float64(x[k0, 0, k1, 0])
+                    s = 0
+                    while s < rb:
+                        e = min(rb, s + BLOCK)
+                        acc = _add_block(x, (k0, r0, k1), s, e, shift, acc)
+                        s = e
+                    pmean[i * kb + k1], pm2[i * kb + k1] = acc[1], acc[2]
+                cnt += rb
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def forward_sweep(claim, io, coefs, nc, flags):
+    """`y` of the swept rows; `coefs = (mean, rstd, wg, bg)` per group."""
+    x, _, _, y = io
+    mean, rs, wg, bg = coefs
+    affine, stream = flags
+    _, ra, kb, rb = x.shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    g = k0 * kb + k1
+                    mu, r = mean[g], rs[g]
+                    if affine:
+                        wv, bv = wg[g], bg[g]
+                        for j in range(rb):
+                            y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r) * wv + bv
+                    else:
+                        _write_y(io, (k0, r0, k1), 0, rb, mu, r, (False, stream))
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def sums_sweep(claim, io, mean, nc, parts):
+    """Partial `sum dy` and `sum dy (x - mu)` per item and group (a per-group weight
+    multiplies them later)."""
+    psdy, psdyd = parts
+    _, ra, kb, rb = io[0].shape
+    none = (psdy.reshape((1, 1, 1, 1, -1)), psdy.reshape((1, 1, 1, 1, -1)), 0)  # never used
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            for k1 in range(kb):
+                psdy[i * kb + k1] = 0.0
+                psdyd[i * kb + k1] = 0.0
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    mu = mean[k0 * kb + k1]
+                    flags = (False, False, False, False)
+                    sg, sgd = _add_sums(io, none, (k0, r0, k1), 0, rb, mu, 1.0, flags)
+                    psdy[i * kb + k1] += sg
+                    psdyd[i * kb + k1] += sgd
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def backward_sweep(claim, io, coefs, wg, nc, flags):
+    """`dx` of the swept rows; `coefs = (mean, rstd, mean_g, beta)` per group, `wg` the
+    per-group weight (read where `has_w`)."""
+    x, dy, _, dx = io
+    mean, rs, mg, beta = coefs
+    has_w, _, _, stream = flags
+    _, ra, kb, rb = x.shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            for r0 in range(lo, hi):
+                for k1 in range(kb):
+                    g = k0 * kb + k1
+                    mu, r, mgg, bt = mean[g], rs[g], mg[g], beta[g]
+                    if has_w:
+                        wv = wg[g]
+                        for j in range(rb):
+                            gj = dy[k0, r0, k1, j] * wv
+                            dx[k0, r0, k1, j] = gradient(gj, x[k0, r0, k1, j] - mu, r, mgg, bt)
+                    else:
+                        coef = (mu, r, mgg, bt)
+                        _write_dx(io, (k0, r0, k1), 0, rb, coef, (False, False, False, stream))

@@ -1,0 +1,54 @@
+"""The benchmark suite (benchmarks/bench_kernels.py) runs end to end (timings unchecked)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("numba")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import bench_kernels as _bench
+
+
+def test_bench_runner_smoke(tmp_path):
+    """The benchmark runner works end to end on one tiny size (timings are not checked)."""
+    args = _bench.parse_args(
+        ["--sizes", "1000", "--repeat", "1", "--layouts", "whole", "--dtypes", "float64",
+         "--impls", "fused,fused_out,fused_mapped,generic,numpy", "--out", str(tmp_path),
+         "--no-plot", "--no-accuracy", "--plain"]
+    )  # fmt: skip
+    assert _bench.run(args) == 0
+    data = json.loads((tmp_path / "bench.json").read_text())
+    impls = {r["impl"] for r in data["results"]}
+    assert impls == {"fused", "fused_out", "fused_mapped", "generic", "numpy"}
+    assert data["triad_bytes_per_s"] > 0
+    assert all(r["median_s"] > 0 for r in data["results"])
+    table = (tmp_path / "bench.md").read_text()
+    assert "| fused % roof | out % roof | mapped % roof | fused vs generic |" in table
+
+
+@pytest.mark.serial  # the two pool threads must run at once: in the parallel pass, sharing
+# 2 cores with another test process, no hand-off completed in 4 tries once (None)
+def test_bench_records_the_thread_hand_off(tmp_path):
+    """Cases from HANDOFF_MIN elements record how long a cache line takes between the two
+    pool threads, and the tables show it per row."""
+    import numba
+
+    h = _bench.measure_handoff(2000)
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        assert h is None
+    else:
+        assert h is not None and 0 < h < 1e6
+    args = _bench.parse_args(
+        ["--sizes", str(_bench.HANDOFF_MIN), "--repeat", "1", "--layouts", "rows",
+         "--dtypes", "float32", "--passes", "fwd", "--impls", "fused", "--out", str(tmp_path),
+         "--no-plot", "--no-accuracy", "--no-startup", "--plain"]
+    )  # fmt: skip
+    assert _bench.run(args) == 0
+    (row,) = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert (row["handoff_ns"] is None) == (numba.config.NUMBA_NUM_THREADS < 2)
+    table = (tmp_path / "bench.md").read_text()
+    assert "| hand-off ns |" in table

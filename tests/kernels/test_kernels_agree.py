@@ -1,0 +1,335 @@
+"""The fused kernels agree with the generic Array-API path for every layout and option, on
+every kernel path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _kernel_checks import both, check, close, dx_scale, y_scale
+from hypothesis import given
+from hypothesis import strategies as st
+
+import normgrad as ng
+from normgrad import testing
+from normgrad._errors import NormgradError
+
+pytest.importorskip("numba")
+from normgrad.kernels import _layout, _loops, _pool
+
+# Each agreement test runs on the small single-call kernels (where the layout allows), on the
+# planned native jobs and on the blocked kernels.
+PATHS = pytest.mark.parametrize("path", ["small", "planned", "blocked"])
+
+
+LAYOUTS = [
+    pytest.param((37, 53), None, id="whole"),
+    pytest.param((6, 40), -1, id="rows"),
+    pytest.param((40, 6), 0, id="leading"),
+    pytest.param((4, 5, 6, 7), (0, 2, 3), id="channels"),
+    pytest.param((4, 5, 6, 7), (2, 3), id="instance"),
+    pytest.param((4, 5, 6), 1, id="middle"),
+    pytest.param((4, 5, 6, 7), (0, 2), id="alternating"),
+    pytest.param((3, 1, 8, 1), (1, 2), id="size-one-axes"),
+    pytest.param((5, 7), (0, 1), id="whole-explicit"),
+    pytest.param((9, 1), 1, id="groups-of-one"),
+]
+
+
+@PATHS
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("shape", "axes"), LAYOUTS)
+def test_layouts_agree(rng, shape, axes, dtype, path):
+    x = (rng.normal(size=shape) * 3 + 1).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    check(x, axes, dy, path=path)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        pytest.param(lambda a: a.T, id="transposed"),
+        pytest.param(lambda a: a[::2, 1::3], id="sliced"),
+        pytest.param(lambda a: a[::-1], id="reversed"),
+        pytest.param(np.asfortranarray, id="fortran"),
+        pytest.param(lambda a: a.reshape(12, 10, 4).transpose(1, 0, 2)[:, ::2], id="3d-view"),
+    ],
+)
+@pytest.mark.parametrize("axes", [None, 0, -1])
+def test_strided_inputs_agree(rng, make, axes):
+    x = make(rng.normal(size=(24, 20)) + 2)
+    dy = rng.normal(size=x.shape)
+    check(x, axes, dy)
+    check(x, axes, dy, path="blocked")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("eps_mode", ["inside", "outside"])
+@pytest.mark.parametrize("ddof", [0, 1, 2.5])
+@PATHS
+def test_options_agree(rng, dtype, eps_mode, ddof, path):
+    x = rng.normal(size=(8, 3, 16)).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    check(x, (0, 2), dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, path=path)
+    check(x, -1, dy, eps=0.1, eps_mode=eps_mode, ddof=ddof, path=path)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "wshape"),
+    [
+        pytest.param((4, 5, 6, 7), (0, 2, 3), (5, 1, 1), id="batchnorm-C11"),
+        pytest.param((6, 5, 8), -1, (8,), id="layernorm-D"),
+        pytest.param((6, 5, 8), (1, 2), (5, 8), id="layernorm-2d"),
+        pytest.param((4, 5, 6, 7), (2, 3), (5, 1, 1), id="instance-C11"),
+        pytest.param((30, 40), None, (), id="scalar"),
+        pytest.param((30, 40), None, (30, 40), id="full"),
+        pytest.param((6, 5, 8), -1, (6, 5, 8), id="full-rows"),
+        pytest.param((6, 5, 8), 0, (5, 8), id="leading-kept"),
+        pytest.param((4, 5, 6, 7), (0, 2, 3), (4, 5, 6, 7), id="batchnorm-full"),
+        pytest.param((6, 5, 4, 30), (1, 3), (6, 1, 4, 1), id="two-kept-blocks"),
+        pytest.param((6, 5, 4, 30), (1, 3), (4, 1), id="two-kept-blocks-inner"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_affine_agrees(rng, shape, axes, wshape, dtype):
+    x = rng.normal(size=shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    w = (rng.normal(size=wshape) + 1).astype(dtype)
+    b = rng.normal(size=wshape).astype(dtype)
+    check(x, axes, dy, weight=w, bias=b)
+    check(x, axes, dy, weight=w)
+    check(x, axes, dy, bias=b)
+
+
+def test_partial_affine_broadcast_falls_back(rng):
+    """A weight that cuts the reduced axes into more than two blocks: generic path, correct."""
+    x = rng.normal(size=(4, 6, 8, 5))
+    w = rng.normal(size=(6, 1, 5)) + 1
+    with ng.use_kernels(True), testing.record_paths() as seen:
+        y = ng.normalize(x, weight=w)
+    assert seen == [("forward", "generic")]
+    with ng.use_kernels(True):
+        assert "blocks" in ng.plan_forward(x, weight=w).reason
+    with ng.use_kernels(False):
+        y2, _ = ng.normalize_forward(x, weight=w)
+    np.testing.assert_array_equal(y, y2)
+
+
+def test_int_weight_and_mixed_dy_dtype(rng):
+    x = rng.normal(size=(8, 40))
+    w = np.arange(1, 41)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    check(x, -1, dy, weight=w, bias=w)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes"), [((1, 200_000), None), ((3, 70_001), -1), ((200_000, 3), 0)]
+)
+def test_threaded_chunks_are_exact(rng, shape, axes):
+    """Groups split into chunks that threads merge (Chan): statistics within 2 ulp of exact
+    sums (NumPy's own strided sums are less accurate), backward equal to the generic one."""
+    import math
+
+    x = rng.normal(size=shape) * 5 + 100
+    dy = rng.normal(size=shape)
+    with ng.use_kernels(True):
+        _, ctx = ng.normalize_forward(x, axes)
+        gk = ng.normalize_backward(ctx, dy)
+    ax = ctx.axes
+    groups = np.moveaxis(x, ax, range(-len(ax), 0)).reshape(-1, ctx.group_size)
+    mean = np.array([math.fsum(g) / g.size for g in groups])
+    var = np.array([math.fsum((g - m) ** 2) / g.size for g, m in zip(groups, mean, strict=True)])
+    close(ctx.mean.ravel(), mean, 2)
+    np.testing.assert_allclose(ctx.var.ravel(), var, rtol=1e-13)
+    with ng.use_kernels(False):
+        gr = ng.normalize_backward(ctx, dy)
+    close(gk.x, gr.x, 16, dx_scale(ctx, dy))
+
+
+def test_large_offset_float32_is_accurate(rng):
+    """float32 with mean 1e6: statistics in float64 from the float32 values, y within 1 ulp."""
+    x = (rng.normal(size=300_000) + 1e6).astype(np.float32)
+    with ng.use_kernels(True):
+        y, ctx = ng.normalize_forward(x, eps=0.0)
+    xd = x.astype(np.float64)
+    mu = xd.mean()
+    var = ((xd - mu) ** 2).mean()
+    np.testing.assert_allclose(ctx.mean.item(), mu, rtol=1e-15)
+    np.testing.assert_allclose(ctx.var.item(), var, rtol=1e-12)
+    close(y, ((xd - mu) / np.sqrt(var)).astype(np.float32), 1)
+
+
+def test_nan_stays_in_its_group(rng):
+    x = rng.normal(size=(4, 50))
+    x[2, 7] = np.nan
+    with ng.use_kernels(True):
+        y = ng.normalize(x, -1)
+    assert np.isnan(y[2]).all() and np.isfinite(np.delete(y, 2, axis=0)).all()
+
+
+def test_zero_variance_with_eps_zero_is_refused():
+    with ng.use_kernels(True), pytest.raises(NormgradError, match="zero variance"):
+        ng.normalize(np.ones((3, 4)), -1, eps=0)
+
+
+def test_inputs_are_not_mutated(rng):
+    x = rng.normal(size=(5, 60))
+    x.flags.writeable = False  # read-only input works too
+    dy = rng.normal(size=x.shape)
+    xs, dys = x.copy(), dy.copy()
+    check(x, -1, dy)
+    np.testing.assert_array_equal(x, xs)
+    np.testing.assert_array_equal(dy, dys)
+
+
+def test_dy_in_another_memory_order(rng):
+    x = rng.normal(size=(30, 20))
+    dy = np.asfortranarray(rng.normal(size=x.shape))
+    check(x, None, dy)
+
+
+def test_output_keeps_memory_order(rng):
+    x = np.asfortranarray(rng.normal(size=(30, 20)))
+    with ng.use_kernels(True):
+        y = ng.normalize(x, 0)
+    assert y.flags.f_contiguous
+
+
+@st.composite
+def _cases(draw):
+    ndim = draw(st.integers(1, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    axes = draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=ndim, unique=True))
+    perm = draw(st.permutations(range(ndim)))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    seed = draw(st.integers(0, 2**31))
+    return shape, tuple(axes), tuple(perm), dtype, seed
+
+
+@PATHS
+@given(_cases())
+def test_random_layouts_agree(path, case):
+    shape, axes, perm, dtype, seed = case
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=shape).astype(dtype).transpose(perm)  # any memory order
+    dy = rng.normal(size=x.shape).astype(dtype)
+    if np.prod([x.shape[a] for a in axes]) < 2:
+        return  # groups of one element: eps decides everything, covered above
+    (yk, _, gk), (yr, cr, gr) = both(x, axes, dy, path)
+    close(yk, yr, 4, y_scale(cr))
+    # tiny groups can have var ~ eps: x - mu then carries most of the rounding, on both paths
+    close(gk.x, gr.x, 64, dx_scale(cr, dy))
+
+
+def test_concurrent_callers_get_the_same_results(rng):
+    """Several Python threads on the thread pool at once: same results as one at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [rng.normal(size=(3, 60_000)) + i for i in range(4)]
+    dy = rng.normal(size=(3, 60_000))
+
+    def work(x):
+        with ng.use_kernels(True):
+            y, ctx = ng.normalize_forward(x, -1)
+            return y, ng.normalize_backward(ctx, dy).x
+
+    expected = [work(x) for x in xs]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(work, xs * 2))
+    for (y, dx), (ye, dxe) in zip(got, expected * 2, strict=True):
+        np.testing.assert_array_equal(y, ye)
+        np.testing.assert_array_equal(dx, dxe)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "wshape"),
+    [
+        pytest.param((12, 8, 40, 40), (0, 2, 3), (8, 1, 1), id="batchnorm"),
+        pytest.param((24, 5, 40, 30), (1, 3), (24, 1, 40, 1), id="two-kept-blocks"),
+        pytest.param((24, 5, 40, 30), (1, 3), (40, 1), id="two-kept-blocks-inner"),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sweep_kernels_threaded(rng, shape, axes, wshape, dtype):
+    """Batch-norm-like layouts (several runs per group, per-group affine parameters) are swept
+    in memory order on several threads: statistics within 2 ulp of exact sums, results
+    equal to the generic path's within a few ulp, and bit-identical from call to call."""
+    import math
+
+    x = (rng.normal(size=shape) * 5 + 100).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    w = rng.normal(size=wshape) + 1
+    b = rng.normal(size=wshape)
+    with testing.record_paths() as seen:
+        check(x, axes, dy, weight=w, bias=b)
+    assert seen[:2] == [("forward", "sweep"), ("backward", "sweep")]
+    check(x, axes, dy)
+    with ng.use_kernels(True):
+        y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+        g = ng.normalize_backward(ctx, dy)
+        for _ in range(3):
+            y2, ctx2 = ng.normalize_forward(x, axes, weight=w, bias=b)
+            g2 = ng.normalize_backward(ctx2, dy)
+            for a, a2 in ((y, y2), (ctx.mean, ctx2.mean), (ctx.var, ctx2.var)):
+                np.testing.assert_array_equal(a, a2)
+            for a, a2 in ((g.x, g2.x), (g.weight, g2.weight), (g.bias, g2.bias)):
+                np.testing.assert_array_equal(a, a2)
+    xd = x.astype(np.float64)
+    groups = np.moveaxis(xd, ctx.axes, range(-len(ctx.axes), 0)).reshape(-1, ctx.group_size)
+    mean = np.array([math.fsum(v) / v.size for v in groups])
+    var = np.array([math.fsum((v - m) ** 2) / v.size for v, m in zip(groups, mean, strict=True)])
+    kept = [i for i in range(x.ndim) if i not in ctx.axes]
+    close(ctx.mean.reshape([x.shape[i] for i in kept]).ravel(), mean, 2)
+    np.testing.assert_allclose(ctx.var.ravel(), var, rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    ("shape", "axes", "wshape"),
+    [((400, 400), None, (400, 400)), ((400, 400), None, (400,)), ((3, 70_001), -1, (70_001,))],
+)
+def test_split_groups_in_one_job(rng, shape, axes, wshape, dtype):
+    """Groups split into chunks run as one two-phase job per direction (`forward_split`,
+    `backward_split`: partials, a barrier, the merge in every thread, the second pass), with
+    weight and bias: within a few ulp of the generic path, and the same bits on every call."""
+    x = (rng.normal(size=shape) * 3 + 20).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    w = rng.normal(size=wshape).astype(dtype)
+    b = rng.normal(size=wshape).astype(dtype)
+    plan = ng.plan_forward(x, axes, weight=w, bias=b)
+    assert plan.path == "blocked" and plan.threads[0] > 1  # split: the case under test
+    check(x, axes, dy, weight=w, bias=b)
+    with ng.use_kernels(True):
+        runs = []
+        for _ in range(3):
+            y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+            g = ng.normalize_backward(ctx, dy)
+            runs.append((y, ctx.mean, ctx.rstd, g.x, g.weight, g.bias))
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other, strict=True):
+            np.testing.assert_array_equal(a, c)
+
+
+def test_split_job_alone_matches_two_threads(rng):
+    """A two-phase job run by the caller alone (the pool busy) takes both threads' chunks
+    in both phases and gives the same bits as on two threads."""
+    x = rng.normal(size=(1, 1, 1, 300_000)) + 4
+    nchunks, items, nc = 32, 16, 16
+    counts = _layout.chunk_counts(x.size, nc)
+    out = []
+    for threads in (1, 2):
+        stats, y, pm = np.empty((3, 1)), np.empty_like(x), np.empty((2, items))
+        phase = _pool.phase_ctl(nchunks, 2)
+        io, op, flags = (x, x, x, y), (1e-5, True, float(x.size)), (False, False)
+        args = (phase, (counts, pm[0], pm[1]), io, op, stats, flags)
+        _pool.run(_loops.forward_split, items, threads, args, nchunks)
+        assert phase[_pool.DONE] == nchunks
+        out.append((stats, y))
+    for a, c in zip(*out, strict=True):
+        np.testing.assert_array_equal(a, c)
+    np.testing.assert_allclose(out[0][0][0, 0], x.mean(), rtol=1e-14)
+
+
+def test_split_groups_refuse_zero_variance():
+    x = np.full((400, 400), 3.0)
+    with ng.use_kernels(True), pytest.raises(NormgradError, match="zero variance"):
+        ng.normalize(x, eps=0)
