@@ -25,24 +25,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy src/normgrad
 
-# numba caches each kernel by its own file's time stamp, not by those of the files it inlines
-# (kernels/_pool.py, _stream.py, _intrinsics.py, _formulas.py, ...): this stamp clears the
-# cache whenever one of them changed, so no stale kernel is ever tested or measured.
-KERNEL_CACHE := $(VENV)/.kernel-cache
-$(KERNEL_CACHE): $(wildcard src/normgrad/kernels/*.py) src/normgrad/_formulas.py | $(STAMP)
-	find src -name '*.nb[ic]' -delete
-	touch $@
-
 # The dask memory-bound tests count evictions: next to the kernel tests on the other core they
 # failed now and then (scheduling under contention), so they run alone, after the rest.
-pytest: $(STAMP) $(KERNEL_CACHE)
+pytest: $(STAMP)
 	$(VENV)/bin/pytest -q -n 2 -m "not serial"
 	$(VENV)/bin/pytest -q -m serial
 
-bench: $(STAMP) $(KERNEL_CACHE)
+bench: $(STAMP)
 	$(PY) benchmarks/run.py
 
-# numba's cache (src/normgrad/kernels/__pycache__/*.nbi, *.nbc), by hand.
+# numba's cache (src/normgrad/kernels/__pycache__/*.nbi, *.nbc), by hand (normgrad.kernels
+# drops it by itself whenever a kernel file changed).
 clean-cache:
 	find src -name '*.nb[ic]' -delete
 

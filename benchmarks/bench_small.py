@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 import normgrad as ng
-from normgrad import _ops
+from normgrad import testing
 
 CASES = [  # (layout, shape, axes): torch's normalized_shape is the shape of the reduced axes
     ("whole", (10, 100), None),
@@ -75,7 +75,7 @@ def _normgrad_fns(x: np.ndarray, dy: np.ndarray, axes: Any, mode: bool | None):
             return fn
 
         def inner() -> Any:
-            with _ops.use_kernels(mode):
+            with ng.use_kernels(mode):
                 return fn()
 
         return inner
@@ -130,7 +130,7 @@ def measure(repeat: int, impls: tuple[str, ...]) -> list[dict[str, Any]]:
         for dtype in DTYPES:
             x = (rng.normal(size=shape) * 2 + 1).astype(dtype)
             dy = rng.normal(size=shape).astype(dtype)
-            with _ops.use_kernels(False):
+            with ng.use_kernels(False):
                 y_ref, ctx = ng.normalize_forward(x, axes)
                 ref = (y_ref, ng.normalize_backward(ctx, dy).x)
             row: dict[str, Any] = {"layout": layout, "shape": shape, "dtype": dtype}
@@ -210,8 +210,9 @@ def main() -> int:
             print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
         except ImportError:
             impls = tuple(i for i in impls if not i.startswith("torch"))
-    small = getattr(_ops, "SMALL_MAX_SIZE", None)
-    print(f"KERNEL_MIN_SIZE = {_ops.KERNEL_MIN_SIZE}, SMALL_MAX_SIZE = {small}\n")
+    settings = testing.settings()  # the thresholds in force (nothing changed)
+    with settings as s:
+        print(f"kernel_min_size = {s.kernel_min_size}, small_max_size = {s.small_max_size}\n")
     print(table(measure(args.repeat, impls), impls))
     if args.startup:
         print("\n" + startup())

@@ -114,7 +114,8 @@ def _planned_forward(
     """The small and native paths' calls, validated and planned once per call signature
     (the small calls' budget is microseconds); `out` is checked on every call. None where
     another path (or the general validation) takes the call."""
-    if not (x.flags.c_contiguous and x.flags.aligned):  # (native jobs view aligned memory)
+    flags = x.flags
+    if not (flags.c_contiguous and flags.aligned):  # (native jobs view aligned memory)
         return None
     mode = _runtime.kernel_mode()
     if mode not in _PLANNED_MODES:
@@ -247,9 +248,10 @@ def _planned_backward(ctx: Any, dy: Any, out: Any) -> Plan | None:
     x = ctx.x
     if type(dy) is not np.ndarray or _not_kernel_array(x) is not None:
         return None
-    if not (x.flags.c_contiguous and x.flags.aligned and dy.flags.c_contiguous):
+    xf, df = x.flags, dy.flags  # (each `.flags` makes an object: read them once)
+    if not (xf.c_contiguous and xf.aligned and df.c_contiguous and df.aligned):
         return None
-    if not dy.flags.aligned or dy.dtype.char not in "fd" or not dy.dtype.isnative:
+    if dy.dtype.char not in "fd" or not dy.dtype.isnative:
         return None
     if out is not None and not (out.flags.c_contiguous and out.flags.aligned):
         return None

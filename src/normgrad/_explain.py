@@ -185,12 +185,10 @@ class _Node:
     edges: tuple[_Edge, ...]
 
 
-def _graph(axes: tuple[int, ...], n: int, m: float, eps: float, eps_mode: str) -> list[_Node]:
-    def gsum(a: FloatArray) -> FloatArray:  # sum over each group, keepdims: a parent's shape
-        return np.sum(a, axis=axes, keepdims=True)
-
+def _s_node(eps: float, eps_mode: str) -> _Node:
+    """s, the denominator: sqrt(σ² + ε) (eps inside) or sqrt(σ²) + ε (outside)."""
     if eps_mode == "inside":
-        s_formula, s_local = "sqrt(σ² + ε)", "∂s/∂σ² = 1/(2s)"
+        formula, local = "sqrt(σ² + ε)", "∂s/∂σ² = 1/(2s)"
 
         def s_fn(v: dict[str, FloatArray]) -> FloatArray:
             return np.sqrt(v["var"] + eps)
@@ -199,7 +197,7 @@ def _graph(axes: tuple[int, ...], n: int, m: float, eps: float, eps_mode: str) -
             return 0.5 / v["s"]
 
     else:
-        s_formula, s_local = "sqrt(σ²) + ε", "∂s/∂σ² = 1/(2·sqrt(σ²))  (0 where σ² = 0)"
+        formula, local = "sqrt(σ²) + ε", "∂s/∂σ² = 1/(2·sqrt(σ²))  (0 where σ² = 0)"
 
         def s_fn(v: dict[str, FloatArray]) -> FloatArray:
             return np.sqrt(v["var"]) + eps
@@ -208,6 +206,14 @@ def _graph(axes: tuple[int, ...], n: int, m: float, eps: float, eps_mode: str) -
             std = np.sqrt(v["var"])
             # At σ² = 0 the derivative is infinite but every d is 0, so the term vanishes.
             return np.where(std > 0, 0.5 / np.where(std > 0, std, 1.0), 0.0)
+
+    edge = _Edge("var", local, "σ̄² += s̄ · ∂s/∂σ²", lambda a, v: a * ds_dvar(v))
+    return _Node("s", formula, f"s = {formula}", s_fn, (edge,))
+
+
+def _graph(axes: tuple[int, ...], n: int, m: float, eps: float, eps_mode: str) -> list[_Node]:
+    def gsum(a: FloatArray) -> FloatArray:  # sum over each group, keepdims: a parent's shape
+        return np.sum(a, axis=axes, keepdims=True)
 
     return [
         _Node("x", "x", "input", lambda v: v["x"], ()),
@@ -249,13 +255,7 @@ def _graph(axes: tuple[int, ...], n: int, m: float, eps: float, eps_mode: str) -
                 ),
             ),
         ),
-        _Node(
-            "s",
-            s_formula,
-            f"s = {s_formula}",
-            s_fn,
-            (_Edge("var", s_local, "σ̄² += s̄ · ∂s/∂σ²", lambda a, v: a * ds_dvar(v)),),
-        ),
+        _s_node(eps, eps_mode),
         _Node(
             "y",
             "y",

@@ -19,7 +19,16 @@ from typing import Any, NamedTuple
 from . import _dispatch, _generic, _runtime
 from ._axes import Axes, merge_axis
 from ._errors import NormgradError
-from ._validate import Spec, check_out, cotangent, param, refuse_zero_variance, size_of, validate
+from ._validate import (
+    Spec,
+    check_out,
+    cotangent,
+    namespace,
+    param,
+    refuse_zero_variance,
+    size_of,
+    validate,
+)
 
 Array = Any
 JACOBIAN_MAX_SIZE = 4096
@@ -49,8 +58,6 @@ class NormContext:
 
     @property
     def xp(self) -> Any:
-        from ._validate import namespace
-
         return namespace(self.x)
 
 
@@ -85,10 +92,15 @@ class BackwardTangents(NamedTuple):
     tbias: Array | None
 
 
+_GENERIC = {("forward", "generic"): _generic.forward, ("backward", "generic"): _generic.backward}
+
+
 def _runner(direction: str, path: str) -> Any:
-    if path == "generic":
-        return _generic.forward if direction == "forward" else _generic.backward
-    return _runtime.kernels().RUNNERS[direction, path]
+    """The function that runs `path` (the kernels' runners load with the kernels)."""
+    try:
+        return _GENERIC[direction, path]
+    except KeyError:
+        return _runtime.kernels().RUNNERS[direction, path]
 
 
 def normalize(

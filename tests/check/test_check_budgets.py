@@ -1,5 +1,5 @@
-"""The budget keywords of check_gradients and assert_gradients: probes, full_max, auto_full_max,
-localize_budget (the exported constants are their defaults)."""
+"""The budgets of check_gradients and assert_gradients (`budgets=Budgets(...)` or a dict):
+probes, full_max, auto_full_max, localize_budget (the exported constants are their defaults)."""
 
 import inspect
 
@@ -13,6 +13,7 @@ from normgrad.check import (
     FULL_MAX,
     LOCALIZE_BUDGET,
     PROBES,
+    Budgets,
     assert_gradients,
     check_gradients,
 )
@@ -41,41 +42,53 @@ def two_bad_elements(x, dy):
 
 
 @pytest.mark.parametrize("fn", [check_gradients, assert_gradients])
-def test_constants_are_the_keyword_defaults(fn) -> None:
-    params = inspect.signature(fn).parameters
-    assert {name: params[name].default for name in BUDGETS} == BUDGETS
+def test_constants_are_the_defaults(fn) -> None:
+    assert inspect.signature(fn).parameters["budgets"].default is None
+    assert Budgets()._asdict() == BUDGETS
     assert (PROBES, FULL_MAX, AUTO_FULL_MAX, LOCALIZE_BUDGET) == (8, 2048, 1024, 400)
 
 
 def test_probes_sets_the_number_of_directions() -> None:
     x = np.random.default_rng(1).standard_normal((40, 50))
     default = check_gradients(norm_f, x, norm_vjp, mode="probe")
-    three = check_gradients(norm_f, x, norm_vjp, mode="probe", probes=3)
+    three = check_gradients(norm_f, x, norm_vjp, mode="probe", budgets=Budgets(probes=3))
     assert default.ok and three.ok
     assert len(default.probe_numerical) == PROBES and len(three.probe_numerical) == 3
     assert three.n_evals < default.n_evals
-    assert assert_gradients(norm_f, x, norm_vjp, mode="probe", probes=3).n_evals == three.n_evals
+    assert (
+        assert_gradients(norm_f, x, norm_vjp, mode="probe", budgets=Budgets(probes=3)).n_evals
+        == three.n_evals
+    )
 
 
 def test_full_max_limits_mode_full() -> None:
     x = np.random.default_rng(2).standard_normal((5, 10))  # 50 inputs and outputs
-    assert check_gradients(norm_f, x, norm_vjp, mode="full", full_max=50).mode == "full"
+    assert (
+        check_gradients(norm_f, x, norm_vjp, mode="full", budgets=Budgets(full_max=50)).mode
+        == "full"
+    )
     with pytest.raises(NormgradError, match="limited to 49 inputs and outputs"):
-        check_gradients(norm_f, x, norm_vjp, mode="full", full_max=49)
+        check_gradients(norm_f, x, norm_vjp, mode="full", budgets=Budgets(full_max=49))
     with pytest.raises(NormgradError, match="limited to 49"):
-        assert_gradients(norm_f, x, norm_vjp, mode="full", full_max=49)
+        assert_gradients(norm_f, x, norm_vjp, mode="full", budgets=Budgets(full_max=49))
     # A large output counts too: 50 inputs, 200 outputs.
     with pytest.raises(NormgradError, match="200x50 Jacobian"):
-        check_gradients(lambda a: np.tile(a, 4), x, lambda a, g: 0 * a, mode="full", full_max=100)
+        check_gradients(
+            lambda a: np.tile(a, 4),
+            x,
+            lambda a, g: 0 * a,
+            mode="full",
+            budgets=Budgets(full_max=100),
+        )
 
 
 def test_auto_full_max_switches_the_mode() -> None:
     x = np.random.default_rng(3).standard_normal((10, 20))  # 200 inputs
     assert check_gradients(norm_f, x, norm_vjp).mode == "full"
-    assert check_gradients(norm_f, x, norm_vjp, auto_full_max=200).mode == "full"
-    assert check_gradients(norm_f, x, norm_vjp, auto_full_max=199).mode == "probe"
+    assert check_gradients(norm_f, x, norm_vjp, budgets=Budgets(auto_full_max=200)).mode == "full"
+    assert check_gradients(norm_f, x, norm_vjp, budgets=Budgets(auto_full_max=199)).mode == "probe"
     # `auto` never goes above full_max, whatever auto_full_max says.
-    capped = check_gradients(norm_f, x, norm_vjp, auto_full_max=5000, full_max=199)
+    capped = check_gradients(norm_f, x, norm_vjp, budgets={"auto_full_max": 5000, "full_max": 199})
     assert capped.mode == "probe" and capped.ok
 
 
@@ -85,7 +98,9 @@ def test_localize_budget_bounds_the_localization() -> None:
     evidence = found.diagnosis[0].evidence
     assert found.kinds == ["partial"] and evidence["indices"] == [(7, 3), (90, 99)]
     assert evidence["budget"] == LOCALIZE_BUDGET and evidence["evaluations"] > 60
-    short = check_gradients(norm_f, x, two_bad_elements, mode="probe", localize_budget=60)
+    short = check_gradients(
+        norm_f, x, two_bad_elements, mode="probe", budgets=Budgets(localize_budget=60)
+    )
     evidence = short.diagnosis[0].evidence
     assert short.kinds == ["partial"] and "budget ran out" in short.diagnosis[0].message
     assert evidence["budget"] == 60 and 0 < evidence["evaluations"] <= 60
@@ -97,6 +112,12 @@ def test_localize_budget_bounds_the_localization() -> None:
 def test_bad_budgets_raise(name, bad) -> None:
     x = np.ones(4)
     with pytest.raises(NormgradError, match=rf"{name} must be an int >= 1 .*got {bad!r}"):
-        check_gradients(lambda a: a, x, lambda a, g: g, **{name: bad})
+        check_gradients(lambda a: a, x, lambda a, g: g, budgets={name: bad})
     with pytest.raises(NormgradError, match=rf"{name} must be an int >= 1"):
-        assert_gradients(lambda a: a, x, lambda a, g: g, **{name: bad})
+        assert_gradients(lambda a: a, x, lambda a, g: g, budgets=Budgets(**{name: bad}))
+
+
+@pytest.mark.parametrize("bad", [8, {"probe": 8}, "probes=8"])
+def test_bad_budgets_argument_raises(bad) -> None:
+    with pytest.raises(NormgradError, match="budgets must be"):
+        check_gradients(lambda a: a, np.ones(4), lambda a, g: g, budgets=bad)

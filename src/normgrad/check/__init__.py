@@ -7,8 +7,9 @@ print(report)                            # verdict, errors, findings with hints
 report.ok, report.diagnosis[0].kind      # e.g. False, "diagonal"
 ```
 
-`PROBES`, `FULL_MAX`, `AUTO_FULL_MAX` and `LOCALIZE_BUDGET` are the defaults of the keywords
-`probes`, `full_max`, `auto_full_max` and `localize_budget`. See docs/checker.md for how it works.
+`budgets=Budgets(probes=..., full_max=..., auto_full_max=..., localize_budget=...)` bounds the
+work; `PROBES`, `FULL_MAX`, `AUTO_FULL_MAX` and `LOCALIZE_BUDGET` are its defaults. See
+docs/checker.md for how it works.
 """
 
 from ._catalogue import KINDS
@@ -17,6 +18,7 @@ from ._compare import (
     FULL_MAX,
     LOCALIZE_BUDGET,
     PROBES,
+    Budgets,
     assert_gradients,
     check_gradients,
 )
@@ -28,6 +30,7 @@ __all__ = [
     "KINDS",
     "LOCALIZE_BUDGET",
     "PROBES",
+    "Budgets",
     "Finding",
     "GradReport",
     "assert_gradients",

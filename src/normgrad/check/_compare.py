@@ -24,7 +24,7 @@ cannot confirm the requested accuracy). A NaN or Inf in the backward's dx always
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -46,7 +46,7 @@ from ._rules import Diagnosis, diagnose
 from ._target import F64, Evaluations, Target
 
 MODES = ("auto", "full", "probe")
-# The defaults of check_gradients' budget keywords (setting these names changes nothing):
+# The defaults of `Budgets` (check_gradients' `budgets=`; setting these names changes nothing):
 FULL_MAX = 2048  # full_max: most inputs (and outputs) for the dense Jacobian of mode="full"
 AUTO_FULL_MAX = 1024  # auto_full_max: mode="auto" builds the dense Jacobian up to this many inputs
 PROBES = 8  # probes: random directions in probe mode
@@ -54,12 +54,13 @@ LOCALIZE_BUDGET = 400  # localize_budget: evaluations of f for localizing bad el
 
 
 class Budgets(NamedTuple):
-    """How much work a check may do (see the keywords of `check_gradients`)."""
+    """How much work a check may do: `check_gradients(..., budgets=Budgets(probes=16))` (or a
+    dict of the same names). Each is a positive int."""
 
-    probes: int
-    full_max: int
-    auto_full_max: int
-    localize_budget: int
+    probes: int = PROBES  # random directions in probe mode
+    full_max: int = FULL_MAX  # most inputs and outputs for mode="full"
+    auto_full_max: int = AUTO_FULL_MAX  # mode="auto" is full up to this many inputs
+    localize_budget: int = LOCALIZE_BUDGET  # evaluations of f to localize bad elements
 
 
 _BUDGET_MEANING = {
@@ -97,10 +98,7 @@ def check_gradients(
     atol: float | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
-    probes: int = PROBES,
-    full_max: int = FULL_MAX,
-    auto_full_max: int = AUTO_FULL_MAX,
-    localize_budget: int = LOCALIZE_BUDGET,
+    budgets: Budgets | Mapping[str, int] | None = None,
 ) -> GradReport:
     """Compare a backward `vjp` with finite differences of `f` and say what is wrong.
 
@@ -123,13 +121,14 @@ def check_gradients(
       report.
     - `progress(done, total)`: called after each evaluation of `f` (keyword only); `total`
       is the planned number of evaluations and may grow (step refinement, localization).
-    - Budgets, positive ints: `probes=8`, `full_max=2048`, `auto_full_max=1024`, and
-      `localize_budget=400` evaluations of `f` for localizing bad elements in probe mode.
+    - `budgets`: a `Budgets` (or a dict of its names), positive ints: `probes=8`,
+      `full_max=2048`, `auto_full_max=1024`, and `localize_budget=400` evaluations of `f`
+      for localizing bad elements in probe mode.
 
     Returns a `GradReport`; `report.ok` is the verdict and `report.diagnosis` the findings.
     """
     _check_options(mode, rtol, atol, seed, progress, vjp)
-    budgets = _budgets(Budgets(probes, full_max, auto_full_max, localize_budget))
+    budgets = _budgets(budgets)
     t = Target(f, x, vjp, jvp, Evaluations(progress))
     fd = FiniteDifferences(t)
     # A stream of its own, so dy is not the very vector a user drew with default_rng(seed).
@@ -167,10 +166,7 @@ def assert_gradients(
     atol: float | None = None,
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
-    probes: int = PROBES,
-    full_max: int = FULL_MAX,
-    auto_full_max: int = AUTO_FULL_MAX,
-    localize_budget: int = LOCALIZE_BUDGET,
+    budgets: Budgets | Mapping[str, int] | None = None,
 ) -> GradReport:
     """`check_gradients`, raising `AssertionError` with the report's text when not ok."""
     report = check_gradients(
@@ -185,10 +181,7 @@ def assert_gradients(
         atol=atol,
         seed=seed,
         progress=progress,
-        probes=probes,
-        full_max=full_max,
-        auto_full_max=auto_full_max,
-        localize_budget=localize_budget,
+        budgets=budgets,
     )
     if not report.ok:
         raise AssertionError(str(report))
@@ -214,13 +207,24 @@ def _check_options(mode: str, rtol: Any, atol: Any, seed: Any, progress: Any, vj
         )
 
 
-def _budgets(given: Budgets) -> Budgets:
-    """Each budget must be an int >= 1."""
+def _budgets(given: Any) -> Budgets:
+    """`budgets=` as a `Budgets`: None (the defaults), a `Budgets` or a dict of its names;
+    each an int >= 1."""
+    if given is None:
+        return _BUDGET_DEFAULT
+    if not isinstance(given, Budgets):
+        unknown = set(given) - set(Budgets._fields) if isinstance(given, Mapping) else None
+        if unknown is None or unknown:
+            raise NormgradError(
+                f"budgets must be a normgrad.check.Budgets or a dict of {Budgets._fields}; got "
+                f"{given!r}. Pass e.g. budgets=Budgets(probes=16)."
+            )
+        given = Budgets(**given)
     for name, v, default in zip(Budgets._fields, given, _BUDGET_DEFAULT, strict=True):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
             raise NormgradError(
                 f"{name} must be an int >= 1 ({_BUDGET_MEANING[name]}); got {v!r}. Pass e.g. "
-                f"{name}={default}."
+                f"budgets=Budgets({name}={default})."
             )
     return Budgets(*(int(v) for v in given))
 
@@ -235,7 +239,7 @@ def _choose_mode(mode: str, t: Target, budgets: Budgets) -> str:
         raise NormgradError(
             f"mode='full' builds a dense {t.m}x{t.n} Jacobian with {4 * t.n} evaluations of f; "
             f"it is limited to {full_max} inputs and outputs. Use mode='probe' (or 'auto') for "
-            "large inputs, check a smaller input, or raise full_max=."
+            "large inputs, check a smaller input, or raise budgets=Budgets(full_max=...)."
         )
     return mode
 

@@ -62,6 +62,13 @@ def _group_at(g, kb):
 
 
 @njit(cache=True, inline="always")
+def _next_group(kk, kb):
+    """The `(k0, k1)` after `kk` (no division per group: one costs as much as its sums)."""
+    k0, k1 = kk
+    return (k0, k1 + 1) if k1 + 1 < kb else (k0 + 1, 0)
+
+
+@njit(cache=True, inline="always")
 def _piece(pos, hi, rb):
     """The run `r0` that flat position `pos` lies in, and its elements `[a, e)` below `hi`."""
     r0 = pos // rb
@@ -94,14 +101,15 @@ def _add_block(x, at, a, e, shift, acc):
     """Merge the two-pass moments of `x[at][a:e] - shift` (one in-cache block) into `acc`,
     `(count, mean, M2)`."""
     k0, r0, k1 = at
+    xs = x[k0, r0, k1, a:e]  # (loops from 0 over a slice: LLVM vectorizes them)
     s = 0.0
-    for j in range(a, e):
-        s += x[k0, r0, k1, j] - shift
-    nb = float(e - a)
+    for j in range(xs.size):
+        s += xs[j] - shift
+    nb = float(xs.size)
     mb = s / nb
     q = 0.0
-    for j in range(a, e):
-        d = (x[k0, r0, k1, j] - shift) - mb
+    for j in range(xs.size):
+        d = (xs[j] - shift) - mb
         q += d * d
     return chan_merge(acc[0], acc[1], acc[2], nb, mb, q)
 
@@ -113,21 +121,20 @@ def _write_y(io, at, a, e, mu, r, flags):
     x, w, b, y = io
     affine, stream = flags
     k0, r0, k1 = at
+    xs, ys = x[k0, r0, k1, a:e], y[k0, r0, k1, a:e]
+    n = xs.size
     if affine:
-        for j in range(a, e):
-            y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r) * w[k0, r0, k1, j] + b[k0, r0, k1, j]
+        ws, bs = w[k0, r0, k1, a:e], b[k0, r0, k1, a:e]
+        for j in range(n):
+            ys[j] = xhat(xs[j], mu, r) * ws[j] + bs[j]
         return
-    j0 = j1 = e
-    if stream:
-        xs, ys = x[k0, r0, k1, a:e], y[k0, r0, k1, a:e]
-        s0, s1 = stream_span(e - a, ys, xs, xs)
-        if s1 > s0:
-            stream_forward(xs, ys, s0, s1, (mu, r))
-        j0, j1 = a + s0, a + s1
-    for j in range(a, j0):  # everything when not streaming
-        y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r)
-    for j in range(j1, e):
-        y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r)
+    j0, j1 = stream_span(n, ys, xs, xs) if stream else (n, n)
+    if j1 > j0:
+        stream_forward(xs, ys, j0, j1, (mu, r))
+    for j in range(j0):  # everything when not streaming
+        ys[j] = xhat(xs[j], mu, r)
+    for j in range(j1, n):
+        ys[j] = xhat(xs[j], mu, r)
 
 
 @njit(cache=True, inline="always")
@@ -138,24 +145,28 @@ def _add_sums(io, acc, at, a, e, mu, r, flags):
     dwacc, dbacc, k = acc
     has_w, need_dw, need_db, _ = flags
     k0, r0, k1 = at
+    xs, ds = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e]
     sg = 0.0
     sgd = 0.0
     if has_w:
-        for j in range(a, e):
-            gj = dy[k0, r0, k1, j] * w[k0, r0, k1, j]
+        ws = w[k0, r0, k1, a:e]
+        for j in range(xs.size):
+            gj = ds[j] * ws[j]
             sg += gj
-            sgd += gj * (x[k0, r0, k1, j] - mu)
+            sgd += gj * (xs[j] - mu)
     else:
-        for j in range(a, e):
-            dj = np.float64(dy[k0, r0, k1, j])
+        for j in range(xs.size):
+            dj = np.float64(ds[j])
             sg += dj
-            sgd += dj * (x[k0, r0, k1, j] - mu)
+            sgd += dj * (xs[j] - mu)
     if need_dw:
-        for j in range(a, e):
-            dwacc[k, k0, r0, k1, j] += dy[k0, r0, k1, j] * xhat(x[k0, r0, k1, j], mu, r)
+        dws = dwacc[k, k0, r0, k1, a:e]
+        for j in range(xs.size):
+            dws[j] += ds[j] * xhat(xs[j], mu, r)
     if need_db:
-        for j in range(a, e):
-            dbacc[k, k0, r0, k1, j] += dy[k0, r0, k1, j]
+        dbs = dbacc[k, k0, r0, k1, a:e]
+        for j in range(xs.size):
+            dbs[j] += ds[j]
     return sg, sgd
 
 
@@ -167,22 +178,20 @@ def _write_dx(io, at, a, e, coef, flags):
     mu, r, mg, bt = coef
     has_w, _, _, stream = flags
     k0, r0, k1 = at
+    xs, ds, dxs = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], dx[k0, r0, k1, a:e]
+    n = xs.size
     if has_w:
-        for j in range(a, e):
-            gj = dy[k0, r0, k1, j] * w[k0, r0, k1, j]
-            dx[k0, r0, k1, j] = gradient(gj, x[k0, r0, k1, j] - mu, r, mg, bt)
+        ws = w[k0, r0, k1, a:e]
+        for j in range(n):
+            dxs[j] = gradient(ds[j] * ws[j], xs[j] - mu, r, mg, bt)
         return
-    j0 = j1 = e
-    if stream:
-        xs, ds, dxs = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], dx[k0, r0, k1, a:e]
-        s0, s1 = stream_span(e - a, dxs, xs, ds)
-        if s1 > s0:
-            stream_backward(xs, ds, dxs, s0, s1, coef)
-        j0, j1 = a + s0, a + s1
-    for j in range(a, j0):  # everything when not streaming
-        dx[k0, r0, k1, j] = gradient(dy[k0, r0, k1, j], x[k0, r0, k1, j] - mu, r, mg, bt)
-    for j in range(j1, e):
-        dx[k0, r0, k1, j] = gradient(dy[k0, r0, k1, j], x[k0, r0, k1, j] - mu, r, mg, bt)
+    j0, j1 = stream_span(n, dxs, xs, ds) if stream else (n, n)
+    if j1 > j0:
+        stream_backward(xs, ds, dxs, j0, j1, coef)
+    for j in range(j0):  # everything when not streaming
+        dxs[j] = gradient(ds[j], xs[j] - mu, r, mg, bt)
+    for j in range(j1, n):
+        dxs[j] = gradient(ds[j], xs[j] - mu, r, mg, bt)
 
 
 # --- spans: flat ranges of one group, walked run by run -------------------------------------------
@@ -254,30 +263,94 @@ def _finish_stats(x, k0, k1, moments, op):
 
 
 @njit(cache=True, inline="always")
-def _forward_group(io, g, op, stats, flags):
-    """Statistics, `rstd` and `y` of group `g`, whole (both passes while it is in cache)."""
-    x = io[0]
-    _, ra, kb, rb = x.shape
-    k0, k1 = _group_at(g, kb)
-    shift = np.float64(x[k0, 0, k1, 0])
-    mu, v, r = _finish_stats(x, k0, k1, _span_stats(x, k0, k1, 0, ra * rb, shift), op)
-    stats[0, g] = mu
-    stats[1, g] = v
-    stats[2, g] = r
-    _span_y(io, k0, k1, 0, ra * rb, mu, r, flags)
+def _run_stats(x, at, rb, shift):
+    """`(count, mean, M2)` of `x - shift` over one whole run, block by block."""
+    acc = (0.0, 0.0, 0.0)
+    s = 0
+    while s < rb:
+        e = min(rb, s + BLOCK)
+        acc = _add_block(x, at, s, e, shift, acc)
+        s = e
+    return acc
 
 
 @njit(cache=True, inline="always")
-def _backward_group(io, acc, g, stats, m, flags):
-    """Sums and `dx` of group `g`, whole; `stats = (mean, rstd, c)` per group."""
+def _forward_run(io, g, kk, op, stats, flags):
+    """Statistics, `rstd` and `y` of group `g = (k0, k1)` made of one run (rows, instances,
+    whole)."""
+    x = io[0]
+    k0, k1 = kk
+    at = (k0, 0, k1)
+    moments = _run_stats(x, at, x.shape[3], np.float64(x[k0, 0, k1, 0]))
+    stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, k0, k1, moments, op)
+    _write_y(io, at, 0, x.shape[3], stats[0, g], stats[2, g], flags)
+
+
+@njit(cache=True, inline="always")
+def _forward_span(io, g, kk, op, stats, flags):
+    """Statistics, `rstd` and `y` of group `g = (k0, k1)` of several runs, walked as a span."""
+    x = io[0]
+    _, ra, _, rb = x.shape
+    k0, k1 = kk
+    moments = _span_stats(x, k0, k1, 0, ra * rb, np.float64(x[k0, 0, k1, 0]))
+    stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, k0, k1, moments, op)
+    _span_y(io, k0, k1, 0, ra * rb, stats[0, g], stats[2, g], flags)
+
+
+@njit(cache=True, inline="always")
+def _forward_range(io, i0, i1, op, stats, flags):
+    """Groups `[i0, i1)`, each whole (both passes while it is in cache). The layout's
+    branch is taken once, outside the loop over groups: inside it, it kept LLVM from
+    optimizing the group's loops (docs/performance.md, "Compilation")."""
+    kb = io[0].shape[2]
+    kk = _group_at(i0, kb)
+    if io[0].shape[1] == 1:
+        for g in range(i0, i1):
+            _forward_run(io, g, kk, op, stats, flags)
+            kk = _next_group(kk, kb)
+    else:
+        for g in range(i0, i1):
+            _forward_span(io, g, kk, op, stats, flags)
+            kk = _next_group(kk, kb)
+
+
+@njit(cache=True, inline="always")
+def _backward_run(io, acc, g, kk, stats, m, flags):
+    """Sums and `dx` of group `g = (k0, k1)` made of one run; `stats = (mean, rstd, c)`."""
     mean, rs, c = stats
-    _, ra, kb, rb = io[0].shape
-    k0, k1 = _group_at(g, kb)
+    rb = io[0].shape[3]
+    k0, k1 = kk
     mu, r = mean[g], rs[g]
-    n = ra * rb
-    sg, sgd = _span_sums(io, acc, k0, k1, 0, n, mu, r, flags)
-    mg, bt = backward_coefficients(sg, sgd, n, m, r, c[g])
-    _span_dx(io, k0, k1, 0, n, (mu, r, mg, bt), flags)
+    sg, sgd = _add_sums(io, acc, (k0, 0, k1), 0, rb, mu, r, flags)
+    mg, bt = backward_coefficients(sg, sgd, rb, m, r, c[g])
+    _write_dx(io, (k0, 0, k1), 0, rb, (mu, r, mg, bt), flags)
+
+
+@njit(cache=True, inline="always")
+def _backward_span(io, acc, g, kk, stats, m, flags):
+    """Sums and `dx` of group `g = (k0, k1)` of several runs, walked as a span."""
+    mean, rs, c = stats
+    _, ra, _, rb = io[0].shape
+    k0, k1 = kk
+    mu, r = mean[g], rs[g]
+    sg, sgd = _span_sums(io, acc, k0, k1, 0, ra * rb, mu, r, flags)
+    mg, bt = backward_coefficients(sg, sgd, ra * rb, m, r, c[g])
+    _span_dx(io, k0, k1, 0, ra * rb, (mu, r, mg, bt), flags)
+
+
+@njit(cache=True, inline="always")
+def _backward_range(io, acc, i0, i1, stats, m, flags):
+    """Groups `[i0, i1)`, each whole; the layout's branch outside the loop, as forward."""
+    kb = io[0].shape[2]
+    kk = _group_at(i0, kb)
+    if io[0].shape[1] == 1:
+        for g in range(i0, i1):
+            _backward_run(io, acc, g, kk, stats, m, flags)
+            kk = _next_group(kk, kb)
+    else:
+        for g in range(i0, i1):
+            _backward_span(io, acc, g, kk, stats, m, flags)
+            kk = _next_group(kk, kb)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
@@ -285,45 +358,41 @@ def forward_small(xin, yin, stats_in, shape4, op):
     """The whole forward of a small C-contiguous input on one thread, no affine parameters
     (`xin`, `yin` of any shape, viewed here as `shape4`; `stats_in` as (3, groups))."""
     x = xin.reshape(shape4)
-    y = yin.reshape(shape4)
     stats = stats_in.reshape((3, shape4[0] * shape4[2]))
-    for g in range(stats.shape[1]):
-        _forward_group((x, x, x, y), g, op, stats, (False, False))
+    _forward_range((x, x, x, yin.reshape(shape4)), 0, stats.shape[1], op, stats, (False, False))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def backward_small(xin, dyin, dxin, shape4, stats, m):
+def backward_small(xin, dyin, dxin, shape4, mean, rstd_, c, m):
     """The whole backward of a small C-contiguous input on one thread, no affine
-    parameters; `stats = (mean, rstd, c)` flat per group."""
+    parameters; `mean`, `rstd_`, `c` flat per group (apart, not as a tuple: tuples cost
+    the call from Python a little more)."""
     x = xin.reshape(shape4)
-    dy = dyin.reshape(shape4)
-    dx = dxin.reshape(shape4)
-    acc = (np.zeros((1, 1, 1, 1, 1)), np.zeros((1, 1, 1, 1, 1)), 0)  # never used
-    for g in range(stats[0].size):
-        _backward_group((x, dy, x, dx), acc, g, stats, m, (False, False, False, False))
+    io = (x, dyin.reshape(shape4), x, dxin.reshape(shape4))
+    none = dxin.reshape((1, 1, 1, 1, dxin.size))  # stands in for dweight/dbias sums (writable)
+    flags = (False, False, False, False)
+    _backward_range(io, (none, none, 0), 0, mean.size, (mean, rstd_, c), m, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
 def forward_groups(claim, io, op, stats, flags):
-    """Groups as items, each whole: `_forward_group` on the claimed ranges."""
+    """Groups as items, each whole, on the claimed ranges."""
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
             return
-        for g in range(i0, i1):
-            _forward_group(io, g, op, stats, flags)
+        _forward_range(io, i0, i1, op, stats, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
 def backward_groups(claim, io, acc, stats, m, flags):
-    """Groups as items, each whole: `_backward_group`, dweight/dbias sums per chunk."""
+    """Groups as items, each whole, dweight/dbias sums per chunk."""
     dwacc, dbacc, _ = acc
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
             return
-        for g in range(i0, i1):
-            _backward_group(io, (dwacc, dbacc, k), g, stats, m, flags)
+        _backward_range(io, (dwacc, dbacc, k), i0, i1, stats, m, flags)
 
 
 # --- split groups: chunks of groups, partial sums, a barrier, the merge, the second pass ---------

@@ -40,20 +40,19 @@ def new_output(shape: tuple[int, ...], dtype: Any, nbytes: int) -> tuple[np.ndar
 
 def _output(x: np.ndarray, plan: Any, dtype: Any, out: Any) -> tuple[np.ndarray, Any, bool]:
     """`(output, its block view, stream)`: `out` as given, or a new array of x's shape whose
-    memory order follows x's (C order for C input)."""
+    memory order follows x's (C order for C input); kernel outputs have x's dtype."""
     lay, out4 = plan.layout, plan.views[3]
     if out is not None:
         return out, out4, streams(out)
-    itemsize = np.dtype(dtype).itemsize
-    buf, stream = new_output(lay.new_shape, dtype, x.size * itemsize)
+    buf, stream = new_output(lay.new_shape, dtype, x.nbytes)
     y = buf.transpose(lay.new_perm)
     return y, _layout.view4(y, lay), stream
 
 
-def _planned_output(x: np.ndarray, dtype: Any, out: Any) -> tuple[np.ndarray, bool]:
+def _planned_output(x: np.ndarray, out: Any) -> tuple[np.ndarray, bool]:
     if out is not None:
         return out, streams(out)
-    return new_output(x.shape, dtype, x.size * np.dtype(dtype).itemsize)
+    return new_output(x.shape, x.dtype, x.nbytes)
 
 
 # --- forward -------------------------------------------------------------------------------------
@@ -61,7 +60,7 @@ def _planned_output(x: np.ndarray, dtype: Any, out: Any) -> tuple[np.ndarray, bo
 
 def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
     cp = plan.layout
-    y = _planned_output(x, x.dtype, out)[0]  # (small: never streamed)
+    y = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out  # (never streamed)
     st = np.empty(cp.stats)  # mean, var, rstd, each keepdims
     _loops.forward_small(x, y, st, cp.shape4, plan.op)
     return y, st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
@@ -69,7 +68,7 @@ def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
 
 def forward_native(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
     cp = plan.layout
-    y, stream = _planned_output(x, x.dtype, out)
+    y, stream = _planned_output(x, out)
     st = np.empty(cp.stats)
     groups = cp.shape4[0] * cp.shape4[2]
     parts = np.empty((2, groups * cp.nc)) if cp.nc > 1 else _NO_PARTS
@@ -128,15 +127,15 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
 
 def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
     x = ctx.x
-    dx = _planned_output(x, ctx.dtype, out)[0]
-    stats = (ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1))
-    _loops.backward_small(x, dy, dx, plan.layout.shape4, stats, plan.op[2])
+    dx = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out
+    mean, rstd, cg = ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1)
+    _loops.backward_small(x, dy, dx, plan.layout.shape4, mean, rstd, cg, plan.op[2])
     return dx, None, None
 
 
 def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
     x, cp = ctx.x, plan.layout
-    dx, stream = _planned_output(x, ctx.dtype, out)
+    dx, stream = _planned_output(x, out)
     groups = cp.shape4[0] * cp.shape4[2]
     parts = np.empty((2, groups * cp.nc)) if cp.nc > 1 else _NO_PARTS
     stats = tuple(np.ascontiguousarray(v.reshape(-1)) for v in (ctx.mean, ctx.rstd, c))
