@@ -298,20 +298,34 @@ def _forward_span(io, g, kk, op, stats, flags):
 
 
 @njit(cache=True, inline="always")
-def _forward_range(io, i0, i1, op, stats, flags):
-    """Groups `[i0, i1)`, each whole (both passes while it is in cache). The layout's
-    branch is taken once, outside the loop over groups: inside it, it kept LLVM from
-    optimizing the group's loops (docs/performance.md, "Compilation")."""
+def _forward_runs(io, i0, i1, op, stats, flags):
+    """Groups `[i0, i1)` of one run each, whole (both passes while the group is in cache)."""
     kb = io[0].shape[2]
     kk = _group_at(i0, kb)
+    for g in range(i0, i1):
+        _forward_run(io, g, kk, op, stats, flags)
+        kk = _next_group(kk, kb)
+
+
+@njit(cache=True, inline="always")
+def _forward_spans(io, i0, i1, op, stats, flags):
+    """Groups `[i0, i1)` of several runs each, whole."""
+    kb = io[0].shape[2]
+    kk = _group_at(i0, kb)
+    for g in range(i0, i1):
+        _forward_span(io, g, kk, op, stats, flags)
+        kk = _next_group(kk, kb)
+
+
+@njit(cache=True, inline="always")
+def _forward_range(io, i0, i1, op, stats, flags):
+    """Groups `[i0, i1)`, each whole. The layout's branch is taken once, outside the loop
+    over groups: inside it, it kept LLVM from optimizing the group's loops
+    (docs/performance.md, "Code shape")."""
     if io[0].shape[1] == 1:
-        for g in range(i0, i1):
-            _forward_run(io, g, kk, op, stats, flags)
-            kk = _next_group(kk, kb)
+        _forward_runs(io, i0, i1, op, stats, flags)
     else:
-        for g in range(i0, i1):
-            _forward_span(io, g, kk, op, stats, flags)
-            kk = _next_group(kk, kb)
+        _forward_spans(io, i0, i1, op, stats, flags)
 
 
 @njit(cache=True, inline="always")
@@ -339,39 +353,73 @@ def _backward_span(io, acc, g, kk, stats, m, flags):
 
 
 @njit(cache=True, inline="always")
-def _backward_range(io, acc, i0, i1, stats, m, flags):
-    """Groups `[i0, i1)`, each whole; the layout's branch outside the loop, as forward."""
+def _backward_runs(io, acc, i0, i1, stats, m, flags):
     kb = io[0].shape[2]
     kk = _group_at(i0, kb)
+    for g in range(i0, i1):
+        _backward_run(io, acc, g, kk, stats, m, flags)
+        kk = _next_group(kk, kb)
+
+
+@njit(cache=True, inline="always")
+def _backward_spans(io, acc, i0, i1, stats, m, flags):
+    kb = io[0].shape[2]
+    kk = _group_at(i0, kb)
+    for g in range(i0, i1):
+        _backward_span(io, acc, g, kk, stats, m, flags)
+        kk = _next_group(kk, kb)
+
+
+@njit(cache=True, inline="always")
+def _backward_range(io, acc, i0, i1, stats, m, flags):
+    """Groups `[i0, i1)`, each whole; the layout's branch outside the loop, as forward."""
     if io[0].shape[1] == 1:
-        for g in range(i0, i1):
-            _backward_run(io, acc, g, kk, stats, m, flags)
-            kk = _next_group(kk, kb)
+        _backward_runs(io, acc, i0, i1, stats, m, flags)
     else:
-        for g in range(i0, i1):
-            _backward_span(io, acc, g, kk, stats, m, flags)
-            kk = _next_group(kk, kb)
+        _backward_spans(io, acc, i0, i1, stats, m, flags)
+
+
+# The small kernels: the whole call of a small C-contiguous input on one thread, no affine
+# parameters (`xin`, `yin`/`dxin`, `stats_in` of any shape, viewed here as `shape4`, (3,
+# groups)). One kernel for groups of one run, one for several, so that a first call
+# compiles only the one it needs (both in one kernel compiled twice as long).
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def forward_small(xin, yin, stats_in, shape4, op):
-    """The whole forward of a small C-contiguous input on one thread, no affine parameters
-    (`xin`, `yin` of any shape, viewed here as `shape4`; `stats_in` as (3, groups))."""
+def forward_small_runs(xin, yin, stats_in, shape4, op):
     x = xin.reshape(shape4)
     stats = stats_in.reshape((3, shape4[0] * shape4[2]))
-    _forward_range((x, x, x, yin.reshape(shape4)), 0, stats.shape[1], op, stats, (False, False))
+    _forward_runs((x, x, x, yin.reshape(shape4)), 0, stats.shape[1], op, stats, (False, False))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def backward_small(xin, dyin, dxin, shape4, mean, rstd_, c, m):
-    """The whole backward of a small C-contiguous input on one thread, no affine
-    parameters; `mean`, `rstd_`, `c` flat per group (apart, not as a tuple: tuples cost
-    the call from Python a little more)."""
+def forward_small_spans(xin, yin, stats_in, shape4, op):
     x = xin.reshape(shape4)
-    io = (x, dyin.reshape(shape4), x, dxin.reshape(shape4))
-    none = dxin.reshape((1, 1, 1, 1, dxin.size))  # stands in for dweight/dbias sums (writable)
+    stats = stats_in.reshape((3, shape4[0] * shape4[2]))
+    _forward_spans((x, x, x, yin.reshape(shape4)), 0, stats.shape[1], op, stats, (False, False))
+
+
+@njit(cache=True, inline="always")
+def _small_backward_args(xin, dyin, dxin, shape4):
+    """The io and the (never used, writable) dweight/dbias stand-ins of a small backward."""
+    x = xin.reshape(shape4)
+    none = dxin.reshape((1, 1, 1, 1, dxin.size))
+    return (x, dyin.reshape(shape4), x, dxin.reshape(shape4)), (none, none, 0)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def backward_small_runs(xin, dyin, dxin, shape4, mean, rstd_, c, m):
+    """`mean`, `rstd_`, `c` flat per group (apart: a tuple costs the call from Python more)."""
+    io, acc = _small_backward_args(xin, dyin, dxin, shape4)
     flags = (False, False, False, False)
-    _backward_range(io, (none, none, 0), 0, mean.size, (mean, rstd_, c), m, flags)
+    _backward_runs(io, acc, 0, mean.size, (mean, rstd_, c), m, flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def backward_small_spans(xin, dyin, dxin, shape4, mean, rstd_, c, m):
+    io, acc = _small_backward_args(xin, dyin, dxin, shape4)
+    flags = (False, False, False, False)
+    _backward_spans(io, acc, 0, mean.size, (mean, rstd_, c), m, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)

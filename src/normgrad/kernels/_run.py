@@ -62,7 +62,8 @@ def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     cp = plan.layout
     y = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out  # (never streamed)
     st = np.empty(cp.stats)  # mean, var, rstd, each keepdims
-    _loops.forward_small(x, y, st, cp.shape4, plan.op)
+    kernel = _loops.forward_small_runs if cp.runs_per_group == 1 else _loops.forward_small_spans
+    kernel(x, y, st, cp.shape4, plan.op)
     return y, st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
 
 
@@ -129,7 +130,9 @@ def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     x = ctx.x
     dx = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out
     mean, rstd, cg = ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1)
-    _loops.backward_small(x, dy, dx, plan.layout.shape4, mean, rstd, cg, plan.op[2])
+    cp = plan.layout
+    kernel = _loops.backward_small_runs if cp.runs_per_group == 1 else _loops.backward_small_spans
+    kernel(x, dy, dx, cp.shape4, mean, rstd, cg, plan.op[2])
     return dx, None, None
 
 
