@@ -99,21 +99,30 @@ def forward(
     x: Any, axes: Axes, eps: Any, eps_mode: Any, ddof: Any, weight: Any, bias: Any, out: Any
 ) -> tuple[Spec, Any, Any, Plan]:
     """Validate a forward call and choose its path: `(spec, weight, bias, plan)`."""
-    if type(x) is np.ndarray and weight is None and bias is None:
-        hit = _planned_forward(x, axes, eps, eps_mode, ddof, out)
+    if type(x) is np.ndarray and _plain(weight) and _plain(bias):
+        hit = _planned_forward(x, axes, (eps, eps_mode, ddof), (weight, bias), out)
         if hit is not None:
-            return hit[0], None, None, hit[1]
+            return hit[0], weight, bias, hit[1]
     spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias)
     check_out(spec.xp, out, x, spec.dtype, x)
     return spec, w, b, _choose(x, spec, (w, b), out, None)
 
 
+def _plain(p: Any) -> bool:
+    return p is None or type(p) is np.ndarray
+
+
+def _param_key(p: np.ndarray | None) -> Any:
+    return None if p is None else (p.shape, p.dtype)
+
+
 def _planned_forward(
-    x: np.ndarray, axes: Axes, eps: Any, eps_mode: Any, ddof: Any, out: Any
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any], params: Any, out: Any
 ) -> tuple[Spec, Plan] | None:
     """The small and native paths' calls, validated and planned once per call signature
     (the small calls' budget is microseconds); `out` is checked on every call. None where
-    another path (or the general validation) takes the call."""
+    another path (or the general validation) takes the call. `options = (eps, eps_mode,
+    ddof)`, `params = (weight, bias)` (NumPy arrays or None)."""
     flags = x.flags
     if not (flags.c_contiguous and flags.aligned):  # (native jobs view aligned memory)
         return None
@@ -122,12 +131,14 @@ def _planned_forward(
         return None
     if type(axes) is tuple and any(type(a) is not int for a in axes):
         return None  # (True,) == (1,): keys must not mix what validation tells apart
-    key = (x.shape, x.dtype, axes, type(axes), eps, type(eps), eps_mode, ddof, type(ddof), mode)
+    eps, eps_mode, ddof = options
+    key = (x.shape, x.dtype, axes, type(axes), eps, type(eps), eps_mode, ddof, type(ddof),
+           mode, _param_key(params[0]), _param_key(params[1]))  # fmt: skip
     planned = _runtime.STATE.planned
     try:
         entry = planned[key]
     except KeyError:
-        entry = _plan_call(x, axes, eps, eps_mode, ddof, mode)
+        entry = _plan_call(x, axes, options, params, mode)
         if len(planned) >= _runtime.PLANNED_MAX:
             planned.clear()
         planned[key] = entry
@@ -143,32 +154,32 @@ def _planned_forward(
 
 
 def _plan_call(
-    x: np.ndarray, axes: Axes, eps: Any, eps_mode: Any, ddof: Any, mode: str
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any], params: Any, mode: str
 ) -> tuple[Spec, Plan] | None:
     """Validate (raising as the general path would) and plan a cacheable call."""
-    spec, _, _ = validate(x, axes, eps, eps_mode, ddof, None, None)
+    spec, _, _ = validate(x, axes, *options, *params)
     if _not_kernel_array(x) is not None or _runtime.kernels() is None:
         return None
-    plan = _planned(x, spec, mode)
+    plan = _planned(x, spec, mode, params)
     return None if plan is None else (spec, plan)
 
 
-def _planned(x: np.ndarray, spec: Spec, mode: str) -> Plan | None:
-    """The small or native plan of a C-contiguous aligned input without affine parameters
-    (checked by the caller), or None."""
-    from .kernels._layout import call_plan
+def _planned(x: np.ndarray, spec: Spec, mode: str, params: Any) -> Plan | None:
+    """The small or native plan of a C-contiguous aligned input (checked by the caller)
+    whose blocks a reshape gives and whose affine parameters fit them, or None."""
+    from .kernels._layout import call_plan, table
 
     cp = call_plan(x.shape, spec.axes)
-    if cp is None:
+    if cp is None or any(table(p, x, cp.layout, True) is None for p in params if p is not None):
         return None
     op = (spec.eps, spec.inside, spec.m)
     settings = _runtime.STATE.settings
     small = x.size <= settings.small_max_size
     if (small and mode != "native") or mode == "small":
-        return Plan("small", "a C-contiguous input without affine parameters", cp, None, op)
+        return Plan("small", "a C-contiguous input whose blocks a reshape gives", cp, None, op)
     large_sweep = cp.runs_per_group > 1 and x.nbytes >= settings.sweep_min_bytes
     if mode == "native" or not large_sweep:
-        why = "a C-contiguous input without affine parameters, above the small size"
+        why = "a C-contiguous input whose blocks a reshape gives, above the small size"
         return Plan("native", why, cp, None, op, (cp.nc, cp.threads))
     return None
 
@@ -188,7 +199,7 @@ def _choose(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, dy: Any) -> P
     if mode == "auto" and x.size < _runtime.STATE.settings.kernel_min_size:
         return Plan("generic", "below kernel_min_size the generic path is as fast")
     if mode in ("small", "native"):
-        why = f"the {mode} kernels take C-contiguous inputs without affine parameters only"
+        why = f"the {mode} kernels take C-contiguous aligned inputs whose blocks a reshape gives"
         return Plan("generic", why)
     return _blocked(x, spec, params, out, mode)
 
@@ -201,8 +212,8 @@ def _blocked(x: np.ndarray, spec: Spec, params: tuple[Any, Any], out: Any, mode:
     lay = _layout.plan(x, spec.axes, params)
     if lay is None:
         return Plan("generic", "the layout needs more than two blocks of kept or reduced axes")
-    w = _layout.param(params[0], x, lay, True)
-    b = _layout.param(params[1], x, lay, False)
+    w = _layout.table(params[0], x, lay, True)
+    b = _layout.table(params[1], x, lay, False)
     if w is None or b is None:
         return Plan("generic", "weight or bias varies over part of a block of merged axes")
     x4 = _layout.view4(x, lay)
@@ -234,7 +245,7 @@ def _not_kernel_array(x: Any) -> str | None:
 def backward(ctx: Any, dy: Any, out: Any) -> Plan:
     """The path of `normalize_backward(ctx, dy, out=out)` (arguments checked)."""
     x = ctx.x
-    if ctx.weight is None and ctx.bias is None and type(x) is np.ndarray:
+    if type(x) is np.ndarray and _plain(ctx.weight) and _plain(ctx.bias):
         plan = _planned_backward(ctx, dy, out)
         if plan is not None:
             return plan
@@ -243,8 +254,8 @@ def backward(ctx: Any, dy: Any, out: Any) -> Plan:
 
 
 def _planned_backward(ctx: Any, dy: Any, out: Any) -> Plan | None:
-    """The small or native backward of a context without affine parameters: C-contiguous
-    aligned x, dy (float32/float64) and out; native jobs also need dy in x's dtype."""
+    """The small or native backward: C-contiguous aligned x, dy (float32/float64) and out;
+    native jobs also need dy in x's dtype."""
     x = ctx.x
     if type(dy) is not np.ndarray or _not_kernel_array(x) is not None:
         return None
@@ -258,12 +269,15 @@ def _planned_backward(ctx: Any, dy: Any, out: Any) -> Plan | None:
     mode = _runtime.kernel_mode()
     if mode not in _PLANNED_MODES:
         return None
-    key = ("backward", x.shape, x.dtype, ctx.axes, ctx.eps, ctx.eps_mode, ctx.ddof, mode)
+    params = (ctx.weight, ctx.bias)
+    key = ("backward", x.shape, x.dtype, ctx.axes, ctx.eps, ctx.eps_mode, ctx.ddof, mode,
+           _param_key(params[0]), _param_key(params[1]))  # fmt: skip
     planned = _runtime.STATE.planned
     try:
         plan = planned[key]
     except KeyError:
-        plan = None if _runtime.kernels() is None else _planned(x, _spec_of(ctx), mode)
+        kernels = _runtime.kernels() is not None
+        plan = _planned(x, _spec_of(ctx), mode, params) if kernels else None
         if len(planned) >= _runtime.PLANNED_MAX:
             planned.clear()
         planned[key] = plan

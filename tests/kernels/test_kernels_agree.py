@@ -90,14 +90,36 @@ def test_options_agree(rng, dtype, eps_mode, ddof, path):
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_affine_agrees(rng, shape, axes, wshape, dtype):
+@PATHS
+def test_affine_agrees(rng, shape, axes, wshape, dtype, path):
+    """Every parameter layout (per position, per channel, per group, scalar, full-shaped)
+    on every kernel path: the generic path's results, dweight and dbias included."""
     x = rng.normal(size=shape).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
     w = (rng.normal(size=wshape) + 1).astype(dtype)
     b = rng.normal(size=wshape).astype(dtype)
-    check(x, axes, dy, weight=w, bias=b)
-    check(x, axes, dy, weight=w)
-    check(x, axes, dy, bias=b)
+    check(x, axes, dy, path=path, weight=w, bias=b)
+    check(x, axes, dy, path=path, weight=w)
+    check(x, axes, dy, path=path, bias=b)
+
+
+@pytest.mark.parametrize(
+    ("shape", "wshape", "path"),
+    [((64, 768), (768,), "small"), ((512, 768), (768,), "native"), ((8, 16, 20), (20,), "small")],
+)
+def test_affine_calls_take_the_planned_kernels(rng, shape, wshape, path):
+    """C-contiguous inputs with a weight and bias that fit the blocks take the small and
+    native kernels as calls without them do (in auto mode), and the planned calls' cache
+    tells calls apart by their parameters' shapes."""
+    x = rng.normal(size=shape)
+    w, b = rng.normal(size=wshape), rng.normal(size=wshape)
+    with testing.record_paths() as seen:
+        _, ctx = ng.normalize_forward(x, -1, weight=w, bias=b)
+        ng.normalize_backward(ctx, x)
+        ng.normalize_forward(x, -1, weight=w[None])  # another shape of the same values
+    assert seen == [("forward", path), ("backward", path), ("forward", path)]
+    with pytest.raises(NormgradError, match="broadcast"):
+        ng.normalize(x, -1, weight=w[:-1])
 
 
 def test_partial_affine_broadcast_falls_back(rng):
@@ -259,11 +281,11 @@ def test_sweep_kernels_threaded(rng, shape, axes, wshape, dtype):
     dy = rng.normal(size=shape).astype(dtype)
     w = rng.normal(size=wshape) + 1
     b = rng.normal(size=wshape)
-    with testing.record_paths() as seen:
-        check(x, axes, dy, weight=w, bias=b)
+    with testing.settings(sweep_min_bytes=0), testing.record_paths() as seen:
+        check(x, axes, dy, weight=w, bias=b)  # (planned calls sweep from sweep_min_bytes)
     assert seen[:2] == [("forward", "sweep"), ("backward", "sweep")]
     check(x, axes, dy)
-    with ng.use_kernels(True):
+    with ng.use_kernels("sweep"):
         y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
         g = ng.normalize_backward(ctx, dy)
         for _ in range(3):
@@ -296,7 +318,7 @@ def test_split_groups_in_one_job(rng, shape, axes, wshape, dtype):
     w = rng.normal(size=wshape).astype(dtype)
     b = rng.normal(size=wshape).astype(dtype)
     plan = ng.plan_forward(x, axes, weight=w, bias=b)
-    assert plan.path == "blocked" and plan.threads[0] > 1  # split: the case under test
+    assert plan.path in ("native", "blocked") and plan.threads[0] > 1  # split: under test
     check(x, axes, dy, weight=w, bias=b)
     with ng.use_kernels(True):
         runs = []
@@ -319,8 +341,9 @@ def test_split_job_alone_matches_two_threads(rng):
     for threads in (1, 2):
         stats, y, pm = np.empty((3, 1)), np.empty_like(x), np.empty((2, items))
         phase = _pool.phase_ctl(nchunks, 2)
-        io, op, flags = (x, x, x, y), (1e-5, True, float(x.size)), (False, False)
-        args = (phase, (counts, pm[0], pm[1]), io, op, stats, flags)
+        io, op, flags = (x, y), (1e-5, True, float(x.size)), (False, False)
+        par = (np.ones((1, 1)), np.zeros((1, 1)), (0, 0, 0), (0, 0, 0))
+        args = (phase, (counts, pm[0], pm[1]), io, par, op, stats, flags)
         _pool.run(_loops.forward_split, items, threads, args, nchunks)
         assert phase[_pool.DONE] == nchunks
         out.append((stats, y))

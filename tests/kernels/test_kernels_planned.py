@@ -280,8 +280,9 @@ def _seg_both(xs, ds, ys, dxs, coef, stream):
     n = xs.size
     x4, d4 = xs.reshape((1, 1, 1, n)), ds.reshape((1, 1, 1, n))
     y4, dx4 = ys.reshape((1, 1, 1, n)), dxs.reshape((1, 1, 1, n))
-    _loops._write_y((x4, x4, x4, y4), (0, 0, 0), 0, n, coef[0], coef[1], (False, stream))
-    _loops._write_dx((x4, d4, x4, dx4), (0, 0, 0), 0, n, coef, (False, False, False, stream))
+    par = (np.ones((1, 1)), np.zeros((1, 1)), (0, 0, 0), (0, 0, 0))
+    _loops._write_y((x4, y4), par, (0, 0, 0), 0, n, (coef[0], coef[1]), (False, stream))
+    _loops._write_dx((x4, d4, dx4), par, (0, 0, 0), 0, n, coef, (False, False, False, stream))
 
 
 @pytest.mark.parametrize(("xdt", "ddt"), [("f4", "f4"), ("f8", "f8"), ("f4", "f8")])

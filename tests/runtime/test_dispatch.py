@@ -31,12 +31,14 @@ def test_env_and_context_select_the_path(rng, monkeypatch):
     with ng.use_kernels(False):
         assert _paths(lambda: ng.normalize(x)) == ["generic"]
     with ng.use_kernels("auto"):
-        # affine, below kernel_min_size: generic; without affine: the small kernels
-        assert _paths(lambda: ng.normalize(x, -1, weight=w)) == ["generic"]
+        # strided, below kernel_min_size: generic; C-contiguous: the small kernels
+        assert _paths(lambda: ng.normalize(x.T, -1, weight=w[:4])) == ["generic"]
+        assert _paths(lambda: ng.normalize(x, -1, weight=w)) == ["small"]
         assert _paths(lambda: ng.normalize(x)) == ["small"]
     monkeypatch.setattr(_runtime.STATE, "env_mode", None)
-    monkeypatch.setenv("NORMGRAD_KERNELS", "1")
-    assert _paths(lambda: ng.normalize(x, -1, weight=w)) == ["blocked"]
+    monkeypatch.setenv("NORMGRAD_KERNELS", "1")  # a kernel at every size, strided included
+    assert _paths(lambda: ng.normalize(x, -1, weight=w)) == ["small"]
+    assert _paths(lambda: ng.normalize(x.T, -1, weight=w[:4])) == ["blocked"]
     monkeypatch.setattr(_runtime.STATE, "env_mode", None)
     monkeypatch.setenv("NORMGRAD_KERNELS", "sweep")  # path names work there too
     assert _paths(lambda: ng.normalize(x, -1)) == ["generic"]  # not a batch-norm layout
@@ -51,7 +53,13 @@ def test_env_and_context_select_the_path(rng, monkeypatch):
 
 CALLS = [
     pytest.param((40, 50), -1, None, ["small", "native", "blocked", "generic"], id="rows"),
-    pytest.param((8, 4, 30, 30), (0, 2, 3), (4, 1, 1), ["sweep", "blocked", "generic"], id="bn"),
+    pytest.param(
+        (8, 4, 30, 30),
+        (0, 2, 3),
+        (4, 1, 1),
+        ["small", "native", "sweep", "blocked", "generic"],
+        id="bn",
+    ),
     pytest.param((300, 400), None, (400,), ["blocked", "generic"], id="whole-affine"),
 ]
 

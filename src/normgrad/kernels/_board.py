@@ -27,7 +27,7 @@ LINE = 8  # int64 per cache line: a claim state's thread t starts at LINE * (t +
 SEQ, SIZE, PART = 0, 1, 2
 JOINED = LINE
 _PARAMS_AT = 2 * LINE
-PARAMS = 3 * LINE  # int64 slots for the caller's parameters
+PARAMS = 6 * LINE  # int64 slots for the caller's parameters
 _SCRATCH_AT = _PARAMS_AT + PARAMS
 _HEAD = _SCRATCH_AT + LINE
 

@@ -160,85 +160,113 @@ def keepdims_to_groups(v: np.ndarray, lay: Layout) -> np.ndarray:
     return np.ascontiguousarray(v.transpose(lay.groups_perm)).reshape(-1)
 
 
-# --- affine parameters as block views ---------------------------------------------------------
+# --- affine parameters as tables ---------------------------------------------------------------
 
 
-class Param(NamedTuple):
-    view: np.ndarray  # float64 (Ka, Ra, Kb, Rb) view, zero strides where it repeats
+class Table(NamedTuple):
+    """An affine parameter as the kernels read it: `values`, a C-contiguous float64
+    (rows, cols) array; the run `(k0, r0, k1)` reads row `k0 rule[0] + r0 rule[1] + k1 rule[2]`,
+    either element by element (`cols == Rb`) or as one value for the whole run (`cols == 1`).
+    A per-position weight (layer norm) is one row of Rb values, a per-channel one (batch or
+    instance norm) a column of one value per group."""
+
+    values: np.ndarray
+    rule: tuple[int, int, int]
+    varies: tuple[bool, bool, bool, bool]  # along (Ka, Ra, Kb, Rb)
+    reshape: bool = False  # the values are the parameter reshaped (its axes in block order)
+
+
+_ABSENT = {one: Table(np.full((1, 1), float(one)), (0, 0, 0), (False,) * 4, True) for one in (0, 1)}
+
+
+class Recipe(NamedTuple):
+    """How to build a parameter's table for a layout, found once per (shapes, layout): the
+    block view's strides into the parameter broadcast to x, and whether a plain reshape of
+    the parameter gives the table (its axes in block order: the common case)."""
+
+    strides4: tuple[int, ...]  # in elements of the broadcast parameter
+    compact: tuple[int, int, int, int]
+    rule: tuple[int, int, int]
     varies: tuple[bool, bool, bool, bool]
+    reshape: bool
 
 
-_ONE, _ZERO = np.ones(1), np.zeros(1)  # never written: stand-ins for absent parameters
-
-
-def _repeat(value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    return np.ndarray(shape, np.float64, buffer=value, strides=(0,) * len(shape))
-
-
-@functools.lru_cache(maxsize=64)
-def _absent(one: bool, shape4: tuple[int, int, int, int]) -> Param:
-    """The stand-in for an absent parameter (kernels never read or write it)."""
-    return Param(_repeat(_ONE if one else _ZERO, shape4), (False,) * 4)
-
-
-def param(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Param | None:
-    """An affine parameter as a block view (a stand-in of ones or zeros when absent); None
-    if it varies over part of a block only."""
+def table(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Table | None:
+    """An affine parameter as a `Table` (a stand-in of ones or zeros when absent); None if it
+    varies over part of a block only (its axes do not merge where x's do)."""
     if p is None:
-        return _absent(one, lay.shape4)
-    compact = np.array(p, dtype=np.float64)  # a contiguous copy: small, and ours to view
-    full = np.broadcast_to(compact, x.shape)
+        return _ABSENT[int(one)]
+    p = np.asarray(p)
+    recipe = _recipe(p.shape, x.shape, lay)
+    if recipe is None:
+        return None
+    if recipe.reshape:
+        values = np.ascontiguousarray(p, dtype=np.float64).reshape(-1, recipe.compact[3])
+    else:
+        full = np.broadcast_to(p, x.shape)
+        strides = tuple(s * full.itemsize for s in recipe.strides4)
+        view = np.lib.stride_tricks.as_strided(full, recipe.compact, strides)
+        values = np.array(view, dtype=np.float64, order="C").reshape(-1, recipe.compact[3])
+    return Table(values, recipe.rule, recipe.varies, recipe.reshape)
+
+
+@functools.lru_cache(maxsize=256)
+def _recipe(pshape: tuple[int, ...], shape: tuple[int, ...], lay: Layout) -> Recipe | None:
+    full = np.broadcast_to(np.arange(math.prod(pshape)).reshape(pshape), shape)
+    el = [s // full.itemsize for s in full.strides]
     strides4 = []
     for blk in lay.blocks:
-        st = [full.strides[i] for i in blk]
+        st = [el[i] for i in blk]
         if any(st) and not all(
-            _mergeable(full.shape, full.strides, o, i) and full.strides[i]
-            for o, i in itertools.pairwise(blk)
+            _mergeable(full.shape, tuple(el), o, i) and el[i] for o, i in itertools.pairwise(blk)
         ):
             return None
         strides4.append(st[-1] if st else 0)
-    view = np.ndarray(lay.shape4, np.float64, buffer=compact, strides=tuple(strides4))
-    return Param(view, tuple(s != 0 for s in strides4))  # type: ignore[arg-type]
-
-
-def per_group(p: Param) -> np.ndarray:
-    """A per-group affine parameter as a flat float64 array in group order."""
-    return np.ascontiguousarray(p.view[:, 0, :, 0]).reshape(-1)
-
-
-def accumulator(p: Param, nchunks: int, lay: Layout, used: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Per-chunk float64 sums in the parameter's compact block shape, and their 5-d view."""
-    if not used:  # never written (need_dw / need_db is False)
-        return _ZERO, _repeat(_ZERO, (nchunks, *lay.shape4))
-    compact = tuple(s if v else 1 for s, v in zip(lay.shape4, p.varies, strict=True))
-    acc = np.zeros((nchunks, *compact))
-    strides = tuple(st if v else 0 for st, v in zip(acc.strides[1:], p.varies, strict=True))
-    view = np.ndarray(
-        (nchunks, *lay.shape4), np.float64, buffer=acc, strides=(acc.strides[0], *strides)
+    varies = tuple(s != 0 for s in strides4)
+    compact = tuple(n if v else 1 for n, v in zip(lay.shape4, varies, strict=True))
+    probe = np.lib.stride_tricks.as_strided(
+        full, compact, tuple(s * full.itemsize for s in strides4)
     )
-    return acc, view
+    reshape = bool(np.array_equal(probe.ravel(), np.arange(probe.size)))
+    _, ra, kb, _ = compact
+    rule = (ra * kb if varies[0] else 0, kb if varies[1] else 0, 1 if varies[2] else 0)
+    return Recipe(tuple(strides4), compact, rule, varies, reshape)  # type: ignore[arg-type]
 
 
-def group_accumulator(v: np.ndarray, p: Param, lay: Layout) -> np.ndarray:
-    """Per-group sums `v` as a `param_grad` accumulator in `p`'s compact block shape."""
-    t = v.reshape(lay.shape4[0], lay.shape4[2])
-    if not p.varies[0]:
-        t = t.sum(axis=0, keepdims=True)
-    if not p.varies[2]:
-        t = t.sum(axis=1, keepdims=True)
-    return t.reshape(1, t.shape[0], 1, t.shape[1], 1)
+def per_group(t: Table, lay: Layout) -> np.ndarray:
+    """A parameter constant within each group: its value per group, in group order."""
+    return t.values[group_rows(t, lay), 0]
 
 
-def param_grad(
-    acc: np.ndarray, p: Param, lay: Layout, x: np.ndarray, like: Any
-) -> np.ndarray | None:
-    """Sum the per-chunk accumulators (in chunk order) and give them the parameter's own
-    shape and dtype."""
+def group_rows(t: Table, lay: Layout) -> np.ndarray:
+    """The table row of each group's runs (a parameter constant within each group)."""
+    k0 = np.arange(lay.shape4[0])[:, None] * t.rule[0]
+    return (k0 + np.arange(lay.shape4[2])[None, :] * t.rule[2]).reshape(-1)
+
+
+def accumulator(t: Table, lay: Layout, slots: int, used: bool) -> np.ndarray:
+    """Zeroed float64 sums for a parameter's gradient, `(slots, rows, cols)` like its table:
+    one slot per chunk where chunks share rows (summed in chunk order), else one."""
+    if not used:
+        return _NO_SUMS
+    shared = any(n > 1 and not v for n, v in zip(lay.shape4[:3], t.varies[:3], strict=True))
+    return np.zeros((slots if shared or t.values.shape[1] == 1 else 1, *t.values.shape))
+
+
+_NO_SUMS = np.zeros((1, 1, 1))  # never written: need_dw / need_db is False
+
+
+def param_grad(acc: np.ndarray, t: Table, lay: Layout, x: np.ndarray, like: Any) -> Any:
+    """Sum the accumulator's slots (in order) and give the result the parameter's own shape
+    and dtype."""
     if like is None:
         return None
-    axes = [i for blk, v in zip(lay.blocks, p.varies, strict=True) if v for i in blk]
-    total = acc.sum(axis=0).reshape([x.shape[i] for i in axes]).transpose(np.argsort(axes))
+    total = acc[0] if acc.shape[0] == 1 else acc.sum(axis=0)
     dtype = like.dtype if np.issubdtype(like.dtype, np.floating) else np.float64
+    if t.reshape:  # (the common case, without the axis bookkeeping below)
+        return total.reshape(like.shape).astype(dtype)
+    axes = [i for blk, v in zip(lay.blocks, t.varies, strict=True) if v for i in blk]
+    total = total.reshape([x.shape[i] for i in axes]).transpose(np.argsort(axes))
     return total.reshape(like.shape).astype(dtype)
 
 
@@ -295,6 +323,7 @@ class CallPlan(NamedTuple):
     threads: int
     counts: np.ndarray  # elements in each chunk of a group (the merge's weights)
     runs_per_group: int  # Ra: more than 1 is a batch-norm layout (the sweep kernels fit)
+    layout: Layout  # the blocks (parameters' tables follow them)
 
 
 @functools.lru_cache(maxsize=256)
@@ -312,4 +341,4 @@ def call_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> CallPlan | None:
     keepdims = tuple(1 if i in axes else s for i, s in enumerate(shape))
     nc, nthreads = threads_for(lay.groups, lay.group_size)
     counts = chunk_counts(lay.group_size, nc)
-    return CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, counts, lay.shape4[1])
+    return CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, counts, lay.shape4[1], lay)

@@ -9,13 +9,14 @@ and its `n = Ra Rb` elements are `Ra` runs of `Rb`, walked by a flat index `pos`
 cheaply; NamedTuples would cost microseconds at each call from Python):
 
     claim = (ctl, nchunks, items, slot)    the pool's claim state for this thread
-    io    = (x, w, b, y)                   forward: input, weight, bias, output views
-          = (x, dy, w, dx)                 backward
+    io    = (x, y), (x, dy, dx)            forward, backward: 4-d block views
+    par   = (w, b, w_rule, b_rule)         the affine parameters as tables (`_layout.Table`)
     op    = (eps, inside, m)               the op's scalars: m = n - ddof
     flags = (affine, stream)               forward: apply w and b; streaming stores
           = (has_w, need_dw, need_db, stream)   backward
-    acc   = (dwacc, dbacc, k)              dweight/dbias sums per chunk `k` (5-d views)
-    stats = (3, groups) float64: mean, var, rstd (forward); (mean, rstd, c) (backward)
+    acc   = (dw, db, k)                    dweight/dbias sums, slot `k` (`_layout.accumulator`)
+    stats = (3, groups) float64: mean, var, rstd (forward)
+    bst   = (mean, rstd, c, m)             backward: per group, and m
 
 **The formulas** are `_formulas.py`'s, compiled here (`rstd`, `backward_coefficients`,
 `chan_merge`, `xhat`, `gradient`): the generic path and every kernel evaluate the same
@@ -97,6 +98,12 @@ def _rows(i, nc, ra):
 
 
 @njit(cache=True, inline="always")
+def _row(rule, at):
+    """The table row a parameter gives run `at = (k0, r0, k1)` (see `_layout.Table`)."""
+    return at[0] * rule[0] + at[1] * rule[1] + at[2] * rule[2]
+
+
+@njit(cache=True, inline="always")
 def _add_block(x, at, a, e, shift, acc):
     """Merge the two-pass moments of `x[at][a:e] - shift` (one in-cache block) into `acc`,
     `(count, mean, M2)`."""
@@ -115,43 +122,137 @@ def _add_block(x, at, a, e, shift, acc):
 
 
 @njit(cache=True, inline="always")
-def _write_y(io, at, a, e, mu, r, flags):
-    """`y = xhat w + b` on `[a, e)` of a run (`xhat` alone without `affine`); with
-    `stream`, its aligned middle through non-temporal stores (`_stream`, the same bits)."""
-    x, w, b, y = io
+def _affine_y(xs, ys, par, at, a, coef):
+    """`y = xhat w + b` on a piece of a run starting at `a`, each parameter one value for
+    the run or one per element (tables of 1 or Rb columns)."""
+    wt, bt, wr, br = par
+    mu, r = coef
+    wi, bi = _row(wr, at), _row(br, at)
+    n = xs.size
+    if wt.shape[1] == 1 and bt.shape[1] == 1:
+        wv, bv = wt[wi, 0], bt[bi, 0]
+        for j in range(n):
+            ys[j] = xhat(xs[j], mu, r) * wv + bv
+    elif bt.shape[1] == 1:
+        ws, bv = wt[wi, a : a + n], bt[bi, 0]
+        for j in range(n):
+            ys[j] = xhat(xs[j], mu, r) * ws[j] + bv
+    elif wt.shape[1] == 1:
+        wv, bs = wt[wi, 0], bt[bi, a : a + n]
+        for j in range(n):
+            ys[j] = xhat(xs[j], mu, r) * wv + bs[j]
+    else:
+        ws, bs = wt[wi, a : a + n], bt[bi, a : a + n]
+        for j in range(n):
+            ys[j] = xhat(xs[j], mu, r) * ws[j] + bs[j]
+
+
+@njit(cache=True, inline="always")
+def _write_y(io, par, at, a, e, coef, flags):
+    """`y = xhat w + b` on `[a, e)` of a run (`xhat` alone without `affine`), `coef = (mu,
+    r)`; with `stream`, the aligned middle through non-temporal stores (the same bits)."""
+    x, y = io
     affine, stream = flags
     k0, r0, k1 = at
     xs, ys = x[k0, r0, k1, a:e], y[k0, r0, k1, a:e]
-    n = xs.size
     if affine:
-        ws, bs = w[k0, r0, k1, a:e], b[k0, r0, k1, a:e]
-        for j in range(n):
-            ys[j] = xhat(xs[j], mu, r) * ws[j] + bs[j]
+        _affine_y(xs, ys, par, at, a, coef)
         return
+    mu, r = coef
+    n = xs.size
     j0, j1 = stream_span(n, ys, xs, xs) if stream else (n, n)
     if j1 > j0:
-        stream_forward(xs, ys, j0, j1, (mu, r))
+        stream_forward(xs, ys, j0, j1, coef)
     for j in range(j0):  # everything when not streaming
         ys[j] = xhat(xs[j], mu, r)
     for j in range(j1, n):
         ys[j] = xhat(xs[j], mu, r)
 
 
-@njit(cache=True, inline="always")
-def _add_sums(io, acc, at, a, e, mu, r, flags):
-    """`sum g` and `sum g (x - mu)` over `[a, e)` of a run (g = dy w); adds `dy xhat` and
-    `dy` into the dweight and dbias sums of chunk `k` where needed."""
-    x, dy, w, _ = io
-    dwacc, dbacc, k = acc
-    has_w, need_dw, need_db, _ = flags
-    k0, r0, k1 = at
-    xs, ds = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e]
+@njit(cache=True, fastmath=_REASSOC)
+def _sums_per_element(pieces, sums, coef):
+    """`sum g`, `sum g (x - mu)` and the dweight and dbias sums of a piece of a run whose
+    weight and bias vary per element, in one pass (`pieces = (x, dy, w)`, `sums = (dw,
+    db)`, the same piece of their rows)."""
+    xs, ds, ws = pieces
+    dws, dbs = sums
+    mu, r = coef
     sg = 0.0
     sgd = 0.0
-    if has_w:
-        ws = w[k0, r0, k1, a:e]
+    for j in range(xs.size):
+        d = xs[j] - mu
+        gj = ds[j] * ws[j]
+        sg += gj
+        sgd += gj * d
+        dws[j] += ds[j] * (d * r)
+        dbs[j] += ds[j]
+    return sg, sgd
+
+
+# The parameter-sum helpers are plain jitted functions, not inlined: inlined
+# (`inline="always"`) one after the other into `_add_sums`, the second one's adds were lost
+# (numba 0.68's IR inliner; a test runs every parameter layout against the generic path).
+@njit(cache=True, fastmath=_REASSOC)
+def _add_weight_sums(sums, row, a, pieces, coef):
+    """Add `dy xhat` of a piece of a run (`pieces = (x, dy)`, starting at element `a`) into
+    row `row` of one slot of the dweight sums: per element, or one sum for the run."""
+    px, pd = pieces
+    mu, r = coef
+    n = pd.size
+    if sums.shape[1] > 1:
+        out = sums[row, a : a + n]
+        for j in range(n):
+            out[j] += pd[j] * xhat(px[j], mu, r)
+    else:
+        total = 0.0
+        for j in range(n):
+            total += pd[j] * xhat(px[j], mu, r)
+        sums[row, 0] += total
+
+
+@njit(cache=True, fastmath=_REASSOC)
+def _add_bias_sums(sums, row, a, ds):
+    """Add `dy` of a piece of a run into row `row` of one slot of the dbias sums."""
+    n = ds.size
+    if sums.shape[1] > 1:
+        out = sums[row, a : a + n]
+        for j in range(n):
+            out[j] += ds[j]
+    else:
+        total = 0.0
+        for j in range(n):
+            total += ds[j]
+        sums[row, 0] += total
+
+
+@njit(cache=True, inline="always")
+def _add_sums(io, par, acc, at, a, e, coef, flags):
+    """`sum g` and `sum g (x - mu)` over `[a, e)` of a run (g = dy w); adds `dy xhat` and
+    `dy` into slot `k` of the dweight and dbias sums where needed (`acc = (dw, db, k)`)."""
+    x, dy = io[0], io[1]
+    wt, wr, br = par[0], par[2], par[3]
+    dwa, dba, k = acc
+    has_w, need_dw, need_db = flags[0], flags[1], flags[2]
+    k0, r0, k1 = at
+    xs, ds = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e]
+    mu = coef[0]
+    if need_dw and need_db and wt.shape[1] > 1 and dwa.shape[2] > 1 and dba.shape[2] > 1:
+        # per-element weight and bias (layer norm): every sum in one pass
+        dws = dwa[min(k, dwa.shape[0] - 1), _row(wr, at), a:e]
+        dbs = dba[min(k, dba.shape[0] - 1), _row(br, at), a:e]
+        return _sums_per_element((xs, ds, wt[_row(wr, at), a:e]), (dws, dbs), coef)
+    sg = 0.0
+    sgd = 0.0
+    if has_w and wt.shape[1] > 1:
+        ws = wt[_row(wr, at), a:e]
         for j in range(xs.size):
             gj = ds[j] * ws[j]
+            sg += gj
+            sgd += gj * (xs[j] - mu)
+    elif has_w:
+        wv = wt[_row(wr, at), 0]
+        for j in range(xs.size):
+            gj = ds[j] * wv
             sg += gj
             sgd += gj * (xs[j] - mu)
     else:
@@ -159,31 +260,33 @@ def _add_sums(io, acc, at, a, e, mu, r, flags):
             dj = np.float64(ds[j])
             sg += dj
             sgd += dj * (xs[j] - mu)
-    if need_dw:
-        dws = dwacc[k, k0, r0, k1, a:e]
-        for j in range(xs.size):
-            dws[j] += ds[j] * xhat(xs[j], mu, r)
+    if need_dw:  # (a single slot where chunks share no rows: min)
+        _add_weight_sums(dwa[min(k, dwa.shape[0] - 1)], _row(wr, at), a, (xs, ds), coef)
     if need_db:
-        dbs = dbacc[k, k0, r0, k1, a:e]
-        for j in range(xs.size):
-            dbs[j] += ds[j]
+        _add_bias_sums(dba[min(k, dba.shape[0] - 1)], _row(br, at), a, ds)
     return sg, sgd
 
 
 @njit(cache=True, inline="always")
-def _write_dx(io, at, a, e, coef, flags):
+def _write_dx(io, par, at, a, e, coef, flags):
     """`dx = r (g - mean_g) + beta (x - mu)` on `[a, e)` of a run, `coef = (mu, r, mean_g,
     beta)`; `stream` as in `_write_y`."""
-    x, dy, w, dx = io
+    x, dy, dx = io
+    wt, _, wr, _ = par
     mu, r, mg, bt = coef
     has_w, _, _, stream = flags
     k0, r0, k1 = at
     xs, ds, dxs = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], dx[k0, r0, k1, a:e]
     n = xs.size
-    if has_w:
-        ws = w[k0, r0, k1, a:e]
+    if has_w and wt.shape[1] > 1:
+        ws = wt[_row(wr, at), a:e]
         for j in range(n):
             dxs[j] = gradient(ds[j] * ws[j], xs[j] - mu, r, mg, bt)
+        return
+    if has_w:
+        wv = wt[_row(wr, at), 0]
+        for j in range(n):
+            dxs[j] = gradient(ds[j] * wv, xs[j] - mu, r, mg, bt)
         return
     j0, j1 = stream_span(n, dxs, xs, ds) if stream else (n, n)
     if j1 > j0:
@@ -194,12 +297,14 @@ def _write_dx(io, at, a, e, coef, flags):
         dxs[j] = gradient(ds[j], xs[j] - mu, r, mg, bt)
 
 
-# --- spans: flat ranges of one group, walked run by run -------------------------------------------
+# --- spans: flat ranges `(lo, hi)` of one group `kk = (k0, k1)`, walked run by run ---------------
 
 
 @njit(cache=True, inline="always")
-def _span_stats(x, k0, k1, lo, hi, shift):
-    """`(count, mean, M2)` of `x - shift` over flat `[lo, hi)` of group `(k0, k1)`."""
+def _span_stats(x, kk, span, shift):
+    """`(count, mean, M2)` of `x - shift` over the span, block by block."""
+    k0, k1 = kk
+    lo, hi = span
     rb = x.shape[3]
     acc = (0.0, 0.0, 0.0)
     pos = lo
@@ -215,24 +320,28 @@ def _span_stats(x, k0, k1, lo, hi, shift):
 
 
 @njit(cache=True, inline="always")
-def _span_y(io, k0, k1, lo, hi, mu, r, flags):
+def _span_y(io, par, kk, span, coef, flags):
+    k0, k1 = kk
+    lo, hi = span
     rb = io[0].shape[3]
     pos = lo
     while pos < hi:
         r0, a, e = _piece(pos, hi, rb)
-        _write_y(io, (k0, r0, k1), a, e, mu, r, flags)
+        _write_y(io, par, (k0, r0, k1), a, e, coef, flags)
         pos += e - a
 
 
 @njit(cache=True, inline="always")
-def _span_sums(io, acc, k0, k1, lo, hi, mu, r, flags):
+def _span_sums(io, par, acc, kk, span, coef, flags):
+    k0, k1 = kk
+    lo, hi = span
     rb = io[0].shape[3]
     sg = 0.0
     sgd = 0.0
     pos = lo
     while pos < hi:
         r0, a, e = _piece(pos, hi, rb)
-        g1, g2 = _add_sums(io, acc, (k0, r0, k1), a, e, mu, r, flags)
+        g1, g2 = _add_sums(io, par, acc, (k0, r0, k1), a, e, coef, flags)
         sg += g1
         sgd += g2
         pos += e - a
@@ -240,12 +349,14 @@ def _span_sums(io, acc, k0, k1, lo, hi, mu, r, flags):
 
 
 @njit(cache=True, inline="always")
-def _span_dx(io, k0, k1, lo, hi, coef, flags):
+def _span_dx(io, par, kk, span, coef, flags):
+    k0, k1 = kk
+    lo, hi = span
     rb = io[0].shape[3]
     pos = lo
     while pos < hi:
         r0, a, e = _piece(pos, hi, rb)
-        _write_dx(io, (k0, r0, k1), a, e, coef, flags)
+        _write_dx(io, par, (k0, r0, k1), a, e, coef, flags)
         pos += e - a
 
 
@@ -253,11 +364,11 @@ def _span_dx(io, k0, k1, lo, hi, coef, flags):
 
 
 @njit(cache=True, inline="always")
-def _finish_stats(x, k0, k1, moments, op):
+def _finish_stats(x, kk, moments, op):
     """`(mean, var, rstd)` of a group from the moments of `x - shift` (shift: its first
     element)."""
     eps, inside, m = op
-    mu = np.float64(x[k0, 0, k1, 0]) + moments[1]  # (np.float64: float() keeps float32)
+    mu = np.float64(x[kk[0], 0, kk[1], 0]) + moments[1]  # (np.float64: float() keeps float32)
     v = moments[2] / m
     return mu, v, rstd(np, v, eps, inside)
 
@@ -275,172 +386,164 @@ def _run_stats(x, at, rb, shift):
 
 
 @njit(cache=True, inline="always")
-def _forward_run(io, g, kk, op, stats, flags):
+def _forward_run(io, par, g, kk, op, stats, flags):
     """Statistics, `rstd` and `y` of group `g = (k0, k1)` made of one run (rows, instances,
     whole)."""
     x = io[0]
-    k0, k1 = kk
-    at = (k0, 0, k1)
-    moments = _run_stats(x, at, x.shape[3], np.float64(x[k0, 0, k1, 0]))
-    stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, k0, k1, moments, op)
-    _write_y(io, at, 0, x.shape[3], stats[0, g], stats[2, g], flags)
+    at = (kk[0], 0, kk[1])
+    moments = _run_stats(x, at, x.shape[3], np.float64(x[at[0], 0, at[2], 0]))
+    stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, kk, moments, op)
+    _write_y(io, par, at, 0, x.shape[3], (stats[0, g], stats[2, g]), flags)
 
 
 @njit(cache=True, inline="always")
-def _forward_span(io, g, kk, op, stats, flags):
+def _forward_span(io, par, g, kk, op, stats, flags):
     """Statistics, `rstd` and `y` of group `g = (k0, k1)` of several runs, walked as a span."""
     x = io[0]
-    _, ra, _, rb = x.shape
-    k0, k1 = kk
-    moments = _span_stats(x, k0, k1, 0, ra * rb, np.float64(x[k0, 0, k1, 0]))
-    stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, k0, k1, moments, op)
-    _span_y(io, k0, k1, 0, ra * rb, stats[0, g], stats[2, g], flags)
+    span = (0, x.shape[1] * x.shape[3])
+    moments = _span_stats(x, kk, span, np.float64(x[kk[0], 0, kk[1], 0]))
+    stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, kk, moments, op)
+    _span_y(io, par, kk, span, (stats[0, g], stats[2, g]), flags)
 
 
 @njit(cache=True, inline="always")
-def _forward_runs(io, i0, i1, op, stats, flags):
+def _forward_runs(io, par, groups, op, stats, flags):
     """Groups `[i0, i1)` of one run each, whole (both passes while the group is in cache)."""
+    i0, i1 = groups
     kb = io[0].shape[2]
     kk = _group_at(i0, kb)
     for g in range(i0, i1):
-        _forward_run(io, g, kk, op, stats, flags)
+        _forward_run(io, par, g, kk, op, stats, flags)
         kk = _next_group(kk, kb)
 
 
 @njit(cache=True, inline="always")
-def _forward_spans(io, i0, i1, op, stats, flags):
+def _forward_spans(io, par, groups, op, stats, flags):
     """Groups `[i0, i1)` of several runs each, whole."""
+    i0, i1 = groups
     kb = io[0].shape[2]
     kk = _group_at(i0, kb)
     for g in range(i0, i1):
-        _forward_span(io, g, kk, op, stats, flags)
+        _forward_span(io, par, g, kk, op, stats, flags)
         kk = _next_group(kk, kb)
 
 
 @njit(cache=True, inline="always")
-def _forward_range(io, i0, i1, op, stats, flags):
+def _forward_range(io, par, groups, op, stats, flags):
     """Groups `[i0, i1)`, each whole. The layout's branch is taken once, outside the loop
     over groups: inside it, it kept LLVM from optimizing the group's loops
     (docs/performance.md, "Code shape")."""
     if io[0].shape[1] == 1:
-        _forward_runs(io, i0, i1, op, stats, flags)
+        _forward_runs(io, par, groups, op, stats, flags)
     else:
-        _forward_spans(io, i0, i1, op, stats, flags)
+        _forward_spans(io, par, groups, op, stats, flags)
 
 
 @njit(cache=True, inline="always")
-def _backward_run(io, acc, g, kk, stats, m, flags):
-    """Sums and `dx` of group `g = (k0, k1)` made of one run; `stats = (mean, rstd, c)`."""
-    mean, rs, c = stats
+def _backward_run(io, par, acc, g, kk, bst, flags):
+    """Sums and `dx` of group `g = (k0, k1)` made of one run; `bst = (mean, rstd, c, m)`."""
+    mean, rs, c, m = bst
     rb = io[0].shape[3]
-    k0, k1 = kk
+    at = (kk[0], 0, kk[1])
     mu, r = mean[g], rs[g]
-    sg, sgd = _add_sums(io, acc, (k0, 0, k1), 0, rb, mu, r, flags)
+    sg, sgd = _add_sums(io, par, acc, at, 0, rb, (mu, r), flags)
     mg, bt = backward_coefficients(sg, sgd, rb, m, r, c[g])
-    _write_dx(io, (k0, 0, k1), 0, rb, (mu, r, mg, bt), flags)
+    _write_dx(io, par, at, 0, rb, (mu, r, mg, bt), flags)
 
 
 @njit(cache=True, inline="always")
-def _backward_span(io, acc, g, kk, stats, m, flags):
+def _backward_span(io, par, acc, g, kk, bst, flags):
     """Sums and `dx` of group `g = (k0, k1)` of several runs, walked as a span."""
-    mean, rs, c = stats
-    _, ra, _, rb = io[0].shape
-    k0, k1 = kk
+    mean, rs, c, m = bst
+    span = (0, io[0].shape[1] * io[0].shape[3])
     mu, r = mean[g], rs[g]
-    sg, sgd = _span_sums(io, acc, k0, k1, 0, ra * rb, mu, r, flags)
-    mg, bt = backward_coefficients(sg, sgd, ra * rb, m, r, c[g])
-    _span_dx(io, k0, k1, 0, ra * rb, (mu, r, mg, bt), flags)
+    sg, sgd = _span_sums(io, par, acc, kk, span, (mu, r), flags)
+    mg, bt = backward_coefficients(sg, sgd, span[1], m, r, c[g])
+    _span_dx(io, par, kk, span, (mu, r, mg, bt), flags)
 
 
 @njit(cache=True, inline="always")
-def _backward_runs(io, acc, i0, i1, stats, m, flags):
+def _backward_runs(io, par, acc, groups, bst, flags):
+    i0, i1 = groups
     kb = io[0].shape[2]
     kk = _group_at(i0, kb)
     for g in range(i0, i1):
-        _backward_run(io, acc, g, kk, stats, m, flags)
+        _backward_run(io, par, acc, g, kk, bst, flags)
         kk = _next_group(kk, kb)
 
 
 @njit(cache=True, inline="always")
-def _backward_spans(io, acc, i0, i1, stats, m, flags):
+def _backward_spans(io, par, acc, groups, bst, flags):
+    i0, i1 = groups
     kb = io[0].shape[2]
     kk = _group_at(i0, kb)
     for g in range(i0, i1):
-        _backward_span(io, acc, g, kk, stats, m, flags)
+        _backward_span(io, par, acc, g, kk, bst, flags)
         kk = _next_group(kk, kb)
 
 
 @njit(cache=True, inline="always")
-def _backward_range(io, acc, i0, i1, stats, m, flags):
+def _backward_range(io, par, acc, groups, bst, flags):
     """Groups `[i0, i1)`, each whole; the layout's branch outside the loop, as forward."""
     if io[0].shape[1] == 1:
-        _backward_runs(io, acc, i0, i1, stats, m, flags)
+        _backward_runs(io, par, acc, groups, bst, flags)
     else:
-        _backward_spans(io, acc, i0, i1, stats, m, flags)
+        _backward_spans(io, par, acc, groups, bst, flags)
 
 
-# The small kernels: the whole call of a small C-contiguous input on one thread, no affine
-# parameters (`xin`, `yin`/`dxin`, `stats_in` of any shape, viewed here as `shape4`, (3,
-# groups)). One kernel for groups of one run, one for several, so that a first call
-# compiles only the one it needs (both in one kernel compiled twice as long).
+# The small kernels: the whole call of a small C-contiguous input on one thread (`xin`,
+# `yin`/`dxin`, `stats_in` of any shape, viewed here as `shape4` and (3, groups)). One kernel
+# for groups of one run, one for several, so that a first call compiles only the one it needs
+# (both in one kernel compiled twice as long).
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def forward_small_runs(xin, yin, stats_in, shape4, op):
-    x = xin.reshape(shape4)
+def forward_small_runs(xin, yin, stats_in, shape4, op, par, affine):
     stats = stats_in.reshape((3, shape4[0] * shape4[2]))
-    _forward_runs((x, x, x, yin.reshape(shape4)), 0, stats.shape[1], op, stats, (False, False))
+    io = (xin.reshape(shape4), yin.reshape(shape4))
+    _forward_runs(io, par, (0, stats.shape[1]), op, stats, (affine, False))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def forward_small_spans(xin, yin, stats_in, shape4, op):
-    x = xin.reshape(shape4)
+def forward_small_spans(xin, yin, stats_in, shape4, op, par, affine):
     stats = stats_in.reshape((3, shape4[0] * shape4[2]))
-    _forward_spans((x, x, x, yin.reshape(shape4)), 0, stats.shape[1], op, stats, (False, False))
-
-
-@njit(cache=True, inline="always")
-def _small_backward_args(xin, dyin, dxin, shape4):
-    """The io and the (never used, writable) dweight/dbias stand-ins of a small backward."""
-    x = xin.reshape(shape4)
-    none = dxin.reshape((1, 1, 1, 1, dxin.size))
-    return (x, dyin.reshape(shape4), x, dxin.reshape(shape4)), (none, none, 0)
+    io = (xin.reshape(shape4), yin.reshape(shape4))
+    _forward_spans(io, par, (0, stats.shape[1]), op, stats, (affine, False))
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def backward_small_runs(xin, dyin, dxin, shape4, mean, rstd_, c, m):
-    """`mean`, `rstd_`, `c` flat per group (apart: a tuple costs the call from Python more)."""
-    io, acc = _small_backward_args(xin, dyin, dxin, shape4)
-    flags = (False, False, False, False)
-    _backward_runs(io, acc, 0, mean.size, (mean, rstd_, c), m, flags)
+def backward_small_runs(xin, dyin, dxin, shape4, bst, par, sums, flags):
+    """`bst = (mean, rstd, c, m)` (statistics flat per group), `sums = (dw, db)`."""
+    io = (xin.reshape(shape4), dyin.reshape(shape4), dxin.reshape(shape4))
+    _backward_runs(io, par, (sums[0], sums[1], 0), (0, bst[0].size), bst, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def backward_small_spans(xin, dyin, dxin, shape4, mean, rstd_, c, m):
-    io, acc = _small_backward_args(xin, dyin, dxin, shape4)
-    flags = (False, False, False, False)
-    _backward_spans(io, acc, 0, mean.size, (mean, rstd_, c), m, flags)
+def backward_small_spans(xin, dyin, dxin, shape4, bst, par, sums, flags):
+    io = (xin.reshape(shape4), dyin.reshape(shape4), dxin.reshape(shape4))
+    _backward_spans(io, par, (sums[0], sums[1], 0), (0, bst[0].size), bst, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def forward_groups(claim, io, op, stats, flags):
+def forward_groups(claim, io, par, op, stats, flags):
     """Groups as items, each whole, on the claimed ranges."""
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
             return
-        _forward_range(io, i0, i1, op, stats, flags)
+        _forward_range(io, par, (i0, i1), op, stats, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def backward_groups(claim, io, acc, stats, m, flags):
-    """Groups as items, each whole, dweight/dbias sums per chunk."""
-    dwacc, dbacc, _ = acc
+def backward_groups(claim, io, par, acc, bst, flags):
+    """Groups as items, each whole; dweight/dbias sums in slot `k` of chunk `k` where chunks
+    share parameter rows (one slot otherwise)."""
+    dwa, dba, _ = acc
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
             return
-        _backward_range(io, (dwacc, dbacc, k), i0, i1, stats, m, flags)
+        _backward_range(io, par, (dwa, dba, k), (i0, i1), bst, flags)
 
 
 # --- split groups: chunks of groups, partial sums, a barrier, the merge, the second pass ---------
@@ -457,7 +560,7 @@ def _stats_items(claim, x, nc, parts):
         for i in range(i0, i1):
             k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
             shift = np.float64(x[k0, 0, k1, 0])
-            _, pmean[i], pm2[i] = _span_stats(x, k0, k1, lo, hi, shift)
+            _, pmean[i], pm2[i] = _span_stats(x, (k0, k1), (lo, hi), shift)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -476,7 +579,7 @@ def merge_parts(parts, counts, mean, m2):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def forward_split(claim, phase, split, io, op, stats, flags):
+def forward_split(claim, phase, split, io, par, op, stats, flags):
     """Groups split into `nc = counts.size` chunks, in one job: partial statistics (claimed
     on `phase`), a barrier, then every thread merges them in the same order and takes `rstd`,
     then `y` (claimed on the job's own state, each thread's last-read chunks first). Slot 0
@@ -494,15 +597,15 @@ def forward_split(claim, phase, split, io, op, stats, flags):
     mine = np.empty((3, groups))
     kb = x.shape[2]
     for g in range(groups):
-        k0, k1 = _group_at(g, kb)
-        mine[0, g], mine[1, g], mine[2, g] = _finish_stats(x, k0, k1, (0.0, mean[g], m2[g]), op)
+        kk = _group_at(g, kb)
+        mine[0, g], mine[1, g], mine[2, g] = _finish_stats(x, kk, (0.0, mean[g], m2[g]), op)
         if claim[3] == 0:
             stats[:, g] = mine[:, g]
-    _items_y(claim, io, counts.size, mine, flags)
+    _items_y(claim, io, par, counts.size, mine, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _items_y(claim, io, nc, stats, flags):
+def _items_y(claim, io, par, nc, stats, flags):
     _, ra, kb, rb = io[0].shape
     while True:
         k, i0, i1 = take(claim, True)
@@ -511,15 +614,15 @@ def _items_y(claim, io, nc, stats, flags):
         for i in range(i0, i1):
             k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
             g = k0 * kb + k1
-            _span_y(io, k0, k1, lo, hi, stats[0, g], stats[2, g], flags)
+            _span_y(io, par, (k0, k1), (lo, hi), (stats[0, g], stats[2, g]), flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _sums_items(claim, io, acc, stats, split, flags):
-    mean, rs, _ = stats
-    nc, psg, psgd = split
+def _sums_items(claim, io, par, acc, bst, split):
+    mean, rs, _, _ = bst
+    nc, psg, psgd, flags = split
     _, ra, kb, rb = io[0].shape
-    dwacc, dbacc, _ = acc
+    dwa, dba, _ = acc
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
@@ -527,13 +630,12 @@ def _sums_items(claim, io, acc, stats, split, flags):
         for i in range(i0, i1):
             k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
             g = k0 * kb + k1
-            psg[i], psgd[i] = _span_sums(
-                io, (dwacc, dbacc, k), k0, k1, lo, hi, mean[g], rs[g], flags
-            )
+            coef = (mean[g], rs[g])
+            psg[i], psgd[i] = _span_sums(io, par, (dwa, dba, k), (k0, k1), (lo, hi), coef, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def _items_dx(claim, io, coefs, nc, flags):
+def _items_dx(claim, io, par, coefs, nc, flags):
     mean, rs, mg, beta = coefs
     _, ra, kb, rb = io[0].shape
     while True:
@@ -543,21 +645,22 @@ def _items_dx(claim, io, coefs, nc, flags):
         for i in range(i0, i1):
             k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
             g = k0 * kb + k1
-            _span_dx(io, k0, k1, lo, hi, (mean[g], rs[g], mg[g], beta[g]), flags)
+            coef = (mean[g], rs[g], mg[g], beta[g])
+            _span_dx(io, par, (k0, k1), (lo, hi), coef, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def backward_split(claim, phase, split, io, acc, stats, m, flags):
+def backward_split(claim, phase, split, io, par, acc, bst, flags):
     """The backward of groups split into `nc` chunks, in one job: partial `sum g` and
     `sum g (x - mu)` (claimed on `phase`), a barrier, the sums in chunk order, then `dx`
     (last-read chunks first). `split = (nc, psg, psgd)`."""
     nc, psg, psgd = split
-    mean, rs, c = stats
+    mean, rs, c, m = bst
     begin(claim)
-    _sums_items(on(claim, phase), io, acc, stats, split, flags)
+    _sums_items(on(claim, phase), io, par, acc, bst, (nc, psg, psgd, flags))
     if not wait_done(phase, claim):
         return
-    _, ra, _, rb = io[0].shape
+    n = io[0].shape[1] * io[0].shape[3]
     mg = np.empty(mean.size)
     beta = np.empty(mean.size)
     for g in range(mean.size):
@@ -566,14 +669,14 @@ def backward_split(claim, phase, split, io, acc, stats, m, flags):
         for i in range(g * nc, (g + 1) * nc):
             sg += psg[i]
             sgd += psgd[i]
-        mg[g], beta[g] = backward_coefficients(sg, sgd, ra * rb, m, rs[g], c[g])
-    _items_dx(claim, io, (mean, rs, mg, beta), nc, flags)
+        mg[g], beta[g] = backward_coefficients(sg, sgd, n, m, rs[g], c[g])
+    _items_dx(claim, io, par, (mean, rs, mg, beta), nc, flags)
 
 
 # --- sweeps (batch norm): items are row ranges of one Ka block, every group, memory order -------
 # Item i = (k0, chunk of the Ra rows) covers rows [lo, hi) of every kb group, so each thread
 # streams one contiguous region (and first-touches its own pages of a fresh output). Partial
-# results sit at [i * kb + k1]. Affine parameters are constant per group: scalars per group.
+# results sit at [i * kb + k1]. Affine parameters are constant per group: one value per run.
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
@@ -601,12 +704,10 @@ def stats_sweep(claim, x, nc, parts):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def forward_sweep(claim, io, coefs, nc, flags):
-    """`y` of the swept rows; `coefs = (mean, rstd, wg, bg)` per group."""
-    x, _, _, y = io
-    mean, rs, wg, bg = coefs
-    affine, stream = flags
-    _, ra, kb, rb = x.shape
+def forward_sweep(claim, io, par, stats, nc, flags):
+    """`y` of the swept rows; `stats = (mean, rstd)` per group."""
+    mean, rs = stats
+    _, ra, kb, rb = io[0].shape
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
@@ -616,13 +717,7 @@ def forward_sweep(claim, io, coefs, nc, flags):
             for r0 in range(lo, hi):
                 for k1 in range(kb):
                     g = k0 * kb + k1
-                    mu, r = mean[g], rs[g]
-                    if affine:
-                        wv, bv = wg[g], bg[g]
-                        for j in range(rb):
-                            y[k0, r0, k1, j] = xhat(x[k0, r0, k1, j], mu, r) * wv + bv
-                    else:
-                        _write_y(io, (k0, r0, k1), 0, rb, mu, r, (False, stream))
+                    _write_y(io, par, (k0, r0, k1), 0, rb, (mean[g], rs[g]), flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
@@ -631,7 +726,9 @@ def sums_sweep(claim, io, mean, nc, parts):
     multiplies them later)."""
     psdy, psdyd = parts
     _, ra, kb, rb = io[0].shape
-    none = (psdy.reshape((1, 1, 1, 1, -1)), psdy.reshape((1, 1, 1, 1, -1)), 0)  # never used
+    none = psdy.reshape((1, 1, -1))  # stands in for the parameters and their sums (unused)
+    par = (none[0], none[0], (0, 0, 0), (0, 0, 0))
+    flags = (False, False, False, False)
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
@@ -643,21 +740,17 @@ def sums_sweep(claim, io, mean, nc, parts):
                 psdyd[i * kb + k1] = 0.0
             for r0 in range(lo, hi):
                 for k1 in range(kb):
-                    mu = mean[k0 * kb + k1]
-                    flags = (False, False, False, False)
-                    sg, sgd = _add_sums(io, none, (k0, r0, k1), 0, rb, mu, 1.0, flags)
+                    coef = (mean[k0 * kb + k1], 1.0)
+                    sg, sgd = _add_sums(io, par, (none, none, 0), (k0, r0, k1), 0, rb, coef, flags)
                     psdy[i * kb + k1] += sg
                     psdyd[i * kb + k1] += sgd
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def backward_sweep(claim, io, coefs, wg, nc, flags):
-    """`dx` of the swept rows; `coefs = (mean, rstd, mean_g, beta)` per group, `wg` the
-    per-group weight (read where `has_w`)."""
-    x, dy, _, dx = io
+def backward_sweep(claim, io, par, coefs, nc, flags):
+    """`dx` of the swept rows; `coefs = (mean, rstd, mean_g, beta)` per group."""
     mean, rs, mg, beta = coefs
-    has_w, _, _, stream = flags
-    _, ra, kb, rb = x.shape
+    _, ra, kb, rb = io[0].shape
     while True:
         k, i0, i1 = take(claim)
         if k < 0:
@@ -667,12 +760,5 @@ def backward_sweep(claim, io, coefs, wg, nc, flags):
             for r0 in range(lo, hi):
                 for k1 in range(kb):
                     g = k0 * kb + k1
-                    mu, r, mgg, bt = mean[g], rs[g], mg[g], beta[g]
-                    if has_w:
-                        wv = wg[g]
-                        for j in range(rb):
-                            gj = dy[k0, r0, k1, j] * wv
-                            dx[k0, r0, k1, j] = gradient(gj, x[k0, r0, k1, j] - mu, r, mgg, bt)
-                    else:
-                        coef = (mu, r, mgg, bt)
-                        _write_dx(io, (k0, r0, k1), 0, rb, coef, (False, False, False, stream))
+                    coef = (mean[g], rs[g], mg[g], beta[g])
+                    _write_dx(io, par, (k0, r0, k1), 0, rb, coef, flags)

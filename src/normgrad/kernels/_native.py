@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 from numba import carray, cfunc, njit
 from numba import types as nbtypes
-from numpy.lib.stride_tricks import as_strided
 
 from . import _loops
-from ._board import board_at, board_ctl, board_params, board_scratch
+from ._board import PARAMS, board_at, board_ctl, board_params
 from ._intrinsics import address, float_bits
 from ._pool import run_job
 
@@ -32,6 +31,11 @@ PART_SIGNATURE = nbtypes.void(nbtypes.int64, nbtypes.int64)  # (board address, s
 _NCHUNKS, _ITEMS, _NC, _GROUPS = range(4)
 _SHAPE = 4  # four slots: the 4-d block shape
 _X, _DY, _OUT, _STATS, _RSTD, _C, _COUNTS, _PARTS, _EPS, _INSIDE, _M, _STREAM = range(8, 20)
+_W, _B = 20, 23  # each a table: address, rows, columns; their row rules at _RULE (3 each)
+_RULE = 26
+_DW, _DB = 32, 36  # each gradient's sums: address, slots, rows, columns
+_AFFINE, _HAS_W, _NEED_DW, _NEED_DB = range(40, 44)
+assert _NEED_DB < PARAMS
 
 
 @njit(cache=True, inline="always")
@@ -58,12 +62,25 @@ def _parts(board):
 
 
 @njit(cache=True, inline="always")
+def _table(p, at):
+    return carray(address(p[at]), (p[at + 1], p[at + 2]), np.float64)
+
+
+@njit(cache=True, inline="always")
+def _par(p):
+    """The affine parameters' tables and row rules (`_layout.Table`)."""
+    wr = (p[_RULE], p[_RULE + 1], p[_RULE + 2])
+    br = (p[_RULE + 3], p[_RULE + 4], p[_RULE + 5])
+    return _table(p, _W), _table(p, _B), wr, br
+
+
+@njit(cache=True, inline="always")
 def _forward_args(board, xdtype):
-    """`forward_groups`' arguments after the claim (x stands in for weight and bias)."""
+    """`forward_groups`' arguments after the claim."""
     p, x, _, y = _views(board, xdtype)
     stats = carray(address(p[_STATS]), (3, p[_GROUPS]), np.float64)
     op = (float_bits(p[_EPS]), p[_INSIDE] != 0, float_bits(p[_M]))
-    return (x, x, x, y), op, stats, (False, p[_STREAM] != 0)
+    return (x, y), _par(p), op, stats, (p[_AFFINE] != 0, p[_STREAM] != 0)
 
 
 @njit(cache=True, inline="always")
@@ -75,17 +92,21 @@ def _forward_split_args(board, xdtype):
 
 
 @njit(cache=True, inline="always")
+def _sums(p, at):
+    return carray(address(p[at]), (p[at + 1], p[at + 2], p[at + 3]), np.float64)
+
+
+@njit(cache=True, inline="always")
 def _backward_args(board, xdtype):
-    """`backward_groups`' arguments after the claim (stand-ins for the weight and its sums)."""
+    """`backward_groups`' arguments after the claim."""
     p, x, dy, dx = _views(board, xdtype)
     groups = p[_GROUPS]
     mean = carray(address(p[_STATS]), groups, np.float64)
     rstd = carray(address(p[_RSTD]), groups, np.float64)
     c = carray(address(p[_C]), groups, np.float64)
-    zero = board_scratch(board)[:1]  # never written: need_dw, need_db are False
-    acc = as_strided(zero, shape=(p[_NCHUNKS], *x.shape), strides=(0, 0, 0, 0, 0))
-    flags = (False, False, False, p[_STREAM] != 0)
-    return (x, dy, x, dx), (acc, acc, 0), (mean, rstd, c), float_bits(p[_M]), flags
+    acc = (_sums(p, _DW), _sums(p, _DB), 0)
+    flags = (p[_HAS_W] != 0, p[_NEED_DW] != 0, p[_NEED_DB] != 0, p[_STREAM] != 0)
+    return (x, dy, dx), _par(p), acc, (mean, rstd, c, float_bits(p[_M])), flags
 
 
 @njit(cache=True, inline="always")
@@ -143,27 +164,42 @@ def _post(board, shape, x, dy, out):
     p[_X], p[_DY], p[_OUT] = x.ctypes.data, dy.ctypes.data, out.ctypes.data
 
 
+@njit(cache=True, inline="always")
+def _post_par(p, par):
+    wt, bt, wr, br = par
+    for at, t in ((_W, wt), (_B, bt)):
+        p[at], p[at + 1], p[at + 2] = t.ctypes.data, t.shape[0], t.shape[1]
+    for i in range(3):
+        p[_RULE + i], p[_RULE + 3 + i] = wr[i], br[i]
+
+
 @njit(cache=True, nogil=True)
-def post_forward(board, nthreads, part, job, op, stream):
+def post_forward(board, nthreads, part, job, op, par, flags):
     """The caller's side of a native forward: `job = (nchunks, x, y, stats, counts, parts)`
     (`run_native` calls it)."""
     nchunks, x, y, stats, counts, parts = job
     eps, inside, m = op
     p = board_params(board)
     _post(board, (nchunks, counts.size, stats.shape[1]), x, x, y)
+    _post_par(p, par)
     p[_STATS], p[_COUNTS], p[_PARTS] = stats.ctypes.data, counts.ctypes.data, parts.ctypes.data
-    p[_EPS], p[_INSIDE], p[_M], p[_STREAM] = float_bits(eps), inside, float_bits(m), stream
+    p[_EPS], p[_INSIDE], p[_M] = float_bits(eps), inside, float_bits(m)
+    p[_AFFINE], p[_STREAM] = flags
     run_job(board, part, nchunks, nthreads)
 
 
 @njit(cache=True, nogil=True)
-def post_backward(board, nthreads, part, job, stats, m, stream):
+def post_backward(board, nthreads, part, job, bst, par, sums, flags):
     """The caller's side of a native backward: `job = (nchunks, nc, x, dy, dx, parts)`,
-    `stats = (mean, rstd, c)`."""
+    `bst = (mean, rstd, c, m)`, `sums = (dw, db)` (their slots)."""
     nchunks, nc, x, dy, dx, parts = job
-    mean, rstd, c = stats
+    mean, rstd, c, m = bst
     p = board_params(board)
     _post(board, (nchunks, nc, mean.size), x, dy, dx)
+    _post_par(p, par)
     p[_STATS], p[_RSTD], p[_C] = mean.ctypes.data, rstd.ctypes.data, c.ctypes.data
-    p[_PARTS], p[_M], p[_STREAM] = parts.ctypes.data, float_bits(m), stream
+    p[_PARTS], p[_M] = parts.ctypes.data, float_bits(m)
+    for at, a in ((_DW, sums[0]), (_DB, sums[1])):
+        p[at], p[at + 1], p[at + 2], p[at + 3] = a.ctypes.data, a.shape[0], a.shape[1], a.shape[2]
+    p[_HAS_W], p[_NEED_DW], p[_NEED_DB], p[_STREAM] = flags
     run_job(board, part, nchunks, nthreads)

@@ -55,6 +55,41 @@ def _planned_output(x: np.ndarray, out: Any) -> tuple[np.ndarray, bool]:
     return new_output(x.shape, x.dtype, x.nbytes)
 
 
+# --- parameters ----------------------------------------------------------------------------------
+
+_NO_PAR = (np.ones((1, 1)), np.zeros((1, 1)), (0, 0, 0), (0, 0, 0))  # (never read)
+_NO_SUMS = (np.zeros((1, 1, 1)), np.zeros((1, 1, 1)))  # (never written)
+
+
+def _tables(x: np.ndarray, lay: Any, w: Any, b: Any) -> tuple[Any, Any]:
+    """The weight's and bias's tables for the layout (the plan checked that they fit)."""
+    wt, bt = _layout.table(w, x, lay, True), _layout.table(b, x, lay, False)
+    assert wt is not None and bt is not None
+    return wt, bt
+
+
+def _par(tables: tuple[Any, Any]) -> tuple[Any, ...]:
+    wt, bt = tables
+    return (wt.values, bt.values, wt.rule, bt.rule)
+
+
+def _grad_sums(ctx: Any, tables: Any, lay: Any, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Zeroed dweight and dbias sums (`_layout.accumulator`) for the context's parameters."""
+    wt, bt = tables
+    dw = _layout.accumulator(wt, lay, slots, ctx.weight is not None)
+    return dw, _layout.accumulator(bt, lay, slots, ctx.bias is not None)
+
+
+def _param_grads(ctx: Any, sums: Any, tables: Any, lay: Any) -> tuple[Any, Any]:
+    dw = _layout.param_grad(sums[0], tables[0], lay, ctx.x, ctx.weight)
+    return dw, _layout.param_grad(sums[1], tables[1], lay, ctx.x, ctx.bias)
+
+
+def _backward_flags(ctx: Any, stream: bool) -> tuple[bool, bool, bool, bool]:
+    has_w = ctx.weight is not None
+    return (has_w, has_w, ctx.bias is not None, stream)
+
+
 # --- forward -------------------------------------------------------------------------------------
 
 
@@ -62,8 +97,10 @@ def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     cp = plan.layout
     y = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out  # (never streamed)
     st = np.empty(cp.stats)  # mean, var, rstd, each keepdims
+    affine = w is not None or b is not None
+    par = _par(_tables(x, cp.layout, w, b)) if affine else _NO_PAR
     kernel = _loops.forward_small_runs if cp.runs_per_group == 1 else _loops.forward_small_spans
-    kernel(x, y, st, cp.shape4, plan.op)
+    kernel(x, y, st, cp.shape4, plan.op, par, affine)
     return y, st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
 
 
@@ -76,26 +113,27 @@ def forward_native(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any
     part = part_address("forward", cp.nc > 1, x.itemsize)
     x4, y4 = x.reshape(cp.shape4), y.reshape(cp.shape4)
     job = (chunks(groups * cp.nc, cp.threads), x4, y4, st.reshape(3, groups), cp.counts, parts)
-    run_native(post_forward, cp.threads, (part, job, plan.op, stream))
+    affine = w is not None or b is not None
+    par = _par(_tables(x, cp.layout, w, b)) if affine else _NO_PAR
+    run_native(post_forward, cp.threads, (part, job, plan.op, par, (affine, stream)))
     return y, st[0], st[1], st[2]
 
 
 def forward_blocked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
     lay = plan.layout
-    x4, wp, bp, _ = plan.views
+    x4, wt, bt, _ = plan.views
     y, y4, stream = _output(x, plan, spec.dtype, out)
     nc, nthreads = plan.threads
     stats = np.empty((3, lay.groups))
-    io = (x4, wp.view, bp.view, y4)
-    flags = (w is not None or b is not None, stream)
+    common = ((x4, y4), _par((wt, bt)), plan.op, stats, (w is not None or b is not None, stream))
     if nc == 1:
-        run(_loops.forward_groups, lay.groups, nthreads, (io, plan.op, stats, flags))
+        run(_loops.forward_groups, lay.groups, nthreads, common)
     else:
         items = lay.groups * nc
         nchunks = chunks(items, nthreads)
         pm = np.empty((2, items))  # partial means and M2
         split = (_layout.chunk_counts(lay.group_size, nc), pm[0], pm[1])
-        args = (phase_ctl(nchunks, nthreads), split, io, plan.op, stats, flags)
+        args = (phase_ctl(nchunks, nthreads), split, *common)
         run(_loops.forward_split, items, nthreads, args, nchunks)
     return (y, *(_layout.stats_to_keepdims(v, lay) for v in stats))
 
@@ -103,7 +141,7 @@ def forward_blocked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: An
 def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
     """Partial statistics per item, their merge and `rstd` here, then `y`."""
     lay = plan.layout
-    x4, wp, bp, _ = plan.views
+    x4, wt, bt, _ = plan.views
     ka, ra, kb, rb = lay.shape4
     nc, nthreads = plan.threads
     pmean, pm2 = np.empty(ka * nc * kb), np.empty(ka * nc * kb)
@@ -117,9 +155,9 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     with np.errstate(divide="ignore"):  # eps = 0 with a zero variance: refused after the path
         r = rstd(np, var, spec.eps, spec.inside)
     y, y4, stream = _output(x, plan, spec.dtype, out)
-    coefs = (mean, r, _layout.per_group(wp), _layout.per_group(bp))
     flags = (w is not None or b is not None, stream)
-    run(_loops.forward_sweep, ka * nc, nthreads, ((x4, x4, x4, y4), coefs, nc, flags))
+    args = ((x4, y4), _par((wt, bt)), (mean, r), nc, flags)
+    run(_loops.forward_sweep, ka * nc, nthreads, args)
     return (y, *(_layout.stats_to_keepdims(v, lay) for v in (mean, var, r)))
 
 
@@ -127,13 +165,17 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
 
 
 def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
-    x = ctx.x
+    x, cp = ctx.x, plan.layout
     dx = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out
-    mean, rstd, cg = ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1)
-    cp = plan.layout
+    bst = (ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1), plan.op[2])
     kernel = _loops.backward_small_runs if cp.runs_per_group == 1 else _loops.backward_small_spans
-    kernel(x, dy, dx, cp.shape4, mean, rstd, cg, plan.op[2])
-    return dx, None, None
+    if ctx.weight is None and ctx.bias is None:
+        kernel(x, dy, dx, cp.shape4, bst, _NO_PAR, _NO_SUMS, (False, False, False, False))
+        return dx, None, None
+    tables = _tables(x, cp.layout, ctx.weight, ctx.bias)
+    sums = _grad_sums(ctx, tables, cp.layout, 1)
+    kernel(x, dy, dx, cp.shape4, bst, _par(tables), sums, _backward_flags(ctx, False))
+    return (dx, *_param_grads(ctx, sums, tables, cp.layout))
 
 
 def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
@@ -141,12 +183,25 @@ def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     dx, stream = _planned_output(x, out)
     groups = cp.shape4[0] * cp.shape4[2]
     parts = np.empty((2, groups * cp.nc)) if cp.nc > 1 else _NO_PARTS
-    stats = tuple(np.ascontiguousarray(v.reshape(-1)) for v in (ctx.mean, ctx.rstd, c))
+    mean, rstd, cg = (np.ascontiguousarray(v.reshape(-1)) for v in (ctx.mean, ctx.rstd, c))
     part = part_address("backward", cp.nc > 1, x.itemsize)
     x4, dy4, dx4 = (a.reshape(cp.shape4) for a in (x, dy, dx))
-    job = (chunks(groups * cp.nc, cp.threads), cp.nc, x4, dy4, dx4, parts)
-    run_native(post_backward, cp.threads, (part, job, stats, plan.op[2], stream))
-    return dx, None, None
+    nchunks = chunks(groups * cp.nc, cp.threads, _chunks_per_thread(ctx))
+    job = (nchunks, cp.nc, x4, dy4, dx4, parts)
+    affine = ctx.weight is not None or ctx.bias is not None
+    tables = _tables(x, cp.layout, ctx.weight, ctx.bias) if affine else None
+    par = _par(tables) if tables is not None else _NO_PAR
+    sums = _grad_sums(ctx, tables, cp.layout, nchunks) if tables is not None else _NO_SUMS
+    args = (part, job, (mean, rstd, cg, plan.op[2]), par, sums, _backward_flags(ctx, stream))
+    run_native(post_backward, cp.threads, args)
+    if tables is None:
+        return dx, None, None
+    return (dx, *_param_grads(ctx, sums, tables, cp.layout))
+
+
+def _chunks_per_thread(ctx: Any) -> int:
+    """Fewer, larger chunks with parameter gradients: sums kept per chunk stay few."""
+    return 4 if ctx.weight is not None or ctx.bias is not None else CHUNKS_PER_THREAD
 
 
 def _block_dy(dy: np.ndarray, lay: Any) -> np.ndarray:
@@ -164,27 +219,25 @@ def _block_dy(dy: np.ndarray, lay: Any) -> np.ndarray:
 
 def backward_blocked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
     x, lay = ctx.x, plan.layout
-    x4, wp, bp, _ = plan.views
+    x4, wt, bt, _ = plan.views
     dx, dx4, stream = _output(x, plan, ctx.dtype, out)
     nc, nthreads = plan.threads
-    has_w, has_b = ctx.weight is not None, ctx.bias is not None
     items = lay.groups * nc
-    # dweight/dbias sums are kept per chunk, so a chunk's adds land in the same slot whichever
-    # thread runs it (deterministic); fewer, larger chunks keep those copies few
-    nchunks = chunks(items, nthreads, 4 if has_w or has_b else CHUNKS_PER_THREAD)
-    dwacc, dw5 = _layout.accumulator(wp, nchunks, lay, has_w)
-    dbacc, db5 = _layout.accumulator(bp, nchunks, lay, has_b)
+    # dweight/dbias sums are kept per chunk where chunks share rows, so a chunk's adds land in
+    # the same slot whichever thread runs it (deterministic)
+    nchunks = chunks(items, nthreads, _chunks_per_thread(ctx))
+    sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
     stats = tuple(_layout.keepdims_to_groups(v, lay) for v in (ctx.mean, ctx.rstd, c))
-    io = (x4, _block_dy(dy, lay), wp.view, dx4)
-    common = (io, (dw5, db5, 0), stats, plan.op[2], (has_w, has_w, has_b, stream))
+    io = (x4, _block_dy(dy, lay), dx4)
+    flags = _backward_flags(ctx, stream)
+    common = (io, _par((wt, bt)), (*sums, 0), (*stats, plan.op[2]), flags)
     if nc == 1:
         run(_loops.backward_groups, lay.groups, nthreads, common, nchunks)
     else:
         ps = np.empty((2, items))  # partial sum g and sum g (x - mu)
         args = (phase_ctl(nchunks, nthreads), (nc, ps[0], ps[1]), *common)
         run(_loops.backward_split, items, nthreads, args, nchunks)
-    dw = _layout.param_grad(dwacc, wp, lay, x, ctx.weight)
-    return dx, dw, _layout.param_grad(dbacc, bp, lay, x, ctx.bias)
+    return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
 
 
 def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
@@ -192,24 +245,26 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     `dweight = r sum dy (x - mu)`, `dbias = sum dy`, from per-item partials merged in a
     fixed order."""
     x, lay = ctx.x, plan.layout
-    x4, wp, bp, _ = plan.views
+    x4, wt, bt, _ = plan.views
     ka, ra, kb, rb = lay.shape4
     nc, nthreads = plan.threads
     mean, r, cg = (_layout.keepdims_to_groups(v, lay) for v in (ctx.mean, ctx.rstd, c))
     dy4 = _block_dy(dy, lay)
     psdy, psdyd = np.empty(ka * nc * kb), np.empty(ka * nc * kb)
-    run(_loops.sums_sweep, ka * nc, nthreads, ((x4, dy4, x4, x4), mean, nc, (psdy, psdyd)))
+    run(_loops.sums_sweep, ka * nc, nthreads, ((x4, dy4, x4), mean, nc, (psdy, psdyd)))
     sdy = psdy.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
     sdyd = psdyd.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
-    wg = _layout.per_group(wp)
+    wg = _layout.per_group(wt, lay)
     mg, beta = backward_coefficients(wg * sdy, wg * sdyd, ra * rb, plan.op[2], r, cg)
     dx, dx4, stream = _output(x, plan, ctx.dtype, out)
-    flags = (ctx.weight is not None, False, False, stream)
-    args = ((x4, dy4, x4, dx4), (mean, r, mg, beta), wg, nc, flags)
+    args = ((x4, dy4, dx4), _par((wt, bt)), (mean, r, mg, beta), nc, _backward_flags(ctx, stream))
     run(_loops.backward_sweep, ka * nc, nthreads, args)
-    dw = _layout.param_grad(_layout.group_accumulator(r * sdyd, wp, lay), wp, lay, x, ctx.weight)
-    db = _layout.param_grad(_layout.group_accumulator(sdy, bp, lay), bp, lay, x, ctx.bias)
-    return dx, dw, db
+    sums = _grad_sums(ctx, (wt, bt), lay, 1)
+    used = (ctx.weight is not None, ctx.bias is not None)
+    for acc, t, per, given in zip(sums, (wt, bt), (r * sdyd, sdy), used, strict=True):
+        if given:
+            np.add.at(acc[0, :, 0], _layout.group_rows(t, lay), per)  # in group order
+    return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
 
 
 RUNNERS: dict[tuple[str, str], Callable[..., Result]] = {
