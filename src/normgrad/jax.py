@@ -165,3 +165,6 @@ def apply(
         weight=params.get("weight"),
         bias=params.get("bias"),
     )
+
+
+# --- check_grads (checker) ---

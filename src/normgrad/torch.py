@@ -167,3 +167,6 @@ class MeanVarNorm(nn.Module):
             f"{self.param_shape}, axes={self.axes}, eps={self.eps}, eps_mode={self.eps_mode!r}, "
             f"ddof={self.ddof}, elementwise_affine={self.elementwise_affine}"
         )
+
+
+# --- gradcheck (checker) ---
