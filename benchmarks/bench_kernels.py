@@ -70,6 +70,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-plot", action="store_true", help="skip bench.png")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the accuracy part")
     parser.add_argument("--no-startup", action="store_true", help="skip start-up timing")
+    parser.add_argument(
+        "--models", default="all", help="model layers: all, none or keys (bench_models.CASES)"
+    )
+    parser.add_argument("--no-compile", action="store_true", help="models without torch.compile")
     parser.add_argument("--plain", action="store_true", help="plain progress lines, no rich")
 
 
@@ -94,7 +98,10 @@ def run(args: argparse.Namespace) -> int:
     impls = [i for i in impls if i in peers]
     cases = [(lay, n, dt, p) for lay in layouts for n in sizes for dt in dtypes for p in passes]
     report: dict[str, Any] = {"meta": _meta(), "results": [], "accuracy": [], "startup": {}}
-    steps = 1 + len(cases) + (0 if args.no_accuracy else 1) + (0 if args.no_startup else 1)
+    models = _models_module()
+    model_cases = models.select(args.models)
+    parts = [bool(model_cases), not args.no_accuracy, not args.no_startup]
+    steps = 1 + len(cases) + sum(parts)
     with _progress(steps, args.plain) as step:
         step("triad")
         # arrays far larger than caches, unless only small sizes run (the smoke test)
@@ -111,6 +118,11 @@ def run(args: argparse.Namespace) -> int:
             hand = measure_handoff() if n >= HANDOFF_MIN else None
             res = bench_case(lay, n, dt, p, impls, peers, args.repeat, local)
             report["results"] += [dict(r, handoff_ns=hand) for r in res]
+        if model_cases:
+            step("model layers")
+            report["models"] = models.run_models(
+                model_cases, dtypes, passes, args.repeat, triad, not args.no_compile
+            )
         if not args.no_accuracy:
             step("accuracy")
             acc_sizes = [s for s in (10**5, 10**6, 10**7) if s <= max(sizes)] or [max(sizes)]
@@ -128,6 +140,16 @@ def run(args: argparse.Namespace) -> int:
         f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + ("" if args.no_plot else ", bench.png")
     )
     return 0
+
+
+def _models_module() -> Any:
+    """benchmarks/bench_models.py, found next to this file however this one was loaded."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    import bench_models
+
+    return bench_models
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -578,6 +600,8 @@ def format_report(report: dict[str, Any]) -> str:
             cells.append(f"{h:.0f}" if h is not None else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if report.get("models"):
+        lines.append(_models_module().format_models(report["models"]))
     if report.get("accuracy"):
         lines.append("### float32 accuracy (whole tensor, max error vs float64 reference)\n")
         lines.append("| impl | N | offset | y err | y ulp | dx err | dx ulp |")

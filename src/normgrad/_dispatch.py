@@ -169,7 +169,7 @@ def _planned(x: np.ndarray, spec: Spec, mode: str, params: Any) -> Plan | None:
     whose blocks a reshape gives and whose affine parameters fit them, or None."""
     from .kernels._layout import call_plan, table
 
-    cp = call_plan(x.shape, spec.axes)
+    cp = call_plan(x.shape, spec.axes, tuple(p.shape for p in params if p is not None))
     if cp is None or any(table(p, x, cp.layout, True) is None for p in params if p is not None):
         return None
     op = (spec.eps, spec.inside, spec.m)

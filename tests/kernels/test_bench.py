@@ -18,7 +18,7 @@ def test_bench_runner_smoke(tmp_path):
     args = _bench.parse_args(
         ["--sizes", "1000", "--repeat", "1", "--layouts", "whole", "--dtypes", "float64",
          "--impls", "fused,fused_out,fused_mapped,generic,numpy", "--out", str(tmp_path),
-         "--no-plot", "--no-accuracy", "--plain"]
+         "--no-plot", "--no-accuracy", "--models", "none", "--plain"]
     )  # fmt: skip
     assert _bench.run(args) == 0
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -45,7 +45,7 @@ def test_bench_records_the_thread_hand_off(tmp_path):
     args = _bench.parse_args(
         ["--sizes", str(_bench.HANDOFF_MIN), "--repeat", "1", "--layouts", "rows",
          "--dtypes", "float32", "--passes", "fwd", "--impls", "fused", "--out", str(tmp_path),
-         "--no-plot", "--no-accuracy", "--no-startup", "--plain"]
+         "--no-plot", "--no-accuracy", "--no-startup", "--models", "none", "--plain"]
     )  # fmt: skip
     assert _bench.run(args) == 0
     (row,) = json.loads((tmp_path / "bench.json").read_text())["results"]

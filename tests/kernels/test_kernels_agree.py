@@ -87,6 +87,9 @@ def test_options_agree(rng, dtype, eps_mode, ddof, path):
         pytest.param((4, 5, 6, 7), (0, 2, 3), (4, 5, 6, 7), id="batchnorm-full"),
         pytest.param((6, 5, 4, 30), (1, 3), (6, 1, 4, 1), id="two-kept-blocks"),
         pytest.param((6, 5, 4, 30), (1, 3), (4, 1), id="two-kept-blocks-inner"),
+        pytest.param((4, 3, 2, 5, 6), (2, 3, 4), (3, 2, 1, 1), id="groupnorm-channels"),
+        pytest.param((4, 3, 2, 5, 6), (2, 3, 4), (4, 3, 1, 1, 1), id="groupnorm-groups"),
+        pytest.param((3, 4, 5, 6), (1, 2), (4, 1, 6), id="inner-kept-and-reduced"),
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -105,18 +108,21 @@ def test_affine_agrees(rng, shape, axes, wshape, dtype, path):
 
 @pytest.mark.parametrize(
     ("shape", "wshape", "path"),
-    [((64, 768), (768,), "small"), ((512, 768), (768,), "native"), ((8, 16, 20), (20,), "small")],
-)
+    [((64, 768), (768,), "small"), ((512, 768), (768,), "native"), ((8, 16, 20), (20,), "small"),
+     ((8, 32, 2, 28, 28), (32, 2, 1, 1), "native"), ((2, 4, 2, 5, 5), (4, 2, 1, 1), "small")],
+)  # fmt: skip
 def test_affine_calls_take_the_planned_kernels(rng, shape, wshape, path):
     """C-contiguous inputs with a weight and bias that fit the blocks take the small and
     native kernels as calls without them do (in auto mode), and the planned calls' cache
-    tells calls apart by their parameters' shapes."""
+    tells calls apart by their parameters' shapes. Group norm's per-channel parameters vary
+    over part of the kept axes (batch, group): they take them too."""
     x = rng.normal(size=shape)
     w, b = rng.normal(size=wshape), rng.normal(size=wshape)
+    axes = -1 if len(shape) < 5 else (2, 3, 4)
     with testing.record_paths() as seen:
-        _, ctx = ng.normalize_forward(x, -1, weight=w, bias=b)
+        _, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
         ng.normalize_backward(ctx, x)
-        ng.normalize_forward(x, -1, weight=w[None])  # another shape of the same values
+        ng.normalize_forward(x, axes, weight=w[None])  # another shape of the same values
     assert seen == [("forward", path), ("backward", path), ("forward", path)]
     with pytest.raises(NormgradError, match="broadcast"):
         ng.normalize(x, -1, weight=w[:-1])

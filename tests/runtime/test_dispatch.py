@@ -60,7 +60,9 @@ CALLS = [
         ["small", "native", "sweep", "blocked", "generic"],
         id="bn",
     ),
-    pytest.param((300, 400), None, (400,), ["blocked", "generic"], id="whole-affine"),
+    pytest.param(
+        (300, 400), None, (400,), ["small", "native", "blocked", "generic"], id="whole-affine"
+    ),
 ]
 
 

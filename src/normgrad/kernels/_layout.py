@@ -54,8 +54,9 @@ class Layout(NamedTuple):
 def plan(x: np.ndarray, axes: tuple[int, ...], params: tuple[Any, ...] = ()) -> Layout | None:
     """The block layout of `x` for reducing over `axes`, or None if it needs > 4 blocks.
 
-    Axes merge only where `x` and every affine parameter (broadcast to x) merge, so that a
-    parameter either repeats or varies over a whole block."""
+    Kept axes merge where `x`'s do; reduced axes only where every affine parameter (broadcast
+    to x) merges too, so that a parameter repeats or varies over a whole reduced block (over
+    part of a kept block, its table holds one row per kept position: see `table`)."""
     pstrides = tuple(
         np.broadcast_to(np.asarray(p), x.shape).strides for p in params if p is not None
     )
@@ -89,15 +90,17 @@ def _plan(
 def _runs(
     shape: tuple[int, ...], order: list[int], axes: tuple[int, ...], views: tuple[Any, ...]
 ) -> list[tuple[bool, list[int]]]:
-    """Axes in memory order, grouped into runs of kept or reduced axes that merge in every
-    view."""
+    """Axes in memory order, grouped into runs of kept axes that merge in x (`views[0]`) and
+    of reduced axes that merge in every view."""
     runs: list[tuple[bool, list[int]]] = []
     for i in order:
         red = i in axes
         if (
             runs
             and runs[-1][0] == red
-            and all(_mergeable(shape, v, runs[-1][1][-1], i) for v in views)
+            and all(
+                _mergeable(shape, v, runs[-1][1][-1], i) for v in views[: len(views) if red else 1]
+            )
         ):
             runs[-1][1].append(i)
         else:
@@ -127,6 +130,11 @@ def _layout(
         tuple(shape[i] for i in srt),
         tuple(srt.index(i) for i in kept),
     )
+
+
+def _broadcast_strides(pshape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides (in elements) of a C-contiguous parameter of `pshape` broadcast to `shape`."""
+    return np.broadcast_to(np.empty(pshape, np.int8), shape).strides
 
 
 def _mergeable(shape: tuple[int, ...], strides: tuple[int, ...], outer: int, inner: int) -> bool:
@@ -199,7 +207,7 @@ def table(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Table | None:
     p = np.asarray(p)
     recipe = _recipe(p.shape, x.shape, lay)
     if recipe is None:
-        return None
+        return _materialized(p, x, lay)
     if recipe.reshape:
         values = np.ascontiguousarray(p, dtype=np.float64).reshape(-1, recipe.compact[3])
     else:
@@ -208,6 +216,26 @@ def table(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Table | None:
         view = np.lib.stride_tricks.as_strided(full, recipe.compact, strides)
         values = np.array(view, dtype=np.float64, order="C").reshape(-1, recipe.compact[3])
     return Table(values, recipe.rule, recipe.varies, recipe.reshape)
+
+
+def _materialized(p: np.ndarray, x: np.ndarray, lay: Layout) -> Table | None:
+    """The table of a parameter that varies over part of a kept block (group norm's
+    per-channel weight on merged (batch, group) axes): one row per kept position of the
+    blocks it varies over, the values copied out of its broadcast. None where it varies over
+    part of the reduced block Rb (the table would be as large as x)."""
+    full = np.broadcast_to(p, x.shape)
+    el = [s // full.itemsize for s in full.strides]
+    varies = tuple(any(el[i] for i in blk) for blk in lay.blocks)
+    rb = lay.blocks[3]
+    if varies[3] and not all(el[i] for i in rb):
+        return None
+    block_varies = {i: v for blk, v in zip(lay.blocks, varies, strict=True) for i in blk}
+    index = tuple(slice(None) if block_varies.get(i, False) else slice(0, 1) for i in range(x.ndim))
+    compact = tuple(n if v else 1 for n, v in zip(lay.shape4, varies, strict=True))
+    values = np.array(full[index].transpose(lay.perm), dtype=np.float64, order="C")
+    _, ra, kb, _ = compact
+    rule = (ra * kb if varies[0] else 0, kb if varies[1] else 0, 1 if varies[2] else 0)
+    return Table(values.reshape(-1, compact[3]), rule, varies, False)  # type: ignore[arg-type]
 
 
 @functools.lru_cache(maxsize=256)
@@ -267,7 +295,12 @@ def param_grad(acc: np.ndarray, t: Table, lay: Layout, x: np.ndarray, like: Any)
         return total.reshape(like.shape).astype(dtype)
     axes = [i for blk, v in zip(lay.blocks, t.varies, strict=True) if v for i in blk]
     total = total.reshape([x.shape[i] for i in axes]).transpose(np.argsort(axes))
-    return total.reshape(like.shape).astype(dtype)
+    full = total.reshape([x.shape[i] if i in axes else 1 for i in range(x.ndim)])
+    lead = x.ndim - len(like.shape)  # sum where the parameter broadcasts (a materialized table)
+    summed = [
+        i for i in range(x.ndim) if full.shape[i] > 1 and (i < lead or like.shape[i - lead] == 1)
+    ]
+    return full.sum(axis=tuple(summed)).reshape(like.shape).astype(dtype)
 
 
 # --- threads ------------------------------------------------------------------------------------
@@ -327,12 +360,16 @@ class CallPlan(NamedTuple):
 
 
 @functools.lru_cache(maxsize=256)
-def call_plan(shape: tuple[int, ...], axes: tuple[int, ...]) -> CallPlan | None:
-    """The block layout of a C-contiguous array of `shape` if its blocks are in axis order
-    (whole tensor, trailing axes, batch-norm axes...), so that `reshape` gives the blocks
-    and groups come out in C order of the kept axes; None otherwise."""
+def call_plan(
+    shape: tuple[int, ...], axes: tuple[int, ...], pshapes: tuple[tuple[int, ...], ...] = ()
+) -> CallPlan | None:
+    """The block layout of a C-contiguous array of `shape` (with affine parameters of
+    `pshapes`) if its blocks are in axis order (whole tensor, trailing axes, batch-norm
+    axes...), so that `reshape` gives the blocks and groups come out in C order of the kept
+    axes; None otherwise."""
     strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))  # C order, in items
-    lay = _plan(shape, strides, axes, ())
+    pstrides = tuple(_broadcast_strides(ps, shape) for ps in pshapes)
+    lay = _plan(shape, strides, axes, pstrides)
     if lay is None:
         return None
     big = [i for i in lay.perm if shape[i] > 1]

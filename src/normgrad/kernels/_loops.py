@@ -189,7 +189,7 @@ def _sums_per_element(pieces, sums, coef):
     return sg, sgd
 
 
-# The parameter-sum helpers are plain jitted functions, not inlined: inlined
+# The parameter-sum helpers (with `_add_run_sums`) are plain jitted functions, not inlined: inlined
 # (`inline="always"`) one after the other into `_add_sums`, the second one's adds were lost
 # (numba 0.68's IR inliner; a test runs every parameter layout against the generic path).
 @njit(cache=True, fastmath=_REASSOC)
@@ -225,6 +225,16 @@ def _add_bias_sums(sums, row, a, ds):
         sums[row, 0] += total
 
 
+@njit(cache=True)
+def _add_run_sums(accs, rows, need, sums):
+    """Add a run's `sum dy xhat` and `sum dy` into row `rows[1]` of slot `rows[0]` of the
+    dweight sums and row `rows[3]` of slot `rows[2]` of the dbias sums, where needed."""
+    if need[0]:
+        accs[0][rows[0], rows[1], 0] += sums[0]
+    if need[1]:
+        accs[1][rows[2], rows[3], 0] += sums[1]
+
+
 @njit(cache=True, inline="always")
 def _add_sums(io, par, acc, at, a, e, coef, flags):
     """`sum g` and `sum g (x - mu)` over `[a, e)` of a run (g = dy w); adds `dy xhat` and
@@ -236,6 +246,21 @@ def _add_sums(io, par, acc, at, a, e, coef, flags):
     k0, r0, k1 = at
     xs, ds = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e]
     mu = coef[0]
+    dw_run = not need_dw or dwa.shape[2] == 1
+    db_run = not need_db or dba.shape[2] == 1
+    if wt.shape[1] == 1 and dw_run and db_run:
+        # one weight for the run (or none), run sums for its parameters (batch, group and
+        # instance norm): sum dy and sum dy (x - mu) give all four sums in one pass
+        sdy = 0.0
+        sdyd = 0.0
+        for j in range(xs.size):
+            dj = np.float64(ds[j])
+            sdy += dj
+            sdyd += dj * (xs[j] - mu)
+        rows = (min(k, dwa.shape[0] - 1), _row(wr, at), min(k, dba.shape[0] - 1), _row(br, at))
+        _add_run_sums((dwa, dba), rows, (need_dw, need_db), (sdyd * coef[1], sdy))
+        wv = wt[_row(wr, at), 0] if has_w else 1.0
+        return sdy * wv, sdyd * wv
     if need_dw and need_db and wt.shape[1] > 1 and dwa.shape[2] > 1 and dba.shape[2] > 1:
         # per-element weight and bias (layer norm): every sum in one pass
         dws = dwa[min(k, dwa.shape[0] - 1), _row(wr, at), a:e]
@@ -249,17 +274,12 @@ def _add_sums(io, par, acc, at, a, e, coef, flags):
             gj = ds[j] * ws[j]
             sg += gj
             sgd += gj * (xs[j] - mu)
-    elif has_w:
-        wv = wt[_row(wr, at), 0]
+    else:
+        wv = wt[_row(wr, at), 0] if has_w else 1.0
         for j in range(xs.size):
             gj = ds[j] * wv
             sg += gj
             sgd += gj * (xs[j] - mu)
-    else:
-        for j in range(xs.size):
-            dj = np.float64(ds[j])
-            sg += dj
-            sgd += dj * (xs[j] - mu)
     if need_dw:  # (a single slot where chunks share no rows: min)
         _add_weight_sums(dwa[min(k, dwa.shape[0] - 1)], _row(wr, at), a, (xs, ds), coef)
     if need_db:

@@ -1,0 +1,293 @@
+"""Model-shaped cases: the normalizations that models call, with their weight and bias.
+
+Part of `make bench` (`bench_kernels.run` calls `run_models`). Each case is a layer as a model
+uses it (LayerNorm over the last axis, BatchNorm2d, GroupNorm, InstanceNorm with affine
+parameters, and a whole tensor), timed in one process for:
+
+- `normgrad`: `normgrad.normalize_forward` / `normalize_backward` on NumPy arrays, with the
+  gradients of x, weight and bias;
+- `normgrad.torch`: `normgrad.torch.normalize` on CPU tensors, gradients by `torch.autograd`;
+- `torch`: PyTorch's own op (`F.layer_norm`, `F.batch_norm`, `F.group_norm`,
+  `F.instance_norm`);
+- `compile`: `torch.compile` of the plain formula (mean, variance, rsqrt, affine), the code
+  that a user without a dedicated op would write (`--no-compile` skips it: it compiles once
+  per shape).
+
+Each result is checked against normgrad's generic path before it is timed. Ratios are the
+peer's time over ours: above 1 means normgrad is faster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+import normgrad as ng
+
+EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class Case:
+    """A layer: the input's shape, the axes normgrad normalizes over, the parameters' shape."""
+
+    key: str  # what --models names
+    name: str
+    shape: tuple[int, ...]
+    groups: int = 0  # GroupNorm: channels split into this many groups
+
+    @property
+    def op(self) -> str:
+        return self.name.split()[0]
+
+
+CASES = (
+    Case("ln8192", "LayerNorm 8192x768", (8192, 768)),
+    Case("ln2048", "LayerNorm 2048x4096", (2048, 4096)),
+    Case("ln64", "LayerNorm 64x768", (64, 768)),
+    Case("ln32", "LayerNorm 32x128", (32, 128)),
+    Case("bn32", "BatchNorm2d 32x64x56x56", (32, 64, 56, 56)),
+    Case("bn8", "BatchNorm2d 8x64x28x28", (8, 64, 28, 28)),
+    Case("gn8", "GroupNorm(32) 8x64x28x28", (8, 64, 28, 28), groups=32),
+    Case("in8", "InstanceNorm2d 8x64x28x28", (8, 64, 28, 28)),
+    Case("whole", "whole 10^7", (1000, 10_000)),
+)
+IMPLS = ("normgrad", "normgrad.torch", "torch", "compile")
+PEERS = ("torch", "compile")
+
+
+def layout(case: Case) -> tuple[tuple[int, ...], Any, tuple[int, ...]]:
+    """(shape normgrad sees, its axes, the shape of weight and bias normgrad is given).
+
+    GroupNorm is the channels split in two axes, (N, G, C/G, H, W) over (2, 3, 4), with a
+    per-channel weight of shape (G, C/G, 1, 1); per-channel parameters are (C, 1, 1)."""
+    s = case.shape
+    if case.op == "LayerNorm":
+        return s, -1, (s[-1],)
+    if case.op == "BatchNorm2d":
+        return s, (0, 2, 3), (s[1], 1, 1)
+    if case.op == "InstanceNorm2d":
+        return s, (2, 3), (s[1], 1, 1)
+    if case.op.startswith("GroupNorm"):
+        g = case.groups
+        return (s[0], g, s[1] // g, s[2], s[3]), (2, 3, 4), (g, s[1] // g, 1, 1)
+    return s, None, ()
+
+
+@dataclass
+class Inputs:
+    x: Any
+    dy: Any
+    w: Any
+    b: Any
+    axes: Any
+    channels: int  # weight and bias have this many elements (0: none)
+
+
+def make_inputs(case: Case, dtype: str) -> Inputs:
+    shape, axes, pshape = layout(case)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=shape).astype(dtype)
+    dy = rng.normal(size=shape).astype(dtype)
+    if not pshape:
+        return Inputs(x, dy, None, None, axes, 0)
+    w = (1 + 0.1 * rng.normal(size=pshape)).astype(dtype)
+    b = (0.1 * rng.normal(size=pshape)).astype(dtype)
+    return Inputs(x, dy, w, b, axes, w.size)
+
+
+def reference(inp: Inputs) -> tuple[Any, ...]:
+    """(y, dx, dweight, dbias) from normgrad's generic path in float64."""
+    p = [None if a is None else a.astype(np.float64) for a in (inp.w, inp.b)]
+    with ng.use_kernels(False):
+        y, ctx = ng.normalize_forward(
+            inp.x.astype(np.float64), inp.axes, eps=EPS, weight=p[0], bias=p[1]
+        )
+        g = ng.normalize_backward(ctx, inp.dy.astype(np.float64))
+    return (y, g.x) + ((g.weight, g.bias) if inp.channels else ())
+
+
+def _normgrad_fn(inp: Inputs, bwd: bool) -> Any:
+    def fn() -> tuple[Any, ...]:
+        y, ctx = ng.normalize_forward(inp.x, inp.axes, eps=EPS, weight=inp.w, bias=inp.b)
+        if not bwd:
+            return (y,)
+        g = ng.normalize_backward(ctx, inp.dy)
+        return (y, g.x) + ((g.weight, g.bias) if inp.channels else ())
+
+    return fn
+
+
+def torch_op(torch: Any, case: Case) -> Any:
+    """PyTorch's dedicated op for the case: f(x, w, b) on the case's own shape."""
+    F = torch.nn.functional
+    op = case.op
+    if op == "LayerNorm":
+        return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps=EPS)
+    if op == "BatchNorm2d":
+        return lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=EPS)
+    if op == "InstanceNorm2d":
+        return lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS)
+    if op.startswith("GroupNorm"):
+        return lambda x, w, b: F.group_norm(x, case.groups, w, b, eps=EPS)
+    return lambda x, w, b: F.layer_norm(x.reshape(1, -1), (x.numel(),), eps=EPS).reshape(x.shape)
+
+
+def plain_formula(torch: Any, case: Case) -> Any:
+    """What one writes without a dedicated op (on normgrad's layout of the case)."""
+    _, axes, _ = layout(case)
+    dims = None if axes is None else axes
+
+    def f(x: Any, w: Any, b: Any) -> Any:
+        mean = x.mean(dim=dims, keepdim=True)
+        d = x - mean
+        y = d * torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + EPS)
+        return y if w is None else y * w + b
+
+    return f
+
+
+def _torch_fn(torch: Any, f: Any, inp: Inputs, bwd: bool, native_shape: Any) -> Any:
+    """Time `f` on tensors sharing the NumPy arrays' memory; gradients of x, w, b."""
+    x = torch.from_numpy(inp.x.reshape(native_shape))
+    dy = torch.from_numpy(inp.dy.reshape(native_shape))
+    params = [None if a is None else torch.from_numpy(a.reshape(-1)) for a in (inp.w, inp.b)]
+
+    def fn() -> tuple[Any, ...]:
+        if not bwd:
+            with torch.no_grad():
+                return (f(x, *params).numpy(),)
+        leaves = [t.detach().requires_grad_() for t in (x, *params) if t is not None]
+        y = f(*leaves, *([None, None] if len(leaves) == 1 else []))
+        grads = torch.autograd.grad(y, leaves, dy)
+        return (y.detach().numpy(), *(g.numpy() for g in grads))
+
+    return fn
+
+
+def _make(impl: str, case: Case, inp: Inputs, bwd: bool, torch: Any) -> Any:
+    if impl == "normgrad":
+        return _normgrad_fn(inp, bwd)
+    if torch is None:
+        return None
+    ours = inp.x.shape
+    if impl == "torch":
+        return _torch_fn(torch, torch_op(torch, case), inp, bwd, case.shape)
+    if impl == "compile":
+        f = plain_formula(torch, case)
+        reshaped = _on_layout(torch, f, inp)
+        return _torch_fn(torch, torch.compile(reshaped, dynamic=False), inp, bwd, ours)
+    import normgrad.torch as ngt
+
+    def f_ours(x: Any, w: Any, b: Any) -> Any:
+        return ngt.normalize(x, inp.axes, eps=EPS, weight=_param(w, inp), bias=_param(b, inp))
+
+    return _torch_fn(torch, f_ours, inp, bwd, ours)
+
+
+def _param(t: Any, inp: Inputs) -> Any:
+    return None if t is None else t.reshape(inp.w.shape)
+
+
+def _on_layout(torch: Any, f: Any, inp: Inputs) -> Any:
+    """`f` with the flat parameters reshaped as normgrad is given them."""
+    if inp.w is None:
+        return lambda x, w, b: f(x, None, None)
+    return lambda x, w, b: f(x, w.reshape(inp.w.shape), b.reshape(inp.w.shape))
+
+
+def _check(got: tuple[Any, ...], ref: tuple[Any, ...], what: str) -> float:
+    err = 0.0
+    for g, r in zip(got, ref, strict=False):
+        g64 = np.asarray(g, dtype=np.float64).reshape(r.shape)
+        err = max(err, float(np.max(np.abs(g64 - r)) / max(1.0, float(np.max(np.abs(r))))))
+    if not err <= 2e-3:
+        raise AssertionError(f"{what} differs from the float64 reference by {err:.3g}")
+    return err
+
+
+def select(text: str) -> list[Case]:
+    """The cases that `--models` names: "all", "none" or comma-separated keys."""
+    if text == "all":
+        return list(CASES)
+    keys = [k.strip() for k in text.split(",") if k.strip() and k.strip() != "none"]
+    known = {c.key: c for c in CASES}
+    bad = [k for k in keys if k not in known]
+    if bad:
+        raise ng.NormgradError(
+            f"unknown model case {bad}; choose from all, none, {', '.join(known)}."
+        )
+    return [known[k] for k in keys]
+
+
+def run_models(
+    cases: list[Case],
+    dtypes: list[str],
+    passes: list[str],
+    repeat: int,
+    triad: float,
+    compile_: bool,
+) -> list[dict[str, Any]]:
+    """Every case, dtype and pass, for each implementation; one dict per measurement."""
+    from bench_kernels import ROOF_PASSES, time_it
+
+    torch = None
+    with contextlib.suppress(ImportError):
+        import torch
+    impls = [i for i in IMPLS if compile_ or i != "compile"]
+    rows = []
+    for case in cases:
+        for dt in dtypes:
+            inp = make_inputs(case, dt)
+            ref = reference(inp)
+            for p in passes:
+                bwd = p == "fwdbwd"
+                for impl in impls:
+                    fn = _make(impl, case, inp, bwd, torch)
+                    if fn is None:
+                        continue
+                    err = _check(fn(), ref if bwd else ref[:1], f"{impl} on {case.name}")
+                    t = float(np.median(time_it(fn, repeat)))
+                    roof = ROOF_PASSES[p] * inp.x.nbytes / triad
+                    rows.append(
+                        dict(
+                            case=case.name,
+                            size=inp.x.size,
+                            dtype=dt,
+                            passes=p,
+                            impl=impl,
+                            median_s=t,
+                            roofline_s=roof,
+                            max_rel_err=err,
+                        )
+                    )
+    return rows
+
+
+def format_models(rows: list[dict[str, Any]]) -> str:
+    """One table per dtype and pass: time of each implementation, normgrad's % of the
+    roofline, and each peer's time over normgrad's and over normgrad.torch's."""
+    lines = ["## Model layers with weight and bias\n"]
+    for dt, p in dict.fromkeys((r["dtype"], r["passes"]) for r in rows):
+        sel = [r for r in rows if (r["dtype"], r["passes"]) == (dt, p)]
+        impls = list(dict.fromkeys(r["impl"] for r in sel))
+        peers = [i for i in PEERS if i in impls]
+        ours = [i for i in ("normgrad", "normgrad.torch") if i in impls]
+        head = ["case"] + [f"{i} ms" for i in impls] + ["normgrad % roof"]
+        head += [f"{o} vs {q}" for o in ours for q in peers]
+        lines += [f"### {dt}, {p}\n", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for name in dict.fromkeys(r["case"] for r in sel):
+            by = {r["impl"]: r for r in sel if r["case"] == name}
+            cells = [name] + [f"{by[i]['median_s'] * 1e3:.3g}" if i in by else "" for i in impls]
+            ng_r = by.get("normgrad")
+            cells.append(f"{100 * ng_r['roofline_s'] / ng_r['median_s']:.0f}%" if ng_r else "")
+            for o in ours:
+                for q in peers:
+                    ok = o in by and q in by
+                    cells.append(f"{by[q]['median_s'] / by[o]['median_s']:.2f}x" if ok else "")
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
