@@ -17,58 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _torch_ops
 from ._axes import Axes
 from ._errors import NormgradError
-from ._ops import context_from_statistics, normalize_backward, normalize_forward
 from ._validate import EPS_MODES
 
 __all__ = ["MeanVarNorm", "normalize"]
-
-
-class _Normalize(torch.autograd.Function):
-    """forward: `normalize_forward`; backward: `normalize_backward`, both on torch tensors."""
-
-    @staticmethod
-    def forward(
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        axes: Axes,
-        eps: float,
-        eps_mode: str,
-        ddof: float,
-    ) -> Any:
-        y, ctx = normalize_forward(
-            x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
-        )
-        return y, ctx.mean, ctx.var, ctx.rstd
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, weight, bias, axes, eps, eps_mode, ddof = inputs
-        _, mean, var, rstd = output
-        ctx.save_for_backward(x, weight, bias, mean, var, rstd)
-        ctx.options = (axes, eps, eps_mode, ddof)
-        ctx.mark_non_differentiable(mean, var, rstd)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *_stats: Any) -> Any:
-        x, weight, bias, mean, var, rstd = ctx.saved_tensors
-        axes, eps, eps_mode, ddof = ctx.options
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradient must be differentiable w.r.t. x through the
-            # statistics too, so recompute them from x in torch ops instead of reusing the
-            # forward's (detached) mean and rstd.
-            _, nctx = normalize_forward(
-                x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
-            )
-        else:
-            nctx = context_from_statistics(
-                x, axes, mean, var, rstd, eps=eps, eps_mode=eps_mode, ddof=ddof,
-                weight=weight, bias=bias,
-            )  # fmt: skip
-        grads = normalize_backward(nctx, dy)
-        return grads.x, grads.weight, grads.bias, None, None, None, None
 
 
 def normalize(
@@ -94,8 +48,7 @@ def normalize(
             f"normgrad.torch.normalize needs a torch.Tensor; got {type(x).__name__}. "
             "Use torch.as_tensor(x), or normgrad.normalize for NumPy/JAX/Dask arrays."
         )
-    y, *_ = _Normalize.apply(x, weight, bias, axes, eps, eps_mode, ddof)
-    return y
+    return _torch_ops.normalize(x, axes, (eps, eps_mode, ddof), (weight, bias))
 
 
 class MeanVarNorm(nn.Module):
