@@ -323,12 +323,11 @@ def backward_op(
     _check_dy(dy, x, result_dtype(x))
     call = _op_call(axes, eps, eps_mode, ddof)
     dx, dw, db = backward(x, (weight, bias), (mean, var, rstd), dy, call)
-    empty = x.new_empty(0)
-    return dx.contiguous(), _or(dw, empty), _or(db, empty)
+    return dx.contiguous(), _or_empty(dw, x), _or_empty(db, x)
 
 
-def _or(t: Tensor | None, empty: Tensor) -> Tensor:
-    return empty if t is None else t.contiguous()
+def _or_empty(t: Tensor | None, x: Tensor) -> Tensor:
+    return x.new_empty(0) if t is None else t.contiguous()  # (outputs may not alias)
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:
@@ -352,9 +351,8 @@ def _backward_fake(
     x: Tensor, weight: Any, bias: Any, mean: Any, var: Any, rstd: Any, dy: Tensor, *_: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_dy(dy, x, result_dtype(x))
-    empty = x.new_empty(0)
-    dw = empty if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
-    db = empty if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
+    dw = x.new_empty(0) if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
+    db = x.new_empty(0) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
     return x.new_empty(x.shape, dtype=result_dtype(x)), dw, db
 
 
