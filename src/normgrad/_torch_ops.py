@@ -32,8 +32,7 @@ import torch
 from . import _generic
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
-from ._ops import context_from_statistics, normalize_backward, normalize_forward
-from ._ops import _context
+from ._ops import _context, context_from_statistics, normalize_backward, normalize_forward
 from ._validate import Spec, _broadcasts_to, _check_options, cotangent, namespace, param
 
 Tensor = torch.Tensor
@@ -102,7 +101,8 @@ def _check_dy(dy: Tensor, x: Tensor, dtype: torch.dtype) -> None:
     if dy.dtype != dtype or dy.device != x.device:
         raise NormgradError(
             f"dy has dtype {dy.dtype} on {dy.device}, but y has dtype {dtype} on {x.device}; "
-            f"the cotangent must match y: pass dy.to(y).")
+            f"the cotangent must match y: pass dy.to(y)."
+        )
     cotangent(xpt, x, dy, "dy")
 
 
@@ -141,7 +141,7 @@ def _host(t: Tensor | None, name: str) -> np.ndarray | None:
     return a
 
 
-def _tensor(a: np.ndarray, dtype: torch.dtype) -> Tensor:
+def _tensor(a: Any, dtype: torch.dtype) -> Tensor:
     t = torch.from_numpy(a)
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -173,7 +173,7 @@ def backward(
         ctx = context_from_statistics(
             x, axes, *stats, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b
         )
-        return tuple(normalize_backward(ctx, dy))  # type: ignore[return-value]
+        return tuple(normalize_backward(ctx, dy))
     xh = _host(x, "x")
     assert xh is not None
     hs = tuple(s.numpy() for s in stats)
@@ -202,7 +202,7 @@ def differentiable_backward(
     axes, eps, mode, ddof = call
     w, b = params
     _, ctx = normalize_forward(x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b)
-    return tuple(normalize_backward(ctx, dy))  # type: ignore[return-value]
+    return tuple(normalize_backward(ctx, dy))
 
 
 def tangent(saved: tuple[Any, ...], tangents: tuple[Any, Any, Any], call: Call) -> Tensor:
@@ -249,7 +249,7 @@ class Normalize(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable again
             grads = differentiable_backward(x, (w, b), dy, ctx.call)
         else:
-            grads = backward(x, (w, b), tuple(stats), dy, ctx.call)  # type: ignore[arg-type]
+            grads = backward(x, (w, b), tuple(stats), dy, ctx.call)
         return (*grads, None)
 
     @staticmethod
@@ -334,7 +334,7 @@ def stats_dtype(x: Tensor) -> torch.dtype:
     """The statistics' dtype: float64 on the CPU (the kernels'), else the generic path's."""
     if x.device.type == "cpu":
         return torch.float64
-    return _generic.compute_dtype(xpt, x)  # type: ignore[no-any-return]
+    return _generic.compute_dtype(xpt, x)
 
 
 @forward_op.register_fake
@@ -342,8 +342,8 @@ def _forward_fake(
     x: Tensor, weight: Any, bias: Any, axes: list[int], eps: float, eps_mode: str, ddof: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     shape = [1 if i in axes else s for i, s in enumerate(x.shape)]
-    stats = tuple(x.new_empty(shape, dtype=stats_dtype(x)) for _ in range(3))
-    return (x.new_empty(x.shape, dtype=result_dtype(x)), *stats)
+    mean, var, rstd = (x.new_empty(shape, dtype=stats_dtype(x)) for _ in range(3))
+    return x.new_empty(x.shape, dtype=result_dtype(x)), mean, var, rstd
 
 
 @backward_op.register_fake
@@ -351,8 +351,16 @@ def _backward_fake(
     x: Tensor, weight: Any, bias: Any, mean: Any, var: Any, rstd: Any, dy: Tensor, *_: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_dy(dy, x, result_dtype(x))
-    dw = x.new_empty(0) if weight is None else torch.empty_like(weight, memory_format=torch.contiguous_format)
-    db = x.new_empty(0) if bias is None else torch.empty_like(bias, memory_format=torch.contiguous_format)
+    dw = (
+        x.new_empty(0)
+        if weight is None
+        else torch.empty_like(weight, memory_format=torch.contiguous_format)
+    )
+    db = (
+        x.new_empty(0)
+        if bias is None
+        else torch.empty_like(bias, memory_format=torch.contiguous_format)
+    )
     return x.new_empty(x.shape, dtype=result_dtype(x)), dw, db
 
 
@@ -380,10 +388,10 @@ def normalize(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any)
     if torch.compiler.is_compiling():
         return forward_op(x, w, b, list(call.axes), call.eps, call.eps_mode, call.ddof)[0]
     if torch._C._are_functorch_transforms_active():
-        return Normalize.apply(x, w, b, call)[0]  # type: ignore[no-any-return]
+        return Normalize.apply(x, w, b, call)[0]
     # Without a torch.func transform, Function.apply only binds the arguments to forward's
     # signature (inspect.signature: a third of the adapter's cost) and calls this:
-    return _APPLY(x, w, b, call)[0]  # type: ignore[no-any-return]
+    return _APPLY(x, w, b, call)[0]
 
 
 _APPLY = super(torch.autograd.Function, Normalize).apply

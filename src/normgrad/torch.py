@@ -1,12 +1,14 @@
-r"""PyTorch adapter: `normalize` as a `torch.autograd.Function` and `MeanVarNorm` as an `nn.Module`.
+r"""PyTorch adapter: `normalize` (on `_torch_ops`) and `MeanVarNorm` as an `nn.Module`.
 
-Both run normgrad's own formulas (`normgrad._ops`) on torch tensors through array_api_compat:
+Both run normgrad's op: CPU float32/float64 tensors on the NumPy kernels through zero-copy
+views, other devices in torch ops (`_torch_ops.py` says which and how):
 
 $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
    dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x,\quad g = dy\,w $$
 
-The backward is that derivation written in torch ops, so it is itself differentiable
-(double backward, `gradgradcheck`, Hessian-vector products). Install with `normgrad[torch]`;
+Under grad mode the backward is that derivation written in torch ops, so it is itself
+differentiable (double backward, `gradgradcheck`, Hessian-vector products); `torch.compile`
+(`fullgraph=True`) and `torch.func` transforms work. Install with `normgrad[torch]`;
 `import normgrad` alone never imports torch.
 """
 
@@ -41,7 +43,8 @@ def normalize(
 
     over `axes` (all axes when `None`). Gradients flow to `x`, `weight` and `bias`; the
     backward is differentiable again (`create_graph=True`). On CPU the statistics are
-    computed in float64 whatever the input dtype; the result has the input's dtype.
+    computed in float64 whatever the input dtype; the result has the input's dtype
+    (float64 for integers). Works under `torch.compile` and `torch.func` transforms.
     """
     if not isinstance(x, torch.Tensor):
         raise NormgradError(
