@@ -242,10 +242,13 @@ class Normalize(torch.autograd.Function):
         ctx.save_for_forward(*saved)
         ctx.call = call
         ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # (no zero tensors for the statistics' cotangents)
 
     @staticmethod
-    def backward(ctx: Any, dy: Tensor, *_stats: Any) -> Any:
+    def backward(ctx: Any, dy: Tensor | None, *_stats: Any) -> Any:
         x, w, b, *stats = ctx.saved_tensors
+        if dy is None:  # (y took no part in what is differentiated)
+            return None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable again
             grads = differentiable_backward(x, (w, b), dy, ctx.call)
         else:
