@@ -36,7 +36,7 @@ def compute_dtype(xp: Any, x: Array) -> Any:
             return xp.float32
     elif aac.is_torch_namespace(xp):
         if x.device.type != "cpu":  # not str(device): torch.compile cannot trace it
-            return xp.float32 if x.dtype == xp.float16 else x.dtype
+            return xp.float32 if x.dtype.itemsize < 4 else x.dtype  # (float16, bfloat16)
     elif aac.is_cupy_namespace(xp):
         return xp.float32 if x.dtype == xp.float16 else x.dtype
     return xp.float64

@@ -1,12 +1,14 @@
-r"""PyTorch adapter: `normalize` as a `torch.autograd.Function` and `MeanVarNorm` as an `nn.Module`.
+r"""PyTorch adapter: `normalize` (on `_torch_ops`) and `MeanVarNorm` as an `nn.Module`.
 
-Both run normgrad's own formulas (`normgrad._ops`) on torch tensors through array_api_compat:
+Both run normgrad's op: CPU float32/float64 tensors on the NumPy kernels through zero-copy
+views, other devices in torch ops (`_torch_ops.py` says which and how):
 
 $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
    dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x,\quad g = dy\,w $$
 
-The backward is that derivation written in torch ops, so it is itself differentiable
-(double backward, `gradgradcheck`, Hessian-vector products). Install with `normgrad[torch]`;
+Under grad mode the backward is that derivation written in torch ops, so it is itself
+differentiable (double backward, `gradgradcheck`, Hessian-vector products); `torch.compile`
+(`fullgraph=True`) and `torch.func` transforms work. Install with `normgrad[torch]`;
 `import normgrad` alone never imports torch.
 """
 
@@ -17,58 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _torch_ops
 from ._axes import Axes
 from ._errors import NormgradError
-from ._ops import context_from_statistics, normalize_backward, normalize_forward
 from ._validate import EPS_MODES
 
 __all__ = ["MeanVarNorm", "normalize"]
-
-
-class _Normalize(torch.autograd.Function):
-    """forward: `normalize_forward`; backward: `normalize_backward`, both on torch tensors."""
-
-    @staticmethod
-    def forward(
-        x: torch.Tensor,
-        weight: torch.Tensor | None,
-        bias: torch.Tensor | None,
-        axes: Axes,
-        eps: float,
-        eps_mode: str,
-        ddof: float,
-    ) -> Any:
-        y, ctx = normalize_forward(
-            x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
-        )
-        return y, ctx.mean, ctx.var, ctx.rstd
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, weight, bias, axes, eps, eps_mode, ddof = inputs
-        _, mean, var, rstd = output
-        ctx.save_for_backward(x, weight, bias, mean, var, rstd)
-        ctx.options = (axes, eps, eps_mode, ddof)
-        ctx.mark_non_differentiable(mean, var, rstd)
-
-    @staticmethod
-    def backward(ctx: Any, dy: torch.Tensor, *_stats: Any) -> Any:
-        x, weight, bias, mean, var, rstd = ctx.saved_tensors
-        axes, eps, eps_mode, ddof = ctx.options
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradient must be differentiable w.r.t. x through the
-            # statistics too, so recompute them from x in torch ops instead of reusing the
-            # forward's (detached) mean and rstd.
-            _, nctx = normalize_forward(
-                x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
-            )
-        else:
-            nctx = context_from_statistics(
-                x, axes, mean, var, rstd, eps=eps, eps_mode=eps_mode, ddof=ddof,
-                weight=weight, bias=bias,
-            )  # fmt: skip
-        grads = normalize_backward(nctx, dy)
-        return grads.x, grads.weight, grads.bias, None, None, None, None
 
 
 def normalize(
@@ -87,15 +43,15 @@ def normalize(
 
     over `axes` (all axes when `None`). Gradients flow to `x`, `weight` and `bias`; the
     backward is differentiable again (`create_graph=True`). On CPU the statistics are
-    computed in float64 whatever the input dtype; the result has the input's dtype.
+    computed in float64 whatever the input dtype; the result has the input's dtype
+    (float64 for integers). Works under `torch.compile` and `torch.func` transforms.
     """
     if not isinstance(x, torch.Tensor):
         raise NormgradError(
             f"normgrad.torch.normalize needs a torch.Tensor; got {type(x).__name__}. "
             "Use torch.as_tensor(x), or normgrad.normalize for NumPy/JAX/Dask arrays."
         )
-    y, *_ = _Normalize.apply(x, weight, bias, axes, eps, eps_mode, ddof)
-    return y
+    return _torch_ops.normalize(x, axes, (eps, eps_mode, ddof), (weight, bias))
 
 
 class MeanVarNorm(nn.Module):

@@ -1,0 +1,400 @@
+r"""normgrad's op on torch tensors: the custom ops, the autograd.Function, the paths.
+
+$$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
+   dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x,\quad g = dy\,w $$
+
+Two entry points run the same two functions, `forward` and `backward`:
+
+- eager code (and every `torch.func` transform) goes through `Normalize`, an
+  `autograd.Function` with `setup_context`, `backward`, `jvp` and `vmap`;
+- `torch.compile` goes through the custom ops `normgrad::forward` and `normgrad::backward`
+  (`register_fake` for shapes, `register_autograd`), which Dynamo keeps in its graph (it
+  cannot trace a Function with a custom `jvp`).
+
+The paths: CPU float32/float64 tensors reach normgrad's NumPy kernels through zero-copy
+NumPy views of their storage (strided views included); float16, bfloat16 and integer CPU
+tensors are computed in float64 and rounded once; tensors on other devices take the
+generic path in torch ops (the tensor's dtype, float32 statistics for 16-bit floats),
+whose Python never looks at values, so it never waits for the device. A backward under
+grad mode (`create_graph=True`, `torch.func`) is written in differentiable torch ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, NamedTuple
+
+import array_api_compat.torch as xpt
+import numpy as np
+import torch
+
+from . import _generic
+from ._axes import Axes, normalize_axes
+from ._errors import NormgradError
+from ._ops import _context, context_from_statistics, normalize_backward, normalize_forward
+from ._validate import Spec, _broadcasts_to, _check_options, cotangent, namespace, param
+
+Tensor = torch.Tensor
+Stats = tuple[Tensor, Tensor, Tensor]  # mean, var, rstd: keepdims, the compute dtype
+_KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
+class Call(NamedTuple):
+    """A validated call without its tensors: sorted non-negative axes and the options."""
+
+    axes: tuple[int, ...]
+    eps: float
+    eps_mode: str
+    ddof: float
+
+
+# --- checks --------------------------------------------------------------------------------------
+
+
+def check_call(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Call:
+    """Every check that needs no values: axes, options, dtypes and devices of the tensors.
+    `options = (eps, eps_mode, ddof)`, `params = (weight, bias)`."""
+    _check_dtype(x, "x")
+    if x.ndim == 0 or x.numel() == 0:
+        raise NormgradError(
+            f"x has shape {tuple(x.shape)}; normalization needs at least one dimension and "
+            "one element in every group."
+        )
+    ax = normalize_axes(axes, x.ndim)
+    n = 1
+    for i in ax:  # (a loop: torch.compile traces it)
+        n *= int(x.shape[i])
+    eps, eps_mode, ddof = options
+    _check_options(eps, eps_mode, ddof, n)
+    for p, name in zip(params, ("weight", "bias"), strict=True):
+        if p is not None:
+            _check_param(p, name, x)
+    return Call(ax, float(eps), eps_mode, float(ddof))
+
+
+def _check_dtype(t: Tensor, name: str) -> None:
+    if t.dtype.is_complex or t.dtype == torch.bool:
+        raise NormgradError(
+            f"{name} has dtype {t.dtype}; normalize needs real numbers (floats or integers). "
+            f"Convert it, e.g. {name}.real or {name}.float()."
+        )
+
+
+def _check_param(p: Any, name: str, x: Tensor) -> None:
+    if not isinstance(p, Tensor):
+        raise NormgradError(
+            f"{name} must be a torch.Tensor like x; got {type(p).__name__}. "
+            f"Use torch.as_tensor({name}, device=x.device)."
+        )
+    _check_dtype(p, name)
+    if p.device != x.device:
+        raise NormgradError(
+            f"{name} is on device {p.device} but x is on {x.device}; all tensors of one call "
+            f"must be on one device: move it with {name}.to(x.device)."
+        )
+    if not _broadcasts_to(tuple(p.shape), tuple(x.shape)):
+        param(xpt, p, name, x, x)  # (raises the rule's message)
+
+
+def _check_dy(dy: Tensor, x: Tensor, dtype: torch.dtype) -> None:
+    if dy.dtype != dtype or dy.device != x.device:
+        raise NormgradError(
+            f"dy has dtype {dy.dtype} on {dy.device}, but y has dtype {dtype} on {x.device}; "
+            f"the cotangent must match y: pass dy.to(y)."
+        )
+    cotangent(xpt, x, dy, "dy")
+
+
+def result_dtype(x: Tensor) -> torch.dtype:
+    """y's dtype (and dx's): x's floating dtype, float64 for integers."""
+    return x.dtype if x.dtype.is_floating_point else torch.float64
+
+
+# --- the host side: zero-copy NumPy views --------------------------------------------------------
+
+_RECORD: list[tuple[str, int]] | None = None
+
+
+@contextmanager
+def record_host_arrays() -> Iterator[list[tuple[str, int]]]:
+    """Record `(name, address)` of every NumPy array handed to normgrad's NumPy entry points
+    inside the block (for tests: the kernels read the tensor's own memory)."""
+    global _RECORD
+    saved, _RECORD = _RECORD, []
+    try:
+        yield _RECORD
+    finally:
+        _RECORD = saved
+
+
+def _host(t: Tensor | None, name: str) -> np.ndarray | None:
+    """A NumPy view of `t`'s storage (float32/float64, any strides), or of a float64 copy
+    for the other dtypes: float16/bfloat16 are then rounded once, from float64 results."""
+    if t is None:
+        return None
+    if t.dtype not in _KERNEL_DTYPES:
+        t = t.to(torch.float64)
+    a = t.detach().numpy()
+    if _RECORD is not None:
+        _RECORD.append((name, a.__array_interface__["data"][0]))
+    return a
+
+
+def _tensor(a: Any, dtype: torch.dtype) -> Tensor:
+    t = torch.from_numpy(a)
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+# --- the two functions both entry points run ----------------------------------------------------
+
+
+def forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[Tensor, ...]:
+    """`(y, mean, var, rstd)`: the NumPy kernels for CPU tensors, torch ops elsewhere."""
+    axes, eps, mode, ddof = call
+    if x.device.type != "cpu":
+        y, ctx = normalize_forward(x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b)
+        return y, ctx.mean, ctx.var, ctx.rstd
+    y, ctx = normalize_forward(
+        _host(x, "x"), axes, eps=eps, eps_mode=mode, ddof=ddof, weight=_host(w, "weight"),
+        bias=_host(b, "bias"),
+    )  # fmt: skip
+    stats = (torch.from_numpy(np.asarray(s)) for s in (ctx.mean, ctx.var, ctx.rstd))
+    return (_tensor(y, result_dtype(x)), *stats)
+
+
+def backward(
+    x: Tensor, params: tuple[Any, Any], stats: Stats, dy: Tensor, call: Call
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`(dx, dweight, dbias)` from the forward's statistics (not differentiable again)."""
+    w, b = params
+    axes, eps, mode, ddof = call
+    if x.device.type != "cpu":
+        ctx = context_from_statistics(
+            x, axes, *stats, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b
+        )
+        return tuple(normalize_backward(ctx, dy))
+    xh = _host(x, "x")
+    assert xh is not None
+    hs = tuple(s.numpy() for s in stats)
+    ctx = _context(xh, _spec(xh, call), hs, _host(w, "weight"), _host(b, "bias"))
+    g = normalize_backward(ctx, _host(dy, "dy"))
+    dw = None if w is None else _tensor(g.weight, w.dtype)
+    db = None if b is None else _tensor(g.bias, b.dtype)
+    return _tensor(g.x, result_dtype(x)), dw, db
+
+
+def _spec(xh: np.ndarray, call: Call) -> Spec:
+    """The validated call of a checked one (`check_call` ran in the forward): the
+    NumPy context of the backward without validating again."""
+    axes, eps, mode, ddof = call
+    n = 1
+    for i in axes:
+        n *= xh.shape[i]
+    return Spec(namespace(xh), axes, n, eps, mode, ddof, xh.dtype, n - ddof, mode == "inside")
+
+
+def differentiable_backward(
+    x: Tensor, params: tuple[Any, Any], dy: Tensor, call: Call
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """The backward in torch ops, differentiable w.r.t. x through the statistics too (so they
+    are computed again from x, not taken from the forward)."""
+    axes, eps, mode, ddof = call
+    w, b = params
+    _, ctx = normalize_forward(x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b)
+    return tuple(normalize_backward(ctx, dy))
+
+
+def tangent(saved: tuple[Any, ...], tangents: tuple[Any, Any, Any], call: Call) -> Tensor:
+    r"""The forward derivative $ty = w\,J\,tx + \hat x\,tw + tb$ from the saved tensors
+    `(x, weight, bias, mean, var, rstd)` (any tangent may be None)."""
+    x, w, b, mean, var, rstd = saved
+    tx, tw, tb = tangents
+    axes, eps, mode, ddof = call
+    ctx = context_from_statistics(
+        x, axes, mean, var, rstd, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b
+    )
+    d = _generic.centered(xpt, ctx)
+    if tx is None:
+        ty = torch.zeros_like(d)
+    else:
+        c = _generic.variance_coefficient(xpt, ctx)
+        ty = _generic.apply_jacobian(xpt, ctx, d, c, _generic.cast(xpt, tx, ctx))
+    ty = _generic.tangent_affine(xpt, ctx, ty, d * ctx.rstd, (tw, tb))
+    return _generic.to_dtype(xpt, ty, ctx.dtype)
+
+
+# --- eager code and torch.func: the autograd.Function -------------------------------------------
+
+
+class Normalize(torch.autograd.Function):
+    """`forward` and `backward` above, with a forward-mode rule and a batching rule."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> Any:
+        return forward(x, w, b, call)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, w, b, call = inputs
+        saved = (x, w, b, *output[1:])
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.call = call
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)  # (no zero tensors for the statistics' cotangents)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor | None, *_stats: Any) -> Any:
+        x, w, b, *stats = ctx.saved_tensors
+        if dy is None:  # (y took no part in what is differentiated)
+            return None, None, None, None
+        if torch.is_grad_enabled():  # create_graph=True, torch.func: differentiable again
+            grads = differentiable_backward(x, (w, b), dy, ctx.call)
+        else:
+            grads = backward(x, (w, b), tuple(stats), dy, ctx.call)
+        return (*grads, None)
+
+    @staticmethod
+    def jvp(ctx: Any, tx: Any, tw: Any, tb: Any, _call: Any) -> Any:
+        return tangent(ctx.saved_tensors, (tx, tw, tb), ctx.call), None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], x: Tensor, w: Any, b: Any, call: Call) -> Any:
+        """One call on the batched layout: the batch dimension becomes a leading kept axis."""
+        xb, wb, bb, call = fold_batch(info.batch_size, in_dims, (x, w, b), call)
+        return Normalize.apply(xb, wb, bb, call), (0, 0, 0, 0)
+
+
+def fold_batch(
+    size: int, in_dims: tuple[Any, ...], tensors: tuple[Any, Any, Any], call: Call
+) -> tuple[Any, Any, Any, Call]:
+    """`(x, weight, bias)` with the batch dimension first, as one call over `(B, *shape)`:
+    the parameters gain size-1 axes so that they broadcast per sample."""
+    x, w, b = tensors
+    bx, bw, bb = in_dims[:3]
+    x = x.expand(size, *x.shape) if bx is None else x.movedim(bx, 0)
+    rank = x.ndim - 1
+
+    def lift(p: Any, bp: Any) -> Any:
+        if p is None or bp is None:
+            return p  # (an unbatched parameter broadcasts against (B, *shape) unchanged)
+        p = p.movedim(bp, 0)
+        return p.reshape(size, *([1] * (rank - (p.ndim - 1))), *p.shape[1:])
+
+    axes = tuple(a + 1 for a in call.axes)
+    return x, lift(w, bw), lift(b, bb), call._replace(axes=axes)
+
+
+# --- torch.compile: the custom ops ---------------------------------------------------------------
+
+
+def _op_call(axes: list[int], eps: float, eps_mode: str, ddof: float) -> Call:
+    return Call(tuple(axes), eps, eps_mode, ddof)
+
+
+@torch.library.custom_op("normgrad::forward", mutates_args=())
+def forward_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    axes: list[int],
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`(y, mean, var, rstd)` of `normalize`, all C-contiguous (as the fake says)."""
+    res = forward(x, weight, bias, _op_call(axes, eps, eps_mode, ddof))
+    return tuple(t.contiguous() for t in res)  # type: ignore[return-value]
+
+
+@torch.library.custom_op("normgrad::backward", mutates_args=())
+def backward_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    rstd: Tensor,
+    dy: Tensor,
+    axes: list[int],
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`(dx, dweight, dbias)`; an absent parameter's gradient is an empty tensor."""
+    _check_dy(dy, x, result_dtype(x))
+    call = _op_call(axes, eps, eps_mode, ddof)
+    dx, dw, db = backward(x, (weight, bias), (mean, var, rstd), dy, call)
+    return dx.contiguous(), _or_empty(dw, x), _or_empty(db, x)
+
+
+def _or_empty(t: Tensor | None, x: Tensor) -> Tensor:
+    return x.new_empty(0) if t is None else t.contiguous()  # (outputs may not alias)
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The statistics' dtype: float64 on the CPU (the kernels'), else the generic path's."""
+    if x.device.type == "cpu":
+        return torch.float64
+    return _generic.compute_dtype(xpt, x)
+
+
+@forward_op.register_fake
+def _forward_fake(
+    x: Tensor, weight: Any, bias: Any, axes: list[int], eps: float, eps_mode: str, ddof: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    shape = [1 if i in axes else s for i, s in enumerate(x.shape)]
+    mean, var, rstd = (x.new_empty(shape, dtype=stats_dtype(x)) for _ in range(3))
+    return x.new_empty(x.shape, dtype=result_dtype(x)), mean, var, rstd
+
+
+@backward_op.register_fake
+def _backward_fake(
+    x: Tensor, weight: Any, bias: Any, mean: Any, var: Any, rstd: Any, dy: Tensor, *_: Any
+) -> tuple[Tensor, Tensor, Tensor]:
+    _check_dy(dy, x, result_dtype(x))
+    dw = (
+        x.new_empty(0)
+        if weight is None
+        else torch.empty_like(weight, memory_format=torch.contiguous_format)
+    )
+    db = (
+        x.new_empty(0)
+        if bias is None
+        else torch.empty_like(bias, memory_format=torch.contiguous_format)
+    )
+    return x.new_empty(x.shape, dtype=result_dtype(x)), dw, db
+
+
+def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    x, w, b, *options = inputs
+    ctx.save_for_backward(x, w, b, *output[1:])
+    ctx.options = options
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _op_backward(ctx: Any, dy: Tensor, *_stats: Any) -> Any:
+    x, w, b, mean, var, rstd = ctx.saved_tensors
+    dx, dw, db = backward_op(x, w, b, mean, var, rstd, dy, *ctx.options)
+    return dx, None if w is None else dw, None if b is None else db, None, None, None, None
+
+
+forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
+
+
+def normalize(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Tensor:
+    """`normgrad.torch.normalize` once its arguments are bundled: checked, then the custom op
+    under torch.compile and the autograd.Function elsewhere."""
+    call = check_call(x, axes, options, params)
+    w, b = params
+    if torch.compiler.is_compiling():
+        return forward_op(x, w, b, list(call.axes), call.eps, call.eps_mode, call.ddof)[0]
+    if torch._C._are_functorch_transforms_active():
+        return Normalize.apply(x, w, b, call)[0]
+    # Without a torch.func transform, Function.apply only binds the arguments to forward's
+    # signature (inspect.signature: a third of the adapter's cost) and calls this:
+    return _APPLY(x, w, b, call)[0]
+
+
+_APPLY = super(torch.autograd.Function, Normalize).apply
