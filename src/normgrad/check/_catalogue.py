@@ -74,9 +74,37 @@ IGNORES_DY = Template(
     _DY_HINT,
 )
 NOT_LINEAR_IN_DY = Template(
-    "ignores_dy",
-    "vjp(x, 2*dy) is not 2*vjp(x, dy): the result does not scale with dy" + _LINEAR,
+    "not_linear",
+    "vjp(x, a*dy1 + b*dy2) is not a*vjp(x, dy1) + b*vjp(x, dy2) (off by up to {err:.3g}): the "
+    "result is not linear in dy" + _LINEAR,
     _DY_HINT,
+)
+
+OFFSET = Template(
+    "offset",
+    "vjp(x, 0) is not 0: the backward adds a term that does not contain dy, at {count} of {n} "
+    "elements of dx (e.g. {indices}, up to {top:.3g}); the rest is linear in dy.",
+    "a vector-Jacobian product has no constant part: remove the term added to dx outside the "
+    "product with dy (a bias, a regularizer's gradient, a leftover from a buffer).",
+)
+NONDETERMINISTIC = Template(
+    "nondeterministic",
+    "two calls of the backward with the same x and dy differ, by up to {spread:.3g} at {count} "
+    "of {n} elements (e.g. {indices}).",
+    "look for uninitialised memory (np.empty, a buffer reused across calls), state kept between "
+    "calls, or a random number inside the backward.",
+)
+MUTATES = Template(
+    "mutates_input",
+    "the backward writes into its arguments: it changed {what} (at {count} elements); the check "
+    "gave it fresh copies, but in real use this corrupts the caller's arrays.",
+    "compute into new arrays (x - m, not x -= m; np.multiply(a, b) without out= on an argument).",
+)
+DTYPE = Template(
+    "dtype",
+    "the backward returns dx{where} as {got} for an input of dtype {want}.",
+    "return the gradient in the input's dtype (dx.astype(x.dtype)); a coarser one loses "
+    "precision, a finer one breaks frameworks that require matching dtypes.",
 )
 
 # `what` is "backward" (or "jvp", see JVP_SIGN and JVP_SCALE).
@@ -187,7 +215,11 @@ CATALOGUE: tuple[Template, ...] = (
     ZERO,
     ZERO_FOR_INPUT,
     JVP_ZERO,
+    NONDETERMINISTIC,
+    MUTATES,
+    DTYPE,
     IGNORES_DY,
+    OFFSET,
     NOT_LINEAR_IN_DY,
     SIGN,
     JVP_SIGN,
