@@ -309,6 +309,13 @@ def wrong_cases() -> list[Case]:
         ),
         Case("tanh_f32_grad", np.tanh, r(43).standard_normal((2, 5)), tanh_float32_grad, "dtype"),
         Case("tanh_abs_dy", np.tanh, r(44).standard_normal((2, 5)), tanh_abs_dy, "not_linear"),
+        Case(
+            "matmul_db_sign",
+            matmul,
+            (r(45).standard_normal((3, 4)), r(46).standard_normal((4, 5))),
+            lambda a, b, g: (g @ b.T, -(a.T @ g)),
+            "sign",
+        ),
         Case("tanh_sign", np.tanh, r(6).standard_normal((2, 5)), tanh_sign, "sign"),
         Case(
             "matmul_double",

@@ -121,6 +121,20 @@ SCALE = Template(
     "a sum, a step size or temperature applied twice or not at all.",
 )
 
+# One input of several (a tuple or pytree x), named by its position or path.
+SIGN_FOR_INPUT = Template(
+    "sign",
+    "the gradient of input {input} has the wrong sign: analytic = -numerical there (the other "
+    "inputs: {others}).",
+    SIGN.hint,
+)
+SCALE_FOR_INPUT = Template(
+    "scale",
+    "the gradient of input {input} is off by a constant factor: analytic = {factor_name} × "
+    "numerical there (the other inputs: {others}).",
+    SCALE.hint,
+)
+
 _UNTRANSPOSED = "the backward computes J·dy instead of Jᵀ·dy (the Jacobian is used untransposed"
 _TRANSPOSE_HINT = (
     "a vector-Jacobian product sums over outputs: dx_j = Σ_i dy_i ∂y_i/∂x_j. Swap the roles of "
@@ -225,6 +239,8 @@ CATALOGUE: tuple[Template, ...] = (
     JVP_SIGN,
     SCALE,
     JVP_SCALE,
+    SIGN_FOR_INPUT,
+    SCALE_FOR_INPUT,
     TRANSPOSE,
     TRANSPOSE_SCALED,
     DIAGONAL,

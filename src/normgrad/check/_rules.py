@@ -294,6 +294,40 @@ def sign_or_scale(ev: Evidence) -> list[Finding] | None:
     return None
 
 
+def per_input(ev: Evidence) -> list[Finding] | None:
+    """With several inputs: each input's columns on their own, right or c_i times right; answers
+    when every wrong input is a sign or a scale (one finding per wrong input, in order)."""
+    t, jac = ev.target, ev.jac
+    if not t.multi:
+        return None
+    verdicts: list[tuple[str, float | None]] = []  # (name, None if right else c)
+    for i, name in enumerate(t.names):
+        sl = t.input_slice(i)
+        J, A, T = jac.J[:, sl], jac.A[:, sl], jac.T[:, sl]
+        if np.all(np.abs(A - J) <= 2 * T):
+            verdicts.append((name, None))
+            continue
+        jj = float(np.sum(J * J))
+        c = float(np.sum(A * J)) / jj if jj > 0 else 0.0
+        if not (jj > 0 and np.all(np.abs(A - c * J) <= 2 * T * max(1.0, abs(c)))):
+            return None
+        verdicts.append((name, c))
+    wrong = [(n, c) for n, c in verdicts if c is not None]
+    return [_input_finding(n, c, verdicts, jac.sizes()) for n, c in wrong] or None
+
+
+def _input_finding(
+    name: str, c: float, verdicts: list[tuple[str, float | None]], sizes: list[int]
+) -> Finding:
+    others = ", ".join(f"{n} {'right' if k is None else 'wrong'}" for n, k in verdicts if n != name)
+    evidence = {"input": name, "factor": c}
+    if abs(c + 1) < 1e-3:
+        return cat.SIGN_FOR_INPUT.finding(evidence, input=name, others=others)
+    nm = nice_number(c, sizes)
+    evidence["factor_name"] = nm
+    return cat.SCALE_FOR_INPUT.finding(evidence, input=name, factor_name=nm, others=others)
+
+
 def transpose(ev: Evidence) -> list[Finding] | None:
     """A ~ c Jᵀ for a square J that is not symmetric: J·dy instead of Jᵀ·dy."""
     jac = ev.jac
@@ -554,6 +588,7 @@ FULL: tuple[Rule, ...] = (zero, nondifferentiable, zero_for_one_input)
 # Full mode, on the Jacobians (after the analytic one is built and found finite).
 ON_JACOBIANS: tuple[Rule, ...] = (
     sign_or_scale,
+    per_input,
     transpose,
     diagonal,
     partial,

@@ -1,0 +1,133 @@
+"""The diagnosis names the mistake: checks that need no finite differences (linearity in dy,
+repeated calls, mutation, dtype), and per-input findings for tuple inputs."""
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from normgrad.check import check_gradients
+from normgrad.check._target import Target
+
+
+def _tanh_vjp(x: Any, dy: Any) -> Any:
+    return (1 - np.tanh(x) ** 2) * dy
+
+
+@pytest.fixture
+def x() -> Any:
+    return np.random.default_rng(1).standard_normal((30, 40))
+
+
+@pytest.mark.parametrize("mode", ["full", "probe"])
+def test_one_offset_element_is_offset_not_ignores_dy(mode: str) -> None:
+    x = np.random.default_rng(2).standard_normal((4, 5))
+
+    def vjp(z: Any, dy: Any) -> Any:
+        dx = _tanh_vjp(z, dy)
+        dx[2, 3] += 0.25
+        return dx
+
+    report = check_gradients(np.tanh, x, vjp, mode=mode)
+    assert report.kinds == ["offset"], str(report)
+    ev = report.diagnosis[0].evidence
+    assert ev["indices"] == [(2, 3)] and ev["max_offset"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("mode", ["full", "probe"])
+def test_constant_in_dy_is_ignores_dy(mode: str) -> None:
+    x = np.random.default_rng(3).standard_normal(6)
+    report = check_gradients(np.tanh, x, lambda z, dy: 1 - np.tanh(z) ** 2, mode=mode)
+    assert report.kinds == ["ignores_dy"], str(report)
+
+
+def test_nonlinear_in_dy(x: Any) -> None:
+    report = check_gradients(np.tanh, x[:3], lambda z, dy: _tanh_vjp(z, dy * np.abs(dy)))
+    assert report.kinds == ["not_linear"], str(report)
+
+
+@pytest.mark.parametrize("mode", ["full", "probe"])
+def test_stale_memory_is_nondeterministic_with_its_spread(mode: str) -> None:
+    x = np.random.default_rng(4).standard_normal((3, 4))
+    calls = [0]
+
+    def vjp(z: Any, dy: Any) -> Any:
+        calls[0] += 1
+        dx = _tanh_vjp(z, dy)
+        dx[0, 1] += 1e-3 * calls[0]  # a value left over from the previous call
+        return dx
+
+    report = check_gradients(np.tanh, x, vjp, mode=mode)
+    assert report.kinds == ["nondeterministic"], str(report)
+    ev = report.diagnosis[0].evidence
+    # The repeat of the first call is the third call (the second cotangent's came between).
+    assert ev["indices"] == [(0, 1)] and ev["spread"] == pytest.approx(2e-3, rel=1e-6)
+
+
+def test_rounding_level_differences_are_not_nondeterminism(x: Any) -> None:
+    rng = np.random.default_rng(5)
+
+    def vjp(z: Any, dy: Any) -> Any:  # a sum in a different order each call
+        p = rng.permutation(z.shape[1])
+        return (_tanh_vjp(z, dy)[:, p] * 1.0)[:, np.argsort(p)] * (1 + 1e-16 * rng.random())
+
+    assert check_gradients(np.tanh, x[:2, :5], vjp).ok
+
+
+@pytest.mark.parametrize("where", ["x", "dy"])
+def test_writing_into_arguments_is_named(where: str) -> None:
+    x = np.random.default_rng(6).standard_normal(5)
+    x0 = x.copy()
+
+    def vjp(z: Any, dy: Any) -> Any:
+        dx = _tanh_vjp(z, dy)
+        (z if where == "x" else dy)[0] = 7.0
+        return dx
+
+    report = check_gradients(np.tanh, x, vjp)
+    assert not report.ok and report.kinds == ["mutates_input"], str(report)
+    assert report.diagnosis[0].evidence["arguments"] == [f"{where} (1)"]
+    np.testing.assert_array_equal(x, x0)
+
+
+def test_wrong_dtype_is_named_correct_dtype_passes() -> None:
+    x = np.random.default_rng(7).standard_normal(5)
+    bad = check_gradients(np.tanh, x, lambda z, dy: _tanh_vjp(z, dy).astype(np.float32))
+    assert bad.kinds == ["dtype"] and bad.diagnosis[0].evidence["got"] == "float32"
+    assert check_gradients(np.tanh, x.astype(np.float32), _tanh_vjp).ok
+
+
+def test_tuple_input_with_one_wrong_sign_names_the_input() -> None:
+    r = np.random.default_rng(8)
+    a, b = r.standard_normal((3, 4)), r.standard_normal((4, 5))
+    report = check_gradients(lambda a, b: a @ b, (a, b), lambda a, b, g: (g @ b.T, -(a.T @ g)))
+    assert report.kinds == ["sign"], str(report)
+    assert report.diagnosis[0].evidence["input"] == "[1]"
+
+
+def test_six_parameters_two_scaled_each_factor_named() -> None:
+    r = np.random.default_rng(9)
+    xs = tuple(r.standard_normal(3) for _ in range(6))
+    w = np.arange(1.0, 7.0)
+
+    def f(*p: Any) -> Any:
+        return np.concatenate([k * np.sin(q) for k, q in zip(w, p, strict=True)])
+
+    def vjp(*args: Any) -> Any:
+        *p, g = args
+        parts = np.split(g, 6)
+        out = [k * np.cos(q) * gi for k, q, gi in zip(w, p, parts, strict=True)]
+        out[2], out[4] = 2 * out[2], 4 * out[4]
+        return tuple(out)
+
+    report = check_gradients(f, xs, vjp)
+    assert report.kinds == ["scale", "scale"], str(report)
+    got = [(d.evidence["input"], d.evidence["factor"]) for d in report.diagnosis]
+    assert got[0][0] == "[2]" and got[0][1] == pytest.approx(2)
+    assert got[1][0] == "[4]" and got[1][1] == pytest.approx(4)
+
+
+def test_names_keyword_names_inputs() -> None:
+    t = Target(lambda a, b: a * b, (np.ones(2), np.ones(2)), names=["w", "b"])
+    assert t.names == ["w", "b"]
+    assert Target(lambda a, b: a * b, (np.ones(2), np.ones(2))).names == ["[0]", "[1]"]
