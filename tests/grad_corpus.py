@@ -316,6 +316,13 @@ def wrong_cases() -> list[Case]:
             lambda a, b, g: (g @ b.T, -(a.T @ g)),
             "sign",
         ),
+        Case(
+            "matmul_db_transposed",
+            matmul,
+            (r(47).standard_normal((3, 4)), r(48).standard_normal((4, 4))),
+            lambda a, b, g: (g @ b.T, (a.T @ g).T),
+            "layout",
+        ),
         Case("tanh_sign", np.tanh, r(6).standard_normal((2, 5)), tanh_sign, "sign"),
         Case(
             "matmul_double",

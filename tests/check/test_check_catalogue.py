@@ -26,6 +26,7 @@ def test_catalogue_covers_exactly_kinds() -> None:
         "not_linear",
         "sign",
         "scale",
+        "layout",
         "transpose",
         "diagonal",
         "missing_term",

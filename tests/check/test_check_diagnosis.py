@@ -131,3 +131,27 @@ def test_names_keyword_names_inputs() -> None:
     t = Target(lambda a, b: a * b, (np.ones(2), np.ones(2)), names=["w", "b"])
     assert t.names == ["w", "b"]
     assert Target(lambda a, b: a * b, (np.ones(2), np.ones(2))).names == ["[0]", "[1]"]
+
+
+@pytest.mark.parametrize("shape", [(4, 4), (3, 5)])
+def test_gradient_in_the_wrong_layout_is_layout(shape: tuple[int, int]) -> None:
+    r = np.random.default_rng(10)
+    a, w = r.standard_normal((2, shape[0])), r.standard_normal(shape)
+
+    def vjp(a: Any, w: Any, g: Any) -> Any:
+        dw = a.T @ g
+        return g @ w.T, dw.T.reshape(dw.shape)  # dw.T for a square w, wrong order otherwise
+
+    report = check_gradients(lambda a, w: a @ w, (a, w), vjp)
+    assert report.kinds == ["layout"], str(report)
+    assert report.diagnosis[0].evidence == {"input": "[1]", "axes": (1, 0)}
+
+
+def test_layout_of_a_three_axis_gradient() -> None:
+    x = np.random.default_rng(11).standard_normal((2, 3, 4))
+    report = check_gradients(
+        np.sin,
+        x,
+        lambda z, g: np.ascontiguousarray((np.cos(z) * g).transpose(2, 0, 1)).reshape(z.shape),
+    )
+    assert report.kinds == ["layout"] and report.diagnosis[0].evidence["axes"] == (2, 0, 1)

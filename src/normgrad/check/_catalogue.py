@@ -135,6 +135,14 @@ SCALE_FOR_INPUT = Template(
     SCALE.hint,
 )
 
+LAYOUT = Template(
+    "layout",
+    "the gradient{where} has the right values in the wrong places: it is the true dx of shape "
+    "{shape} {how}.",
+    "return dx in x's own layout: no .T on the result, and reshape with the axes in x's order "
+    "(move axes back with np.moveaxis/transpose before reshaping, not after).",
+)
+
 _UNTRANSPOSED = "the backward computes J·dy instead of Jᵀ·dy (the Jacobian is used untransposed"
 _TRANSPOSE_HINT = (
     "a vector-Jacobian product sums over outputs: dx_j = Σ_i dy_i ∂y_i/∂x_j. Swap the roles of "
@@ -241,6 +249,7 @@ CATALOGUE: tuple[Template, ...] = (
     JVP_SCALE,
     SIGN_FOR_INPUT,
     SCALE_FOR_INPUT,
+    LAYOUT,
     TRANSPOSE,
     TRANSPOSE_SCALED,
     DIAGONAL,

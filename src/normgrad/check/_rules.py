@@ -294,6 +294,46 @@ def sign_or_scale(ev: Evidence) -> list[Finding] | None:
     return None
 
 
+def layout(ev: Evidence) -> list[Finding] | None:
+    """An input's gradient is the true one with its axes permuted, laid back into x's shape in
+    C order (`dx.T` for a square x, `dx.T.reshape(x.shape)` or a reshape in the wrong order for
+    others): A's columns are J's columns permuted so."""
+    t, jac = ev.target, ev.jac
+    found = []
+    for i, shape in enumerate(t.shapes):
+        sl = t.input_slice(i)
+        J, A, T = jac.J[:, sl], jac.A[:, sl], jac.T[:, sl]
+        if np.all(np.abs(A - J) <= 2 * T):
+            continue
+        hit = _permuted_layout(J, A, T, shape)
+        if hit is None:
+            return None
+        where = f" of input {t.names[i]}" if t.multi else ""
+        evidence = {"input": t.names[i], "axes": hit}
+        how = f"transposed with axes {hit} and laid into shape {shape} in C order"
+        if len(shape) == 2 and shape[0] == shape[1]:
+            how = "transposed (dx.T)"
+        found.append(cat.LAYOUT.finding(evidence, where=where, shape=shape, how=how))
+    return found or None
+
+
+def _permuted_layout(J: F64, A: F64, T: F64, shape: Any) -> tuple[int, ...] | None:
+    """The axis order (not the identity, up to 4 axes) whose permutation of J's columns fits A."""
+    from itertools import permutations
+
+    nd = len(shape)
+    if not 2 <= nd <= 4:
+        return None
+    idx = np.arange(J.shape[1]).reshape(shape)
+    for axes in permutations(range(nd)):
+        if axes == tuple(range(nd)):
+            continue
+        perm = idx.transpose(axes).ravel()
+        if np.all(np.abs(A - J[:, perm]) <= 2 * (T + T[:, perm])):
+            return tuple(int(a) for a in axes)
+    return None
+
+
 def per_input(ev: Evidence) -> list[Finding] | None:
     """With several inputs: each input's columns on their own, right or c_i times right; answers
     when every wrong input is a sign or a scale (one finding per wrong input, in order)."""
@@ -588,6 +628,7 @@ FULL: tuple[Rule, ...] = (zero, nondifferentiable, zero_for_one_input)
 # Full mode, on the Jacobians (after the analytic one is built and found finite).
 ON_JACOBIANS: tuple[Rule, ...] = (
     sign_or_scale,
+    layout,
     per_input,
     transpose,
     diagonal,
