@@ -155,3 +155,19 @@ def test_layout_of_a_three_axis_gradient() -> None:
         lambda z, g: np.ascontiguousarray((np.cos(z) * g).transpose(2, 0, 1)).reshape(z.shape),
     )
     assert report.kinds == ["layout"] and report.diagnosis[0].evidence["axes"] == (2, 0, 1)
+
+
+def test_three_way_verdict() -> None:
+    x = np.random.default_rng(9).standard_normal(10)
+
+    def sp(z: Any) -> Any:
+        return np.logaddexp(0, z)
+
+    def sp_vjp(z: Any, g: Any) -> Any:
+        return g / (1 + np.exp(-z))
+
+    assert check_gradients(sp, x, sp_vjp).verdict == "PASS"
+    noisy = check_gradients(sp, x, sp_vjp, step=0.5)
+    assert noisy.kinds == ["fd_noise"] and noisy.verdict == "INCONCLUSIVE"
+    assert noisy.to_dict()["verdict"] == "INCONCLUSIVE"
+    assert check_gradients(sp, x, lambda z, g: -sp_vjp(z, g)).verdict == "FAIL"
