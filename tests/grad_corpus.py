@@ -74,6 +74,19 @@ def norm_no_var_path(axes: Any) -> Callable[..., Any]:
     return vjp
 
 
+def norm_coefficients(axes: Any, c_mean: float, c_var: float) -> Callable[..., Any]:
+    """Every path, with the mean-path and variance-path terms times c_mean and c_var (e.g. the
+    batch count where the group size belongs)."""
+
+    def vjp(x: Any, g: Any) -> Any:
+        xh, r = _stats(x, axes)
+        mean_g = g.mean(axis=axes, keepdims=True)
+        var_g = xh * (g * xh).mean(axis=axes, keepdims=True)
+        return r * (g - c_mean * mean_g - c_var * var_g)
+
+    return vjp
+
+
 def norm_scaled(axes: Any, c: float) -> Callable[..., Any]:
     base = norm_vjp(axes)
     return lambda x, dy: c * base(x, dy)
@@ -347,6 +360,13 @@ def wrong_cases() -> list[Case]:
         ),
         Case("norm_no_mean_path", norm_f((1, 2)), x3, norm_no_mean_path((1, 2)), "missing_term"),
         Case("norm_no_var_path", norm_f(-1), x3, norm_no_var_path(-1), "missing_term"),
+        Case(
+            "norm_var_path_quarter",
+            norm_f(-1),
+            x3,
+            norm_coefficients(-1, 1.0, 0.25),
+            "coefficient",
+        ),
         Case("conv_edges", conv, r(11).standard_normal(40), conv_edges_dropped, "partial"),
         Case(
             "matmul_confused",

@@ -30,6 +30,7 @@ def test_catalogue_covers_exactly_kinds() -> None:
         "transpose",
         "diagonal",
         "missing_term",
+        "coefficient",
         "partial",
         "unknown",
     )

@@ -5,6 +5,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from grad_corpus import norm_coefficients, norm_f
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -247,3 +248,38 @@ def test_planted_mistake_in_random_composition_is_named(
         assume(not np.allclose(vjp(x, dy).T, vjp(x, dy)))
     report = check_gradients(f, x, wrong)
     assert report.kinds[0] == kind, str(report)
+
+
+@pytest.mark.parametrize("axes", [-1, 0, (1, 2), (0, 2), None])
+@pytest.mark.parametrize(
+    ("c_mean", "c_var", "kind"),
+    [
+        (1, 0.25, "coefficient"),
+        (0.5, 1, "coefficient"),
+        (1, 0, "missing_term"),
+        (0, 1, "missing_term"),
+    ],
+)
+def test_coefficient_fit_on_every_layout(axes: Any, c_mean: float, c_var: float, kind: str) -> None:
+    x = np.random.default_rng(13).standard_normal((3, 4, 5))
+    report = check_gradients(norm_f(axes), x, norm_coefficients(axes, c_mean, c_var))
+    assert report.kinds[0] == kind, str(report)
+    if kind == "coefficient":
+        ev = report.diagnosis[0].evidence
+        assert ev["ratio_mean"] == pytest.approx(c_mean) and ev["ratio_variance"] == pytest.approx(
+            c_var
+        )
+
+
+def test_coefficient_never_fires_on_non_normalizations() -> None:
+    x = np.random.default_rng(14).standard_normal((3, 6))
+
+    def softmax(z: Any) -> Any:
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    def wrong(z: Any, g: Any) -> Any:  # the coupling term at half its size
+        s = softmax(z)
+        return s * (g - 0.5 * (g * s).sum(-1, keepdims=True))
+
+    assert "coefficient" not in check_gradients(softmax, x, wrong).kinds

@@ -424,6 +424,14 @@ def _partial(t: Target, cols: Any, evidence: dict[str, Any] | None = None) -> Fi
     return cat.PARTIAL.finding(listed, count=len(cols), n=t.n, indices=idx, more=more)
 
 
+def coefficient(ev: Evidence) -> list[Finding] | None:
+    """A normalization-shaped backward with every path but a wrong coefficient on one
+    (`_normalization.coefficients`)."""
+    sizes = ev.jac.sizes()
+    found = _normalization.coefficients(ev.jac, ev.target.x64, lambda c: nice_number(c, sizes))
+    return None if found is None else [found]
+
+
 def missing_term(ev: Evidence) -> list[Finding] | None:
     """A - J is what one shared term gives: per group in span{1, x - mean} (a normalization's
     mean and variance paths, `_normalization.group_paths`), or else of rank 1 or 2."""
@@ -633,6 +641,7 @@ ON_JACOBIANS: tuple[Rule, ...] = (
     transpose,
     diagonal,
     partial,
+    coefficient,
     missing_term,
     partial_outputs,
     unknown,
