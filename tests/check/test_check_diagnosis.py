@@ -283,3 +283,12 @@ def test_coefficient_never_fires_on_non_normalizations() -> None:
         return s * (g - 0.5 * (g * s).sum(-1, keepdims=True))
 
     assert "coefficient" not in check_gradients(softmax, x, wrong).kinds
+
+
+def test_coefficient_message_names_the_wrong_count() -> None:
+    x = np.random.default_rng(15).standard_normal((4, 8))
+    report = check_gradients(norm_f(-1), x, norm_coefficients(-1, 1.0, 0.25))
+    assert report.kinds == ["coefficient"]
+    msg = report.diagnosis[0].message
+    assert "variance-path term is 1/4× what it should be (1/m with m = 32" in msg
+    assert "n = 8 elements" in msg

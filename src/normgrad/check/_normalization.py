@@ -74,8 +74,11 @@ def coefficients(jac: Jacobians, x: F64, name: Any) -> Finding | None:
     off = [i for i in range(3) if abs(r0[i] - 1) > 1e-6]
     if not off or np.any(np.abs(r0) < 1e-6) or np.allclose(r0, r0[0], rtol=1e-6):
         return None  # right, a path absent, or one common factor (`scale`)
-    terms = " and ".join(f"{_TERMS[i]} is {name(r0[i])}× what it should be" for i in off)
     n = int(np.bincount(jac.col_groups).max())
+    terms = " and ".join(
+        f"{_TERMS[i]} is {name(r0[i])}× what it should be{_count(r0[i], n) if i else ''}"
+        for i in off
+    )
     evidence = {f"ratio_{k}": float(r0[i]) for i, k in enumerate(("direct", "mean", "variance"))}
     return COEFFICIENT.finding(evidence, terms=terms, n=n)
 
@@ -121,6 +124,14 @@ def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
         "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0,
     }
     return _paths_finding(CROSS_TERM_PATHS, e_mean, e_var, evidence)
+
+
+def _count(r: float, n: int) -> str:
+    """A mean over m elements where the group has n: r = n/m for a whole m != n."""
+    m = n / r if r > 0 else 0.0
+    if m >= 1 and abs(m - round(m)) <= 1e-6 * m and round(m) != n:
+        return f" (1/m with m = {round(m)} where the group has n = {n} elements)"
+    return ""
 
 
 def group_paths(jac: Jacobians, x: F64) -> Finding | None:
