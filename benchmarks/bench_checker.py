@@ -1,5 +1,7 @@
-"""Time the gradient checker: the problem's 28x28 backward (full mode) and a planted bug in a
-10^6-element normalization (probe mode, with and without localization).
+"""Time the gradient checker, in evaluations of f and seconds: full mode at 10^2, 10^3 and
+2*10^3 inputs (a normalization with a planted missing mean path), the problem's 28x28
+backward, and a planted bug in a 10^6-element normalization (probe mode, with and without
+localization).
 
     .venv/bin/python benchmarks/bench_checker.py
 """
@@ -27,11 +29,28 @@ def _partial(x: Any, dy: Any) -> Any:
     return dx
 
 
+def _full_run(n: int) -> Callable[[], Any]:
+    v = np.random.default_rng(1).standard_normal((n // 10, 10))
+
+    def run() -> Any:
+        return check_gradients(
+            lambda z: normgrad.normalize(z, -1),
+            v,
+            lambda z, dy: 0.5 * _vjp(-1)(z, dy),
+            mode="full",
+        )
+
+    return run
+
+
 def main() -> None:
     x = problem_input()
     big = np.random.default_rng(0).standard_normal((1000, 1000))
     normgrad.normalize(big, -1)  # warm-up: the first call may compile kernels
     runs: list[tuple[str, Callable[[], Any]]] = [
+        (f"normalize {n}, full mode, scale bug", _full_run(n)) for n in (100, 1000, 2000)
+    ]
+    runs += [
         (
             "problem 28x28, full mode",
             lambda: check_gradients(problem_forward, x, problem_backward, dy=np.ones_like(x)),

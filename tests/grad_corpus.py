@@ -74,6 +74,19 @@ def norm_no_var_path(axes: Any) -> Callable[..., Any]:
     return vjp
 
 
+def norm_coefficients(axes: Any, c_mean: float, c_var: float) -> Callable[..., Any]:
+    """Every path, with the mean-path and variance-path terms times c_mean and c_var (e.g. the
+    batch count where the group size belongs)."""
+
+    def vjp(x: Any, g: Any) -> Any:
+        xh, r = _stats(x, axes)
+        mean_g = g.mean(axis=axes, keepdims=True)
+        var_g = xh * (g * xh).mean(axis=axes, keepdims=True)
+        return r * (g - c_mean * mean_g - c_var * var_g)
+
+    return vjp
+
+
 def norm_scaled(axes: Any, c: float) -> Callable[..., Any]:
     base = norm_vjp(axes)
     return lambda x, dy: c * base(x, dy)
@@ -292,6 +305,37 @@ def wrong_cases() -> list[Case]:
             "zero",
         ),
         Case("lse_ignores_dy", lse, r(5).standard_normal((4, 6)), lse_ignores_dy, "ignores_dy"),
+        Case("tanh_offset", np.tanh, r(40).standard_normal((2, 5)), tanh_offset_one, "offset"),
+        Case(
+            "tanh_stale",
+            np.tanh,
+            r(41).standard_normal((2, 5)),
+            tanh_stale_buffer,
+            "nondeterministic",
+        ),
+        Case(
+            "tanh_in_place",
+            np.tanh,
+            r(42).standard_normal((2, 5)),
+            tanh_in_place,
+            "mutates_input",
+        ),
+        Case("tanh_f32_grad", np.tanh, r(43).standard_normal((2, 5)), tanh_float32_grad, "dtype"),
+        Case("tanh_abs_dy", np.tanh, r(44).standard_normal((2, 5)), tanh_abs_dy, "not_linear"),
+        Case(
+            "matmul_db_sign",
+            matmul,
+            (r(45).standard_normal((3, 4)), r(46).standard_normal((4, 5))),
+            lambda a, b, g: (g @ b.T, -(a.T @ g)),
+            "sign",
+        ),
+        Case(
+            "matmul_db_transposed",
+            matmul,
+            (r(47).standard_normal((3, 4)), r(48).standard_normal((4, 4))),
+            lambda a, b, g: (g @ b.T, (a.T @ g).T),
+            "layout",
+        ),
         Case("tanh_sign", np.tanh, r(6).standard_normal((2, 5)), tanh_sign, "sign"),
         Case(
             "matmul_double",
@@ -316,6 +360,13 @@ def wrong_cases() -> list[Case]:
         ),
         Case("norm_no_mean_path", norm_f((1, 2)), x3, norm_no_mean_path((1, 2)), "missing_term"),
         Case("norm_no_var_path", norm_f(-1), x3, norm_no_var_path(-1), "missing_term"),
+        Case(
+            "norm_var_path_quarter",
+            norm_f(-1),
+            x3,
+            norm_coefficients(-1, 1.0, 0.25),
+            "coefficient",
+        ),
         Case("conv_edges", conv, r(11).standard_normal(40), conv_edges_dropped, "partial"),
         Case(
             "matmul_confused",
@@ -325,6 +376,40 @@ def wrong_cases() -> list[Case]:
             "unknown",
         ),
     ]
+
+
+def tanh_offset_one(x: Any, dy: Any) -> Any:
+    """Right except one element, offset by a constant (a stale accumulator)."""
+    dx = tanh_vjp(x, dy)
+    dx.flat[3] += 0.5
+    return dx
+
+
+_STALE: list[Any] = []
+
+
+def tanh_stale_buffer(x: Any, dy: Any) -> Any:
+    """Accumulates into a buffer kept across calls (never zeroed): different on each call."""
+    if not _STALE or _STALE[0].shape != np.shape(x):
+        _STALE[:] = [np.zeros(np.shape(x))]
+    _STALE[0] += tanh_vjp(x, dy)
+    return _STALE[0].copy()
+
+
+def tanh_in_place(x: Any, dy: Any) -> Any:
+    """Right values, but computed in place in the caller's dy (and returned as dx)."""
+    dy *= 1 - np.tanh(x) ** 2
+    return dy
+
+
+def tanh_float32_grad(x: Any, dy: Any) -> Any:
+    """Right values, returned in float32 for a float64 x."""
+    return tanh_vjp(x, dy).astype(np.float32)
+
+
+def tanh_abs_dy(x: Any, dy: Any) -> Any:
+    """|dy| for dy: not linear in dy."""
+    return tanh_vjp(x, np.abs(dy))
 
 
 def correct_cases() -> list[Case]:

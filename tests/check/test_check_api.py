@@ -94,7 +94,7 @@ def test_probe_mode_passes_correct_and_localizes_partial() -> None:
         (lambda v: lambda x, dy: -v(x, dy), "sign"),
         (lambda v: lambda x, dy: np.zeros_like(x), "zero"),
         (lambda v: lambda x, dy: v(x, x), "ignores_dy"),
-        (lambda v: lambda x, dy: v(x, dy**2), "ignores_dy"),
+        (lambda v: lambda x, dy: v(x, dy**2), "not_linear"),
         (lambda v: lambda x, dy: v(x, dy) + 0.1 * dy[::-1], "unknown"),
     ],
 )
@@ -287,7 +287,9 @@ def test_vjp_that_writes_into_dy_does_not_corrupt_it() -> None:
         g *= 0  # in place, on every call (float32 backwards are also run in float64)
         return out
 
-    assert check_gradients(_cube, x, vjp, dy=dy).ok
+    report = check_gradients(_cube, x, vjp, dy=dy)
+    assert not report.ok and report.kinds == ["mutates_input"], str(report)
+    assert "dy (5)" in report.diagnosis[0].message
     np.testing.assert_array_equal(dy, dy0)
 
 

@@ -74,9 +74,37 @@ IGNORES_DY = Template(
     _DY_HINT,
 )
 NOT_LINEAR_IN_DY = Template(
-    "ignores_dy",
-    "vjp(x, 2*dy) is not 2*vjp(x, dy): the result does not scale with dy" + _LINEAR,
+    "not_linear",
+    "vjp(x, a*dy1 + b*dy2) is not a*vjp(x, dy1) + b*vjp(x, dy2) (off by up to {err:.3g}): the "
+    "result is not linear in dy" + _LINEAR,
     _DY_HINT,
+)
+
+OFFSET = Template(
+    "offset",
+    "vjp(x, 0) is not 0: the backward adds a term that does not contain dy, at {count} of {n} "
+    "elements of dx (e.g. {indices}, up to {top:.3g}); the rest is linear in dy.",
+    "a vector-Jacobian product has no constant part: remove the term added to dx outside the "
+    "product with dy (a bias, a regularizer's gradient, a leftover from a buffer).",
+)
+NONDETERMINISTIC = Template(
+    "nondeterministic",
+    "two calls of the backward with the same x and dy differ, by up to {spread:.3g} at {count} "
+    "of {n} elements (e.g. {indices}).",
+    "look for uninitialised memory (np.empty, a buffer reused across calls), state kept between "
+    "calls, or a random number inside the backward.",
+)
+MUTATES = Template(
+    "mutates_input",
+    "the backward writes into its arguments: it changed {what} (at {count} elements); the check "
+    "gave it fresh copies, but in real use this corrupts the caller's arrays.",
+    "compute into new arrays (x - m, not x -= m; np.multiply(a, b) without out= on an argument).",
+)
+DTYPE = Template(
+    "dtype",
+    "the backward returns dx{where} as {got} for an input of dtype {want}.",
+    "return the gradient in the input's dtype (dx.astype(x.dtype)); a coarser one loses "
+    "precision, a finer one breaks frameworks that require matching dtypes.",
 )
 
 # `what` is "backward" (or "jvp", see JVP_SIGN and JVP_SCALE).
@@ -91,6 +119,28 @@ SCALE = Template(
     "the {what} is off by a constant factor: analytic = {factor_name} × numerical.",
     "look for a factor of that size: a 2 from differentiating a square, a 1/N or N from a mean vs "
     "a sum, a step size or temperature applied twice or not at all.",
+)
+
+# One input of several (a tuple or pytree x), named by its position or path.
+SIGN_FOR_INPUT = Template(
+    "sign",
+    "the gradient of input {input} has the wrong sign: analytic = -numerical there (the other "
+    "inputs: {others}).",
+    SIGN.hint,
+)
+SCALE_FOR_INPUT = Template(
+    "scale",
+    "the gradient of input {input} is off by a constant factor: analytic = {factor_name} × "
+    "numerical there (the other inputs: {others}).",
+    SCALE.hint,
+)
+
+LAYOUT = Template(
+    "layout",
+    "the gradient{where} has the right values in the wrong places: it is the true dx of shape "
+    "{shape} {how}.",
+    "return dx in x's own layout: no .T on the result, and reshape with the axes in x's order "
+    "(move axes back with np.moveaxis/transpose before reshaping, not after).",
 )
 
 _UNTRANSPOSED = "the backward computes J·dy instead of Jᵀ·dy (the Jacobian is used untransposed"
@@ -187,12 +237,19 @@ CATALOGUE: tuple[Template, ...] = (
     ZERO,
     ZERO_FOR_INPUT,
     JVP_ZERO,
+    NONDETERMINISTIC,
+    MUTATES,
+    DTYPE,
     IGNORES_DY,
+    OFFSET,
     NOT_LINEAR_IN_DY,
     SIGN,
     JVP_SIGN,
     SCALE,
     JVP_SCALE,
+    SIGN_FOR_INPUT,
+    SCALE_FOR_INPUT,
+    LAYOUT,
     TRANSPOSE,
     TRANSPOSE_SCALED,
     DIAGONAL,

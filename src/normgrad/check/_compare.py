@@ -83,6 +83,7 @@ class _Setup(NamedTuple):
     dys: list[F64]
     grads: list[Gradient]
     budgets: Budgets
+    raw: Any = None  # the vjp's result for the first cotangent, as returned
 
 
 def check_gradients(
@@ -147,7 +148,7 @@ def check_gradients(
     fd.calibrate(rng, h)
     fd.detect_complex(rng, h)
     t.evals.plan((6 if fd.complex_ok else 4) * columns)
-    setup = _Setup(fd, h, rng, tol, [dy1, dy2], grads, budgets)
+    setup = _Setup(fd, h, rng, tol, [dy1, dy2], grads, budgets, raw)
     ev = _full(setup) if mode == "full" else _probe(setup)
     diagnosis = diagnose(ev)
     return _report(ev, diagnosis, _sweep_fn(fd, h, rng))
@@ -290,6 +291,7 @@ def _full(s: _Setup) -> Evidence:
         s.rng,
         s.budgets.localize_budget,
         numerical=NumericalJacobian(jac, err),
+        raw=s.raw,
     )
 
 
@@ -323,7 +325,7 @@ def _probe(s: _Setup) -> Evidence:
         sides.append(Side(dy, ana, num, fde, tl, strict, kink, tol.atol_for(scale), strict))
     probes = Directions(dirs, vals, errs)
     budget = s.budgets.localize_budget
-    return Evidence(fd, sides, s.grads, tol, s.steps, s.rng, budget, probes=probes)
+    return Evidence(fd, sides, s.grads, tol, s.steps, s.rng, budget, probes=probes, raw=s.raw)
 
 
 def _report(ev: Evidence, diagnosis: Diagnosis, sweep: Callable[[], Any]) -> GradReport:

@@ -132,6 +132,7 @@ class Evidence:
     numerical: NumericalJacobian | None = None
     probes: Directions | None = None
     jacobians: Jacobians | None = None
+    raw: Any = None  # the vjp's own result for the first cotangent (its dtypes)
 
     @property
     def target(self) -> Target:

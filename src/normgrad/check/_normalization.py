@@ -32,7 +32,55 @@ GROUP_PATHS = Template(
     "check the chain rule through the shared statistics: the mean path gives -mean(g)/σ, the "
     "variance path -x̂·mean(g·x̂)/σ (g = dy·weight).",
 )
-TEMPLATES = (CROSS_TERM_PATHS, GROUP_PATHS)
+COEFFICIENT = Template(
+    "coefficient",
+    "every path of the normalization is there but {terms} (fitted per group in span{{g, "
+    "mean(g), x̂·mean(g·x̂)}}, groups of n = {n} elements).",
+    "check the factors of each term: the group size n where another count (the batch, all "
+    "elements) is used, 1/n² for 1/n, eps added outside the square root, σ vs σ².",
+)
+TEMPLATES = (CROSS_TERM_PATHS, GROUP_PATHS, COEFFICIENT)
+_TERMS = ("the direct term g/σ", "the mean-path term", "the variance-path term")
+
+
+def coefficients(jac: Jacobians, x: F64, name: Any) -> Finding | None:
+    """Both A and J, per square group, of the form s·I + a·11ᵀ + b·uuᵀ (u = x - mean), J with
+    a and b non-zero (a normalization's shape): the ratio of each of A's coefficients to J's.
+    None unless every ratio is the same over the groups, one differs from 1 and none is 0
+    (an absent path is `missing_term`). `name(c)` names a ratio."""
+    ratios = []
+    for g in np.unique(jac.col_groups):
+        cols = np.flatnonzero(jac.col_groups == g)
+        if len(cols) < 3 or not np.array_equal(np.flatnonzero(jac.row_groups == g), cols):
+            return None
+        u = _centered(x, cols)
+        k = len(cols)
+        B = np.stack([np.eye(k).ravel(), np.ones(k * k), np.outer(u, u).ravel()], axis=1)
+        fits = []
+        for M in (jac.J, jac.A):
+            Mg, Tg = M[np.ix_(cols, cols)], jac.T[np.ix_(cols, cols)]
+            c, *_ = np.linalg.lstsq(B, Mg.ravel(), rcond=None)
+            if not np.all(np.abs(Mg.ravel() - B @ c) <= 2 * Tg.ravel()):
+                return None
+            fits.append(c)
+        cj, ca = fits
+        if np.any(np.abs(cj) <= 1e-8 * np.max(np.abs(cj))):
+            return None  # not a normalization's shape
+        ratios.append(ca / cj)
+    r = np.asarray(ratios)
+    if not len(r) or np.any(np.abs(r - r[0]) > 1e-6 * np.maximum(1.0, np.abs(r[0]))):
+        return None
+    r0 = r[0]
+    off = [i for i in range(3) if abs(r0[i] - 1) > 1e-6]
+    if not off or np.any(np.abs(r0) < 1e-6) or np.allclose(r0, r0[0], rtol=1e-6):
+        return None  # right, a path absent, or one common factor (`scale`)
+    n = int(np.bincount(jac.col_groups).max())
+    terms = " and ".join(
+        f"{_TERMS[i]} is {name(r0[i])}× what it should be{_count(r0[i], n) if i else ''}"
+        for i in off
+    )
+    evidence = {f"ratio_{k}": float(r0[i]) for i, k in enumerate(("direct", "mean", "variance"))}
+    return COEFFICIENT.finding(evidence, terms=terms, n=n)
 
 
 def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
@@ -76,6 +124,14 @@ def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
         "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0,
     }
     return _paths_finding(CROSS_TERM_PATHS, e_mean, e_var, evidence)
+
+
+def _count(r: float, n: int) -> str:
+    """A mean over m elements where the group has n: r = n/m for a whole m != n."""
+    m = n / r if r > 0 else 0.0
+    if m >= 1 and abs(m - round(m)) <= 1e-6 * m and round(m) != n:
+        return f" (1/m with m = {round(m)} where the group has n = {n} elements)"
+    return ""
 
 
 def group_paths(jac: Jacobians, x: F64) -> Finding | None:

@@ -107,6 +107,15 @@ class GradReport:
     def kinds(self) -> list[str]:
         return [d.kind for d in self.diagnosis]
 
+    @property
+    def verdict(self) -> str:
+        """`"PASS"` (every value within rtol/atol), `"INCONCLUSIVE"` (no evidence of a bug, but
+        some value passes only within the finite-difference error estimate: `fd_noise`), or
+        `"FAIL"`."""
+        if not self.ok:
+            return "FAIL"
+        return "INCONCLUSIVE" if "fd_noise" in self.kinds else "PASS"
+
     def __str__(self) -> str:
         verdict = "OK" if self.ok else "MISMATCH"
         shapes = ", ".join(str(s) for s in self.input_shapes)
@@ -143,6 +152,7 @@ class GradReport:
 
         doc = {
             "ok": bool(self.ok),
+            "verdict": self.verdict,
             "mode": self.mode,
             "max_abs_error": self.max_abs_error,
             "max_rel_error": self.max_rel_error,

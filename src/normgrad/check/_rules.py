@@ -135,17 +135,83 @@ def zero(ev: Evidence) -> list[Finding] | None:
     return [cat.ZERO.finding({"max_numerical": top}, top=top)]
 
 
-def ignores_dy(ev: Evidence) -> list[Finding] | None:
-    """vjp(x, 2 dy) must be 2 vjp(x, dy) (one more vjp call)."""
-    dx1 = ev.grads[0].dx
-    dx2 = ev.target.vjp(2 * ev.sides[0].dy)
-    scale = float(np.max(np.abs(dx1), initial=0.0))
-    lin_tol = 16 * ev.tol.eps_a * (np.abs(dx1) + scale) + 1e-300
-    if not np.any(np.abs(dx2 - 2 * dx1) > lin_tol):
+def _rounding(ev: Evidence, *dxs: F64) -> F64:
+    """What rounding may change between vjp results built from `dxs`: 64 ulp of the
+    magnitudes involved, plus 64 ulp of the largest (terms that cancel)."""
+    mags = np.sum([finite_abs(d) for d in dxs], axis=0)
+    return np.asarray(64 * ev.tol.eps_a * (mags + float(np.max(mags, initial=0.0))) + 1e-300)
+
+
+def nondeterministic(ev: Evidence) -> list[Finding] | None:
+    """The same x and dy twice (one more vjp call) must give the same dx, up to rounding."""
+    t, dx1 = ev.target, ev.grads[0].dx
+    again = t.vjp(ev.sides[0].dy)
+    diff = np.abs(np.nan_to_num(again - dx1, nan=np.inf))
+    where = np.flatnonzero(diff > _rounding(ev, dx1, again))
+    if len(where) == 0:
         return None
-    const = bool(np.all(np.abs(dx2 - dx1) <= lin_tol))
-    template = cat.IGNORES_DY if const else cat.NOT_LINEAR_IN_DY
-    return [template.finding({"constant_in_dy": const})]
+    spread = float(np.max(diff))
+    idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"spread": spread, "count": len(where), "indices": idx}
+    return [
+        cat.NONDETERMINISTIC.finding(
+            evidence, spread=spread, count=len(where), n=t.n, indices=idx[:3]
+        )
+    ]
+
+
+def mutates_input(ev: Evidence) -> list[Finding] | None:
+    """The vjp wrote into x or dy (seen on the copies it was given, every call so far)."""
+    got = list(dict.fromkeys(ev.target.mutated))
+    if not got:
+        return None
+    what = ", ".join(got)
+    count = sum(int(w.rsplit("(", 1)[1].rstrip(")")) for w in got)
+    return [cat.MUTATES.finding({"arguments": got}, what=what, count=count)]
+
+
+def wrong_dtype(ev: Evidence) -> list[Finding] | None:
+    """dx in a floating dtype other than its input's."""
+    t = ev.target
+    if t.vjp_fn is None or ev.raw is None:
+        return None
+    wrong = [(n, g, w) for n, g, w in t.dtypes(ev.raw) if np.issubdtype(g, np.floating)]
+    if not wrong:
+        return None
+    name, got, want = wrong[0]
+    evidence = {"input": name, "got": np.dtype(got).name, "want": np.dtype(want).name}
+    where = f" for input {name}" if t.multi else ""
+    return [cat.DTYPE.finding(evidence, where=where, got=got, want=want)]
+
+
+LIN_A, LIN_B = 0.75, -1.25  # the combination a*dy1 + b*dy2 checked (exact in binary)
+
+
+def linearity(ev: Evidence) -> list[Finding] | None:
+    """vjp(x, 0) must be 0 and vjp(x, a dy1 + b dy2) = a vjp(x, dy1) + b vjp(x, dy2) (two more
+    vjp calls): `ignores_dy` if the result is the same for every dy, `offset` if it is linear
+    plus a constant, `not_linear` otherwise."""
+    t = ev.target
+    (dy1, dy2), (dx1, dx2) = [s.dy for s in ev.sides], [g.dx for g in ev.grads]
+    z = t.vjp(np.zeros(t.m))
+    c = t.vjp(LIN_A * dy1 + LIN_B * dy2)
+    lim = _rounding(ev, dx1, dx2, z, c)
+    if not np.any(np.abs(np.r_[dx1, dx2, z])):
+        return None  # all zeros: `zero` says so
+    if np.all(np.abs(dx1 - z) <= lim) and np.all(np.abs(dx2 - z) <= lim):
+        return [cat.IGNORES_DY.finding({"constant_in_dy": True})]
+    affine = np.abs((c - z) - LIN_A * (dx1 - z) - LIN_B * (dx2 - z))
+    where = np.flatnonzero(np.abs(z) > lim)
+    if len(where) and np.all(affine <= lim):
+        idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
+        top = float(np.max(np.abs(z)))
+        evidence = {"indices": idx, "count": len(where), "max_offset": top}
+        found = cat.OFFSET.finding(evidence, count=len(where), n=t.n, indices=idx[:3], top=top)
+        return [found]
+    err = np.abs(c - LIN_A * dx1 - LIN_B * dx2)
+    if np.all(err <= lim):
+        return None
+    return [cat.NOT_LINEAR_IN_DY.finding({"max_error": float(err.max())}, err=err.max())]
 
 
 def nondifferentiable(ev: Evidence) -> list[Finding] | None:
@@ -228,6 +294,80 @@ def sign_or_scale(ev: Evidence) -> list[Finding] | None:
     return None
 
 
+def layout(ev: Evidence) -> list[Finding] | None:
+    """An input's gradient is the true one with its axes permuted, laid back into x's shape in
+    C order (`dx.T` for a square x, `dx.T.reshape(x.shape)` or a reshape in the wrong order for
+    others): A's columns are J's columns permuted so."""
+    t, jac = ev.target, ev.jac
+    found = []
+    for i, shape in enumerate(t.shapes):
+        sl = t.input_slice(i)
+        J, A, T = jac.J[:, sl], jac.A[:, sl], jac.T[:, sl]
+        if np.all(np.abs(A - J) <= 2 * T):
+            continue
+        hit = _permuted_layout(J, A, T, shape)
+        if hit is None:
+            return None
+        where = f" of input {t.names[i]}" if t.multi else ""
+        evidence = {"input": t.names[i], "axes": hit}
+        how = f"transposed with axes {hit} and laid into shape {shape} in C order"
+        if len(shape) == 2 and shape[0] == shape[1]:
+            how = "transposed (dx.T)"
+        found.append(cat.LAYOUT.finding(evidence, where=where, shape=shape, how=how))
+    return found or None
+
+
+def _permuted_layout(J: F64, A: F64, T: F64, shape: Any) -> tuple[int, ...] | None:
+    """The axis order (not the identity, up to 4 axes) whose permutation of J's columns fits A."""
+    from itertools import permutations
+
+    nd = len(shape)
+    if not 2 <= nd <= 4:
+        return None
+    idx = np.arange(J.shape[1]).reshape(shape)
+    for axes in permutations(range(nd)):
+        if axes == tuple(range(nd)):
+            continue
+        perm = idx.transpose(axes).ravel()
+        if np.all(np.abs(A - J[:, perm]) <= 2 * (T + T[:, perm])):
+            return tuple(int(a) for a in axes)
+    return None
+
+
+def per_input(ev: Evidence) -> list[Finding] | None:
+    """With several inputs: each input's columns on their own, right or c_i times right; answers
+    when every wrong input is a sign or a scale (one finding per wrong input, in order)."""
+    t, jac = ev.target, ev.jac
+    if not t.multi:
+        return None
+    verdicts: list[tuple[str, float | None]] = []  # (name, None if right else c)
+    for i, name in enumerate(t.names):
+        sl = t.input_slice(i)
+        J, A, T = jac.J[:, sl], jac.A[:, sl], jac.T[:, sl]
+        if np.all(np.abs(A - J) <= 2 * T):
+            verdicts.append((name, None))
+            continue
+        jj = float(np.sum(J * J))
+        c = float(np.sum(A * J)) / jj if jj > 0 else 0.0
+        if not (jj > 0 and np.all(np.abs(A - c * J) <= 2 * T * max(1.0, abs(c)))):
+            return None
+        verdicts.append((name, c))
+    wrong = [(n, c) for n, c in verdicts if c is not None]
+    return [_input_finding(n, c, verdicts, jac.sizes()) for n, c in wrong] or None
+
+
+def _input_finding(
+    name: str, c: float, verdicts: list[tuple[str, float | None]], sizes: list[int]
+) -> Finding:
+    others = ", ".join(f"{n} {'right' if k is None else 'wrong'}" for n, k in verdicts if n != name)
+    evidence = {"input": name, "factor": c}
+    if abs(c + 1) < 1e-3:
+        return cat.SIGN_FOR_INPUT.finding(evidence, input=name, others=others)
+    nm = nice_number(c, sizes)
+    evidence["factor_name"] = nm
+    return cat.SCALE_FOR_INPUT.finding(evidence, input=name, factor_name=nm, others=others)
+
+
 def transpose(ev: Evidence) -> list[Finding] | None:
     """A ~ c Jᵀ for a square J that is not symmetric: J·dy instead of Jᵀ·dy."""
     jac = ev.jac
@@ -282,6 +422,14 @@ def _partial(t: Target, cols: Any, evidence: dict[str, Any] | None = None) -> Fi
     more = " ..." if len(cols) > MAX_LISTED else ""
     listed = {"indices": idx, "count": len(cols), **(evidence or {})}
     return cat.PARTIAL.finding(listed, count=len(cols), n=t.n, indices=idx, more=more)
+
+
+def coefficient(ev: Evidence) -> list[Finding] | None:
+    """A normalization-shaped backward with every path but a wrong coefficient on one
+    (`_normalization.coefficients`)."""
+    sizes = ev.jac.sizes()
+    found = _normalization.coefficients(ev.jac, ev.target.x64, lambda c: nice_number(c, sizes))
+    return None if found is None else [found]
 
 
 def missing_term(ev: Evidence) -> list[Finding] | None:
@@ -474,15 +622,26 @@ def jvp_findings(ev: Evidence) -> list[Finding]:
 
 # The order of the rules (docs/checker.md, "Order of the tests").
 # Both modes, first: a NaN or Inf in dx always fails; a check within tolerance passes.
-VERDICT: tuple[Rule, ...] = (nonfinite, passed)
+# Then the checks that need no finite differences (a few vjp calls), before the verdict.
+VERDICT: tuple[Rule, ...] = (
+    nonfinite,
+    nondeterministic,
+    mutates_input,
+    wrong_dtype,
+    linearity,
+    passed,
+)
 # Full mode, from vjp calls and the one-sided differences only.
-FULL: tuple[Rule, ...] = (zero, ignores_dy, nondifferentiable, zero_for_one_input)
+FULL: tuple[Rule, ...] = (zero, nondifferentiable, zero_for_one_input)
 # Full mode, on the Jacobians (after the analytic one is built and found finite).
 ON_JACOBIANS: tuple[Rule, ...] = (
     sign_or_scale,
+    layout,
+    per_input,
     transpose,
     diagonal,
     partial,
+    coefficient,
     missing_term,
     partial_outputs,
     unknown,
@@ -490,7 +649,6 @@ ON_JACOBIANS: tuple[Rule, ...] = (
 # Probe mode, before `localize`.
 PROBE: tuple[Rule, ...] = (
     zero,
-    ignores_dy,
     nondifferentiable,
     probe_sign_or_scale,
     probe_transpose,

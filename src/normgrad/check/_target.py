@@ -67,6 +67,7 @@ class Target:
         vjp: Callable[..., Any] | None = None,
         jvp: Callable[..., Any] | None = None,
         evals: Evaluations | None = None,
+        names: Sequence[str] | None = None,
     ) -> None:
         for name, fn in (("f", f), ("vjp", vjp)):
             if not callable(fn) and not (name == "vjp" and fn is None):
@@ -85,6 +86,8 @@ class Target:
             raise NormgradError("x is an empty tuple; pass at least one input array.")
         self.xs = [_as_input(a, i if self.multi else None) for i, a in enumerate(raw)]
         self.shapes = [a.shape for a in self.xs]
+        self.names = _names(names, len(self.xs), self.multi)
+        self.mutated: list[str] = []  # what the vjp wrote into (its arguments are copies)
         self.offsets = np.cumsum([0, *[a.size for a in self.xs]])
         self.n = int(self.offsets[-1])
         self.x64 = np.concatenate([a.astype(np.float64).ravel() for a in self.xs])
@@ -178,12 +181,34 @@ class Target:
         """The user's vjp on the cotangent `dy` (flat float64, cast to y's dtype)."""
         assert self.vjp_fn is not None
         dyu = dy.reshape(self.y_shape).astype(self.y_dtype)
+        args = [a.copy() for a in self.xs]
         try:
-            return self.vjp_fn(*[a.copy() for a in self.xs], dyu)
+            out = self.vjp_fn(*args, dyu)
         except NormgradError:
             raise
         except Exception as e:
             raise NormgradError(f"vjp raised {type(e).__name__}: {e}") from e
+        self._note_mutation(args, dyu, dy)
+        return out
+
+    def _note_mutation(self, args: list[NDArray[Any]], dyu: NDArray[Any], dy: F64) -> None:
+        """Record (count of changed elements) what the vjp wrote into: an input or dy."""
+        for name, a, orig in zip(self.names, args, self.xs, strict=True):
+            changed = int(np.sum(~_same(a, orig)))
+            if changed:
+                self.mutated.append(f"x{name if self.multi else ''} ({changed})")
+        changed = int(np.sum(~_same(dyu, dy.reshape(self.y_shape).astype(self.y_dtype))))
+        if changed:
+            self.mutated.append(f"dy ({changed})")
+
+    def dtypes(self, out: Any) -> list[tuple[str, Any, Any]]:
+        """(name, got, want) for each gradient whose dtype differs from its input's."""
+        parts = list(out) if self.multi else [out]
+        return [
+            (name, np.asarray(p).dtype, a.dtype)
+            for name, p, a in zip(self.names, parts, self.xs, strict=True)
+            if np.asarray(p).dtype != a.dtype
+        ]
 
     def vjp64(self, dy: F64) -> F64 | None:
         """The user's vjp on float64 copies of x and dy, or None if it refuses them: the
@@ -278,6 +303,21 @@ class Target:
         i = int(np.searchsorted(self.offsets, j, side="right") - 1)
         idx = tuple(int(k) for k in np.unravel_index(j - self.offsets[i], self.shapes[i]))
         return (i, *idx) if self.multi else idx
+
+
+def _names(given: Sequence[str] | None, k: int, multi: bool) -> list[str]:
+    """How findings name each input: given, else `[0]`, `[1]`... (or "" for a single x)."""
+    if given is None:
+        return [f"[{i}]" for i in range(k)] if multi else [""]
+    names = [str(v) for v in given]
+    if len(names) != k:
+        raise NormgradError(f"names must give one name per input ({k}); got {len(names)}.")
+    return names
+
+
+def _same(a: NDArray[Any], b: NDArray[Any]) -> NDArray[np.bool_]:
+    """Elementwise equal, NaN equal to NaN."""
+    return np.asarray((a == b) | (np.isnan(a) & np.isnan(b)))
 
 
 def _require_finite(y: NDArray[Any], what: str, where: str) -> None:
