@@ -31,6 +31,7 @@ import numpy as np
 
 from .._errors import NormgradError
 from ._catalogue import PASSING
+from ._external import External
 from ._evidence import (
     Directions,
     Evidence,
@@ -88,7 +89,7 @@ class _Setup(NamedTuple):
 def check_gradients(
     f: Callable[..., Any],
     x: Any,
-    vjp: Callable[..., Any],
+    vjp: Callable[..., Any] | None = None,
     *,
     dy: Any = None,
     jvp: Callable[..., Any] | None = None,
@@ -126,7 +127,15 @@ def check_gradients(
       for localizing bad elements in probe mode.
 
     Returns a `GradReport`; `report.ok` is the verdict and `report.diagnosis` the findings.
+    With no `vjp`, `f` may be `normgrad.external(cmd)` (a program speaking docs/protocol.md).
     """
+    if vjp is None and isinstance(f, External):
+        with f:  # one running program for the whole check, reaped at its end
+            jvp = f.jvp if jvp is None and f.supports_jvp(x) else jvp
+            return check_gradients(
+                f, x, f.vjp, dy=dy, jvp=jvp, mode=mode, step=step, rtol=rtol, atol=atol,
+                seed=seed, progress=progress, budgets=budgets,
+            )
     _check_options(mode, rtol, atol, seed, progress, vjp)
     budgets = _budgets(budgets)
     t = Target(f, x, vjp, jvp, Evaluations(progress))
@@ -156,7 +165,7 @@ def check_gradients(
 def assert_gradients(
     f: Callable[..., Any],
     x: Any,
-    vjp: Callable[..., Any],
+    vjp: Callable[..., Any] | None = None,
     *,
     dy: Any = None,
     jvp: Callable[..., Any] | None = None,
