@@ -136,8 +136,13 @@ finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
 shapes = st.lists(st.integers(0, 4), min_size=0, max_size=3)
 
 
-@given(shapes.flatmap(lambda s: st.tuples(st.just(tuple(s)), st.lists(
-    finite, min_size=int(np.prod(s)), max_size=int(np.prod(s))))))
+@given(
+    shapes.flatmap(
+        lambda s: st.tuples(
+            st.just(tuple(s)), st.lists(finite, min_size=int(np.prod(s)), max_size=int(np.prod(s)))
+        )
+    )
+)
 @settings(max_examples=200, deadline=None)
 def test_arrays_survive_the_round_trip_exactly(case):
     shape, values = case

@@ -133,8 +133,18 @@ def check_gradients(
         with f:  # one running program for the whole check, reaped at its end
             jvp = f.jvp if jvp is None and f.supports_jvp(x) else jvp
             return check_gradients(
-                f, x, f.vjp, dy=dy, jvp=jvp, mode=mode, step=step, rtol=rtol, atol=atol,
-                seed=seed, progress=progress, budgets=budgets,
+                f,
+                x,
+                f.vjp,
+                dy=dy,
+                jvp=jvp,
+                mode=mode,
+                step=step,
+                rtol=rtol,
+                atol=atol,
+                seed=seed,
+                progress=progress,
+                budgets=budgets,
             )
     _check_options(mode, rtol, atol, seed, progress, vjp)
     budgets = _budgets(budgets)
