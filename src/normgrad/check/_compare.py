@@ -31,7 +31,6 @@ import numpy as np
 
 from .._errors import NormgradError
 from ._catalogue import PASSING
-from ._external import External
 from ._evidence import (
     Directions,
     Evidence,
@@ -41,6 +40,7 @@ from ._evidence import (
     Tol,
     finite_abs,
 )
+from ._external import External
 from ._fd import FiniteDifferences
 from ._report import GradReport
 from ._rules import Diagnosis, diagnose

@@ -32,7 +32,7 @@ import shlex
 import subprocess
 import threading
 import weakref
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 import numpy as np
 from numpy.typing import NDArray
@@ -229,7 +229,7 @@ class External:
         except ValueError as e:
             self._fail(f"its answer to the {what} request is not an array: {e}", line)
 
-    def _fail(self, what: str, line: str | None = None) -> Any:
+    def _fail(self, what: str, line: str | None = None) -> NoReturn:
         """Stop the program and raise: what happened, the line, the tail of its stderr."""
         proc = self._proc
         self.close()
