@@ -42,6 +42,7 @@ from ._evidence import (
 )
 from ._external import External
 from ._fd import FiniteDifferences
+from ._frameworks import attach_names, convert, framework_of
 from ._report import GradReport
 from ._rules import Diagnosis, diagnose
 from ._target import F64, Evaluations, Target
@@ -146,9 +147,28 @@ def check_gradients(
                 progress=progress,
                 budgets=budgets,
             )
+    if vjp is None and (fw := framework_of(f, x)) is not None:
+        c = convert(f, x, fw)
+        report = check_gradients(
+            c.f,
+            c.x,
+            c.vjp,
+            dy=dy,
+            jvp=jvp or c.jvp,
+            mode=mode,
+            step=step,
+            rtol=rtol,
+            atol=atol,
+            seed=seed,
+            progress=progress,
+            budgets=budgets,
+        )
+        report.notes[:0] = c.notes
+        attach_names(report, c.names)
+        return report
     _check_options(mode, rtol, atol, seed, progress, vjp)
     budgets = _budgets(budgets)
-    t = Target(f, x, vjp, jvp, Evaluations(progress))
+    t = Target(f, x, vjp, jvp, Evaluations(progress), names=getattr(f, "input_names", None))
     fd = FiniteDifferences(t)
     # A stream of its own, so dy is not the very vector a user drew with default_rng(seed).
     rng = np.random.default_rng((int(seed), 0x6E67))
