@@ -185,7 +185,7 @@ def attach_names(report: Any, names: list[str]) -> None:
         return
     report.notes.append("inputs checked, in order: " + ", ".join(names) + ".")
     ana, num, tol = report.analytic, report.numerical, report.tolerance
-    if report.ok or not all(isinstance(v, list) for v in (ana, num, tol)):
+    if report.ok or not all(isinstance(v, tuple) for v in (ana, num, tol)):
         return  # probe mode: errors are along random directions, not per input
     bad = []
     for name, a, b, t in zip(names, ana, num, tol, strict=True):

@@ -28,7 +28,7 @@ def convert(f: Any, x: Any) -> Converted:
     argn = arg_names(f, len(args))
     with jax.enable_x64(True):
         pairs, tree = jax.tree_util.tree_flatten_with_path(args)
-    names = [argn[p[0].idx] + jax.tree_util.keystr(p[1:]) for p, _ in pairs]  # type: ignore[attr-defined]
+    names = [argn[p[0].idx] + jax.tree_util.keystr(p[1:]) for p, _ in pairs]
     leaves = [
         as_leaf(v, n, lambda a: isinstance(a, jax.Array))
         for (_, v), n in zip(pairs, names, strict=True)
