@@ -224,3 +224,36 @@ def test_import_normgrad_check_imports_neither_framework():
         "assert 'torch' not in sys.modules and 'jax' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- the drop-in helpers ------------------------------------------------------------------
+
+
+def test_torch_gradcheck_checks_only_inputs_that_require_grad():
+    import normgrad.torch as ntorch
+
+    x = torch.tensor(X, requires_grad=True)
+    assert ntorch.gradcheck(t_norm, (x,)) is True
+    with pytest.raises(AssertionError, match="diagonal"):
+        ntorch.gradcheck(DiagonalOnly.apply, (x,))
+    assert ntorch.gradcheck(DiagonalOnly.apply, (x,), raise_exception=False) is False
+    # The buggy gain is held fixed when it does not require grad:
+    gain = torch.full((5,), 1.5, dtype=torch.float64)
+    assert ntorch.gradcheck(lambda x, g: _GainFn.apply(x, g, True), (x, gain))
+    with pytest.raises(AssertionError):
+        ntorch.gradcheck(lambda x, g: _GainFn.apply(x, g, True), (x, gain.requires_grad_(True)))
+    with pytest.raises(NormgradError, match="no input requires grad"):
+        ntorch.gradcheck(t_norm, (torch.tensor(X),))
+
+
+def test_jax_check_grads_orders_and_modes():
+    import normgrad.jax as njax
+
+    njax.check_grads(j_norm, (jnp.asarray(X),), order=2, modes=("fwd", "rev"))
+    njax.check_grads(_rule(False), (jnp.asarray(X),), modes=("rev",))
+    with pytest.raises(AssertionError, match="diagonal"):
+        njax.check_grads(_rule(True), (jnp.asarray(X),), modes=("rev",))
+    with pytest.raises(NormgradError, match="no forward mode"):
+        njax.check_grads(_rule(False), (jnp.asarray(X),), modes=("fwd",))
+    with pytest.raises(NormgradError, match="order"):
+        njax.check_grads(j_norm, (jnp.asarray(X),), order=0)
