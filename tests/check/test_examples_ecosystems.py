@@ -79,3 +79,33 @@ def test_the_cli_names_the_mistake(program, capsys):
     out = capsys.readouterr().out
     assert "diagonal" in out and "missing_term" in out
     assert cli.main(["check", "--exec", f"{program} right", "--shape", "6x6"]) == 0
+
+
+@pytest.mark.parametrize("example", ["torch_function", "jax_custom_vjp"])
+def test_framework_examples_through_the_api_and_the_cli(example, capsys):
+    pytest.importorskip("torch" if example.startswith("torch") else "jax")
+    import importlib.util
+
+    from normgrad import cli
+
+    spec = importlib.util.spec_from_file_location(f"ex_{example}", EXAMPLES / f"{example}.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for dtype in (np.float64, np.float32):
+        assert check_gradients(mod.right, X.astype(dtype)).ok
+        wrong = check_gradients(mod.wrong, X.astype(dtype))
+        assert {f.kind for f in wrong.diagnosis} >= {"diagonal", "missing_term"}, wrong
+    path = EXAMPLES / f"{example}.py"
+    assert cli.main(["check", "--forward", f"{path}:wrong", "--shape", "6x6"]) == 1
+    assert "missing_term" in capsys.readouterr().out
+    assert cli.main(["check", "--forward", f"{path}:right", "--shape", "6x6"]) == 0
+
+
+def test_cli_forward_without_backward_needs_a_framework_function(tmp_path, capsys):
+    path = tmp_path / "plain.py"
+    path.write_text("import numpy as np\ndef f(x):\n    return np.sin(x)\n")
+    from normgrad import cli
+
+    assert cli.main(["check", "--forward", f"{path}:f", "--shape", "3"]) == 2
+    assert "add --backward" in capsys.readouterr().err

@@ -116,17 +116,22 @@ def run(args: argparse.Namespace) -> int:
 def _user_checks(args: argparse.Namespace, x: np.ndarray) -> tuple[str, dict[str, Any], Checks]:
     """The user's backward (and jvp) against finite differences of their forward: the title,
     the options recorded in the JSON output, the checks."""
-    if args.forward is None or args.backward is None:
-        raise NormgradError(
-            "checking your own code needs both --forward FILE.py:fn and --backward FILE.py:fn."
-        )
     if args.affine:
         raise NormgradError("--affine applies to normgrad's op; drop it with --forward.")
-    f = load_function(args.forward, "--forward")
-    vjp = load_function(args.backward, "--backward")
+    f = load_function(args.forward, "--forward") if args.forward else None
+    vjp = load_function(args.backward, "--backward") if args.backward else None
+    if f is not None and vjp is None:
+        f = _framework_forward(f, x)
+    if f is None:
+        raise NormgradError(
+            "checking your own code needs --forward FILE.py:fn, and --backward FILE.py:fn "
+            "unless the forward is a torch or JAX function, module or class."
+        )
     jvp = load_function(args.jvp, "--jvp") if args.jvp else None
     dy = _user_dy(args)
-    title = f"check: {args.backward} against finite differences of {args.forward}"
+    title = (
+        f"check: {args.backward or 'its own backward'} against finite differences of {args.forward}"
+    )
     checks: Checks = [("dx", run_check("dx", f, x, vjp, args, dy=dy, jvp=jvp))]
     options: dict[str, Any] = {
         "forward": args.forward,
@@ -160,6 +165,27 @@ def _exec_checks(
         "dtype": str(x.dtype),
     }
     return f"check: the program {args.exec!r} against finite differences", options, checks
+
+
+def _framework_forward(f: Callable[..., Any], x: np.ndarray) -> Callable[..., Any]:
+    """--forward with no --backward: a torch or JAX function, module or class (a class is
+    instantiated with no arguments), detected from what it is and returns."""
+    from ..check._frameworks import framework_of
+
+    if isinstance(f, type):
+        try:
+            f = f()
+        except Exception as e:
+            raise NormgradError(
+                f"--forward names the class {f.__name__}; it could not be built with no "
+                f"arguments ({type(e).__name__}: {e}). Name an instance or a function."
+            ) from None
+    if framework_of(f, x) is None:
+        raise NormgradError(
+            "--forward is not a torch or JAX function (it neither takes nor returns tensors), "
+            "so its backward must be given: add --backward FILE.py:fn."
+        )
+    return f
 
 
 def _op_checks(args: argparse.Namespace, x: np.ndarray) -> tuple[str, dict[str, Any], Checks]:
