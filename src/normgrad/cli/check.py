@@ -124,8 +124,8 @@ def _user_checks(args: argparse.Namespace, x: np.ndarray) -> tuple[str, dict[str
         f = _framework_forward(f, x)
     if f is None:
         raise NormgradError(
-            "checking your own code needs --forward FILE.py:fn, and --backward FILE.py:fn "
-            "unless the forward is a torch or JAX function, module or class."
+            "checking your own code needs both --forward FILE.py:fn and --backward FILE.py:fn "
+            "(only --forward when it is a torch or JAX function, module or class)."
         )
     jvp = load_function(args.jvp, "--jvp") if args.jvp else None
     dy = _user_dy(args)
@@ -182,8 +182,9 @@ def _framework_forward(f: Callable[..., Any], x: np.ndarray) -> Callable[..., An
             ) from None
     if framework_of(f, x) is None:
         raise NormgradError(
-            "--forward is not a torch or JAX function (it neither takes nor returns tensors), "
-            "so its backward must be given: add --backward FILE.py:fn."
+            "checking your own code needs both --forward and --backward: the forward is not a "
+            "torch or JAX function (it neither takes nor returns tensors), so add --backward "
+            "FILE.py:fn."
         )
     return f
 
