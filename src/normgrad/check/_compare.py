@@ -128,7 +128,8 @@ def check_gradients(
       for localizing bad elements in probe mode.
 
     Returns a `GradReport`; `report.ok` is the verdict and `report.diagnosis` the findings.
-    With no `vjp`, `f` may be `normgrad.external(cmd)` (a program speaking docs/protocol.md).
+    With no `vjp`, `f` may be `normgrad.external(cmd)` (a program speaking docs/protocol.md) or a
+    torch or JAX callable, whose own backward is checked (docs/checker.md).
     """
     if vjp is None and isinstance(f, External):
         with f:  # one running program for the whole check, reaped at its end
