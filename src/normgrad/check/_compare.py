@@ -40,10 +40,9 @@ from ._evidence import (
     Tol,
     finite_abs,
 )
-from ._external import External
 from ._fd import FiniteDifferences
-from ._frameworks import attach_names, convert, framework_of
 from ._report import GradReport
+from ._routes import route
 from ._rules import Diagnosis, diagnose
 from ._target import F64, Evaluations, Target
 
@@ -131,42 +130,11 @@ def check_gradients(
     With no `vjp`, `f` may be `normgrad.external(cmd)` (a program speaking docs/protocol.md) or a
     torch or JAX callable, whose own backward is checked (docs/checker.md).
     """
-    if vjp is None and isinstance(f, External):
-        with f:  # one running program for the whole check, reaped at its end
-            jvp = f.jvp if jvp is None and f.supports_jvp(x) else jvp
-            return check_gradients(
-                f,
-                x,
-                f.vjp,
-                dy=dy,
-                jvp=jvp,
-                mode=mode,
-                step=step,
-                rtol=rtol,
-                atol=atol,
-                seed=seed,
-                progress=progress,
-                budgets=budgets,
-            )
-    if vjp is None and (fw := framework_of(f, x)) is not None:
-        c = convert(f, x, fw)
-        report = check_gradients(
-            c.f,
-            c.x,
-            c.vjp,
-            dy=dy,
-            jvp=jvp or c.jvp,
-            mode=mode,
-            step=step,
-            rtol=rtol,
-            atol=atol,
-            seed=seed,
-            progress=progress,
-            budgets=budgets,
-        )
-        report.notes[:0] = c.notes
-        attach_names(report, c.names)
-        return report
+    if vjp is None:  # a program (normgrad.external) or a torch/JAX callable: see _routes
+        kw = dict(dy=dy, jvp=jvp, mode=mode, step=step, rtol=rtol, atol=atol, seed=seed)
+        routed = route(check_gradients, f, x, kw | dict(progress=progress, budgets=budgets))
+        if routed is not None:
+            return routed
     _check_options(mode, rtol, atol, seed, progress, vjp)
     budgets = _budgets(budgets)
     t = Target(f, x, vjp, jvp, Evaluations(progress), names=getattr(f, "input_names", None))
