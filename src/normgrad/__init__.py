@@ -17,11 +17,13 @@ from ._ops import (
 )
 from ._runtime import release_buffers
 from .check import Finding, GradReport, assert_gradients, check_gradients
+from .check._external import External, external
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackwardTangents",
+    "External",
     "Finding",
     "GradReport",
     "Gradients",
@@ -31,6 +33,7 @@ __all__ = [
     "assert_gradients",
     "check_gradients",
     "explain",
+    "external",
     "normalize",
     "normalize_backward",
     "normalize_backward_jvp",

@@ -24,7 +24,7 @@ from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
 from ._ops import normalize_forward, normalize_jvp
 
-__all__ = ["apply", "init_params", "normalize"]
+__all__ = ["apply", "check_grads", "init_params", "normalize"]
 
 Params = dict[str, jax.Array]
 
@@ -168,3 +168,50 @@ def apply(
 
 
 # --- check_grads (checker) ---
+
+
+def check_grads(
+    f: Any,
+    args: Any,
+    order: int = 1,
+    modes: Any = ("fwd", "rev"),
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    seed: int = 0,
+) -> None:
+    """`jax.test_util.check_grads`'s drop-in: returns None, or raises `AssertionError` with
+    normgrad's diagnosis.
+
+    `f(*args)` returns one array; args may be pytrees. `modes`: "rev" checks `jax.vjp` of f (a
+    `custom_vjp` rule), "fwd" also checks `jax.jvp` (a `custom_jvp` rule); the checker always
+    needs a backward, so "rev" is checked in either case. `order=2` also checks the derivative
+    of the backward: x -> vjp(x, ct) for a fixed random cotangent `ct`, and so on.
+    """
+    from .check import check_gradients
+    from .check._frameworks import convert
+
+    if isinstance(order, bool) or not isinstance(order, int) or order < 1:
+        raise NormgradError(f"check_grads: order must be an int >= 1; got {order!r}.")
+    modes = (modes,) if isinstance(modes, str) else tuple(modes)
+    if not modes or set(modes) - {"fwd", "rev"}:
+        raise NormgradError(f"check_grads: modes must be 'fwd' and/or 'rev'; got {modes!r}.")
+    args = tuple(args) if isinstance(args, (tuple, list)) else (args,)
+    c = convert(f, args if len(args) > 1 else args[0], "jax")
+    jvp = c.jvp if "fwd" in modes else None
+    if "fwd" in modes and jvp is None and "rev" not in modes:
+        raise NormgradError(
+            "check_grads: f has no forward mode (a custom_vjp); use modes=('rev',)."
+        )
+    report = check_gradients(c.f, c.x, c.vjp, jvp=jvp, rtol=rtol, atol=atol, seed=seed)
+    if not report.ok:
+        raise AssertionError(str(report))
+    if order > 1:
+        y = jnp.asarray(f(*args))
+        ct = jax.random.normal(jax.random.PRNGKey(seed), y.shape, y.dtype)
+
+        def back(*a: Any) -> jax.Array:
+            grads = jax.vjp(f, *a)[1](ct)
+            return jnp.concatenate([jnp.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
+
+        check_grads(back, args, order - 1, modes, rtol=rtol, atol=atol, seed=seed + 1)

@@ -24,7 +24,7 @@ from ._axes import Axes
 from ._errors import NormgradError
 from ._validate import EPS_MODES
 
-__all__ = ["MeanVarNorm", "normalize"]
+__all__ = ["MeanVarNorm", "gradcheck", "normalize"]
 
 
 def normalize(
@@ -126,3 +126,42 @@ class MeanVarNorm(nn.Module):
 
 
 # --- gradcheck (checker) ---
+
+
+def gradcheck(
+    fn: Any,
+    inputs: Any,
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    raise_exception: bool = True,
+    seed: int = 0,
+) -> bool:
+    """`torch.autograd.gradcheck`'s drop-in: True, or `AssertionError` with normgrad's diagnosis.
+
+    `fn(*inputs)` returns one tensor; as in torch, only the inputs that require grad are checked
+    (the others are held fixed). Finite differences run in float64 on copies, so float32 inputs
+    are fine. With `raise_exception=False` a failed check returns False.
+    """
+    from .check import check_gradients
+
+    args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+    free = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad]
+    if not free:
+        raise NormgradError(
+            "gradcheck: no input requires grad, so there is nothing to check; set "
+            "requires_grad=True on the tensors to check (or use normgrad.check_gradients, which "
+            "checks every floating-point input)."
+        )
+
+    def of_free(*ts: torch.Tensor) -> Any:
+        full = list(args)
+        for i, t in zip(free, ts, strict=True):
+            full[i] = t
+        return fn(*full)
+
+    x = tuple(args[i].detach() for i in free)
+    report = check_gradients(of_free, x[0] if len(x) == 1 else x, rtol=rtol, atol=atol, seed=seed)
+    if not report.ok and raise_exception:
+        raise AssertionError(str(report))
+    return bool(report.ok)

@@ -42,6 +42,7 @@ from ._evidence import (
 )
 from ._fd import FiniteDifferences
 from ._report import GradReport
+from ._routes import route
 from ._rules import Diagnosis, diagnose
 from ._target import F64, Evaluations, Target
 
@@ -89,7 +90,7 @@ class _Setup(NamedTuple):
 def check_gradients(
     f: Callable[..., Any],
     x: Any,
-    vjp: Callable[..., Any],
+    vjp: Callable[..., Any] | None = None,
     *,
     dy: Any = None,
     jvp: Callable[..., Any] | None = None,
@@ -127,10 +128,17 @@ def check_gradients(
       for localizing bad elements in probe mode.
 
     Returns a `GradReport`; `report.ok` is the verdict and `report.diagnosis` the findings.
+    With no `vjp`, `f` may be `normgrad.external(cmd)` (a program speaking docs/protocol.md) or a
+    torch or JAX callable, whose own backward is checked (docs/checker.md).
     """
+    if vjp is None:  # a program (normgrad.external) or a torch/JAX callable: see _routes
+        kw = dict(dy=dy, jvp=jvp, mode=mode, step=step, rtol=rtol, atol=atol, seed=seed)
+        routed = route(check_gradients, f, x, kw | dict(progress=progress, budgets=budgets))
+        if routed is not None:
+            return routed
     _check_options(mode, rtol, atol, seed, progress, vjp)
     budgets = _budgets(budgets)
-    t = Target(f, x, vjp, jvp, Evaluations(progress))
+    t = Target(f, x, vjp, jvp, Evaluations(progress), names=getattr(f, "input_names", None))
     fd = FiniteDifferences(t)
     # A stream of its own, so dy is not the very vector a user drew with default_rng(seed).
     rng = np.random.default_rng((int(seed), 0x6E67))
@@ -157,7 +165,7 @@ def check_gradients(
 def assert_gradients(
     f: Callable[..., Any],
     x: Any,
-    vjp: Callable[..., Any],
+    vjp: Callable[..., Any] | None = None,
     *,
     dy: Any = None,
     jvp: Callable[..., Any] | None = None,

@@ -28,7 +28,7 @@ def run_check(
     name: str,
     f: Callable[[Any], Any],
     x: Any,
-    vjp: Callable[[Any, Any], Any],
+    vjp: Callable[[Any, Any], Any] | None,
     args: argparse.Namespace,
     *,
     dy: np.ndarray | None = None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -52,7 +53,32 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     g.add_argument("--forward", metavar="FILE.py:fn|module:fn", help="forward(x) -> y")
     g.add_argument("--backward", metavar="FILE.py:fn|module:fn", help="backward(x, dy) -> dx")
     g.add_argument("--jvp", metavar="FILE.py:fn|module:fn", help="optional jvp(x, tx) -> ty")
+    g = p.add_argument_group("a program in any language (docs/protocol.md)")
+    g.add_argument(
+        "--exec",
+        metavar="CMD",
+        help="a command speaking normgrad's line protocol, e.g. "
+        '"mono norm.exe right" (split like a shell\'s words, no shell)',
+    )
+    g.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=60.0,
+        metavar="SECONDS",
+        help="--exec: the limit per answer (default 60)",
+    )
     add_check_options(p)
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a timeout is a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"invalid timeout {text!r}: give seconds > 0")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -60,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
     out = Printer()
     x = input_x(args, args.dtype)
     user = args.forward is not None or args.backward is not None or args.jvp is not None
-    title, options, checks = _user_checks(args, x) if user else _op_checks(args, x)
+    if args.exec is not None:
+        title, options, checks = _exec_checks(args, x, user)
+    else:
+        title, options, checks = _user_checks(args, x) if user else _op_checks(args, x)
 
     ok = all(bool(r.ok) for _, r in checks)
     if args.plot:
@@ -87,17 +116,22 @@ def run(args: argparse.Namespace) -> int:
 def _user_checks(args: argparse.Namespace, x: np.ndarray) -> tuple[str, dict[str, Any], Checks]:
     """The user's backward (and jvp) against finite differences of their forward: the title,
     the options recorded in the JSON output, the checks."""
-    if args.forward is None or args.backward is None:
-        raise NormgradError(
-            "checking your own code needs both --forward FILE.py:fn and --backward FILE.py:fn."
-        )
     if args.affine:
         raise NormgradError("--affine applies to normgrad's op; drop it with --forward.")
-    f = load_function(args.forward, "--forward")
-    vjp = load_function(args.backward, "--backward")
+    f = load_function(args.forward, "--forward") if args.forward else None
+    vjp = load_function(args.backward, "--backward") if args.backward else None
+    if f is not None and vjp is None:
+        f = _framework_forward(f, x)
+    if f is None:
+        raise NormgradError(
+            "checking your own code needs both --forward FILE.py:fn and --backward FILE.py:fn "
+            "(only --forward when it is a torch or JAX function, module or class)."
+        )
     jvp = load_function(args.jvp, "--jvp") if args.jvp else None
     dy = _user_dy(args)
-    title = f"check: {args.backward} against finite differences of {args.forward}"
+    title = (
+        f"check: {args.backward or 'its own backward'} against finite differences of {args.forward}"
+    )
     checks: Checks = [("dx", run_check("dx", f, x, vjp, args, dy=dy, jvp=jvp))]
     options: dict[str, Any] = {
         "forward": args.forward,
@@ -109,6 +143,50 @@ def _user_checks(args: argparse.Namespace, x: np.ndarray) -> tuple[str, dict[str
         "dtype": str(x.dtype),
     }
     return title, options, checks
+
+
+def _exec_checks(
+    args: argparse.Namespace, x: np.ndarray, user: bool
+) -> tuple[str, dict[str, Any], Checks]:
+    """A program speaking the line protocol, started once for the whole check."""
+    from ..check._external import external
+
+    if user or args.affine:
+        what = "--affine" if args.affine else "--forward/--backward/--jvp"
+        raise NormgradError(f"--exec checks the program's own functions; drop {what}.")
+    prog = external(args.exec, timeout=args.timeout)
+    checks: Checks = [("dx", run_check("dx", prog, x, None, args, dy=_user_dy(args)))]
+    options: dict[str, Any] = {
+        "exec": args.exec,
+        "timeout": args.timeout,
+        "shape": list(x.shape),
+        "seed": args.seed,
+        "input": args.input,
+        "dtype": str(x.dtype),
+    }
+    return f"check: the program {args.exec!r} against finite differences", options, checks
+
+
+def _framework_forward(f: Callable[..., Any], x: np.ndarray) -> Callable[..., Any]:
+    """--forward with no --backward: a torch or JAX function, module or class (a class is
+    instantiated with no arguments), detected from what it is and returns."""
+    from ..check._frameworks import framework_of
+
+    if isinstance(f, type):
+        try:
+            f = f()
+        except Exception as e:
+            raise NormgradError(
+                f"--forward names the class {f.__name__}; it could not be built with no "
+                f"arguments ({type(e).__name__}: {e}). Name an instance or a function."
+            ) from None
+    if framework_of(f, x) is None:
+        raise NormgradError(
+            "checking your own code needs both --forward and --backward: the forward is not a "
+            "torch or JAX function (it neither takes nor returns tensors), so add --backward "
+            "FILE.py:fn."
+        )
+    return f
 
 
 def _op_checks(args: argparse.Namespace, x: np.ndarray) -> tuple[str, dict[str, Any], Checks]:

@@ -1,0 +1,259 @@
+"""check_gradients(f, x) on torch and JAX callables: the framework's own backward is checked, a
+planted bug is named as the NumPy path names it, inputs are named, bad input is refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from normgrad import NormgradError
+from normgrad.check import assert_gradients, check_gradients
+
+torch = pytest.importorskip("torch")
+jax = pytest.importorskip("jax")
+jnp = jax.numpy
+
+X = np.random.default_rng(0).standard_normal((4, 5))
+DIAGONAL = {"diagonal", "missing_term"}
+
+
+def kinds(report):
+    return {f.kind for f in report.diagnosis}
+
+
+def t_norm(x):
+    return (x - x.mean()) / torch.sqrt(x.var(unbiased=False) + 1e-5)
+
+
+class DiagonalOnly(torch.autograd.Function):
+    """The problem's mistake: the backward keeps only the Jacobian's diagonal path."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return t_norm(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g / torch.sqrt(x.var(unbiased=False) + 1e-5)
+
+
+class Gain(torch.nn.Module):
+    """y = gain * normalize(x), with a planted bug in the gradient of `gain` only."""
+
+    def __init__(self, bug: bool):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.full((5,), 1.5, dtype=torch.float64))
+        self.register_buffer("count", torch.zeros(()))
+        self.bug = bug
+
+    def forward(self, x):
+        return _GainFn.apply(x, self.gain, self.bug)
+
+
+class _GainFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gain, bug):
+        y = t_norm(x)
+        ctx.save_for_backward(x, y, gain)
+        ctx.bug = bug
+        return gain * y
+
+    @staticmethod
+    def backward(ctx, g):
+        x, y, gain = ctx.saved_tensors
+        with torch.enable_grad():
+            xx = x.detach().requires_grad_(True)
+            (dx,) = torch.autograd.grad(t_norm(xx), xx, g * gain)
+        dgain = (g * y).sum(0) * (2.0 if ctx.bug else 1.0)
+        return dx, dgain, None
+
+
+def test_torch_function_of_tensors_and_float32_pass():
+    for dtype in (torch.float64, torch.float32):
+        report = check_gradients(t_norm, torch.tensor(X, dtype=dtype))
+        assert report.ok, report
+
+
+def test_autograd_function_with_the_problems_bug_is_named():
+    report = check_gradients(DiagonalOnly.apply, torch.tensor(X))
+    assert not report.ok and kinds(report) >= DIAGONAL, report
+    with pytest.raises(AssertionError, match="diagonal"):
+        assert_gradients(DiagonalOnly.apply, torch.tensor(X))
+
+
+def test_numpy_input_to_a_torch_function_is_detected():
+    assert not check_gradients(DiagonalOnly.apply, X).ok
+
+
+def test_module_parameters_are_inputs_and_named():
+    x = torch.tensor(X)
+    assert check_gradients(Gain(bug=False), x).ok
+    report = check_gradients(Gain(bug=True), x)
+    assert not report.ok
+    notes = " ".join(report.notes)
+    assert "x, gain" in notes and "errors are in: gain" in notes, notes
+
+    # The same mistake through the NumPy path gets the same findings.
+    def f(x, gain):
+        return gain * (x - x.mean()) / np.sqrt(x.var() + 1e-5)
+
+    def vjp(x, gain, dy):
+        s = np.sqrt(x.var() + 1e-5)
+        y, g = (x - x.mean()) / s, dy * gain
+        return (g - g.mean() - y * (g * y).mean()) / s, 2.0 * (dy * y).sum(0)
+
+    numpy_report = check_gradients(f, (X, np.full(5, 1.5)), vjp)
+    assert kinds(report) == kinds(numpy_report), (report, numpy_report)
+
+
+def test_torch_jvp_is_checked_where_forward_mode_works():
+    report = check_gradients(t_norm, torch.tensor(X))
+    assert report.ok and not any("forward-mode" in n for n in report.notes)
+    assert any("forward-mode" in n for n in check_gradients(DiagonalOnly.apply, X).notes)
+
+
+def test_train_mode_dropout_is_refused_with_the_fix():
+    m = torch.nn.Sequential(torch.nn.Linear(5, 5).double(), torch.nn.Dropout(0.5))
+    with pytest.raises(NormgradError, match=r"training mode with dropout.*eval\(\)"):
+        check_gradients(m, torch.tensor(X))
+    assert check_gradients(m.eval(), torch.tensor(X)).ok
+
+
+def test_a_nondeterministic_function_is_refused():
+    with pytest.raises(NormgradError, match="nondeterministic"):
+        check_gradients(lambda x: x * torch.rand(()), torch.tensor(X))
+
+
+@pytest.mark.parametrize(
+    ("x", "match"),
+    [
+        (torch.arange(6), "dtype int64"),
+        (torch.ones(3, dtype=torch.complex128), "dtype complex128"),
+        ((torch.ones(3), "abc"), r"input x\[1\] is str"),
+    ],
+)
+def test_bad_torch_inputs_are_named(x, match):
+    with pytest.raises(NormgradError, match=match):
+        check_gradients(lambda *a: a[0] * 2, x)
+
+
+def test_tuple_and_dict_outputs_are_refused_clearly():
+    with pytest.raises(NormgradError, match=r"tuple of 2 outputs.*f\(\*a\)\[0\]"):
+        check_gradients(lambda x: (x, 2 * x), torch.tensor(X))
+    with pytest.raises(NormgradError, match=r"dict of outputs \(keys \['y'\]\)"):
+        check_gradients(lambda x: {"y": jnp.sin(x)}, jnp.asarray(X))
+
+
+# -- JAX ------------------------------------------------------------------------------------
+
+
+def j_norm(x):
+    return (x - x.mean()) / jnp.sqrt(x.var() + 1e-5)
+
+
+def _rule(bug: bool):
+    @jax.custom_vjp
+    def f(x):
+        return j_norm(x)
+
+    def fwd(x):
+        return j_norm(x), x
+
+    def bwd(x, g):
+        if bug:
+            return (g / jnp.sqrt(x.var() + 1e-5),)
+        return (jax.vjp(j_norm, x)[1](g)[0],)
+
+    f.defvjp(fwd, bwd)
+    return f
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_jax_custom_vjp(dtype):
+    assert check_gradients(_rule(False), X.astype(dtype)).ok
+    report = check_gradients(_rule(True), X.astype(dtype))
+    assert kinds(report) >= DIAGONAL, report
+
+
+def test_jax_jvp_is_checked_for_plain_functions():
+    report = check_gradients(j_norm, jnp.asarray(X, dtype=jnp.float32))
+    assert report.ok and not report.notes, report
+
+
+def test_a_pytree_leaf_with_a_bug_is_named():
+    @jax.custom_vjp
+    def scaled(w, x):
+        return w * x
+
+    scaled.defvjp(lambda w, x: (w * x, (w, x)), lambda r, g: ((3.0 * g * r[1]).sum(0), g * r[0]))
+
+    def f(params, x):
+        return jnp.tanh(scaled(params["w"], x) + params["b"][0])
+
+    params = {"w": jnp.ones(5), "b": [jnp.zeros(5)]}
+    report = check_gradients(f, (params, jnp.asarray(X)))
+    assert not report.ok
+    notes = " ".join(report.notes)
+    assert "params['b'][0], params['w'], x" in notes
+    assert "errors are in: params['w']" in notes, notes
+
+
+def test_a_jax_function_closing_over_a_tracer_is_refused():
+    leaked = []
+
+    @jax.jit
+    def grab(a):
+        leaked.append(a)
+        return a
+
+    grab(1.0)
+    with pytest.raises(NormgradError, match="closes over a JAX tracer"):
+        check_gradients(lambda x: x * leaked[0], jnp.asarray(X))
+
+
+def test_import_normgrad_check_imports_neither_framework():
+    code = (
+        "import sys, numpy as np, normgrad\n"
+        "from normgrad.check import check_gradients\n"
+        "check_gradients(np.sin, np.ones(3), lambda x, dy: np.cos(x) * dy)\n"
+        "assert 'torch' not in sys.modules and 'jax' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+# -- the drop-in helpers ------------------------------------------------------------------
+
+
+def test_torch_gradcheck_checks_only_inputs_that_require_grad():
+    import normgrad.torch as ntorch
+
+    x = torch.tensor(X, requires_grad=True)
+    assert ntorch.gradcheck(t_norm, (x,)) is True
+    with pytest.raises(AssertionError, match="diagonal"):
+        ntorch.gradcheck(DiagonalOnly.apply, (x,))
+    assert ntorch.gradcheck(DiagonalOnly.apply, (x,), raise_exception=False) is False
+    # The buggy gain is held fixed when it does not require grad:
+    gain = torch.full((5,), 1.5, dtype=torch.float64)
+    assert ntorch.gradcheck(lambda x, g: _GainFn.apply(x, g, True), (x, gain))
+    with pytest.raises(AssertionError):
+        ntorch.gradcheck(lambda x, g: _GainFn.apply(x, g, True), (x, gain.requires_grad_(True)))
+    with pytest.raises(NormgradError, match="no input requires grad"):
+        ntorch.gradcheck(t_norm, (torch.tensor(X),))
+
+
+def test_jax_check_grads_orders_and_modes():
+    import normgrad.jax as njax
+
+    njax.check_grads(j_norm, (jnp.asarray(X),), order=2, modes=("fwd", "rev"))
+    njax.check_grads(_rule(False), (jnp.asarray(X),), modes=("rev",))
+    with pytest.raises(AssertionError, match="diagonal"):
+        njax.check_grads(_rule(True), (jnp.asarray(X),), modes=("rev",))
+    with pytest.raises(NormgradError, match="no forward mode"):
+        njax.check_grads(_rule(False), (jnp.asarray(X),), modes=("fwd",))
+    with pytest.raises(NormgradError, match="order"):
+        njax.check_grads(j_norm, (jnp.asarray(X),), order=0)
