@@ -78,7 +78,6 @@ class Target:
         if jvp is not None and not callable(jvp):
             raise NormgradError(f"jvp must be a function jvp(x, tx) -> ty or None; got {jvp!r}.")
         self.f, self.vjp_fn, self.jvp_fn = f, vjp, jvp
-        self.names = None if names is None else list(names)  # the inputs' names, in order
         self.evals = Evaluations() if evals is None else evals
         self.notes = Notes()
         self.multi = isinstance(x, tuple)
