@@ -33,10 +33,18 @@ class Spec(NamedTuple):
     dtype: Any  # dtype of y (and of dx)
     m: float  # n - ddof: the variance divides by it
     inside: bool  # eps_mode == "inside"
+    center: bool = True  # False: RMS normalization (no mean; var = mean(x**2))
 
 
 def validate(
-    x: Array, axes: Axes, eps: float, eps_mode: str, ddof: float, weight: Any, bias: Any
+    x: Array,
+    axes: Axes,
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+    weight: Any,
+    bias: Any,
+    center: bool = True,
 ) -> tuple[Spec, Array | None, Array | None]:
     """Check every argument of a forward call: `(spec, weight, bias)`, the parameters as
     arrays of x's namespace."""
@@ -57,9 +65,11 @@ def validate(
     for i in ax:  # a loop, not a genexpr: torch.compile traces it
         n *= int(x.shape[i])
     _check_options(eps, eps_mode, ddof, n)
+    _check_center(center, ddof)
     w = param(xp, weight, "weight", x, x)
     b = param(xp, bias, "bias", x, x)
-    spec = Spec(xp, ax, n, float(eps), eps_mode, ddof, dtype, float(n - ddof), eps_mode == "inside")
+    m, inside = float(n - ddof), eps_mode == "inside"
+    spec = Spec(xp, ax, n, float(eps), eps_mode, ddof, dtype, m, inside, center)
     return spec, w, b
 
 
@@ -91,6 +101,20 @@ def _check_options(eps: Any, eps_mode: Any, ddof: Any, n: int) -> None:
         raise NormgradError(
             f"ddof={ddof} must be smaller than the group size n={n} (the variance divides by "
             f"n - ddof); reduce over more elements or use ddof=0."
+        )
+
+
+def _check_center(center: Any, ddof: Any) -> None:
+    if type(center) is not bool:
+        raise NormgradError(
+            f"center must be True (mean-variance normalization) or False (RMS normalization, "
+            f"x / sqrt(mean(x**2) + eps)); got {center!r}."
+        )
+    if not center and ddof != 0:
+        raise NormgradError(
+            f"ddof={ddof} with center=False: RMS normalization takes no mean, so there is no "
+            "degree of freedom to lose and its mean square always divides by n; drop ddof "
+            "(or use center=True)."
         )
 
 
