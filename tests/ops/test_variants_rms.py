@@ -165,3 +165,12 @@ def test_eps_zero_and_an_all_zero_group_is_refused():
         ng.normalize(x, 1, center=False, eps=0.0)
     # a constant nonzero group is fine without centering: its mean square is not zero
     np.testing.assert_allclose(ng.normalize(np.full((1, 3), 2.0), 1, center=False, eps=0), 1.0)
+
+
+def test_scale_invariance_properties_of_derivation_section_10(rng):
+    x, dy = rng.normal(size=(4, 6)), rng.normal(size=(4, 6))
+    y, ctx = ng.normalize_forward(x, 1, center=False, eps=0.0)
+    np.testing.assert_allclose(ng.normalize(3.5 * x, 1, center=False, eps=0.0), y, rtol=1e-14)
+    dx = ng.normalize_backward(ctx, dy).x
+    np.testing.assert_allclose(np.sum(dx * y, axis=1), 0.0, atol=1e-13)
+    assert np.all(np.abs(np.sum(dx, axis=1)) > 1e-6)  # no mean: constants are not invisible
