@@ -221,6 +221,29 @@ def refuse_zero_variance(xp: Any, var: Array, x: Array, axes: tuple[int, ...]) -
         )
 
 
+def check_moments_pair(a: Any, b: Any, what: str, axis: int | None = None) -> None:
+    """Two `Moments` that can merge (same shape) or concatenate (same shape off `axis`)."""
+    if not all(hasattr(b, f) for f in ("count", "mean", "m2")):
+        raise NormgradError(
+            f"Moments.{what} takes another Moments (from normgrad.moments); got {type(b).__name__}."
+        )
+    sa, sb = tuple(a.mean.shape), tuple(b.mean.shape)
+    if axis is None:
+        if sa != sb:
+            raise NormgradError(
+                f"Moments.merge needs moments of the same groups: shapes {sa} and {sb} differ. "
+                "Compute both with the same axes over chunks split along the reduced axes."
+            )
+        return
+    ax = axis % len(sa) if sa and -len(sa) <= axis < len(sa) else None
+    off = [s for i, s in enumerate(sa) if i != ax], [s for i, s in enumerate(sb) if i != ax]
+    if ax is None or len(sa) != len(sb) or off[0] != off[1] or (sa[ax] == 1 and sb[ax] == 1):
+        raise NormgradError(
+            f"Moments.concat joins moments along a kept axis: shapes {sa} and {sb} with "
+            f"axis={axis} do not fit (they must match except along that axis, a kept one)."
+        )
+
+
 def size_of(x: Any) -> int | None:
     """The number of elements, or None where the shape is not known."""
     shape = getattr(x, "shape", None)
