@@ -47,7 +47,7 @@ class Plan(NamedTuple):
 
 
 KERNEL_OFF = ("0", "generic")
-VARIANT_REASON = "a variant option (center=False) runs on the generic path"
+VARIANT_REASON = "a variant option (center=False, stats) runs on the generic path"
 _PLANNED_MODES = ("auto", "1", "small", "native")
 
 
@@ -84,7 +84,7 @@ def plan_forward(
     center: bool = True,
 ) -> Plan:
     """The `Plan` that `normalize_forward` with these arguments runs: its path and why."""
-    return forward(x, axes, eps, eps_mode, ddof, weight, bias, out, center)[3]
+    return forward(x, axes, eps, eps_mode, ddof, weight, bias, out, (center, False))[3]
 
 
 def plan_backward(ctx: Any, dy: Any, *, out: Any = None) -> Plan:
@@ -106,11 +106,12 @@ def forward(
     weight: Any,
     bias: Any,
     out: Any,
-    center: Any = True,
+    variant: tuple[Any, bool] = (True, False),
 ) -> tuple[Spec, Any, Any, Plan]:
-    """Validate a forward call and choose its path: `(spec, weight, bias, plan)`."""
-    if center is not True:  # a variant the kernels do not have yet
-        spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
+    """Validate a forward call and choose its path: `(spec, weight, bias, plan)`.
+    `variant = (center, stats given)`."""
+    if variant[0] is not True or variant[1]:  # a variant the kernels do not have yet
+        spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, variant[0])
         check_out(spec.xp, out, x, spec.dtype, x)
         return spec, w, b, Plan("generic", VARIANT_REASON)
     if type(x) is np.ndarray and _plain(weight) and _plain(bias):
@@ -259,7 +260,7 @@ def _not_kernel_array(x: Any) -> str | None:
 def backward(ctx: Any, dy: Any, out: Any) -> Plan:
     """The path of `normalize_backward(ctx, dy, out=out)` (arguments checked)."""
     x = ctx.x
-    if not ctx.center:
+    if not ctx.center or ctx.fixed:
         return Plan("generic", VARIANT_REASON)
     if type(x) is np.ndarray and _plain(ctx.weight) and _plain(ctx.bias):
         plan = _planned_backward(ctx, dy, out)

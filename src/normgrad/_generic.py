@@ -96,7 +96,9 @@ def backward(ctx: Any, dy: Array, c: Array, plan: Any, out: Any) -> tuple[Array,
 
 def apply_jacobian(xp: Any, ctx: Any, d: Array, c: Array, v: Array) -> Array:
     """`J v` for the symmetric Jacobian of xhat (`d = x - mu`): the backward of `v` as dy,
-    and the forward derivative along `v`."""
+    and the forward derivative along `v` (`r v` for given statistics: constants)."""
+    if ctx.fixed:
+        return ctx.rstd * v
     sum_vd = xp.sum(v * d, axis=ctx.axes, keepdims=True)
     # RMS (center=False): no mean path, i.e. sum(v) enters as 0
     sum_v = xp.sum(v, axis=ctx.axes, keepdims=True) if ctx.center else xp.zeros_like(sum_vd)
@@ -136,6 +138,8 @@ def backward_jvp(xp: Any, ctx: Any, seeds: tuple[Array, ...]) -> tuple[Array, ..
     b = xp.sum(xh * (txc - _group_mean(xp, ctx, txc)), axis=axes, keepdims=True)
     tr = -r * c * b / m
     tc = -(c**3) * b / (m * r)
+    if ctx.fixed:  # given statistics: no path through them (nor through A: c is 0)
+        tr, tc, c = 0.0 * b, 0.0 * b, 0.0 * c
     txh = apply_jacobian(xp, ctx, d, c, txc)
     ta = xp.sum(tg * xh + g * txh, axis=axes, keepdims=True)
     dx = apply_jacobian(xp, ctx, d, c, g)
@@ -155,8 +159,9 @@ def backward_jvp(xp: Any, ctx: Any, seeds: tuple[Array, ...]) -> tuple[Array, ..
 
 
 def _group_mean(xp: Any, ctx: Any, v: Array) -> Any:
-    """The mean path's `mean(v)` per group; 0 for RMS (center=False), which has none."""
-    return xp.mean(v, axis=ctx.axes, keepdims=True) if ctx.center else 0.0
+    """The mean path's `mean(v)` per group; 0 for RMS (center=False) and for given
+    statistics, which have none."""
+    return xp.mean(v, axis=ctx.axes, keepdims=True) if ctx.center and not ctx.fixed else 0.0
 
 
 def dense_jacobian(xp: Any, ctx: Any, c: Array) -> Array:

@@ -22,6 +22,7 @@ from ._errors import NormgradError
 from ._validate import (
     Spec,
     check_out,
+    check_stats,
     cotangent,
     namespace,
     param,
@@ -56,6 +57,7 @@ class NormContext:
     group_size: int
     dtype: Any  # dtype of y (and of dx)
     center: bool = True  # False: RMS normalization (`mean` is then 0)
+    fixed: bool = False  # statistics given (`stats=`): constants for every derivative
 
     @property
     def xp(self) -> Any:
@@ -70,6 +72,7 @@ def _context(x: Array, spec: Spec, stats: tuple[Array, ...], w: Any, b: Any) -> 
         "x": x, "axes": spec.axes, "mean": stats[0], "var": stats[1], "rstd": stats[2],
         "eps": spec.eps, "eps_mode": spec.eps_mode, "ddof": spec.ddof, "weight": w, "bias": b,
         "group_size": spec.n, "dtype": spec.dtype, "center": spec.center,
+        "fixed": False,
     })  # fmt: skip
     return ctx
 
@@ -116,6 +119,7 @@ def normalize(
     out: Array | None = None,
     axis: Axes = None,
     center: bool = True,
+    stats: Any = None,
 ) -> Array:
     r"""Normalize `x` by the mean and variance of each group of elements along `axes`.
 
@@ -129,6 +133,10 @@ def normalize(
     so $y = x / \sqrt{\overline{x^2} + \epsilon}\cdot w + b$ (`F.rms_norm` over any axes;
     `ddof` must then be 0). It runs on the generic path.
 
+    `stats`: a `Moments` (`normgrad.moments` of the training data, keepdims shape of the
+    groups) to normalize with instead of the statistics of `x` (inference), with
+    $\sigma^2$ = `stats.var(ddof)`. Every derivative treats them as constants.
+
     `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
     any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
     (integers become float64). NaN or Inf in `x` make only the groups that hold them NaN.
@@ -141,7 +149,7 @@ def normalize(
     """
     return normalize_forward(
         x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, out=out,
-        axis=axis, center=center,
+        axis=axis, center=center, stats=stats,
     )[0]  # fmt: skip
 
 
@@ -157,15 +165,36 @@ def normalize_forward(
     out: Array | None = None,
     axis: Axes = None,
     center: bool = True,
+    stats: Any = None,
 ) -> tuple[Array, NormContext]:
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
     if axis is not None:
         axes = merge_axis(axes, axis)
-    spec, w, b, plan = _dispatch.forward(x, axes, eps, eps_mode, ddof, weight, bias, out, center)
+    variant = (center, stats is not None)
+    spec, w, b, plan = _dispatch.forward(x, axes, eps, eps_mode, ddof, weight, bias, out, variant)
+    if stats is not None:
+        return _with_statistics(x, spec, check_stats(spec, x, stats, center), (w, b), out)
     res = _runner("forward", plan.path)(x, spec, w, b, plan, out)  # (y, mean, var, rstd)
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, res[2], x, spec.axes)
     return res[0], _context(x, spec, res[1:], w, b)
+
+
+def _with_statistics(
+    x: Array, spec: Spec, stats: Any, params: tuple[Any, Any], out: Any
+) -> tuple[Array, NormContext]:
+    """The forward with given `Moments` (inference): their mean and `var(ddof)`, taken as
+    constants by every derivative of the context (`ctx.fixed`)."""
+    mean, var = stats.mean, stats.var(spec.ddof)
+    with _generic._quiet(spec):
+        r = _generic.rstd(spec.xp, var, spec.eps, spec.inside)
+    if spec.eps == 0:
+        refuse_zero_variance(spec.xp, var, x, spec.axes)
+    ctx = _context(x, spec, (mean, var, r), *params)
+    object.__setattr__(ctx, "fixed", True)
+    xc = _generic.cast(spec.xp, x, ctx)
+    y = _generic.affine(spec.xp, (xc - mean) * r, params[0], params[1], mean.dtype)
+    return _generic.fill(_generic.to_dtype(spec.xp, y, spec.dtype), out), ctx
 
 
 def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None) -> Gradients:
@@ -174,9 +203,10 @@ def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None)
     $$ dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x, \qquad g = dy \cdot w $$
 
     with $r$ = `ctx.rstd`, $c = r$ (eps inside) or $1/\sigma$ (eps outside), $m = n - ddof$,
-    sums and means over each group. With `center=False` (RMS) the mean term $\bar g$ is
-    absent and $m = n$. `dweight` and `dbias` are $\sum dy\,\hat x$ and
-    $\sum dy$ over the axes that `weight` and `bias` broadcast along.
+    sums and means over each group. `dweight` and `dbias` are $\sum dy\,\hat x$ and
+    $\sum dy$ over the axes that `weight` and `bias` broadcast along. With `center=False`
+    (RMS) the mean term $\bar g$ is absent and $m = n$. A context from `stats=` (given
+    statistics) treats them as constants: $dx = r\,g$, with no mean or variance path.
 
     `out`: optional preallocated `dx` (same rules as `normalize`'s `out`, not overlapping
     `x` or `dy`).

@@ -244,6 +244,29 @@ def check_moments_pair(a: Any, b: Any, what: str, axis: int | None = None) -> No
         )
 
 
+def check_stats(spec: Spec, x: Array, stats: Any, center: bool) -> Any:
+    """Given `Moments` for `normalize(..., stats=)`: one per group of x, same library."""
+    if not all(hasattr(stats, f) for f in ("count", "mean", "m2")):
+        raise NormgradError(
+            f"stats must be a Moments (from normgrad.moments(x_train, axes)); got "
+            f"{type(stats).__name__}."
+        )
+    if not center:
+        raise NormgradError(
+            "stats with center=False: Moments hold a mean and deviations, not a mean square; "
+            "use center=True with stats, or drop stats."
+        )
+    want = tuple(1 if i in spec.axes else int(s) for i, s in enumerate(x.shape))
+    got = tuple(stats.mean.shape)
+    if got != want or namespace_or_none(stats.mean) is not spec.xp:
+        raise NormgradError(
+            f"stats must hold one value per group of x (shape {tuple(x.shape)}, axes "
+            f"{spec.axes}): keepdims shape {want} in x's library; got shape {got} "
+            f"({type(stats.mean).__name__}). Compute them with normgrad.moments(..., axes)."
+        )
+    return stats
+
+
 def size_of(x: Any) -> int | None:
     """The number of elements, or None where the shape is not known."""
     shape = getattr(x, "shape", None)
