@@ -4,6 +4,7 @@ gradient checker that says what is wrong."""
 from ._dispatch import Plan, plan_backward, plan_forward, use_kernels
 from ._errors import NormgradError
 from ._explain import explain
+from ._moments import Moments, moments
 from ._ops import (
     BackwardTangents,
     Gradients,
@@ -27,6 +28,7 @@ __all__ = [
     "Finding",
     "GradReport",
     "Gradients",
+    "Moments",
     "NormContext",
     "NormgradError",
     "Plan",
@@ -34,6 +36,7 @@ __all__ = [
     "check_gradients",
     "explain",
     "external",
+    "moments",
     "normalize",
     "normalize_backward",
     "normalize_backward_jvp",

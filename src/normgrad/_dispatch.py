@@ -47,6 +47,7 @@ class Plan(NamedTuple):
 
 
 KERNEL_OFF = ("0", "generic")
+VARIANT_REASON = "a variant option (center=False, stats) runs on the generic path"
 _PLANNED_MODES = ("auto", "1", "small", "native")
 
 
@@ -80,9 +81,10 @@ def plan_forward(
     weight: Any = None,
     bias: Any = None,
     out: Any = None,
+    center: bool = True,
 ) -> Plan:
     """The `Plan` that `normalize_forward` with these arguments runs: its path and why."""
-    return forward(x, axes, eps, eps_mode, ddof, weight, bias, out)[3]
+    return forward(x, axes, eps, eps_mode, ddof, weight, bias, out, (center, False))[3]
 
 
 def plan_backward(ctx: Any, dy: Any, *, out: Any = None) -> Plan:
@@ -96,9 +98,22 @@ def plan_backward(ctx: Any, dy: Any, *, out: Any = None) -> Plan:
 
 
 def forward(
-    x: Any, axes: Axes, eps: Any, eps_mode: Any, ddof: Any, weight: Any, bias: Any, out: Any
+    x: Any,
+    axes: Axes,
+    eps: Any,
+    eps_mode: Any,
+    ddof: Any,
+    weight: Any,
+    bias: Any,
+    out: Any,
+    variant: tuple[Any, bool] = (True, False),
 ) -> tuple[Spec, Any, Any, Plan]:
-    """Validate a forward call and choose its path: `(spec, weight, bias, plan)`."""
+    """Validate a forward call and choose its path: `(spec, weight, bias, plan)`.
+    `variant = (center, stats given)`."""
+    if variant[0] is not True or variant[1]:  # a variant the kernels do not have yet
+        spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, variant[0])
+        check_out(spec.xp, out, x, spec.dtype, x)
+        return spec, w, b, Plan("generic", VARIANT_REASON)
     if type(x) is np.ndarray and _plain(weight) and _plain(bias):
         hit = _planned_forward(x, axes, (eps, eps_mode, ddof), (weight, bias), out)
         if hit is not None:
@@ -245,6 +260,8 @@ def _not_kernel_array(x: Any) -> str | None:
 def backward(ctx: Any, dy: Any, out: Any) -> Plan:
     """The path of `normalize_backward(ctx, dy, out=out)` (arguments checked)."""
     x = ctx.x
+    if not ctx.center or ctx.fixed:
+        return Plan("generic", VARIANT_REASON)
     if type(x) is np.ndarray and _plain(ctx.weight) and _plain(ctx.bias):
         plan = _planned_backward(ctx, dy, out)
         if plan is not None:
@@ -292,5 +309,6 @@ def _spec_of(ctx: Any) -> Spec:
     m = float(ctx.group_size - ctx.ddof)
     inside = ctx.eps_mode == "inside"
     return Spec(
-        ctx.xp, ctx.axes, ctx.group_size, ctx.eps, ctx.eps_mode, ctx.ddof, ctx.dtype, m, inside
-    )
+        ctx.xp, ctx.axes, ctx.group_size, ctx.eps, ctx.eps_mode, ctx.ddof, ctx.dtype, m, inside,
+        ctx.center,
+    )  # fmt: skip

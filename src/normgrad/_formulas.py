@@ -56,3 +56,17 @@ def chan_merge(
     tot = cnt + nb
     delta = mb - mean
     return tot, mean + delta * (nb / tot), m2 + qb + delta * delta * (cnt * nb / tot)
+
+
+def chan_merge_arrays(xp: Any, a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> tuple[Any, ...]:
+    """`chan_merge` elementwise on arrays of `(count, mean, M2)`: the same formula, with the
+    empty parts' cases as `where` (an empty part's mean and M2 never enter the result)."""
+    cnt, mean, m2 = a
+    nb, mb, qb = b
+    tot = cnt + nb
+    safe = xp.where(tot > 0, tot, xp.ones_like(tot))
+    delta = xp.where((cnt > 0) & (nb > 0), mb - mean, xp.zeros_like(mean))
+    merged_mean = xp.where(cnt > 0, mean + delta * (nb / safe), mb)
+    merged_m2 = xp.where(cnt > 0, m2, xp.zeros_like(m2)) + xp.where(nb > 0, qb, xp.zeros_like(qb))
+    merged_mean = xp.where(nb > 0, merged_mean, mean)
+    return tot, merged_mean, merged_m2 + delta * delta * (cnt * nb / safe)

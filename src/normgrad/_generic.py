@@ -8,6 +8,9 @@ Notation (docs/derivation.md): within one group of `n` elements, `m = n - ddof`,
 The Jacobian of xhat inside a group is symmetric, `J = rstd (I - 1 1^T / n) - (c / m) xhat
 xhat^T`, so the VJP and the JVP are the same operator, `apply_jacobian`, whose formula is
 `_formulas.gradient` with `_formulas.backward_coefficients`, as in the kernels.
+
+RMS normalization (`center=False`): mu = 0 (saved as zeros), var = sum(x**2) / n, and the
+mean path drops out: `J = rstd I - (c / n) xhat xhat^T`.
 """
 
 from __future__ import annotations
@@ -49,10 +52,14 @@ def statistics(x: Array, spec: Spec) -> tuple[Array, Array, Array, Array]:
     # The mean of x - shift, shift = each group's first element: a constant group gets its
     # constant back exactly (mean(0.1, 0.1, 0.1) is not 0.1), hence exactly zero variance.
     # The fused kernels do the same. Then the second pass: stable two-pass variance.
-    shift = xc[tuple(slice(0, 1) if i in ax else slice(None) for i in range(x.ndim))]
-    mean = shift + xp.mean(xc - shift, axis=ax, keepdims=True)
-    d = xc - mean
-    var = xp.sum(d * d, axis=ax, keepdims=True) / spec.m
+    if spec.center:
+        shift = xc[tuple(slice(0, 1) if i in ax else slice(None) for i in range(x.ndim))]
+        mean = shift + xp.mean(xc - shift, axis=ax, keepdims=True)
+        d = xc - mean
+        var = xp.sum(d * d, axis=ax, keepdims=True) / spec.m
+    else:  # RMS: no mean (a saved zero, so that d = x - mean = x everywhere below)
+        var = xp.sum(xc * xc, axis=ax, keepdims=True) / spec.m
+        mean = xp.zeros_like(var)
     with _quiet(spec):
         r = rstd(xp, var, spec.eps, spec.inside)
     return xc, mean, var, r
@@ -89,9 +96,12 @@ def backward(ctx: Any, dy: Array, c: Array, plan: Any, out: Any) -> tuple[Array,
 
 def apply_jacobian(xp: Any, ctx: Any, d: Array, c: Array, v: Array) -> Array:
     """`J v` for the symmetric Jacobian of xhat (`d = x - mu`): the backward of `v` as dy,
-    and the forward derivative along `v`."""
-    sum_v = xp.sum(v, axis=ctx.axes, keepdims=True)
+    and the forward derivative along `v` (`r v` for given statistics: constants)."""
+    if ctx.fixed:
+        return ctx.rstd * v
     sum_vd = xp.sum(v * d, axis=ctx.axes, keepdims=True)
+    # RMS (center=False): no mean path, i.e. sum(v) enters as 0
+    sum_v = xp.sum(v, axis=ctx.axes, keepdims=True) if ctx.center else xp.zeros_like(sum_vd)
     mean_v, beta = backward_coefficients(
         sum_v, sum_vd, ctx.group_size, ctx.group_size - ctx.ddof, ctx.rstd, c
     )
@@ -123,17 +133,19 @@ def backward_jvp(xp: Any, ctx: Any, seeds: tuple[Array, ...]) -> tuple[Array, ..
     tg = tdyc if w is None else tdyc * w
     if tw is not None:
         tg = tg + dyc * tw
-    mean_g = xp.mean(g, axis=axes, keepdims=True)
+    mean_g = _group_mean(xp, ctx, g)
     a = xp.sum(g * xh, axis=axes, keepdims=True)
-    b = xp.sum(xh * (txc - xp.mean(txc, axis=axes, keepdims=True)), axis=axes, keepdims=True)
+    b = xp.sum(xh * (txc - _group_mean(xp, ctx, txc)), axis=axes, keepdims=True)
     tr = -r * c * b / m
     tc = -(c**3) * b / (m * r)
+    if ctx.fixed:  # given statistics: no path through them (nor through A: c is 0)
+        tr, tc, c = 0.0 * b, 0.0 * b, 0.0 * c
     txh = apply_jacobian(xp, ctx, d, c, txc)
     ta = xp.sum(tg * xh + g * txh, axis=axes, keepdims=True)
     dx = apply_jacobian(xp, ctx, d, c, g)
     tdx = (
         tr * (g - mean_g)
-        + r * (tg - xp.mean(tg, axis=axes, keepdims=True))
+        + r * (tg - _group_mean(xp, ctx, tg))
         - (tc * xh * a + c * txh * a + c * xh * ta) / m
     )
     dw = tdw = db = tdb = None
@@ -144,6 +156,12 @@ def backward_jvp(xp: Any, ctx: Any, seeds: tuple[Array, ...]) -> tuple[Array, ..
         db = unbroadcast(xp, dyc, ctx.bias)
         tdb = unbroadcast(xp, tdyc, ctx.bias)
     return to_dtype(xp, dx, ctx.dtype), dw, db, to_dtype(xp, tdx, ctx.dtype), tdw, tdb
+
+
+def _group_mean(xp: Any, ctx: Any, v: Array) -> Any:
+    """The mean path's `mean(v)` per group; 0 for RMS (center=False) and for given
+    statistics, which have none."""
+    return xp.mean(v, axis=ctx.axes, keepdims=True) if ctx.center and not ctx.fixed else 0.0
 
 
 def dense_jacobian(xp: Any, ctx: Any, c: Array) -> Array:
@@ -165,7 +183,8 @@ def dense_jacobian(xp: Any, ctx: Any, c: Array) -> Array:
     r, cg = grouped(ctx.rstd)[:, :1], grouped(c)[:, :1]
     eye_n = xp.eye(n, dtype=xh.dtype, device=aac.device(xh))
     m = ctx.group_size - ctx.ddof
-    blocks = r[:, :, None] * (eye_n - 1.0 / n) - (cg / m)[:, :, None] * (
+    centering = 1.0 / n if ctx.center else 0.0
+    blocks = r[:, :, None] * (eye_n - centering) - (cg / m)[:, :, None] * (
         xg[:, :, None] * xg[:, None, :]
     )
     blocks = wg[:, :, None] * blocks

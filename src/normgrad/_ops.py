@@ -22,6 +22,7 @@ from ._errors import NormgradError
 from ._validate import (
     Spec,
     check_out,
+    check_stats,
     cotangent,
     namespace,
     param,
@@ -55,6 +56,8 @@ class NormContext:
     bias: Array | None
     group_size: int
     dtype: Any  # dtype of y (and of dx)
+    center: bool = True  # False: RMS normalization (`mean` is then 0)
+    fixed: bool = False  # statistics given (`stats=`): constants for every derivative
 
     @property
     def xp(self) -> Any:
@@ -68,7 +71,8 @@ def _context(x: Array, spec: Spec, stats: tuple[Array, ...], w: Any, b: Any) -> 
     object.__setattr__(ctx, "__dict__", {
         "x": x, "axes": spec.axes, "mean": stats[0], "var": stats[1], "rstd": stats[2],
         "eps": spec.eps, "eps_mode": spec.eps_mode, "ddof": spec.ddof, "weight": w, "bias": b,
-        "group_size": spec.n, "dtype": spec.dtype,
+        "group_size": spec.n, "dtype": spec.dtype, "center": spec.center,
+        "fixed": False,
     })  # fmt: skip
     return ctx
 
@@ -114,6 +118,8 @@ def normalize(
     bias: Array | None = None,
     out: Array | None = None,
     axis: Axes = None,
+    center: bool = True,
+    stats: Any = None,
 ) -> Array:
     r"""Normalize `x` by the mean and variance of each group of elements along `axes`.
 
@@ -123,6 +129,13 @@ def normalize(
     (all axes when `axes=None`, as the whole-matrix normalization of the original problem;
     `axis=` is the same argument, spelled as NumPy and the Array API spell it).
     `eps_mode="outside"` uses $(x-\mu)/(\sigma + \epsilon)$ instead.
+    `center=False` is RMS normalization: $\mu = 0$ and $\sigma^2 = \frac{1}{n}\sum x^2$,
+    so $y = x / \sqrt{\overline{x^2} + \epsilon}\cdot w + b$ (`F.rms_norm` over any axes;
+    `ddof` must then be 0). It runs on the generic path.
+
+    `stats`: a `Moments` (`normgrad.moments` of the training data, keepdims shape of the
+    groups) to normalize with instead of the statistics of `x` (inference), with
+    $\sigma^2$ = `stats.var(ddof)`. Every derivative treats them as constants.
 
     `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
     any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
@@ -136,7 +149,7 @@ def normalize(
     """
     return normalize_forward(
         x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, out=out,
-        axis=axis,
+        axis=axis, center=center, stats=stats,
     )[0]  # fmt: skip
 
 
@@ -151,15 +164,37 @@ def normalize_forward(
     bias: Array | None = None,
     out: Array | None = None,
     axis: Axes = None,
+    center: bool = True,
+    stats: Any = None,
 ) -> tuple[Array, NormContext]:
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
     if axis is not None:
         axes = merge_axis(axes, axis)
-    spec, w, b, plan = _dispatch.forward(x, axes, eps, eps_mode, ddof, weight, bias, out)
+    variant = (center, stats is not None)
+    spec, w, b, plan = _dispatch.forward(x, axes, eps, eps_mode, ddof, weight, bias, out, variant)
+    if stats is not None:
+        return _with_statistics(x, spec, check_stats(spec, x, stats, center), (w, b), out)
     res = _runner("forward", plan.path)(x, spec, w, b, plan, out)  # (y, mean, var, rstd)
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, res[2], x, spec.axes)
     return res[0], _context(x, spec, res[1:], w, b)
+
+
+def _with_statistics(
+    x: Array, spec: Spec, stats: Any, params: tuple[Any, Any], out: Any
+) -> tuple[Array, NormContext]:
+    """The forward with given `Moments` (inference): their mean and `var(ddof)`, taken as
+    constants by every derivative of the context (`ctx.fixed`)."""
+    mean, var = stats.mean, stats.var(spec.ddof)
+    with _generic._quiet(spec):
+        r = _generic.rstd(spec.xp, var, spec.eps, spec.inside)
+    if spec.eps == 0:
+        refuse_zero_variance(spec.xp, var, x, spec.axes)
+    ctx = _context(x, spec, (mean, var, r), *params)
+    object.__setattr__(ctx, "fixed", True)
+    xc = _generic.cast(spec.xp, x, ctx)
+    y = _generic.affine(spec.xp, (xc - mean) * r, params[0], params[1], mean.dtype)
+    return _generic.fill(_generic.to_dtype(spec.xp, y, spec.dtype), out), ctx
 
 
 def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None) -> Gradients:
@@ -169,7 +204,9 @@ def normalize_backward(ctx: NormContext, dy: Array, *, out: Array | None = None)
 
     with $r$ = `ctx.rstd`, $c = r$ (eps inside) or $1/\sigma$ (eps outside), $m = n - ddof$,
     sums and means over each group. `dweight` and `dbias` are $\sum dy\,\hat x$ and
-    $\sum dy$ over the axes that `weight` and `bias` broadcast along.
+    $\sum dy$ over the axes that `weight` and `bias` broadcast along. With `center=False`
+    (RMS) the mean term $\bar g$ is absent and $m = n$. A context from `stats=` (given
+    statistics) treats them as constants: $dx = r\,g$, with no mean or variance path.
 
     `out`: optional preallocated `dx` (same rules as `normalize`'s `out`, not overlapping
     `x` or `dy`).
@@ -195,15 +232,19 @@ def normalize_jvp(
     tweight: Array | None = None,
     tbias: Array | None = None,
     axis: Axes = None,
+    center: bool = True,
 ) -> tuple[Array, Array]:
     r"""Forward-mode derivative: return `(y, ty)` with $ty = J_x\,tx + \hat x\,tw + tb$.
 
     $$ t\hat x = r\,(tx - \overline{tx}) - \frac{c}{m}\,\hat x \sum \hat x\,tx $$
+
+    (`center=False`: without the mean $\overline{tx}$.)
     """
     # y from normalize_forward itself: the same path (kernels or not), so the same bits
     y, ctx = normalize_forward(
-        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, axis=axis
-    )
+        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, axis=axis,
+        center=center,
+    )  # fmt: skip
     xp = ctx.xp
     txc = _generic.cast(xp, cotangent(xp, x, tx, "tx"), ctx)
     d = _generic.centered(xp, ctx)
@@ -226,11 +267,13 @@ def normalize_jacobian(
     bias: Array | None = None,
     max_size: int = JACOBIAN_MAX_SIZE,
     axis: Axes = None,
+    center: bool = True,
 ) -> Array:
     r"""Dense Jacobian $\partial y / \partial x$ with shape `y.shape + x.shape`.
 
     Within a group, $J_{ij} = w_i\,[\,r(\delta_{ij} - 1/n) - \frac{c}{m}\hat x_i \hat x_j\,]$;
-    elements of different groups do not interact (zero blocks). It holds `x.size**2`
+    elements of different groups do not interact (zero blocks); `center=False` drops the
+    $-1/n$. It holds `x.size**2`
     numbers, so inputs above `max_size` elements are refused.
     """
     size = size_of(x)
@@ -242,7 +285,7 @@ def normalize_jacobian(
         )
     if axis is not None:
         axes = merge_axis(axes, axis)
-    spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
     stats = _generic.statistics(x, spec)[1:]
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, stats[1], x, spec.axes)
@@ -302,8 +345,9 @@ def context_from_statistics(
     ddof: float = 0,
     weight: Array | None = None,
     bias: Array | None = None,
+    center: bool = True,
 ) -> NormContext:
     """The context `normalize_forward` would return, rebuilt from saved statistics (for
     framework adapters that store tensors, not Python objects, between forward and backward)."""
-    spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
     return _context(x, spec, (mean, var, rstd), w, b)

@@ -33,10 +33,18 @@ class Spec(NamedTuple):
     dtype: Any  # dtype of y (and of dx)
     m: float  # n - ddof: the variance divides by it
     inside: bool  # eps_mode == "inside"
+    center: bool = True  # False: RMS normalization (no mean; var = mean(x**2))
 
 
 def validate(
-    x: Array, axes: Axes, eps: float, eps_mode: str, ddof: float, weight: Any, bias: Any
+    x: Array,
+    axes: Axes,
+    eps: float,
+    eps_mode: str,
+    ddof: float,
+    weight: Any,
+    bias: Any,
+    center: bool = True,
 ) -> tuple[Spec, Array | None, Array | None]:
     """Check every argument of a forward call: `(spec, weight, bias)`, the parameters as
     arrays of x's namespace."""
@@ -57,9 +65,11 @@ def validate(
     for i in ax:  # a loop, not a genexpr: torch.compile traces it
         n *= int(x.shape[i])
     _check_options(eps, eps_mode, ddof, n)
+    _check_center(center, ddof)
     w = param(xp, weight, "weight", x, x)
     b = param(xp, bias, "bias", x, x)
-    spec = Spec(xp, ax, n, float(eps), eps_mode, ddof, dtype, float(n - ddof), eps_mode == "inside")
+    m, inside = float(n - ddof), eps_mode == "inside"
+    spec = Spec(xp, ax, n, float(eps), eps_mode, ddof, dtype, m, inside, center)
     return spec, w, b
 
 
@@ -91,6 +101,20 @@ def _check_options(eps: Any, eps_mode: Any, ddof: Any, n: int) -> None:
         raise NormgradError(
             f"ddof={ddof} must be smaller than the group size n={n} (the variance divides by "
             f"n - ddof); reduce over more elements or use ddof=0."
+        )
+
+
+def _check_center(center: Any, ddof: Any) -> None:
+    if type(center) is not bool:
+        raise NormgradError(
+            f"center must be True (mean-variance normalization) or False (RMS normalization, "
+            f"x / sqrt(mean(x**2) + eps)); got {center!r}."
+        )
+    if not center and ddof != 0:
+        raise NormgradError(
+            f"ddof={ddof} with center=False: RMS normalization takes no mean, so there is no "
+            "degree of freedom to lose and its mean square always divides by n; drop ddof "
+            "(or use center=True)."
         )
 
 
@@ -195,6 +219,52 @@ def refuse_zero_variance(xp: Any, var: Array, x: Array, axes: tuple[int, ...]) -
             f"a group of x (shape {tuple(x.shape)}, axes {axes}) has zero variance and eps=0, "
             "so its normalization divides by zero; pass eps > 0 (e.g. 1e-5)."
         )
+
+
+def check_moments_pair(a: Any, b: Any, what: str, axis: int | None = None) -> None:
+    """Two `Moments` that can merge (same shape) or concatenate (same shape off `axis`)."""
+    if not all(hasattr(b, f) for f in ("count", "mean", "m2")):
+        raise NormgradError(
+            f"Moments.{what} takes another Moments (from normgrad.moments); got {type(b).__name__}."
+        )
+    sa, sb = tuple(a.mean.shape), tuple(b.mean.shape)
+    if axis is None:
+        if sa != sb:
+            raise NormgradError(
+                f"Moments.merge needs moments of the same groups: shapes {sa} and {sb} differ. "
+                "Compute both with the same axes over chunks split along the reduced axes."
+            )
+        return
+    ax = axis % len(sa) if sa and -len(sa) <= axis < len(sa) else None
+    off = [s for i, s in enumerate(sa) if i != ax], [s for i, s in enumerate(sb) if i != ax]
+    if ax is None or len(sa) != len(sb) or off[0] != off[1] or (sa[ax] == 1 and sb[ax] == 1):
+        raise NormgradError(
+            f"Moments.concat joins moments along a kept axis: shapes {sa} and {sb} with "
+            f"axis={axis} do not fit (they must match except along that axis, a kept one)."
+        )
+
+
+def check_stats(spec: Spec, x: Array, stats: Any, center: bool) -> Any:
+    """Given `Moments` for `normalize(..., stats=)`: one per group of x, same library."""
+    if not all(hasattr(stats, f) for f in ("count", "mean", "m2")):
+        raise NormgradError(
+            f"stats must be a Moments (from normgrad.moments(x_train, axes)); got "
+            f"{type(stats).__name__}."
+        )
+    if not center:
+        raise NormgradError(
+            "stats with center=False: Moments hold a mean and deviations, not a mean square; "
+            "use center=True with stats, or drop stats."
+        )
+    want = tuple(1 if i in spec.axes else int(s) for i, s in enumerate(x.shape))
+    got = tuple(stats.mean.shape)
+    if got != want or namespace_or_none(stats.mean) is not spec.xp:
+        raise NormgradError(
+            f"stats must hold one value per group of x (shape {tuple(x.shape)}, axes "
+            f"{spec.axes}): keepdims shape {want} in x's library; got shape {got} "
+            f"({type(stats.mean).__name__}). Compute them with normgrad.moments(..., axes)."
+        )
+    return stats
 
 
 def size_of(x: Any) -> int | None:

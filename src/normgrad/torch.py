@@ -63,6 +63,13 @@ class MeanVarNorm(nn.Module):
     input: `MeanVarNorm(D)` with `axes=-1` is a layer norm over the last axis,
     `MeanVarNorm((C, 1, 1), axes=(0, 2, 3))` a batch norm without running statistics,
     `MeanVarNorm((C, 1, 1), axes=(2, 3))` an instance norm with affine.
+
+    `track_running_stats=True` keeps `running_mean` and `running_var` (shape `param_shape`,
+    one value per group, as BatchNorm's) and `num_batches_tracked`, updated in training
+    exactly as `torch.nn.BatchNorm2d` does: $s \leftarrow (1-\text{momentum})\,s +
+    \text{momentum}\,s_{batch}$ with the unbiased batch variance ($\text{momentum}=$ None:
+    the cumulative average, factor $1/\text{num\_batches\_tracked}$). In `eval()` the
+    module normalizes with them, as constants for the gradient.
     """
 
     def __init__(
@@ -74,6 +81,8 @@ class MeanVarNorm(nn.Module):
         eps_mode: str = "inside",
         ddof: float = 0,
         elementwise_affine: bool = True,
+        track_running_stats: bool = False,
+        momentum: float | None = 0.1,
         device: Any = None,
         dtype: Any = None,
     ) -> None:
@@ -101,6 +110,83 @@ class MeanVarNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
+        self._init_running_stats(track_running_stats, momentum, device, dtype)
+
+    def _init_running_stats(
+        self, track: bool, momentum: float | None, device: Any, dtype: Any
+    ) -> None:
+        if momentum is not None and not (
+            isinstance(momentum, (int, float)) and not isinstance(momentum, bool)
+            and 0 <= momentum <= 1
+        ):  # fmt: skip
+            raise NormgradError(
+                f"momentum must be a number in [0, 1] (the weight of each new batch) or None "
+                f"(a cumulative average); got {momentum!r}."
+            )
+        self.track_running_stats = bool(track)
+        self.momentum = momentum
+        self.running_mean: torch.Tensor | None
+        self.running_var: torch.Tensor | None
+        self.num_batches_tracked: torch.Tensor | None
+        if not track:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+            return
+        kw = {"device": device, "dtype": dtype}
+        self.register_buffer("running_mean", torch.zeros(self.param_shape, **kw))
+        self.register_buffer("running_var", torch.ones(self.param_shape, **kw))
+        self.register_buffer(
+            "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+        )
+
+    def reset_running_stats(self) -> None:
+        if self.running_mean is not None and self.running_var is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1.0)
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.zero_()
+
+    def _update_running_stats(self, x: torch.Tensor) -> None:
+        """BatchNorm's update, from the batch's `normgrad.moments` (float64 on CPU)."""
+        from ._moments import moments
+
+        assert self.running_mean is not None and self.running_var is not None
+        assert self.num_batches_tracked is not None
+        with torch.no_grad():
+            st = moments(x.detach(), self.axes)
+            if st.mean.numel() != self.running_mean.numel():
+                raise NormgradError(
+                    f"track_running_stats keeps one value per group, shape {self.param_shape}; "
+                    f"this input (shape {tuple(x.shape)}, axes {self.axes}) has "
+                    f"{st.mean.numel()} groups. Use param_shape with one entry per group, "
+                    "e.g. (C, 1, 1) with axes=(0, 2, 3)."
+                )
+            if int(st.count.reshape(-1)[0]) < 2:
+                raise NormgradError(
+                    "track_running_stats needs more than one element per group in training "
+                    f"(the running variance is unbiased); got input shape {tuple(x.shape)}."
+                )
+            self.num_batches_tracked.add_(1)
+            f = self.momentum
+            if f is None:
+                f = 1.0 / float(self.num_batches_tracked)
+            shape = self.running_mean.shape
+            for buf, new in ((self.running_mean, st.mean), (self.running_var, st.var(1))):
+                buf.mul_(1 - f).add_(f * new.reshape(shape).to(buf.dtype))
+
+    def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
+        """eval(): `(x - running_mean) r w + b`, the running statistics as constants."""
+        assert self.running_mean is not None and self.running_var is not None
+        mean, var = self.running_mean, self.running_var
+        if self.eps_mode == "inside":
+            y = (x - mean) * torch.rsqrt(var + self.eps)
+        else:
+            y = (x - mean) / (torch.sqrt(var) + self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        if self.bias is not None:
+            y = y + self.bias
+        return y
 
     def reset_parameters(self) -> None:
         if self.weight is not None and self.bias is not None:
@@ -108,6 +194,10 @@ class MeanVarNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.track_running_stats:
+            if not self.training:
+                return self._normalize_with_running_stats(x)
+            self._update_running_stats(x)
         return normalize(
             x,
             self.axes,
@@ -121,7 +211,8 @@ class MeanVarNorm(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"{self.param_shape}, axes={self.axes}, eps={self.eps}, eps_mode={self.eps_mode!r}, "
-            f"ddof={self.ddof}, elementwise_affine={self.elementwise_affine}"
+            f"ddof={self.ddof}, elementwise_affine={self.elementwise_affine}, "
+            f"track_running_stats={self.track_running_stats}, momentum={self.momentum}"
         )
 
 
