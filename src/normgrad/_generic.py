@@ -70,23 +70,31 @@ def statistics(x: Array, spec: Spec) -> tuple[Array, Array, Array, Array]:
     return xc, mean, var, r
 
 
+def masked_moments(xp: Any, xc: Array, mask: Array, ax: tuple[int, ...]) -> tuple[Array, ...]:
+    """`(count, mean, M2)` of the counted elements (`mask`, x's shape) of each group,
+    keepdims: two passes (the mean, then the mean of what is left: its rounding), then the
+    squared deviations; a group without any has NaN mean."""
+    zero = xp.zeros_like(xc)
+    count = xp.sum(xp.astype(mask, xc.dtype), axis=ax, keepdims=True)
+    some = count > 0
+    per = xp.where(some, count, xp.ones_like(count))
+    mean = xp.sum(xp.where(mask, xc, zero), axis=ax, keepdims=True) / per
+    mean = mean + xp.sum(xp.where(mask, xc - mean, zero), axis=ax, keepdims=True) / per
+    mean = xp.where(some, mean, xp.full_like(mean, float("nan")))
+    d = xc - mean
+    return count, mean, xp.sum(xp.where(mask, d * d, zero), axis=ax, keepdims=True)
+
+
 def masked_statistics(x: Array, spec: Spec, mask: Array) -> tuple[Array, ...]:
     """`(x in the compute dtype, mean, var, rstd, count)` over the counted elements (`mask`,
     x's shape), keepdims; NaN statistics for a group with no more than ddof of them."""
     xp, ax = spec.xp, spec.axes
     xc = xp.astype(x, compute_dtype(xp, x))
-    zero = xp.zeros_like(xc)
-    count = xp.sum(xp.astype(mask, xc.dtype), axis=ax, keepdims=True)
-    some = count > 0
-    per = xp.where(some, count, xp.ones_like(count))
-    if spec.center:  # two passes: the mean, then the mean of what is left (its rounding)
-        mean = xp.sum(xp.where(mask, xc, zero), axis=ax, keepdims=True) / per
-        mean = mean + xp.sum(xp.where(mask, xc - mean, zero), axis=ax, keepdims=True) / per
-        mean = xp.where(some, mean, xp.full_like(mean, float("nan")))
-        d = xc - mean
-        ss = xp.sum(xp.where(mask, d * d, zero), axis=ax, keepdims=True)
-    else:
-        ss = xp.sum(xp.where(mask, xc * xc, zero), axis=ax, keepdims=True)
+    if spec.center:
+        count, mean, ss = masked_moments(xp, xc, mask, ax)
+    else:  # RMS: the mean square of the counted elements
+        count = xp.sum(xp.astype(mask, xc.dtype), axis=ax, keepdims=True)
+        ss = xp.sum(xp.where(mask, xc * xc, xp.zeros_like(xc)), axis=ax, keepdims=True)
         mean = xp.zeros_like(ss)
     dof = count - spec.ddof
     enough = dof > 0
