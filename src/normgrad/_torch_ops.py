@@ -33,7 +33,15 @@ from . import _generic
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
 from ._ops import _context, context_from_statistics, normalize_backward, normalize_forward
-from ._validate import Spec, _broadcasts_to, _check_options, cotangent, namespace, param
+from ._validate import (
+    Spec,
+    _broadcasts_to,
+    _check_options,
+    cotangent,
+    namespace,
+    param,
+    refuse_nan,
+)
 
 Tensor = torch.Tensor
 Stats = tuple[Tensor, Tensor, Tensor]  # mean, var, rstd: keepdims, the compute dtype
@@ -284,6 +292,66 @@ def fold_batch(
 
     axes = tuple(a + 1 for a in call.axes)
     return x, lift(w, bw), lift(b, bb), call._replace(axes=axes)
+
+
+# --- masks: the generic path in torch ops ---------------------------------------------------------
+
+
+class MaskedCall(NamedTuple):
+    """A masked call's options (`mask=` or `nan_policy="omit"`)."""
+
+    axes: Axes
+    eps: float
+    eps_mode: str
+    ddof: float
+    nan_policy: str
+
+
+class MaskedNormalize(torch.autograd.Function):
+    """A masked call on the generic path in torch ops (any device): `normalize_forward`, and
+    for the gradient `normalize_backward` with the statistics computed again from x in
+    torch ops, so that under grad mode it is differentiable again (double backward)."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Any, b: Any, mask: Any, call: MaskedCall) -> Any:
+        return _masked_forward(x, w, b, mask, call)[0]
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        x, w, b, mask, call = inputs
+        ctx.save_for_backward(x, w, b, mask)
+        ctx.call = call
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> Any:
+        x, w, b, mask = ctx.saved_tensors
+        nctx = _masked_forward(x, w, b, mask, ctx.call)[1]
+        return (*normalize_backward(nctx, dy), None, None)
+
+
+def _masked_forward(x: Tensor, w: Any, b: Any, mask: Any, call: MaskedCall) -> Any:
+    axes, eps, mode, ddof, policy = call
+    return normalize_forward(
+        x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, mask=mask,
+        nan_policy=policy,
+    )  # fmt: skip
+
+
+def normalize_masked(
+    x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any, counted: tuple[Any, str]
+) -> Tensor:
+    """`normgrad.torch.normalize` with `counted = (mask, nan_policy)`: "raise" is checked
+    here (then the unmasked op runs), a mask or "omit" runs `MaskedNormalize`."""
+    mask, policy = counted
+    if policy == "raise":
+        refuse_nan(x)
+        policy = "propagate"
+    if mask is None and policy == "propagate":
+        return normalize(x, axes, options, params)
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        mask = torch.as_tensor(mask, device=x.device)
+    call = MaskedCall(axes, *options, policy)
+    return MaskedNormalize.apply(x, params[0], params[1], mask, call)
 
 
 # --- torch.compile: the custom ops ---------------------------------------------------------------
