@@ -201,3 +201,46 @@ def test_mask_with_given_statistics_is_refused(rng):
     x = rng.normal(size=(3, 5))
     with pytest.raises(NormgradError, match="stats with mask"):
         ng.normalize(x, 1, stats=ng.moments(x, 1), mask=np.ones(x.shape, bool))
+
+
+@pytest.mark.parametrize("eps_mode", MODES)
+def test_backward_jvp_with_a_moving_weight(rng, eps_mode):
+    x, mask, w, b = _case(rng, (3, 6), 1)
+    w = rng.normal(size=(1, 6))
+    dy, tx, tw = rng.normal(size=x.shape), rng.normal(size=x.shape), rng.normal(size=w.shape)
+    kw = {"eps": 1e-3, "eps_mode": eps_mode, "mask": mask, "bias": b}
+
+    def back(t):
+        c = ng.normalize_forward(x + t * tx, 1, weight=w + t * tw, **kw)[1]
+        g = ng.normalize_backward(c, dy)
+        return np.concatenate([g.x.ravel(), g.weight.ravel()])
+
+    ctx = ng.normalize_forward(x, 1, weight=w, **kw)[1]
+    bt = ng.normalize_backward_jvp(ctx, dy, tx, tweight=tw)
+    fd = fd_directional(back, 0.0, 1.0)
+    np.testing.assert_allclose(bt.tx, fd[: x.size].reshape(x.shape), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(bt.tweight, fd[x.size :].reshape(w.shape), rtol=1e-6, atol=1e-7)
+
+
+def test_float32_within_half_an_ulp_of_float64(rng):
+    x = (rng.normal(size=(64, 33)) * 3 + 1).astype(np.float32)
+    mask = rng.random(x.shape) < 0.6
+    y32 = ng.normalize(x, 1, mask=mask)
+    y64 = ng.normalize(x.astype(np.float64), 1, mask=mask)
+    assert y32.dtype == np.float32
+    ulp = np.spacing(np.abs(y64).astype(np.float32))
+    assert np.max(np.abs(y32 - y64) / ulp) <= 0.5 + 1e-9
+
+
+def test_dask_nan_omit_matches_numpy(rng):
+    da = pytest.importorskip("dask.array")
+    x = rng.normal(size=(5, 9))
+    x[rng.random(x.shape) < 0.2] = np.nan
+    xd = da.from_array(x, chunks=(2, 4))
+    y = ng.normalize(xd, 1, nan_policy="omit")
+    assert isinstance(y, da.Array)
+    np.testing.assert_allclose(
+        np.asarray(y), ng.normalize(x, 1, nan_policy="omit"), rtol=1e-13, equal_nan=True
+    )
+    m = ng.moments(xd, 1, nan_policy="omit")
+    np.testing.assert_allclose(np.asarray(m.var()), np.nanvar(x, axis=1, keepdims=True), rtol=1e-12)
