@@ -152,6 +152,8 @@ def apply(
     eps: float = 1e-5,
     eps_mode: str = "inside",
     ddof: float = 0,
+    mask: jax.Array | None = None,
+    nan_policy: str = "propagate",
 ) -> jax.Array:
     """Pure functional layer: `normalize(x, axes, weight=params["weight"], bias=params["bias"])`.
 
@@ -173,6 +175,8 @@ def apply(
         ddof=ddof,
         weight=params.get("weight"),
         bias=params.get("bias"),
+        mask=mask,
+        nan_policy=nan_policy,
     )
 
 

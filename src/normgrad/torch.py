@@ -50,8 +50,8 @@ def normalize(
 
     `mask` (boolean, broadcastable to x) and `nan_policy` as in `normgrad.normalize`:
     masked calls (`mask=`, `nan_policy="omit"`) run the generic path in torch ops (an
-    `autograd.Function` whose backward is normgrad's masked derivation, differentiable
-    again; no `torch.func` forward mode or `torch.compile` custom op for them).
+    `autograd.Function` whose backward and forward mode are normgrad's masked derivation,
+    differentiable again, with a `torch.func.vmap` rule; no custom op for `torch.compile`).
     """
     if not isinstance(x, torch.Tensor):
         raise NormgradError(

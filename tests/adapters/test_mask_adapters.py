@@ -158,3 +158,23 @@ def test_jax_batch_norm_refuses_a_wrong_state():
         ngj.batch_norm(None, state, jnp.ones((2, 3, 2, 2)))
     with pytest.raises(NormgradError, match="more than one element"):
         ngj.batch_norm(None, ngj.init_running_stats((3,)), jnp.ones((1, 3)), axes=0)
+
+
+def test_torch_func_transforms_with_a_mask(rng):
+    x, mask, w, _ = _case(rng, (3, 6))
+    xt, mt, wt = torch.tensor(x), torch.tensor(mask), torch.tensor(w)
+    tx = rng.normal(size=x.shape)
+    jac = ng.normalize_jacobian(x, 1, weight=w, mask=mask)
+
+    def f(a):
+        return ngt.normalize(a, 1, weight=wt, mask=mt)
+
+    np.testing.assert_allclose(torch.func.jacrev(f)(xt).numpy(), jac, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(torch.func.jacfwd(f)(xt).numpy(), jac, rtol=1e-12, atol=1e-14)
+    ty = torch.func.jvp(f, (xt,), (torch.tensor(tx),))[1]
+    np.testing.assert_allclose(ty.numpy(), np.einsum("ijkl,kl->ij", jac, tx), atol=1e-13)
+    rows = torch.func.vmap(lambda a, m: ngt.normalize(a, 0, weight=wt, mask=m))(xt, mt)
+    np.testing.assert_allclose(rows.numpy(), ng.normalize(x, 1, weight=w, mask=mask), rtol=1e-13)
+    shared = torch.func.vmap(lambda a: ngt.normalize(a, 0, mask=mt[0]))(xt)
+    full = np.broadcast_to(mask[0], x.shape)
+    np.testing.assert_allclose(shared.numpy(), ng.normalize(x, 1, mask=full), rtol=1e-13)
