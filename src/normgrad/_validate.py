@@ -135,17 +135,16 @@ def refuse_nan(x: Array) -> None:
     if xp is None or not xp.isdtype(x.dtype, "real floating"):
         return  # (not an array: validate says so; integers hold no NaN)
     flags = xp.isnan(x)
-    if aac.is_torch_array(flags):
-        flags = flags.detach().cpu()
-    try:
-        host = np.asarray(flags)
+    try:  # (a reduction first: Dask computes one boolean, not the whole array)
+        found = bool(xp.any(flags))
     except Exception:  # a JAX tracer: no values to look at
         raise NormgradError(
             "nan_policy='raise' looks at the values of x, which a traced JAX array (jit, vmap, "
             "grad) does not have; use nan_policy='propagate' or 'omit' there."
         ) from None
-    if host.any():
-        first = tuple(int(i) for i in np.unravel_index(int(np.argmax(host)), host.shape))
+    if found:
+        flat = xp.reshape(xp.astype(flags, xp.int8), (-1,))
+        first = tuple(int(i) for i in np.unravel_index(int(xp.argmax(flat)), tuple(x.shape)))
         raise NormgradError(
             f"x (shape {tuple(x.shape)}) holds NaN, the first at index {first}, and "
             "nan_policy='raise'; clean the data, or use nan_policy='omit' to leave NaN out of "

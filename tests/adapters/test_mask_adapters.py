@@ -178,3 +178,16 @@ def test_torch_func_transforms_with_a_mask(rng):
     shared = torch.func.vmap(lambda a: ngt.normalize(a, 0, mask=mt[0]))(xt)
     full = np.broadcast_to(mask[0], x.shape)
     np.testing.assert_allclose(shared.numpy(), ng.normalize(x, 1, mask=full), rtol=1e-13)
+
+
+@pytest.mark.usefixtures("jax_x64")
+def test_jax_batch_norm_with_a_mask(rng):
+    x = rng.normal(size=(5, 3, 2, 2))
+    mask = rng.random(x.shape) < 0.7
+    mask[:2] = True
+    state = ngj.init_running_stats((3, 1, 1), jnp.float64)
+    y, new = ngj.batch_norm(None, state, jnp.asarray(x), momentum=0.5, mask=jnp.asarray(mask))
+    np.testing.assert_allclose(y, ng.normalize(x, (0, 2, 3), mask=mask), rtol=1e-13)
+    ref = ng.moments(x, (0, 2, 3), mask=mask)
+    np.testing.assert_allclose(new["running_mean"], 0.5 * ref.mean[0], rtol=1e-13)
+    np.testing.assert_allclose(new["running_var"], 0.5 + 0.5 * ref.var(1)[0], rtol=1e-13)

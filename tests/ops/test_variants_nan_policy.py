@@ -74,3 +74,17 @@ def test_raise_names_the_first_nan(rng):
 def test_unknown_policy_is_refused(policy):
     with pytest.raises(NormgradError, match="nan_policy must be"):
         ng.normalize(np.ones((2, 3)), 1, nan_policy=policy)
+
+
+def test_raise_on_dask_and_torch(rng):
+    da = pytest.importorskip("dask.array")
+    torch = pytest.importorskip("torch")
+    x = rng.normal(size=(6, 8))
+    x[4, 5] = np.nan
+    with pytest.raises(NormgradError, match=r"index \(4, 5\)"):
+        ng.normalize(da.from_array(x, chunks=(3, 3)), 1, nan_policy="raise")
+    with pytest.raises(NormgradError, match=r"index \(4, 5\)"):
+        ng.moments(torch.tensor(x), 1, nan_policy="raise")
+    clean = np.nan_to_num(x)
+    y = ng.normalize(da.from_array(clean, chunks=(3, 3)), 1, nan_policy="raise")
+    np.testing.assert_allclose(np.asarray(y), ng.normalize(clean, 1), rtol=1e-13)
