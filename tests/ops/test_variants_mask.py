@@ -244,3 +244,17 @@ def test_dask_nan_omit_matches_numpy(rng):
     )
     m = ng.moments(xd, 1, nan_policy="omit")
     np.testing.assert_allclose(np.asarray(m.var()), np.nanvar(x, axis=1, keepdims=True), rtol=1e-12)
+
+
+def test_out_integers_and_lists(rng):
+    x, mask, _, _ = _case(rng, (3, 6), 1)
+    out = np.empty_like(x)
+    y = ng.normalize(x, 1, mask=mask, out=out)
+    assert y is out
+    np.testing.assert_allclose(out, _loop_masked(x, mask, 1, 1e-5, "inside"), rtol=1e-12)
+    xi = np.arange(18).reshape(3, 6) % 5
+    yi = ng.normalize(xi, 1, mask=mask.tolist())
+    assert yi.dtype == np.float64
+    np.testing.assert_allclose(yi, _loop_masked(xi.astype(float), mask, 1, 1e-5, "inside"))
+    with pytest.raises(NormgradError, match="zero variance"):
+        ng.normalize(np.ones((2, 3)), 1, eps=0, mask=np.ones((2, 3), bool))
