@@ -100,11 +100,10 @@ def apply_jacobian(xp: Any, ctx: Any, d: Array, c: Array, v: Array) -> Array:
     if ctx.fixed:
         return ctx.rstd * v
     sum_vd = xp.sum(v * d, axis=ctx.axes, keepdims=True)
-    # RMS (center=False): no mean path, i.e. sum(v) enters as 0
-    sum_v = xp.sum(v, axis=ctx.axes, keepdims=True) if ctx.center else xp.zeros_like(sum_vd)
-    mean_v, beta = backward_coefficients(
-        sum_v, sum_vd, ctx.group_size, ctx.group_size - ctx.ddof, ctx.rstd, c
-    )
+    # RMS (center=False): no mean path (backward_coefficients gives mean_v = 0)
+    sum_v = xp.sum(v, axis=ctx.axes, keepdims=True) if ctx.center else 0.0
+    m = ctx.group_size - ctx.ddof
+    mean_v, beta = backward_coefficients(sum_v, sum_vd, ctx.group_size, m, ctx.rstd, c, ctx.center)
     return gradient(v, d, ctx.rstd, mean_v, beta)
 
 
