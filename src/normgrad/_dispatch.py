@@ -11,7 +11,11 @@ a `Plan` that names its path and carries what that path needs:
              parameters, from `settings.kernel_min_size` elements
     sweep    batch-norm layouts (several runs per group, per-group parameters), swept in
              memory order; also planned batch-norm calls of `settings.sweep_min_bytes`
-    generic  the Array-API formulas (`_generic.py`): every other array, dtype or layout
+    generic  the Array-API formulas (`_generic.py`): every other array, dtype or layout,
+             and given statistics (`stats=`)
+
+RMS normalization (`center=False`) takes the paths by the same rules (`Plan.op` carries
+`center` to the kernels).
 
 `use_kernels(mode)` changes the choice inside a block: `False`/`"0"`/`"generic"` never a
 kernel, `True`/`"1"` a kernel at every size, `"auto"` the rules above, or a path name to use
