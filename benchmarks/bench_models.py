@@ -2,13 +2,15 @@
 
 Part of `make bench` (`bench_kernels.run` calls `run_models`). Each case is a layer as a model
 uses it (LayerNorm over the last axis, BatchNorm2d, GroupNorm, InstanceNorm with affine
-parameters, and a whole tensor), timed in one process for:
+parameters, a whole tensor, and RMSNorm: `center=False` with a weight and no bias, over the
+last axis or the whole tensor), timed in one process for:
 
 - `normgrad`: `normgrad.normalize_forward` / `normalize_backward` on NumPy arrays, with the
   gradients of x, weight and bias;
-- `normgrad.torch`: `normgrad.torch.normalize` on CPU tensors, gradients by `torch.autograd`;
+- `normgrad.torch`: `normgrad.torch.normalize` on CPU tensors, gradients by `torch.autograd`
+  (RMS cases only where it has `center`);
 - `torch`: PyTorch's own op (`F.layer_norm`, `F.batch_norm`, `F.group_norm`,
-  `F.instance_norm`);
+  `F.instance_norm`, `F.rms_norm`);
 - `compile`: `torch.compile` of the plain formula (mean, variance, rsqrt, affine), the code
   that a user without a dedicated op would write (`--no-compile` skips it: it compiles once
   per shape).
@@ -43,6 +45,11 @@ class Case:
     def op(self) -> str:
         return self.name.split()[0]
 
+    @property
+    def center(self) -> bool:
+        """False for RMS normalization (`center=False`)."""
+        return self.op != "RMSNorm"
+
 
 CASES = (
     Case("ln8192", "LayerNorm 8192x768", (8192, 768)),
@@ -54,6 +61,9 @@ CASES = (
     Case("gn8", "GroupNorm(32) 8x64x28x28", (8, 64, 28, 28), groups=32),
     Case("in8", "InstanceNorm2d 8x64x28x28", (8, 64, 28, 28)),
     Case("whole", "whole 10^7", (1000, 10_000)),
+    Case("rms8192", "RMSNorm 8192x768", (8192, 768)),
+    Case("rms64", "RMSNorm 64x768", (64, 768)),
+    Case("rmswhole", "RMSNorm whole 1000x1000", (1000, 1000)),
 )
 IMPLS = ("normgrad", "normgrad.torch", "torch", "compile")
 PEERS = ("torch", "compile")
@@ -63,10 +73,13 @@ def layout(case: Case) -> tuple[tuple[int, ...], Any, tuple[int, ...]]:
     """(shape normgrad sees, its axes, the shape of weight and bias normgrad is given).
 
     GroupNorm is the channels split in two axes, (N, G, C/G, H, W) over (2, 3, 4), with a
-    per-channel weight of shape (G, C/G, 1, 1); per-channel parameters are (C, 1, 1)."""
+    per-channel weight of shape (G, C/G, 1, 1); per-channel parameters are (C, 1, 1).
+    RMSNorm over the whole tensor has a weight of its shape (as `torch.nn.RMSNorm(shape)`)."""
     s = case.shape
-    if case.op == "LayerNorm":
+    if case.op in ("LayerNorm", "RMSNorm") and "whole" not in case.name:
         return s, -1, (s[-1],)
+    if case.op == "RMSNorm":
+        return s, None, s
     if case.op == "BatchNorm2d":
         return s, (0, 2, 3), (s[1], 1, 1)
     if case.op == "InstanceNorm2d":
@@ -85,6 +98,7 @@ class Inputs:
     b: Any
     axes: Any
     channels: int  # weight and bias have this many elements (0: none)
+    center: bool = True  # False: RMS normalization (a weight, no bias)
 
 
 def make_inputs(case: Case, dtype: str) -> Inputs:
@@ -95,8 +109,13 @@ def make_inputs(case: Case, dtype: str) -> Inputs:
     if not pshape:
         return Inputs(x, dy, None, None, axes, 0)
     w = (1 + 0.1 * rng.normal(size=pshape)).astype(dtype)
-    b = (0.1 * rng.normal(size=pshape)).astype(dtype)
-    return Inputs(x, dy, w, b, axes, w.size)
+    b = (0.1 * rng.normal(size=pshape)).astype(dtype) if case.center else None
+    return Inputs(x, dy, w, b, axes, w.size, case.center)
+
+
+def _results(y: Any, g: Any) -> tuple[Any, ...]:
+    """(y, dx, then dweight and dbias where given)."""
+    return (y, g.x, *(p for p in (g.weight, g.bias) if p is not None))
 
 
 def reference(inp: Inputs) -> tuple[Any, ...]:
@@ -104,19 +123,21 @@ def reference(inp: Inputs) -> tuple[Any, ...]:
     p = [None if a is None else a.astype(np.float64) for a in (inp.w, inp.b)]
     with ng.use_kernels(False):
         y, ctx = ng.normalize_forward(
-            inp.x.astype(np.float64), inp.axes, eps=EPS, weight=p[0], bias=p[1]
-        )
+            inp.x.astype(np.float64), inp.axes, eps=EPS, weight=p[0], bias=p[1],
+            center=inp.center,
+        )  # fmt: skip
         g = ng.normalize_backward(ctx, inp.dy.astype(np.float64))
-    return (y, g.x) + ((g.weight, g.bias) if inp.channels else ())
+    return _results(y, g)
 
 
 def _normgrad_fn(inp: Inputs, bwd: bool) -> Any:
+    kw = {"eps": EPS, "weight": inp.w, "bias": inp.b, "center": inp.center}
+
     def fn() -> tuple[Any, ...]:
-        y, ctx = ng.normalize_forward(inp.x, inp.axes, eps=EPS, weight=inp.w, bias=inp.b)
+        y, ctx = ng.normalize_forward(inp.x, inp.axes, **kw)
         if not bwd:
             return (y,)
-        g = ng.normalize_backward(ctx, inp.dy)
-        return (y, g.x) + ((g.weight, g.bias) if inp.channels else ())
+        return _results(y, ng.normalize_backward(ctx, inp.dy))
 
     return fn
 
@@ -133,6 +154,9 @@ def torch_op(torch: Any, case: Case) -> Any:
         return lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS)
     if op.startswith("GroupNorm"):
         return lambda x, w, b: F.group_norm(x, case.groups, w, b, eps=EPS)
+    if op == "RMSNorm":
+        nd = len(layout(case)[2])
+        return lambda x, w, b: F.rms_norm(x, x.shape[-nd:], w.reshape(x.shape[-nd:]), eps=EPS)
     return lambda x, w, b: F.layer_norm(x.reshape(1, -1), (x.numel(),), eps=EPS).reshape(x.shape)
 
 
@@ -142,10 +166,11 @@ def plain_formula(torch: Any, case: Case) -> Any:
     dims = None if axes is None else axes
 
     def f(x: Any, w: Any, b: Any) -> Any:
-        mean = x.mean(dim=dims, keepdim=True)
-        d = x - mean
+        d = x - x.mean(dim=dims, keepdim=True) if case.center else x
         y = d * torch.rsqrt((d * d).mean(dim=dims, keepdim=True) + EPS)
-        return y if w is None else y * w + b
+        if w is not None:
+            y = y * w
+        return y if b is None else y + b
 
     return f
 
@@ -160,8 +185,9 @@ def _torch_fn(torch: Any, f: Any, inp: Inputs, bwd: bool, native_shape: Any) -> 
         if not bwd:
             with torch.no_grad():
                 return (f(x, *params).numpy(),)
-        leaves = [t.detach().requires_grad_() for t in (x, *params) if t is not None]
-        y = f(*leaves, *([None, None] if len(leaves) == 1 else []))
+        args = [None if t is None else t.detach().requires_grad_() for t in (x, *params)]
+        leaves = [t for t in args if t is not None]
+        y = f(*args)
         grads = torch.autograd.grad(y, leaves, dy)
         return (y.detach().numpy(), *(g.numpy() for g in grads))
 
@@ -180,10 +206,18 @@ def _make(impl: str, case: Case, inp: Inputs, bwd: bool, torch: Any) -> Any:
         f = plain_formula(torch, case)
         reshaped = _on_layout(torch, f, inp)
         return _torch_fn(torch, torch.compile(reshaped, dynamic=False), inp, bwd, ours)
+    import inspect
+
     import normgrad.torch as ngt
 
+    kw: dict[str, Any] = {"eps": EPS}
+    if not case.center:
+        if "center" not in inspect.signature(ngt.normalize).parameters:
+            return None  # (an adapter without center=)
+        kw["center"] = False
+
     def f_ours(x: Any, w: Any, b: Any) -> Any:
-        return ngt.normalize(x, inp.axes, eps=EPS, weight=_param(w, inp), bias=_param(b, inp))
+        return ngt.normalize(x, inp.axes, weight=_param(w, inp), bias=_param(b, inp), **kw)
 
     return _torch_fn(torch, f_ours, inp, bwd, ours)
 
@@ -196,7 +230,7 @@ def _on_layout(torch: Any, f: Any, inp: Inputs) -> Any:
     """`f` with the flat parameters reshaped as normgrad is given them."""
     if inp.w is None:
         return lambda x, w, b: f(x, None, None)
-    return lambda x, w, b: f(x, w.reshape(inp.w.shape), b.reshape(inp.w.shape))
+    return lambda x, w, b: f(x, w.reshape(inp.w.shape), _param(b, inp))
 
 
 def _check(got: tuple[Any, ...], ref: tuple[Any, ...], what: str) -> float:

@@ -11,7 +11,11 @@ a `Plan` that names its path and carries what that path needs:
              parameters, from `settings.kernel_min_size` elements
     sweep    batch-norm layouts (several runs per group, per-group parameters), swept in
              memory order; also planned batch-norm calls of `settings.sweep_min_bytes`
-    generic  the Array-API formulas (`_generic.py`): every other array, dtype or layout
+    generic  the Array-API formulas (`_generic.py`): every other array, dtype or layout,
+             and given statistics (`stats=`)
+
+RMS normalization (`center=False`) takes the paths by the same rules (`Plan.op` carries
+`center` to the kernels).
 
 `use_kernels(mode)` changes the choice inside a block: `False`/`"0"`/`"generic"` never a
 kernel, `True`/`"1"` a kernel at every size, `"auto"` the rules above, or a path name to use
@@ -36,7 +40,7 @@ class Plan(NamedTuple):
     """The path a call takes (`path`, one of "small", "native", "blocked", "sweep",
     "generic"), why (`reason`), and what the path needs: the kernels' `layout`, the block
     `views` (blocked and sweep: x, weight, bias and output views), the op's scalars `op`
-    (eps, eps inside, m) and `threads` (chunks per group or row chunks, threads)."""
+    (eps, eps inside, m, center) and `threads` (chunks per group or row chunks, threads)."""
 
     path: str
     reason: str
@@ -47,7 +51,7 @@ class Plan(NamedTuple):
 
 
 KERNEL_OFF = ("0", "generic")
-VARIANT_REASON = "a variant option (center=False, stats) runs on the generic path"
+VARIANT_REASON = "given statistics (stats=) run on the generic path"
 MASK_REASON = "a mask (mask=, nan_policy='omit') runs on the generic path"
 _PLANNED_MODES = ("auto", "1", "small", "native")
 
@@ -113,16 +117,18 @@ def forward(
     variant: tuple[Any, bool, bool] = (True, False, False),
 ) -> tuple[Spec, Any, Any, Plan]:
     """Validate a forward call and choose its path: `(spec, weight, bias, plan)`.
-    `variant = (center, stats given, masked)`."""
-    if variant[0] is not True or variant[1] or variant[2]:  # not in the kernels (yet)
-        spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, variant[0])
+    `variant = (center, stats given, masked)`: RMS (center False) takes the paths center=True
+    does."""
+    center, fixed, masked = variant
+    if fixed or masked:  # given statistics or a mask: the generic path
+        spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
         check_out(spec.xp, out, x, spec.dtype, x)
-        return spec, w, b, Plan("generic", MASK_REASON if variant[2] else VARIANT_REASON)
-    if type(x) is np.ndarray and _plain(weight) and _plain(bias):
-        hit = _planned_forward(x, axes, (eps, eps_mode, ddof), (weight, bias), out)
+        return spec, w, b, Plan("generic", MASK_REASON if masked else VARIANT_REASON)
+    if type(x) is np.ndarray and type(center) is bool and _plain(weight) and _plain(bias):
+        hit = _planned_forward(x, axes, (eps, eps_mode, ddof, center), (weight, bias), out)
         if hit is not None:
             return hit[0], weight, bias, hit[1]
-    spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias)
+    spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
     check_out(spec.xp, out, x, spec.dtype, x)
     return spec, w, b, _choose(x, spec, (w, b), out, None)
 
@@ -136,12 +142,12 @@ def _param_key(p: np.ndarray | None) -> Any:
 
 
 def _planned_forward(
-    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any], params: Any, out: Any
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any, bool], params: Any, out: Any
 ) -> tuple[Spec, Plan] | None:
     """The small and native paths' calls, validated and planned once per call signature
     (the small calls' budget is microseconds); `out` is checked on every call. None where
     another path (or the general validation) takes the call. `options = (eps, eps_mode,
-    ddof)`, `params = (weight, bias)` (NumPy arrays or None)."""
+    ddof, center)` (center a bool), `params = (weight, bias)` (NumPy arrays or None)."""
     flags = x.flags
     if not (flags.c_contiguous and flags.aligned):  # (native jobs view aligned memory)
         return None
@@ -150,9 +156,9 @@ def _planned_forward(
         return None
     if type(axes) is tuple and any(type(a) is not int for a in axes):
         return None  # (True,) == (1,): keys must not mix what validation tells apart
-    eps, eps_mode, ddof = options
+    eps, eps_mode, ddof, center = options
     key = (x.shape, x.dtype, axes, type(axes), eps, type(eps), eps_mode, ddof, type(ddof),
-           mode, _param_key(params[0]), _param_key(params[1]))  # fmt: skip
+           center, mode, _param_key(params[0]), _param_key(params[1]))  # fmt: skip
     planned = _runtime.STATE.planned
     try:
         entry = planned[key]
@@ -173,10 +179,11 @@ def _planned_forward(
 
 
 def _plan_call(
-    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any], params: Any, mode: str
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any, bool], params: Any, mode: str
 ) -> tuple[Spec, Plan] | None:
     """Validate (raising as the general path would) and plan a cacheable call."""
-    spec, _, _ = validate(x, axes, *options, *params)
+    eps, eps_mode, ddof, center = options
+    spec, _, _ = validate(x, axes, eps, eps_mode, ddof, params[0], params[1], center)
     if _not_kernel_array(x) is not None or _runtime.kernels() is None:
         return None
     plan = _planned(x, spec, mode, params)
@@ -191,7 +198,7 @@ def _planned(x: np.ndarray, spec: Spec, mode: str, params: Any) -> Plan | None:
     cp = call_plan(x.shape, spec.axes, tuple(p.shape for p in params if p is not None))
     if cp is None or any(table(p, x, cp.layout, True) is None for p in params if p is not None):
         return None
-    op = (spec.eps, spec.inside, spec.m)
+    op = (spec.eps, spec.inside, spec.m, spec.center)
     settings = _runtime.STATE.settings
     small = x.size <= settings.small_max_size
     if (small and mode != "native") or mode == "small":
@@ -240,7 +247,7 @@ def _blocked(x: np.ndarray, spec: Spec, params: tuple[Any, Any], out: Any, mode:
     if x4 is None or (out is not None and out4 is None):
         return Plan("generic", "x or out cannot be viewed as blocks without a copy")
     views = (x4, w, b, out4)
-    op = (spec.eps, spec.inside, spec.m)
+    op = (spec.eps, spec.inside, spec.m, spec.center)
     per_group = lay.shape4[1] > 1 and not any(p.varies[1] or p.varies[3] for p in (w, b))
     if per_group and mode != "blocked":
         why = "several runs per group with per-group parameters (batch norm)"
@@ -266,7 +273,7 @@ def backward(ctx: Any, dy: Any, out: Any) -> Plan:
     x = ctx.x
     if ctx.mask is not None:
         return Plan("generic", MASK_REASON)
-    if not ctx.center or ctx.fixed:
+    if ctx.fixed:
         return Plan("generic", VARIANT_REASON)
     if type(x) is np.ndarray and _plain(ctx.weight) and _plain(ctx.bias):
         plan = _planned_backward(ctx, dy, out)
@@ -293,8 +300,8 @@ def _planned_backward(ctx: Any, dy: Any, out: Any) -> Plan | None:
     if mode not in _PLANNED_MODES:
         return None
     params = (ctx.weight, ctx.bias)
-    key = ("backward", x.shape, x.dtype, ctx.axes, ctx.eps, ctx.eps_mode, ctx.ddof, mode,
-           _param_key(params[0]), _param_key(params[1]))  # fmt: skip
+    key = ("backward", x.shape, x.dtype, ctx.axes, ctx.eps, ctx.eps_mode, ctx.ddof, ctx.center,
+           mode, _param_key(params[0]), _param_key(params[1]))  # fmt: skip
     planned = _runtime.STATE.planned
     try:
         plan = planned[key]

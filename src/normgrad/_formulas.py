@@ -13,6 +13,12 @@ docs/derivation.md: within a group of `n` elements, `m = n - ddof`, `d = x - mu`
 `dx` formula is the symmetric Jacobian applied to any vector, so it also gives the JVP.
 With a mask `M` (the elements that count, `n = sum(M)`), the sums of the JVP run over the
 counted elements, and the VJP gives the statistics' part to them only (`masked_gradient`).
+
+RMS normalization (`center=False`): mu = 0, so d = x and var = sum(x^2) / n (m = n), and
+the mean path drops out: mean_g = 0. The variance path is unchanged in both eps modes: with
+s = sqrt(var), ds/dx_j = x_j / (n s), and d rstd / ds is -r^2 (outside: r = 1/(s + eps)) or
+-r^3 s (inside: r = 1/sqrt(s^2 + eps)), so d rstd / dx_j = -c r^2 x_j / n with c = 1/s or
+r; hence `dx = r g - (c / n) xhat sum(g xhat)`, xhat = r x: the same `beta`, mean_g = 0.
 """
 
 from __future__ import annotations
@@ -45,11 +51,15 @@ def masked_gradient(xp: Any, g: Any, d: Any, r: Any, mean_g: Any, beta: Any, mas
 
 
 def backward_coefficients(
-    sum_g: Any, sum_gd: Any, n: float, m: float, r: Any, c: Any
+    sum_g: Any, sum_gd: Any, n: float, m: float, r: Any, c: Any, center: bool
 ) -> tuple[Any, Any]:
     """`(mean_g, beta)` of `dx = r (g - mean_g) + beta (x - mu)` from a group's `sum(g)` and
-    `sum(g (x - mu))`."""
-    return sum_g / n, -c * r * r * sum_gd / m
+    `sum(g (x - mu))`; without `center` (RMS, mu = 0) there is no mean path: `mean_g = 0`
+    (a scalar, whatever `sum_g` is)."""
+    beta = -c * r * r * sum_gd / m
+    if center:
+        return sum_g / n, beta
+    return 0.0, beta
 
 
 def chan_merge(

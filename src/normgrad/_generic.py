@@ -184,9 +184,9 @@ def apply_jacobian(xp: Any, ctx: Any, d: Array, c: Array, v: Array, *, vjp: bool
     # with a mask, J's columns of uncounted elements hold only r: J v sums counted v only
     vs = v if vjp else _counted(xp, ctx, v)
     sum_vd = xp.sum(live(xp, ctx, vs * d), axis=ctx.axes, keepdims=True)
-    # RMS (center=False): no mean path, i.e. sum(v) enters as 0
-    sum_v = xp.sum(vs, axis=ctx.axes, keepdims=True) if ctx.center else xp.zeros_like(sum_vd)
-    mean_v, beta = backward_coefficients(sum_v, sum_vd, n, m, ctx.rstd, c)
+    # RMS (center=False): no mean path (backward_coefficients gives mean_v = 0)
+    sum_v = xp.sum(vs, axis=ctx.axes, keepdims=True) if ctx.center else 0.0
+    mean_v, beta = backward_coefficients(sum_v, sum_vd, n, m, ctx.rstd, c, ctx.center)
     if vjp and ctx.mask is not None:
         return masked_gradient(xp, v, d, ctx.rstd, mean_v, beta, ctx.mask)
     return gradient(v, d, ctx.rstd, mean_v, beta)

@@ -347,7 +347,7 @@ def test_split_job_alone_matches_two_threads(rng):
     for threads in (1, 2):
         stats, y, pm = np.empty((3, 1)), np.empty_like(x), np.empty((2, items))
         phase = _pool.phase_ctl(nchunks, 2)
-        io, op, flags = (x, y), (1e-5, True, float(x.size)), (False, False)
+        io, op, flags = (x, y), (1e-5, True, float(x.size), True), (False, False)
         par = (np.ones((1, 1)), np.zeros((1, 1)), (0, 0, 0), (0, 0, 0))
         args = (phase, (counts, pm[0], pm[1]), io, par, op, stats, flags)
         _pool.run(_loops.forward_split, items, threads, args, nchunks)

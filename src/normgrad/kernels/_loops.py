@@ -11,18 +11,23 @@ cheaply; NamedTuples would cost microseconds at each call from Python):
     claim = (ctl, nchunks, items, slot)    the pool's claim state for this thread
     io    = (x, y), (x, dy, dx)            forward, backward: 4-d block views
     par   = (w, b, w_rule, b_rule)         the affine parameters as tables (`_layout.Table`)
-    op    = (eps, inside, m)               the op's scalars: m = n - ddof
+    op    = (eps, inside, m, center)       the op's scalars: m = n - ddof; center False: RMS
     flags = (affine, stream)               forward: apply w and b; streaming stores
           = (has_w, need_dw, need_db, stream)   backward
     acc   = (dw, db, k)                    dweight/dbias sums, slot `k` (`_layout.accumulator`)
     stats = (3, groups) float64: mean, var, rstd (forward)
-    bst   = (mean, rstd, c, m)             backward: per group, and m
+    bst   = (mean, rstd, c, m, center)     backward: per group, then m and center
 
 **The formulas** are `_formulas.py`'s, compiled here (`rstd`, `backward_coefficients`,
 `chan_merge`, `xhat`, `gradient`): the generic path and every kernel evaluate the same
 expressions. The element loops (`_add_block`, `_write_y`, `_add_sums`, `_write_dx`) are the
 only places that touch elements; every path (small, groups, split, sweep) calls them, so a
 variant of the op is written once, there.
+
+**RMS** (`center=False`): `_add_block` sums `x^2` instead of the block's squared deviations
+(a zero mean, which Chan's merge keeps at zero: the merged "M2" is `sum x^2`), the shift is
+0 (`_origin`), so the saved mean is exactly 0 and every `x - mu` is `x`; the backward's
+`backward_coefficients` drops the mean path. Nothing else knows of the variant.
 
 **Passes.** Forward: statistics (two-pass inside in-cache blocks of `BLOCK` elements, merged
 with Chan's formula; shifted by the group's first element, so a constant group has exactly
@@ -104,11 +109,23 @@ def _row(rule, at):
 
 
 @njit(cache=True, inline="always")
-def _add_block(x, at, a, e, shift, acc):
+def _origin(x, kk, center):
+    """The shift of group `kk`'s moments: its first element, or 0 for RMS (no mean)."""
+    return np.float64(x[kk[0], 0, kk[1], 0]) if center else 0.0
+
+
+@njit(cache=True, inline="always")
+def _add_block(x, at, a, e, shift, acc, center):
     """Merge the two-pass moments of `x[at][a:e] - shift` (one in-cache block) into `acc`,
-    `(count, mean, M2)`."""
+    `(count, mean, M2)`; without `center` (RMS), `(count, 0, sum x^2)`."""
     k0, r0, k1 = at
     xs = x[k0, r0, k1, a:e]  # (loops from 0 over a slice: LLVM vectorizes them)
+    if not center:
+        q = 0.0
+        for j in range(xs.size):
+            v = np.float64(xs[j])
+            q += v * v
+        return chan_merge(acc[0], 0.0, acc[2], float(xs.size), 0.0, q)
     s = 0.0
     for j in range(xs.size):
         s += xs[j] - shift
@@ -321,8 +338,8 @@ def _write_dx(io, par, at, a, e, coef, flags):
 
 
 @njit(cache=True, inline="always")
-def _span_stats(x, kk, span, shift):
-    """`(count, mean, M2)` of `x - shift` over the span, block by block."""
+def _span_stats(x, kk, span, shift, center):
+    """`(count, mean, M2)` of `x - shift` over the span, block by block (RMS: `center`)."""
     k0, k1 = kk
     lo, hi = span
     rb = x.shape[3]
@@ -333,7 +350,7 @@ def _span_stats(x, kk, span, shift):
         s = a
         while s < e:
             t = min(e, s + BLOCK)
-            acc = _add_block(x, (k0, r0, k1), s, t, shift, acc)
+            acc = _add_block(x, (k0, r0, k1), s, t, shift, acc, center)
             s = t
         pos += e - a
     return acc
@@ -385,22 +402,21 @@ def _span_dx(io, par, kk, span, coef, flags):
 
 @njit(cache=True, inline="always")
 def _finish_stats(x, kk, moments, op):
-    """`(mean, var, rstd)` of a group from the moments of `x - shift` (shift: its first
-    element)."""
-    eps, inside, m = op
-    mu = np.float64(x[kk[0], 0, kk[1], 0]) + moments[1]  # (np.float64: float() keeps float32)
+    """`(mean, var, rstd)` of a group from the moments of `x - shift` (shift: `_origin`)."""
+    eps, inside, m, center = op
+    mu = _origin(x, kk, center) + moments[1]
     v = moments[2] / m
     return mu, v, rstd(np, v, eps, inside)
 
 
 @njit(cache=True, inline="always")
-def _run_stats(x, at, rb, shift):
+def _run_stats(x, at, rb, shift, center):
     """`(count, mean, M2)` of `x - shift` over one whole run, block by block."""
     acc = (0.0, 0.0, 0.0)
     s = 0
     while s < rb:
         e = min(rb, s + BLOCK)
-        acc = _add_block(x, at, s, e, shift, acc)
+        acc = _add_block(x, at, s, e, shift, acc, center)
         s = e
     return acc
 
@@ -411,7 +427,7 @@ def _forward_run(io, par, g, kk, op, stats, flags):
     whole)."""
     x = io[0]
     at = (kk[0], 0, kk[1])
-    moments = _run_stats(x, at, x.shape[3], np.float64(x[at[0], 0, at[2], 0]))
+    moments = _run_stats(x, at, x.shape[3], _origin(x, kk, op[3]), op[3])
     stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, kk, moments, op)
     _write_y(io, par, at, 0, x.shape[3], (stats[0, g], stats[2, g]), flags)
 
@@ -421,7 +437,7 @@ def _forward_span(io, par, g, kk, op, stats, flags):
     """Statistics, `rstd` and `y` of group `g = (k0, k1)` of several runs, walked as a span."""
     x = io[0]
     span = (0, x.shape[1] * x.shape[3])
-    moments = _span_stats(x, kk, span, np.float64(x[kk[0], 0, kk[1], 0]))
+    moments = _span_stats(x, kk, span, _origin(x, kk, op[3]), op[3])
     stats[0, g], stats[1, g], stats[2, g] = _finish_stats(x, kk, moments, op)
     _span_y(io, par, kk, span, (stats[0, g], stats[2, g]), flags)
 
@@ -461,24 +477,25 @@ def _forward_range(io, par, groups, op, stats, flags):
 
 @njit(cache=True, inline="always")
 def _backward_run(io, par, acc, g, kk, bst, flags):
-    """Sums and `dx` of group `g = (k0, k1)` made of one run; `bst = (mean, rstd, c, m)`."""
-    mean, rs, c, m = bst
+    """Sums and `dx` of group `g = (k0, k1)` made of one run; `bst = (mean, rstd, c, m,
+    center)`."""
+    mean, rs, c, m, center = bst
     rb = io[0].shape[3]
     at = (kk[0], 0, kk[1])
     mu, r = mean[g], rs[g]
     sg, sgd = _add_sums(io, par, acc, at, 0, rb, (mu, r), flags)
-    mg, bt = backward_coefficients(sg, sgd, rb, m, r, c[g])
+    mg, bt = backward_coefficients(sg, sgd, rb, m, r, c[g], center)
     _write_dx(io, par, at, 0, rb, (mu, r, mg, bt), flags)
 
 
 @njit(cache=True, inline="always")
 def _backward_span(io, par, acc, g, kk, bst, flags):
     """Sums and `dx` of group `g = (k0, k1)` of several runs, walked as a span."""
-    mean, rs, c, m = bst
+    mean, rs, c, m, center = bst
     span = (0, io[0].shape[1] * io[0].shape[3])
     mu, r = mean[g], rs[g]
     sg, sgd = _span_sums(io, par, acc, kk, span, (mu, r), flags)
-    mg, bt = backward_coefficients(sg, sgd, span[1], m, r, c[g])
+    mg, bt = backward_coefficients(sg, sgd, span[1], m, r, c[g], center)
     _span_dx(io, par, kk, span, (mu, r, mg, bt), flags)
 
 
@@ -533,7 +550,7 @@ def forward_small_spans(xin, yin, stats_in, shape4, op, par, affine):
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
 def backward_small_runs(xin, dyin, dxin, shape4, bst, par, sums, flags):
-    """`bst = (mean, rstd, c, m)` (statistics flat per group), `sums = (dw, db)`."""
+    """`bst = (mean, rstd, c, m, center)` (statistics flat per group), `sums = (dw, db)`."""
     io = (xin.reshape(shape4), dyin.reshape(shape4), dxin.reshape(shape4))
     _backward_runs(io, par, (sums[0], sums[1], 0), (0, bst[0].size), bst, flags)
 
@@ -570,7 +587,7 @@ def backward_groups(claim, io, par, acc, bst, flags):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def _stats_items(claim, x, nc, parts):
+def _stats_items(claim, x, nc, parts, center):
     pmean, pm2 = parts
     _, ra, kb, rb = x.shape
     while True:
@@ -579,8 +596,8 @@ def _stats_items(claim, x, nc, parts):
             return
         for i in range(i0, i1):
             k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
-            shift = np.float64(x[k0, 0, k1, 0])
-            _, pmean[i], pm2[i] = _span_stats(x, (k0, k1), (lo, hi), shift)
+            shift = _origin(x, (k0, k1), center)
+            _, pmean[i], pm2[i] = _span_stats(x, (k0, k1), (lo, hi), shift, center)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -607,7 +624,7 @@ def forward_split(claim, phase, split, io, par, op, stats, flags):
     counts, pmean, pm2 = split
     x = io[0]
     begin(claim)
-    _stats_items(on(claim, phase), x, counts.size, (pmean, pm2))
+    _stats_items(on(claim, phase), x, counts.size, (pmean, pm2), op[3])
     if not wait_done(phase, claim):
         return
     groups = stats.shape[1]
@@ -639,7 +656,7 @@ def _items_y(claim, io, par, nc, stats, flags):
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
 def _sums_items(claim, io, par, acc, bst, split):
-    mean, rs, _, _ = bst
+    mean, rs = bst[0], bst[1]
     nc, psg, psgd, flags = split
     _, ra, kb, rb = io[0].shape
     dwa, dba, _ = acc
@@ -675,7 +692,7 @@ def backward_split(claim, phase, split, io, par, acc, bst, flags):
     `sum g (x - mu)` (claimed on `phase`), a barrier, the sums in chunk order, then `dx`
     (last-read chunks first). `split = (nc, psg, psgd)`."""
     nc, psg, psgd = split
-    mean, rs, c, m = bst
+    mean, rs, c, m, center = bst
     begin(claim)
     _sums_items(on(claim, phase), io, par, acc, bst, (nc, psg, psgd, flags))
     if not wait_done(phase, claim):
@@ -689,7 +706,7 @@ def backward_split(claim, phase, split, io, par, acc, bst, flags):
         for i in range(g * nc, (g + 1) * nc):
             sg += psg[i]
             sgd += psgd[i]
-        mg[g], beta[g] = backward_coefficients(sg, sgd, n, m, rs[g], c[g])
+        mg[g], beta[g] = backward_coefficients(sg, sgd, n, m, rs[g], c[g], center)
     _items_dx(claim, io, par, (mean, rs, mg, beta), nc, flags)
 
 
@@ -700,7 +717,8 @@ def backward_split(claim, phase, split, io, par, acc, bst, flags):
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
-def stats_sweep(claim, x, nc, parts):
+def stats_sweep(claim, x, nc, parts, center):
+    """Partial moments per item and group (RMS without `center`: zero means, sums of x^2)."""
     pmean, pm2 = parts
     _, ra, kb, rb = x.shape
     while True:
@@ -713,11 +731,11 @@ def stats_sweep(claim, x, nc, parts):
             for r0 in range(lo, hi):
                 for k1 in range(kb):
                     acc = (cnt, pmean[i * kb + k1], pm2[i * kb + k1])
-                    shift = np.float64(x[k0, 0, k1, 0])
+                    shift = _origin(x, (k0, k1), center)
                     s = 0
                     while s < rb:
                         e = min(rb, s + BLOCK)
-                        acc = _add_block(x, (k0, r0, k1), s, e, shift, acc)
+                        acc = _add_block(x, (k0, r0, k1), s, e, shift, acc, center)
                         s = e
                     pmean[i * kb + k1], pm2[i * kb + k1] = acc[1], acc[2]
                 cnt += rb

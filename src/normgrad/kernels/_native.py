@@ -34,8 +34,8 @@ _X, _DY, _OUT, _STATS, _RSTD, _C, _COUNTS, _PARTS, _EPS, _INSIDE, _M, _STREAM = 
 _W, _B = 20, 23  # each a table: address, rows, columns; their row rules at _RULE (3 each)
 _RULE = 26
 _DW, _DB = 32, 36  # each gradient's sums: address, slots, rows, columns
-_AFFINE, _HAS_W, _NEED_DW, _NEED_DB = range(40, 44)
-assert _NEED_DB < PARAMS
+_AFFINE, _HAS_W, _NEED_DW, _NEED_DB, _CENTER = range(40, 45)
+assert _CENTER < PARAMS
 
 
 @njit(cache=True, inline="always")
@@ -79,7 +79,7 @@ def _forward_args(board, xdtype):
     """`forward_groups`' arguments after the claim."""
     p, x, _, y = _views(board, xdtype)
     stats = carray(address(p[_STATS]), (3, p[_GROUPS]), np.float64)
-    op = (float_bits(p[_EPS]), p[_INSIDE] != 0, float_bits(p[_M]))
+    op = (float_bits(p[_EPS]), p[_INSIDE] != 0, float_bits(p[_M]), p[_CENTER] != 0)
     return (x, y), _par(p), op, stats, (p[_AFFINE] != 0, p[_STREAM] != 0)
 
 
@@ -106,7 +106,8 @@ def _backward_args(board, xdtype):
     c = carray(address(p[_C]), groups, np.float64)
     acc = (_sums(p, _DW), _sums(p, _DB), 0)
     flags = (p[_HAS_W] != 0, p[_NEED_DW] != 0, p[_NEED_DB] != 0, p[_STREAM] != 0)
-    return (x, dy, dx), _par(p), acc, (mean, rstd, c, float_bits(p[_M])), flags
+    bst = (mean, rstd, c, float_bits(p[_M]), p[_CENTER] != 0)
+    return (x, dy, dx), _par(p), acc, bst, flags
 
 
 @njit(cache=True, inline="always")
@@ -178,12 +179,12 @@ def post_forward(board, nthreads, part, job, op, par, flags):
     """The caller's side of a native forward: `job = (nchunks, x, y, stats, counts, parts)`
     (`run_native` calls it)."""
     nchunks, x, y, stats, counts, parts = job
-    eps, inside, m = op
+    eps, inside, m, center = op
     p = board_params(board)
     _post(board, (nchunks, counts.size, stats.shape[1]), x, x, y)
     _post_par(p, par)
     p[_STATS], p[_COUNTS], p[_PARTS] = stats.ctypes.data, counts.ctypes.data, parts.ctypes.data
-    p[_EPS], p[_INSIDE], p[_M] = float_bits(eps), inside, float_bits(m)
+    p[_EPS], p[_INSIDE], p[_M], p[_CENTER] = float_bits(eps), inside, float_bits(m), center
     p[_AFFINE], p[_STREAM] = flags
     run_job(board, part, nchunks, nthreads)
 
@@ -191,14 +192,14 @@ def post_forward(board, nthreads, part, job, op, par, flags):
 @njit(cache=True, nogil=True)
 def post_backward(board, nthreads, part, job, bst, par, sums, flags):
     """The caller's side of a native backward: `job = (nchunks, nc, x, dy, dx, parts)`,
-    `bst = (mean, rstd, c, m)`, `sums = (dw, db)` (their slots)."""
+    `bst = (mean, rstd, c, m, center)`, `sums = (dw, db)` (their slots)."""
     nchunks, nc, x, dy, dx, parts = job
-    mean, rstd, c, m = bst
+    mean, rstd, c, m, center = bst
     p = board_params(board)
     _post(board, (nchunks, nc, mean.size), x, dy, dx)
     _post_par(p, par)
     p[_STATS], p[_RSTD], p[_C] = mean.ctypes.data, rstd.ctypes.data, c.ctypes.data
-    p[_PARTS], p[_M] = parts.ctypes.data, float_bits(m)
+    p[_PARTS], p[_M], p[_CENTER] = parts.ctypes.data, float_bits(m), center
     for at, a in ((_DW, sums[0]), (_DB, sums[1])):
         p[at], p[at + 1], p[at + 2], p[at + 3] = a.ctypes.data, a.shape[0], a.shape[1], a.shape[2]
     p[_HAS_W], p[_NEED_DW], p[_NEED_DB], p[_STREAM] = flags

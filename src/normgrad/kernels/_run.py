@@ -145,12 +145,13 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     ka, ra, kb, rb = lay.shape4
     nc, nthreads = plan.threads
     pmean, pm2 = np.empty(ka * nc * kb), np.empty(ka * nc * kb)
-    run(_loops.stats_sweep, ka * nc, nthreads, (x4, nc, (pmean, pm2)))
+    run(_loops.stats_sweep, ka * nc, nthreads, (x4, nc, (pmean, pm2), spec.center))
     parts = tuple(_layout.chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
     counts = np.array([((c + 1) * ra // nc - c * ra // nc) * rb for c in range(nc)], float)
     mean, m2 = np.empty(ka * kb), np.empty(ka * kb)
     _loops.merge_parts(parts, counts, mean, m2)
-    mean = x4[:, 0, :, 0].ravel() + mean  # the statistics kernels work on x - shift
+    if spec.center:  # the statistics kernels work on x - shift (RMS: mean 0, no shift)
+        mean = x4[:, 0, :, 0].ravel() + mean
     var = m2 / spec.m
     with np.errstate(divide="ignore"):  # eps = 0 with a zero variance: refused after the path
         r = rstd(np, var, spec.eps, spec.inside)
@@ -167,7 +168,7 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
 def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
     x, cp = ctx.x, plan.layout
     dx = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out
-    bst = (ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1), plan.op[2])
+    bst = (ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1), *plan.op[2:])
     kernel = _loops.backward_small_runs if cp.runs_per_group == 1 else _loops.backward_small_spans
     if ctx.weight is None and ctx.bias is None:
         kernel(x, dy, dx, cp.shape4, bst, _NO_PAR, _NO_SUMS, (False, False, False, False))
@@ -192,7 +193,7 @@ def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     tables = _tables(x, cp.layout, ctx.weight, ctx.bias) if affine else None
     par = _par(tables) if tables is not None else _NO_PAR
     sums = _grad_sums(ctx, tables, cp.layout, nchunks) if tables is not None else _NO_SUMS
-    args = (part, job, (mean, rstd, cg, plan.op[2]), par, sums, _backward_flags(ctx, stream))
+    args = (part, job, (mean, rstd, cg, *plan.op[2:]), par, sums, _backward_flags(ctx, stream))
     run_native(post_backward, cp.threads, args)
     if tables is None:
         return dx, None, None
@@ -230,7 +231,7 @@ def backward_blocked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> R
     stats = tuple(_layout.keepdims_to_groups(v, lay) for v in (ctx.mean, ctx.rstd, c))
     io = (x4, _block_dy(dy, lay), dx4)
     flags = _backward_flags(ctx, stream)
-    common = (io, _par((wt, bt)), (*sums, 0), (*stats, plan.op[2]), flags)
+    common = (io, _par((wt, bt)), (*sums, 0), (*stats, *plan.op[2:]), flags)
     if nc == 1:
         run(_loops.backward_groups, lay.groups, nthreads, common, nchunks)
     else:
@@ -255,7 +256,9 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     sdy = psdy.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
     sdyd = psdyd.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
     wg = _layout.per_group(wt, lay)
-    mg, beta = backward_coefficients(wg * sdy, wg * sdyd, ra * rb, plan.op[2], r, cg)
+    mg, beta = backward_coefficients(wg * sdy, wg * sdyd, ra * rb, plan.op[2], r, cg, ctx.center)
+    if not ctx.center:  # RMS: mean_g is a scalar 0; the kernel reads one per group
+        mg = np.zeros_like(beta)
     dx, dx4, stream = _output(x, plan, ctx.dtype, out)
     args = ((x4, dy4, dx4), _par((wt, bt)), (mean, r, mg, beta), nc, _backward_flags(ctx, stream))
     run(_loops.backward_sweep, ka * nc, nthreads, args)
