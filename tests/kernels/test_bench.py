@@ -52,3 +52,19 @@ def test_bench_records_the_thread_hand_off(tmp_path):
     assert (row["handoff_ns"] is None) == (numba.config.NUMBA_NUM_THREADS < 2)
     table = (tmp_path / "bench.md").read_text()
     assert "| hand-off ns |" in table
+
+
+def test_rms_model_cases_run_against_rms_norm():
+    """The RMSNorm model cases (center=False, weight, no bias) check normgrad and
+    F.rms_norm against the float64 reference before timing them (timings unchecked)."""
+    pytest.importorskip("torch")
+    import bench_models
+
+    cases = bench_models.select("rms64,rmswhole")
+    assert [c.center for c in cases] == [False, False]
+    rows = bench_models.run_models(cases, ["float32"], ["fwdbwd"], 1, 1e10, False)
+    by = {(r["case"], r["impl"]): r for r in rows}
+    for case in cases:
+        for impl in ("normgrad", "torch"):
+            assert by[case.name, impl]["max_rel_err"] < 1e-5 and by[case.name, impl]["median_s"] > 0
+    assert "| RMSNorm 64x768 |" in bench_models.format_models(rows)

@@ -206,6 +206,23 @@ def _sums_per_element(pieces, sums, coef):
     return sg, sgd
 
 
+@njit(cache=True, fastmath=_REASSOC)
+def _weight_sums_per_element(pieces, dws, coef):
+    """`_sums_per_element` without a bias (RMS norm's usual call): `sum g`, `sum g (x - mu)`
+    and the dweight sums in one pass."""
+    xs, ds, ws = pieces
+    mu, r = coef
+    sg = 0.0
+    sgd = 0.0
+    for j in range(xs.size):
+        d = xs[j] - mu
+        gj = ds[j] * ws[j]
+        sg += gj
+        sgd += gj * d
+        dws[j] += ds[j] * (d * r)
+    return sg, sgd
+
+
 # The parameter-sum helpers (with `_add_run_sums`) are plain jitted functions, not inlined: inlined
 # (`inline="always"`) one after the other into `_add_sums`, the second one's adds were lost
 # (numba 0.68's IR inliner; a test runs every parameter layout against the generic path).
@@ -278,11 +295,14 @@ def _add_sums(io, par, acc, at, a, e, coef, flags):
         _add_run_sums((dwa, dba), rows, (need_dw, need_db), (sdyd * coef[1], sdy))
         wv = wt[_row(wr, at), 0] if has_w else 1.0
         return sdy * wv, sdyd * wv
-    if need_dw and need_db and wt.shape[1] > 1 and dwa.shape[2] > 1 and dba.shape[2] > 1:
-        # per-element weight and bias (layer norm): every sum in one pass
+    if need_dw and wt.shape[1] > 1 and dwa.shape[2] > 1:
         dws = dwa[min(k, dwa.shape[0] - 1), _row(wr, at), a:e]
-        dbs = dba[min(k, dba.shape[0] - 1), _row(br, at), a:e]
-        return _sums_per_element((xs, ds, wt[_row(wr, at), a:e]), (dws, dbs), coef)
+        ws = wt[_row(wr, at), a:e]
+        if not need_db:  # per-element weight, no bias (RMS norm): every sum in one pass
+            return _weight_sums_per_element((xs, ds, ws), dws, coef)
+        if dba.shape[2] > 1:  # per-element weight and bias (layer norm): the same
+            dbs = dba[min(k, dba.shape[0] - 1), _row(br, at), a:e]
+            return _sums_per_element((xs, ds, ws), (dws, dbs), coef)
     sg = 0.0
     sgd = 0.0
     if has_w and wt.shape[1] > 1:
