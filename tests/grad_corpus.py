@@ -367,6 +367,22 @@ def wrong_cases() -> list[Case]:
             norm_coefficients(-1, 1.0, 0.25),
             "coefficient",
         ),
+        Case(
+            "whole_norm_diagonal_probe",
+            whole_norm,
+            r(49).standard_normal((40, 50)),
+            whole_norm_diagonal,
+            "diagonal",
+            {"mode": "probe"},
+        ),
+        Case(
+            "tanh_three_wrong_probe",
+            np.tanh,
+            r(50).standard_normal(4000),
+            tanh_three_wrong,
+            "partial",
+            {"mode": "probe"},
+        ),
         Case("conv_edges", conv, r(11).standard_normal(40), conv_edges_dropped, "partial"),
         Case(
             "matmul_confused",
@@ -376,6 +392,27 @@ def wrong_cases() -> list[Case]:
             "unknown",
         ),
     ]
+
+
+def whole_norm(x: Any) -> Any:
+    d = x - x.mean()
+    return d / np.sqrt((d * d).mean() + EPS)
+
+
+def whole_norm_diagonal(x: Any, dy: Any) -> Any:
+    """The question's mistake, vectorized: only the direct term dy/σ."""
+    d = x - x.mean()
+    return dy / np.sqrt((d * d).mean() + EPS)
+
+
+_THREE = [17, 1234, 3999]
+
+
+def tanh_three_wrong(x: Any, dy: Any) -> Any:
+    """Right except three elements (e.g. a boundary case in a kernel)."""
+    dx = tanh_vjp(x, dy)
+    dx.flat[_THREE] *= [0.0, 2.0, -1.0]
+    return dx
 
 
 def tanh_offset_one(x: Any, dy: Any) -> Any:

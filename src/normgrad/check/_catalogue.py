@@ -169,6 +169,12 @@ DIAGONAL_SHIFTED = Template(
 DIAGONAL_WRONG = Template(
     "diagonal", _DIAGONAL + "its diagonal differs from the true one as well.", _DIAGONAL_HINT
 )
+DIAGONAL_PROBE = Template(
+    "diagonal",
+    _DIAGONAL + "seen in probe mode with a cotangent on a random half of the outputs (dx is zero "
+    "on the other half, while J couples the halves); the diagonal itself is not compared.",
+    _DIAGONAL_HINT,
+)
 
 LOW_RANK_ERROR = Template(
     "missing_term",
@@ -255,6 +261,7 @@ CATALOGUE: tuple[Template, ...] = (
     DIAGONAL,
     DIAGONAL_SHIFTED,
     DIAGONAL_WRONG,
+    DIAGONAL_PROBE,
     *_normalization.TEMPLATES,
     LOW_RANK_ERROR,
     PARTIAL,

@@ -51,7 +51,7 @@ MODES = ("auto", "full", "probe")
 FULL_MAX = 2048  # full_max: most inputs (and outputs) for the dense Jacobian of mode="full"
 AUTO_FULL_MAX = 1024  # auto_full_max: mode="auto" builds the dense Jacobian up to this many inputs
 PROBES = 8  # probes: random directions in probe mode
-LOCALIZE_BUDGET = 400  # localize_budget: evaluations of f for localizing bad elements (probe)
+LOCALIZE_BUDGET = 1000  # localize_budget: evaluations of f for localizing bad elements (probe)
 
 
 class Budgets(NamedTuple):
@@ -124,7 +124,7 @@ def check_gradients(
     - `progress(done, total)`: called after each evaluation of `f` (keyword only); `total`
       is the planned number of evaluations and may grow (step refinement, localization).
     - `budgets`: a `Budgets` (or a dict of its names), positive ints: `probes=8`,
-      `full_max=2048`, `auto_full_max=1024`, and `localize_budget=400` evaluations of `f`
+      `full_max=2048`, `auto_full_max=1024`, and `localize_budget=1000` evaluations of `f`
       for localizing bad elements in probe mode.
 
     Returns a `GradReport`; `report.ok` is the verdict and `report.diagnosis` the findings.

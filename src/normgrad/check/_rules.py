@@ -24,11 +24,12 @@ from . import _catalogue as cat
 from . import _normalization
 from ._catalogue import PASSING, nice_number
 from ._evidence import Evidence, Jacobians, finite_abs
+from ._localize import group_test
 from ._report import Finding
 from ._target import F64, Target
 
 MAX_LISTED = 20  # indices listed in evidence
-MAX_LOCATED = 8  # partial: at most this many bad elements (probe mode)
+MAX_LOCATED = 16  # partial: at most this many bad elements (probe mode)
 
 Rule = Callable[[Evidence], list[Finding] | None]
 
@@ -75,7 +76,7 @@ def diagnose_full(ev: Evidence) -> Diagnosis:
 
 
 def diagnose_probe(ev: Evidence) -> Diagnosis:
-    """`PROBE`; then the bad elements are localized by bisection (`localize`)."""
+    """`PROBE`; then the bad elements are localized by adaptive group testing (`localize`)."""
     found = first_answer(ev, PROBE)
     return Diagnosis(found) if found is not None else localize(ev)
 
@@ -527,69 +528,57 @@ def probe_transpose(ev: Evidence) -> list[Finding] | None:
     return None if sym else [cat.TRANSPOSE.finding()]
 
 
+def probe_diagonal(ev: Evidence) -> list[Finding] | None:
+    """For square J: is the backward diagonal while J is not? A cotangent on a random half H
+    of the outputs: a diagonal backward's dx is zero off H (one vjp call); and J couples the
+    other half to H: <dy_H, J v> != 0 for v on the other half (one directional derivative)."""
+    t, s1, tol = ev.target, ev.sides[0], ev.tol
+    if t.m != t.n or t.n < 2:
+        return None
+    half = ev.rng.random(t.n) < 0.5
+    g = np.where(half, s1.dy, 0.0)
+    a = t.vjp(g)
+    if not np.any(np.abs(a[half]) > 0) or np.any(np.abs(a[~half]) > _rounding(ev, a)[~half]):
+        return None
+    v = np.where(half, 0.0, ev.steps * ev.rng.standard_normal(t.n))
+    d = ev.fd.directional(v)
+    num, fde = float(g @ d.value), float(np.abs(g) @ d.err)
+    av = np.abs(v)
+    floor = float(ev.fd.rounding_floor(tol.eps_a) @ av) * float(np.max(np.abs(g)))
+    scale = float(np.abs(g) @ np.abs(d.value))
+    limit, _ = tol(num, fde, scale, scale, float(np.sum(av)), floor)
+    if not abs(num) > 2 * limit:
+        return None  # J has no cross terms from that half either
+    return [cat.DIAGONAL_PROBE.finding({"cross_term": num, "tolerance": float(limit)})]
+
+
 def localize(ev: Evidence) -> Diagnosis:
-    """The bad elements by bisection (`_bisect`): single elements (`partial`), index ranges
-    when the budget ran out first (`partial`), or spread out (`unknown`)."""
+    """The bad elements by adaptive group testing (`_localize.group_test`): single elements
+    (`partial`), index sets when the budget ran out first (`partial`), or spread out
+    (`unknown`)."""
     t = ev.target
     start = t.evals.done
-    located, frontier, spread = _bisect(ev)
+    per_test = 6 if ev.fd.complex_ok else 4
+    t.evals.allow(ev.localize_budget)
+
+    def budget_left() -> bool:
+        return t.evals.done - start + 2 * per_test <= ev.localize_budget
+
+    located, frontier, spread = group_test(ev, MAX_LOCATED, budget_left)
     spent = {"evaluations": t.evals.done - start, "budget": ev.localize_budget}
     if not spread and located and not frontier:
-        located.sort()
         return Diagnosis([_partial(t, np.asarray(located), spent)], located)
     if not spread and frontier:
         ranges = [(t.index(int(S[0])), t.index(int(S[-1]))) for S in frontier]
-        evidence = {"ranges": ranges, "indices": located, **spent}
+        evidence = {"ranges": ranges, "indices": [t.index(j) for j in located], **spent}
         finding = cat.PARTIAL_RANGES.finding(
-            evidence, count=len(frontier), ranges=ranges[:MAX_LOCATED], indices=located
+            evidence,
+            count=len(frontier),
+            ranges=ranges[:MAX_LOCATED],
+            indices=[t.index(j) for j in located],
         )
         return Diagnosis([finding], located)
     return Diagnosis([cat.UNKNOWN_PROBES.finding(spent)])
-
-
-def _bisect(ev: Evidence) -> tuple[list[int], list[Any], bool]:
-    """Probe directions restricted to halves of a failing index set, breadth first, until
-    single elements remain, more than MAX_LOCATED sets fail, or the budget is spent.
-    (located elements, index sets still failing, spread out)."""
-    t, budget = ev.target, ev.localize_budget
-    start = t.evals.done
-    per_test = 6 if ev.fd.complex_ok else 4
-    fails = _restricted_probe(ev)
-    t.evals.allow(budget)
-    frontier = [np.arange(t.n)]
-    located: list[int] = []
-    spread = False
-    while frontier and t.evals.done - start + 2 * per_test <= budget:
-        S = frontier.pop(0)
-        if len(S) == 1:
-            located.append(int(S[0]))
-            continue
-        halves = [S[: len(S) // 2], S[len(S) // 2 :]]
-        frontier += [hf for hf in halves if fails(hf)]
-        if len(frontier) + len(located) > MAX_LOCATED:
-            spread = True
-            break
-    located += [int(S[0]) for S in frontier if len(S) == 1]
-    return located, [S for S in frontier if len(S) > 1], spread
-
-
-def _restricted_probe(ev: Evidence) -> Callable[[Any], bool]:
-    """fails(idx): does a random probe restricted to the elements `idx` fail (first cotangent)?"""
-    s1, tol, h, dx = ev.sides[0], ev.tol, ev.steps, ev.grads[0].dx
-    floor = ev.fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
-
-    def fails(idx: Any) -> bool:
-        u = np.zeros(ev.target.n)
-        u[idx] = h[idx] * ev.rng.standard_normal(len(idx))
-        d = ev.fd.directional(u)
-        num = float(s1.dy @ d.value)
-        fde = float(np.abs(s1.dy) @ d.err)
-        terms = float(np.abs(dx[idx]) @ np.abs(u[idx]))
-        au = np.abs(u[idx])
-        limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), float(floor[idx] @ au))
-        return bool(abs(float(dx @ u) - num) > limit)
-
-    return fails
 
 
 # ---------------------------------------------------------------------------------------------
@@ -652,4 +641,5 @@ PROBE: tuple[Rule, ...] = (
     nondifferentiable,
     probe_sign_or_scale,
     probe_transpose,
+    probe_diagonal,
 )
