@@ -178,6 +178,30 @@ def relu_vjp(x: Any, dy: Any) -> Any:
     return (x > 0) * dy
 
 
+def relu_outside_vjp(x: Any, dy: Any) -> Any:
+    """relu'(0) = 2: outside [0, 1], no subgradient."""
+    return np.where(x > 0, 1.0, np.where(x < 0, 0.0, 2.0)) * dy
+
+
+TIES = np.array([[1.0, 1.0, 0.5], [0.2, 0.3, 0.1], [2.0, -1.0, 2.0]])
+
+
+def row_max(x: Any) -> Any:
+    return x.max(axis=1)
+
+
+def row_max_first_vjp(x: Any, dy: Any) -> Any:
+    """The gradient to the first maximum of each row (a valid subgradient at a tie)."""
+    out = np.zeros_like(x)
+    out[np.arange(x.shape[0]), x.argmax(axis=1)] = dy
+    return out
+
+
+def row_max_copied_vjp(x: Any, dy: Any) -> Any:
+    """The full gradient to every tied maximum: each value is in range, the sum is not."""
+    return (x == x.max(axis=1, keepdims=True)) * dy[:, None]
+
+
 def sigmoid(x: Any) -> Any:
     return 1 / (1 + np.exp(-x))
 
@@ -282,7 +306,11 @@ def wrong_cases() -> list[Case]:
             "fd_noise",
             {"step": 0.5},
         ),
-        Case("relu_at_zero", relu, relu_x, relu_vjp, "nondifferentiable"),
+        Case("relu_at_zero", relu, relu_x, relu_vjp, "kink"),
+        Case("relu_at_zero_probe", relu, relu_x, relu_vjp, "kink", {"mode": "probe"}),
+        Case("relu_at_zero_outside", relu, relu_x, relu_outside_vjp, "nondifferentiable"),
+        Case("max_ties_copied", row_max, TIES, row_max_copied_vjp, "nondifferentiable"),
+        Case("max_ties_first", row_max, TIES, row_max_first_vjp, "kink"),
         Case(
             "softplus_naive_overflow",
             softplus,

@@ -171,9 +171,23 @@ def test_nondifferentiable_abs_at_zero() -> None:
     x = np.array([-1.0, 0.0, 2.0, 0.0, 3.0])
     # sign(0) = 0 is the central difference's own value there: accepted.
     assert check_gradients(np.abs, x, lambda x, dy: np.sign(x) * dy).kinds == ["ok"]
+    # A one-sided derivative at the kinks: a valid subgradient, not confirmed (INCONCLUSIVE).
     report = check_gradients(np.abs, x, lambda x, dy: np.where(x >= 0, 1.0, -1.0) * dy)
-    assert report.kinds[0] == "nondifferentiable"
+    assert report.kinds == ["kink"] and report.ok and report.verdict == "INCONCLUSIVE"
     assert report.diagnosis[0].evidence["indices"] == [(1,), (3,)]
+    assert report.diagnosis[0].evidence["seen"]["the right-hand derivative"] == 2
+    left = check_gradients(np.abs, x, lambda x, dy: np.where(x > 0, 1.0, -1.0) * dy)
+    assert left.diagnosis[0].evidence["seen"]["the left-hand derivative"] == 2
+    half = check_gradients(
+        np.abs, x, lambda x, dy: np.where(x > 0, 1.0, np.where(x < 0, -1, 0.5)) * dy
+    )
+    assert half.kinds == ["kink"] and half.diagnosis[0].evidence["seen"]["a value between"] == 2
+    # Outside [-1, 1]: no subgradient, a failure.
+    out = check_gradients(
+        np.abs, x, lambda x, dy: np.where(x > 0, 1.0, np.where(x < 0, -1, 3)) * dy
+    )
+    assert out.kinds[0] == "nondifferentiable" and out.verdict == "FAIL"
+    assert out.diagnosis[0].evidence["first"] in [(1,), (3,)]
 
 
 # --- tuple inputs, jvp -----------------------------------------------------------------------

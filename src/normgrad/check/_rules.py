@@ -125,6 +125,76 @@ def passed(ev: Evidence) -> list[Finding] | None:
     return [cat.FD_NOISE.finding(evidence, mismatch=diff.max(), fd_error=s.fd.max())]
 
 
+def at_kinks(ev: Evidence) -> list[Finding] | None:
+    """Every bad element at a kink: `kink` (inconclusive) when each value lies between the
+    one-sided derivatives (per entry, Σ_i min/max of dy_i ∂⁺ and dy_i ∂⁻, within tolerance plus
+    their error), `nondifferentiable` when one lies outside. Probe mode: `kink` along the
+    directions (one-sided values along a direction do not bound a subgradient's)."""
+    flags = [(s.bad, np.asarray(s.kinks, dtype=bool)) for s in ev.sides]
+    bad = np.concatenate([b for b, _ in flags])
+    kinks = np.concatenate([k for _, k in flags])
+    if not (np.any(bad) and np.all(kinks[bad])):
+        return None
+    if not ev.full or ev.one_sided is None:
+        return [cat.KINK_PROBES.finding({"count": int(bad.sum())}, count=int(bad.sum()))]
+    t, one = ev.target, ev.one_sided
+    where = np.flatnonzero(np.logical_or.reduce([b for b, _ in flags]))
+    seen = {"the right-hand derivative": 0, "the left-hand derivative": 0, "a value between": 0}
+    for k, s in enumerate(ev.sides):
+        r, lf = s.dy[:, None] * one.right, s.dy[:, None] * one.left
+        lo, hi = np.minimum(r, lf).sum(axis=0), np.maximum(r, lf).sum(axis=0)
+        slack = s.tol + np.abs(s.dy) @ one.err
+        for j in np.flatnonzero(s.bad):
+            v = s.dx[j]
+            if not lo[j] - slack[j] <= v <= hi[j] + slack[j]:
+                return [_outside(ev, where, int(j), v, lo[j], hi[j])]
+            if k == 0:
+                near_r = abs(v - r[:, j].sum()) <= slack[j]
+                near_l = abs(v - lf[:, j].sum()) <= slack[j]
+                name = "the right-hand derivative" if near_r else "the left-hand derivative"
+                seen[name if near_r or near_l else "a value between"] += 1
+    joint = _joint_kink_check(ev, where)
+    if joint is not None:
+        return [joint]
+    said = ", ".join(f"{what} at {c}" for what, c in seen.items() if c) or "values between"
+    idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx, "seen": seen}
+    return [cat.KINK.finding(evidence, count=len(where), examples=idx[:3], seen=said)]
+
+
+def _joint_kink_check(ev: Evidence, where: Any) -> Finding | None:
+    """The kink elements moved together (one directional derivative): where f is smooth along
+    that direction (ties of a max moved together), the backward must match it there, or its
+    values are not one subgradient (each tied element given the full gradient)."""
+    s1, tol = ev.sides[0], ev.tol
+    v = np.zeros(ev.target.n)
+    v[where] = ev.steps[where]
+    d = ev.fd.directional(v)
+    if np.any(d.kink & (s1.dy != 0)):
+        return None  # a kink along this direction too (relu at 0): nothing more to compare
+    num, fde = float(s1.dy @ d.value), float(np.abs(s1.dy) @ d.err)
+    ana, av = float(ev.grads[0].dx @ v), np.abs(v)
+    terms = float(np.abs(ev.grads[0].dx) @ av)
+    floor = float(ev.fd.rounding_floor(tol.eps_a) @ av) * float(np.max(np.abs(s1.dy)))
+    limit, _ = tol(num, fde, terms, terms, float(np.sum(av)), floor)
+    if abs(ana - num) <= limit:
+        return None
+    idx = [ev.target.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx, "along": ana, "numerical": num}
+    return cat.NONDIFFERENTIABLE_JOINT.finding(
+        evidence, count=len(where), examples=idx[:3], ana=ana, num=num
+    )
+
+
+def _outside(ev: Evidence, where: Any, j: int, v: float, lo: float, hi: float) -> Finding:
+    t = ev.target
+    idx = [t.index(int(i)) for i in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx, "first": t.index(j), "range": (lo, hi)}
+    return cat.NONDIFFERENTIABLE_OUTSIDE.finding(
+        evidence, count=len(where), examples=idx[:3], value=v, first=t.index(j), lo=lo, hi=hi
+    )
+
+
 def zero(ev: Evidence) -> list[Finding] | None:
     """The backward returns zeros (within rounding) and the true gradient is not zero."""
     sides = ev.sides
@@ -215,23 +285,7 @@ def linearity(ev: Evidence) -> list[Finding] | None:
     return [cat.NOT_LINEAR_IN_DY.finding({"max_error": float(err.max())}, err=err.max())]
 
 
-def nondifferentiable(ev: Evidence) -> list[Finding] | None:
-    """Every bad value is at a kink: one-sided differences disagree there."""
-    flags = [(s.bad, np.asarray(s.kinks, dtype=bool)) for s in ev.sides]
-    if ev.full:  # one value per element of x, for either side
-        bad = np.logical_or.reduce([b for b, _ in flags])
-        kinks = np.logical_or.reduce([k for _, k in flags])
-    else:  # one value per probe direction and side
-        bad = np.concatenate([b for b, _ in flags])
-        kinks = np.concatenate([k for _, k in flags])
-    if not (np.any(bad) and np.all(kinks[bad])):
-        return None
-    return [_nondifferentiable(ev, np.flatnonzero(bad & kinks))]
-
-
 def _nondifferentiable(ev: Evidence, where: Any) -> Finding:
-    if not ev.full:
-        return cat.NONDIFFERENTIABLE_PROBES.finding({"count": len(where)}, count=len(where))
     idx = [ev.target.index(int(j)) for j in where[:MAX_LISTED]]
     evidence = {"count": len(where), "indices": idx}
     return cat.NONDIFFERENTIABLE.finding(evidence, count=len(where), examples=idx[:3])
@@ -619,9 +673,10 @@ VERDICT: tuple[Rule, ...] = (
     wrong_dtype,
     linearity,
     passed,
+    at_kinks,
 )
 # Full mode, from vjp calls and the one-sided differences only.
-FULL: tuple[Rule, ...] = (zero, nondifferentiable, zero_for_one_input)
+FULL: tuple[Rule, ...] = (zero, zero_for_one_input)
 # Full mode, on the Jacobians (after the analytic one is built and found finite).
 ON_JACOBIANS: tuple[Rule, ...] = (
     sign_or_scale,
@@ -638,7 +693,6 @@ ON_JACOBIANS: tuple[Rule, ...] = (
 # Probe mode, before `localize`.
 PROBE: tuple[Rule, ...] = (
     zero,
-    nondifferentiable,
     probe_sign_or_scale,
     probe_transpose,
     probe_diagonal,
