@@ -477,3 +477,13 @@ def test_any_constant_factor_is_found(c, seed) -> None:
     report = check_gradients(norm_f(1), x, lambda x, dy: c * norm_vjp(1)(x, dy), seed=seed)
     assert report.diagnosis[0].kind == ("sign" if abs(c + 1) < 1e-3 else "scale")
     assert report.diagnosis[0].evidence["factor"] == pytest.approx(c, rel=1e-6)
+
+
+def test_error_estimate_has_a_safety_floor_per_direction() -> None:
+    from normgrad.check._fd import FiniteDifferences
+    from normgrad.check._target import Target
+
+    # Output 0 is linear (Richardson's truncation estimate is 0 there), output 1 curves.
+    t = Target(lambda v: np.array([2 * v[0], np.exp(3 * v[1])]), np.array([0.3, 0.7]))
+    d = FiniteDifferences(t).directional(np.array([1e-2, 1e-2]))
+    assert d.err[0] >= 1e-2 * d.err.max() > 0
