@@ -90,7 +90,7 @@ _ZERO_HINT = (
 )
 ZERO = Template("zero", "the backward returns zeros" + _NOT_ZERO, _ZERO_HINT)
 ZERO_FOR_INPUT = Template(
-    "zero", "the backward returns zeros for input {input} (x[{input}])" + _NOT_ZERO, _ZERO_HINT
+    "zero", "the backward returns zeros for input {name}" + _NOT_ZERO, _ZERO_HINT
 )
 
 _LINEAR = " (a vector-Jacobian product must be linear in dy)."

@@ -353,6 +353,8 @@ def _report(ev: Evidence, diagnosis: Diagnosis, sweep: Callable[[], Any]) -> Gra
         )
     diff = np.abs(s.dx - s.num)
     full = ev.numerical is not None
+    if full and t.multi and not ok:
+        notes.insert(0, _wrong_inputs(t, s))
     located = diagnosis.located
     if full:
         worst: tuple[int, ...] | None = t.index(int(np.argmax(diff)))
@@ -384,6 +386,17 @@ def _report(ev: Evidence, diagnosis: Diagnosis, sweep: Callable[[], Any]) -> Gra
         output_shape=tuple(t.y_shape),
         step_sweep=sweep,
     )
+
+
+def _wrong_inputs(t: Target, s: Side) -> str:
+    """The note the report leads with for several inputs: which hold errors beyond tolerance."""
+    bad = []
+    for i, name in enumerate(t.names):
+        sl = t.input_slice(i)
+        if np.any(s.bad[sl]):
+            err = np.abs(s.dx[sl] - s.num[sl])
+            bad.append(f"{name} (max error {float(np.nanmax(err)):.3g})")
+    return "the errors are in: " + (", ".join(bad) if bad else "none of the inputs alone") + "."
 
 
 def _measured(t: Target, dy: F64, dx: F64, eps_a: float) -> F64:

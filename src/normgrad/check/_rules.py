@@ -315,8 +315,8 @@ def zero_for_one_input(ev: Evidence) -> list[Finding] | None:
         sl = t.input_slice(i)
         if all(np.any(s.bad[sl]) and np.all(np.abs(s.dx[sl]) <= s.strict[sl]) for s in sides):
             top = float(np.max(np.abs(sides[0].num[sl])))
-            evidence = {"max_numerical": top, "input": i}
-            return [cat.ZERO_FOR_INPUT.finding(evidence, top=top, input=i)]
+            evidence = {"max_numerical": top, "input": i, "name": t.names[i]}
+            return [cat.ZERO_FOR_INPUT.finding(evidence, top=top, name=t.names[i])]
     return None
 
 
