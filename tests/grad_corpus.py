@@ -411,6 +411,13 @@ def wrong_cases() -> list[Case]:
             "partial",
             {"mode": "probe"},
         ),
+        Case(
+            "rms_var_path_half",
+            lambda x: normgrad.normalize(x, -1, center=False),
+            0.5 + r(51).standard_normal((3, 6)),
+            rms_coefficient(0.5),
+            "coefficient",
+        ),
         Case("conv_edges", conv, r(11).standard_normal(40), conv_edges_dropped, "partial"),
         Case(
             "matmul_confused",
@@ -441,6 +448,17 @@ def tanh_three_wrong(x: Any, dy: Any) -> Any:
     dx = tanh_vjp(x, dy)
     dx.flat[_THREE] *= [0.0, 2.0, -1.0]
     return dx
+
+
+def rms_coefficient(c_var: float) -> Callable[..., Any]:
+    """RMS normalization's backward r(g - x̂·mean(g·x̂)), its variance-path term times c_var."""
+
+    def vjp(x: Any, g: Any) -> Any:
+        r = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + EPS)
+        xhat = x * r
+        return r * (g - c_var * xhat * (g * xhat).mean(-1, keepdims=True))
+
+    return vjp
 
 
 def tanh_offset_one(x: Any, dy: Any) -> Any:
