@@ -74,9 +74,8 @@ class GroupTest:
     def __init__(self, ev: Evidence) -> None:
         self.ev = ev
         t = ev.target
-        s1 = ev.sides[0]
-        self.dy, self.dx = s1.dy, ev.grads[0].dx
-        self.u = ev.steps * ev.rng.standard_normal(t.n)
+        k, self.u = _worst_probe(ev)
+        self.dy, self.dx = ev.sides[k].dy, ev.grads[k].dx
         self.t = (np.arange(t.n) + 1.0) / t.n
         self.w = self.u * self.t
         self.floor = ev.fd.rounding_floor(ev.tol.eps_a) * float(np.max(np.abs(self.dy)))
@@ -128,6 +127,17 @@ class GroupTest:
         half = self.node(nd.idx[: len(nd.idx) // 2])
         other = Node(nd.idx[len(nd.idx) // 2 :], nd.su.minus(half.su), nd.sw.minus(half.sw))
         return [half, other]
+
+
+def _worst_probe(ev: Evidence) -> tuple[int, F64]:
+    """(cotangent, direction) of the probe that fails by most, relative to its tolerance: the
+    whole set's sum along it fails as that probe did (a fresh random direction may not, when
+    the wrong elements' weights in it happen to be small)."""
+    if ev.probes is None:
+        return 0, ev.steps * ev.rng.standard_normal(ev.target.n)
+    ratios = [np.abs(s.dx - s.num) / np.maximum(s.tol, 1e-300) for s in ev.sides]
+    k = int(np.argmax([float(np.max(r)) for r in ratios]))
+    return k, np.asarray(ev.probes.dirs[int(np.argmax(ratios[k]))])
 
 
 def group_test(ev: Evidence, most: int, budget_left: Callable[[], bool]) -> Outcome:
