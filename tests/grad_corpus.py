@@ -418,6 +418,22 @@ def wrong_cases() -> list[Case]:
             rms_coefficient(0.5),
             "coefficient",
         ),
+        Case(
+            "norm_no_mean_path_probe",
+            norm_f(-1),
+            r(52).standard_normal((200, 8)),
+            norm_no_mean_path(-1),
+            "missing_term",
+            {"mode": "probe"},
+        ),
+        Case(
+            "norm_var_path_quarter_probe",
+            norm_f(-1),
+            r(53).standard_normal((200, 8)),
+            norm_coefficients(-1, 1.0, 0.25),
+            "coefficient",
+            {"mode": "probe"},
+        ),
         Case("conv_edges", conv, r(11).standard_normal(40), conv_edges_dropped, "partial"),
         Case(
             "matmul_confused",

@@ -127,3 +127,41 @@ def test_softmax_diagonal_and_elementwise_partial_in_probe_mode() -> None:
 
     report = check_gradients(np.tanh, x, one_wrong, mode="probe")
     assert report.kinds == ["partial"] and report.diagnosis[0].evidence["indices"] == [(3, 4)]
+
+
+@pytest.mark.parametrize(
+    ("make", "kind", "words"),
+    [
+        ("no_mean", "missing_term", "the mean path"),
+        ("no_var", "missing_term", "the variance path"),
+        ("quarter_var", "coefficient", "variance-path term is 1/4×"),
+    ],
+)
+def test_normalization_mistakes_named_in_probe_mode(make: str, kind: str, words: str) -> None:
+    from grad_corpus import norm_coefficients, norm_f, norm_no_mean_path, norm_no_var_path
+
+    vjps = {
+        "no_mean": norm_no_mean_path(-1),
+        "no_var": norm_no_var_path(-1),
+        "quarter_var": norm_coefficients(-1, 1.0, 0.25),
+    }
+    x = np.random.default_rng(9).standard_normal((300, 10))
+    report = check_gradients(norm_f(-1), x, vjps[make], mode="probe")
+    assert report.kinds == [kind], str(report)
+    assert words in report.diagnosis[0].message
+    assert any("Jacobian block of one group of 10 elements" in n for n in report.notes)
+
+
+def test_the_group_block_is_not_used_for_non_normalizations() -> None:
+    x = np.random.default_rng(10).standard_normal((200, 6))
+
+    def sm(v):
+        e = np.exp(v - v.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    def half_coupling(v, g):
+        s = sm(v)
+        return s * (g - 0.5 * (g * s).sum(-1, keepdims=True))
+
+    report = check_gradients(sm, x, half_coupling, mode="probe")
+    assert "coefficient" not in report.kinds and not report.ok

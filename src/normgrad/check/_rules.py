@@ -606,6 +606,63 @@ def probe_diagonal(ev: Evidence) -> list[Finding] | None:
     return [cat.DIAGONAL_PROBE.finding({"cross_term": num, "tolerance": float(limit)})]
 
 
+MAX_BLOCK = 64  # probe_group: the largest group whose Jacobian block is built
+
+
+def probe_group(ev: Evidence) -> list[Finding] | None:
+    """For square J: the Jacobian block of one group, built as full mode would (a row of A by
+    one vjp call gives the group; its k columns of J by k directional derivatives, its k rows
+    of A by k vjp calls), and the normalization fits (`coefficient`, `missing_term`) on it.
+    None unless the block is closed (nothing outside it in those rows and columns), at most
+    MAX_BLOCK elements, wrong, and a normalization-shaped fit names it."""
+    t = ev.target
+    if t.m != t.n:
+        return None
+    i = int(ev.rng.integers(t.n))
+    row = t.vjp(np.eye(1, t.n, i).ravel())
+    cols = np.flatnonzero(np.abs(row) > _rounding(ev, row))
+    if not 3 <= len(cols) <= MAX_BLOCK or i not in cols:
+        return None
+    block = _block(ev, cols)
+    if block is None or not np.any(block.bad):
+        return None
+    x = t.x64[cols]
+    sizes = block.sizes()
+    found = _normalization.coefficients(block, x, lambda c: nice_number(c, sizes))
+    found = found or _normalization.group_paths(block, x)
+    if found is None:
+        return None
+    t.notes.add(
+        f"probe mode: the finding comes from the Jacobian block of one group of {len(cols)} "
+        f"elements (around {t.index(i)}), built with {len(cols)} directional derivatives and "
+        f"{len(cols)} vjp calls."
+    )
+    return [found]
+
+
+def _block(ev: Evidence, cols: Any) -> Jacobians | None:
+    """A and J restricted to `cols` (rows and columns), or None if either reaches outside."""
+    t, tol = ev.target, ev.tol
+    outside = np.ones(t.n, dtype=bool)
+    outside[cols] = False
+    J, err, A = [], [], []
+    for j in cols:
+        d = ev.fd.directional(np.eye(1, t.n, j).ravel() * ev.steps[j]).scaled(1 / ev.steps[j])
+        if np.any(np.abs(d.value[outside]) > 2 * d.err[outside] + 1e-12 * np.max(np.abs(d.value))):
+            return None
+        J.append(d.value[cols])
+        err.append(d.err[cols])
+        a = t.vjp(np.eye(1, t.n, j).ravel())
+        if np.any(np.abs(a[outside]) > _rounding(ev, a)[outside]):
+            return None
+        A.append(a[cols])
+    Jb, Eb, Ab = np.stack(J, axis=1), np.stack(err, axis=1), np.stack(A)
+    scale = float(np.max(np.abs(Jb), initial=0.0))
+    floor = ev.fd.rounding_floor(tol.eps_a)[cols][None, :]
+    T, _ = tol(Jb, Eb, np.abs(Ab) + np.abs(Jb), scale, floor=floor)
+    return Jacobians.compare(Ab, Jb, np.asarray(T))
+
+
 def localize(ev: Evidence) -> Diagnosis:
     """The bad elements by adaptive group testing (`_localize.group_test`): single elements
     (`partial`), index sets when the budget ran out first (`partial`), or spread out
@@ -696,4 +753,5 @@ PROBE: tuple[Rule, ...] = (
     probe_sign_or_scale,
     probe_transpose,
     probe_diagonal,
+    probe_group,
 )
