@@ -434,6 +434,14 @@ def wrong_cases() -> list[Case]:
             "coefficient",
             {"mode": "probe"},
         ),
+        Case(
+            "matmul_db_sign_probe",
+            matmul,
+            (r(54).standard_normal((40, 30)), r(55).standard_normal((30, 50))),
+            lambda a, b, g: (g @ b.T, -(a.T @ g)),
+            "sign",
+            {"mode": "probe"},
+        ),
         Case("conv_edges", conv, r(11).standard_normal(40), conv_edges_dropped, "partial"),
         Case(
             "matmul_confused",

@@ -165,3 +165,22 @@ def test_the_group_block_is_not_used_for_non_normalizations() -> None:
 
     report = check_gradients(sm, x, half_coupling, mode="probe")
     assert "coefficient" not in report.kinds and not report.ok
+
+
+def test_tuple_inputs_get_per_input_findings_in_probe_mode() -> None:
+    rng = np.random.default_rng(11)
+    a, b = rng.standard_normal((40, 30)), rng.standard_normal((30, 50))
+
+    def f(a, b):
+        return a @ b
+
+    right = check_gradients(f, (a, b), lambda a, b, g: (g @ b.T, a.T @ g), mode="probe")
+    assert right.kinds == ["ok"]
+    sign = check_gradients(f, (a, b), lambda a, b, g: (g @ b.T, -(a.T @ g)), mode="probe")
+    assert sign.kinds == ["sign"] and sign.diagnosis[0].evidence["input"] == "[1]", str(sign)
+    assert "[0] right" in sign.diagnosis[0].message
+    two = check_gradients(f, (a, b), lambda a, b, g: (2 * g @ b.T, 4 * a.T @ g), mode="probe")
+    got = [(d.kind, d.evidence["input"], d.evidence["factor"]) for d in two.diagnosis]
+    assert got == [("scale", "[0]", 2.0), ("scale", "[1]", 4.0)], str(two)
+    both = check_gradients(f, (a, b), lambda a, b, g: (2 * g @ b.T, 2 * a.T @ g), mode="probe")
+    assert both.kinds == ["scale"] and "input" not in both.diagnosis[0].evidence

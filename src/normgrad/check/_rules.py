@@ -559,6 +559,56 @@ def probe_sign_or_scale(ev: Evidence) -> list[Finding] | None:
     return None
 
 
+def probe_per_input(ev: Evidence) -> list[Finding] | None:
+    """With several inputs: one directional derivative per input (a probe on its elements
+    only), seen through both cotangents: each input right, or off by its own factor c_i (the
+    same for both); one `sign`/`scale` finding per wrong input."""
+    t, tol = ev.target, ev.tol
+    if not t.multi:
+        return None
+    verdicts: list[tuple[str, float | None]] = []
+    for i, name in enumerate(t.names):
+        sl = t.input_slice(i)
+        u = np.zeros(t.n)
+        u[sl] = ev.steps[sl] * ev.rng.standard_normal(sl.stop - sl.start)
+        d = ev.fd.directional(u)
+        au = np.abs(u)
+        ratios = []
+        right = True
+        for s, (_, dx) in zip(ev.sides, ev.grads, strict=True):
+            num, fde = float(s.dy @ d.value), float(np.abs(s.dy) @ d.err)
+            ana, terms = float(dx @ u), float(np.abs(dx) @ au)
+            floor = float(ev.fd.rounding_floor(tol.eps_a) @ au) * float(np.max(np.abs(s.dy)))
+            limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), floor)
+            right = right and abs(ana - num) <= limit
+            if not abs(num) > 4 * limit:
+                return None  # too small to name a factor
+            ratios.append((ana / num, limit / abs(num)))
+        (c1, e1), (c2, e2) = ratios
+        if right:
+            verdicts.append((name, None))
+        elif abs(c1 - c2) <= 2 * (e1 + e2) * max(1.0, abs(c1)):
+            verdicts.append((name, (c1 + c2) / 2))
+        else:
+            return None
+    wrong = [(n, c) for n, c in verdicts if c is not None]
+    common = len(wrong) == len(verdicts) and len({round(c, 6) for _, c in wrong}) == 1
+    if not wrong or common:
+        return None  # nothing per input, or one common factor (`probe_sign_or_scale`)
+    sizes = [t.n, t.m, *[int(np.prod(sh)) for sh in t.shapes]]
+    return [_input_finding(n, _nice(c), verdicts, sizes) for n, c in wrong]
+
+
+def _nice(c: float) -> float:
+    """A probe's factor, snapped to a simple fraction when within 1e-6 of one (the probes'
+    finite differences are not exact)."""
+    for q in range(1, 9):
+        p = round(c * q)
+        if p != 0 and abs(c - p / q) <= 1e-6 * abs(c):
+            return p / q
+    return c
+
+
 def probe_transpose(ev: Evidence) -> list[Finding] | None:
     """For square J: does vjp(dy) equal J·dy (one more directional derivative, along dy)?"""
     t, s1, tol = ev.target, ev.sides[0], ev.tol
@@ -751,6 +801,7 @@ ON_JACOBIANS: tuple[Rule, ...] = (
 PROBE: tuple[Rule, ...] = (
     zero,
     probe_sign_or_scale,
+    probe_per_input,
     probe_transpose,
     probe_diagonal,
     probe_group,
