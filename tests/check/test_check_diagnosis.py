@@ -344,3 +344,13 @@ def test_rms_coefficient_never_fires_on_radial_non_normalizations() -> None:
         return g * (z * z).sum(-1, keepdims=True) + 0.5 * 2 * z * (g * z).sum(-1, keepdims=True)
 
     assert "coefficient" not in check_gradients(cubic, x, wrong).kinds
+
+
+def test_rms_diagonal_backward_names_only_the_variance_path() -> None:
+    x = 0.5 + np.random.default_rng(18).standard_normal((4, 6))
+    f = _ng_norm(-1, False, "inside")
+    report = check_gradients(f, x, _norm_backward(-1, False, "inside", 1.0, 0.0))
+    assert report.kinds == ["diagonal", "missing_term"], str(report)
+    paths = report.diagnosis[1]
+    assert paths.evidence["rms"] and "variance path" in paths.message
+    assert "mean path" not in paths.message

@@ -130,7 +130,11 @@ def _coefficient_finding(jac: Jacobians, r0: Any, basis: _Basis, name: Any) -> F
 def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
     """For a backward whose Jacobian is diagonal: fit J's off-diagonal entries, per group and
     per row, by a + b (x_j - mean). The `a` part is the mean path, the `b` part the variance
-    path; None unless the fit holds for every group."""
+    path; None unless the fit holds for every group. RMS normalization (no mean) is tried
+    first: off-diagonal entries b_i x_j per row are its variance path alone."""
+    if _rms_cross_terms(jac, x):
+        evidence = {"groups": len(np.unique(jac.col_groups)), "rms": True}
+        return _paths_finding(CROSS_TERM_PATHS, 0.0, 1.0, evidence)
     J, T = jac.J, jac.T
     rows_l, cols_l = jac.row_groups, jac.col_groups
     e_mean = e_var = 0.0
@@ -168,6 +172,28 @@ def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
         "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0,
     }
     return _paths_finding(CROSS_TERM_PATHS, e_mean, e_var, evidence)
+
+
+def _rms_cross_terms(jac: Jacobians, x: F64) -> bool:
+    """J's off-diagonal entries, per square group, are b_i x_j (an RMS normalization's
+    variance path: no term constant over the group), and not all zero."""
+    J, T = jac.J, jac.T
+    if J.shape[0] != J.shape[1]:
+        return False
+    for g in np.unique(jac.col_groups):
+        cols = np.flatnonzero(jac.col_groups == g)
+        if len(cols) < 3 or not np.array_equal(np.flatnonzero(jac.row_groups == g), cols):
+            return False
+        Jg, Tg, xg = J[np.ix_(cols, cols)], T[np.ix_(cols, cols)], x[cols]
+        off = ~np.eye(len(cols), dtype=bool)
+        xs = np.where(off, xg[None, :], 0.0)
+        den = np.sum(xs * xs, axis=1)
+        if np.any(den <= 0):
+            return False
+        b = np.sum(np.where(off, Jg, 0.0) * xs, axis=1) / den
+        if not np.all(np.abs((Jg - b[:, None] * xg[None, :])[off]) <= 2 * Tg[off]):
+            return False
+    return True
 
 
 def _count(r: float, n: int) -> str:
