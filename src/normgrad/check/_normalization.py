@@ -133,8 +133,8 @@ def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
     path; None unless the fit holds for every group. RMS normalization (no mean) is tried
     first: off-diagonal entries b_i x_j per row are its variance path alone."""
     if _rms_cross_terms(jac, x):
-        evidence = {"groups": len(np.unique(jac.col_groups)), "rms": True}
-        return _paths_finding(CROSS_TERM_PATHS, 0.0, 1.0, evidence)
+        rms: dict[str, Any] = {"groups": len(np.unique(jac.col_groups)), "rms": True}
+        return _paths_finding(CROSS_TERM_PATHS, 0.0, 1.0, rms)
     J, T = jac.J, jac.T
     rows_l, cols_l = jac.row_groups, jac.col_groups
     e_mean = e_var = 0.0
