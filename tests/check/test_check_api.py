@@ -487,3 +487,10 @@ def test_error_estimate_has_a_safety_floor_per_direction() -> None:
     t = Target(lambda v: np.array([2 * v[0], np.exp(3 * v[1])]), np.array([0.3, 0.7]))
     d = FiniteDifferences(t).directional(np.array([1e-2, 1e-2]))
     assert d.err[0] >= 1e-2 * d.err.max() > 0
+
+
+def test_the_report_header_says_inconclusive() -> None:
+    x = np.array([-1.0, 0.0, 2.0])
+    report = check_gradients(np.abs, x, lambda x, dy: np.where(x >= 0, 1.0, -1.0) * dy)
+    assert str(report).startswith("gradient check: OK, INCONCLUSIVE")
+    assert report.to_dict()["verdict"] == "INCONCLUSIVE"

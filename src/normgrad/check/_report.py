@@ -118,7 +118,9 @@ class GradReport:
         return "INCONCLUSIVE" if {"fd_noise", "kink"} & set(self.kinds) else "PASS"
 
     def __str__(self) -> str:
-        verdict = "OK" if self.ok else "MISMATCH"
+        verdict = {"PASS": "OK", "INCONCLUSIVE": "OK, INCONCLUSIVE", "FAIL": "MISMATCH"}[
+            self.verdict
+        ]
         shapes = ", ".join(str(s) for s in self.input_shapes)
         lines = [
             f"gradient check: {verdict}  (mode={self.mode}, x: {shapes} -> y: "
