@@ -3,6 +3,8 @@ adaptive group testing (`check/_localize.py`), a diagonal-only backward named `d
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import normgrad
 from normgrad._problem import problem_backward, problem_forward
@@ -184,3 +186,25 @@ def test_tuple_inputs_get_per_input_findings_in_probe_mode() -> None:
     assert got == [("scale", "[0]", 2.0), ("scale", "[1]", 4.0)], str(two)
     both = check_gradients(f, (a, b), lambda a, b, g: (2 * g @ b.T, 2 * a.T @ g), mode="probe")
     assert both.kinds == ["scale"] and "input" not in both.diagnosis[0].evidence
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    n=st.integers(2000, 30000),
+    k=st.integers(1, 10),
+    seed=st.integers(0, 2**16),
+    factor=st.sampled_from([0.0, -1.0, 2.0, 1.1]),
+)
+def test_group_testing_isolates_any_few_wrong_elements(n, k, seed, factor) -> None:
+    rng = np.random.default_rng(seed)
+    x = 0.5 + rng.random(n)  # f' = x + 1 >= 1.5: every planted factor changes dx
+    bad = np.sort(rng.choice(n, k, replace=False))
+
+    def vjp(x, dy):
+        dx = poly_vjp(x, dy)
+        dx[bad] *= factor
+        return dx
+
+    report = check_gradients(poly, x, vjp, mode="probe", seed=seed)
+    assert report.kinds == ["partial"], str(report)
+    assert report.diagnosis[0].evidence["indices"] == [(int(j),) for j in bad]
