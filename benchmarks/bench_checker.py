@@ -1,7 +1,8 @@
 """Time the gradient checker, in evaluations of f and seconds: full mode at 10^2, 10^3 and
-2*10^3 inputs (a normalization with a planted missing mean path), the problem's 28x28
-backward, and a planted bug in a 10^6-element normalization (probe mode, with and without
-localization).
+2*10^3 inputs (a normalization with a planted scale bug), the problem's 28x28 backward, and
+a 10^6-element normalization over groups of 10 in probe mode: correct, a scale bug, a
+diagonal-only backward, and 1, 3 and 10 bad elements localized. Part of `make bench` (not
+with --quick); prints a Markdown table (docs/performance.md, "Checker cost").
 
     .venv/bin/python benchmarks/bench_checker.py
 """
@@ -43,10 +44,28 @@ def _full_run(n: int) -> Callable[[], Any]:
     return run
 
 
+def _planted(k: int, seed: int, n: int) -> Callable[[Any, Any], Any]:
+    bad = np.random.default_rng(seed).choice(n, k, replace=False)
+
+    def vjp(x: Any, dy: Any) -> Any:
+        dx = _vjp(-1)(x, dy)
+        dx.flat[bad] *= 3.0
+        return dx
+
+    return vjp
+
+
+def _diagonal(x: Any, dy: Any) -> Any:
+    """The question's mistake, vectorized: only dy/σ per row."""
+    d = x - x.mean(-1, keepdims=True)
+    return dy / np.sqrt((d * d).mean(-1, keepdims=True) + 1e-5)
+
+
 def main() -> None:
     x = problem_input()
-    big = np.random.default_rng(0).standard_normal((1000, 1000))
+    big = np.random.default_rng(0).standard_normal((10**5, 10))  # 10^6 elements, groups of 10
     normgrad.normalize(big, -1)  # warm-up: the first call may compile kernels
+    norm = lambda v: normgrad.normalize(v, -1)  # noqa: E731
     runs: list[tuple[str, Callable[[], Any]]] = [
         (f"normalize {n}, full mode, scale bug", _full_run(n)) for n in (100, 1000, 2000)
     ]
@@ -55,26 +74,30 @@ def main() -> None:
             "problem 28x28, full mode",
             lambda: check_gradients(problem_forward, x, problem_backward, dy=np.ones_like(x)),
         ),
-        (
-            "normalize 10^6, probe, correct",
-            lambda: check_gradients(lambda v: normgrad.normalize(v, -1), big, _vjp(-1)),
-        ),
+        ("normalize 10^6, probe, correct", lambda: check_gradients(norm, big, _vjp(-1))),
         (
             "normalize 10^6, probe, scale bug",
-            lambda: check_gradients(
-                lambda v: normgrad.normalize(v, -1), big, lambda v, dy: 2 * _vjp(-1)(v, dy)
-            ),
+            lambda: check_gradients(norm, big, lambda v, dy: 2 * _vjp(-1)(v, dy)),
         ),
         (
-            "normalize 10^6, probe, one bad element (bisection)",
-            lambda: check_gradients(lambda v: normgrad.normalize(v, -1), big, _partial),
+            "normalize 10^6, probe, diagonal-only backward",
+            lambda: check_gradients(norm, big, _diagonal),
         ),
     ]
+    runs += [
+        (
+            f"normalize 10^6, probe, {k} bad element(s) (localized)",
+            lambda k=k: check_gradients(norm, big, _planted(k, k, big.size)),
+        )
+        for k in (1, 3, 10)
+    ]
+    print("| check | seconds | evaluations of f | findings |")
+    print("|---|---|---|---|")
     for name, run in runs:
         t0 = time.perf_counter()
         report = run()
         dt = time.perf_counter() - t0
-        print(f"{name:55s} {dt:7.2f} s  {report.n_evals:5d} evals  -> {', '.join(report.kinds)}")
+        print(f"| {name} | {dt:.2f} | {report.n_evals} | {', '.join(report.kinds)} |", flush=True)
 
 
 if __name__ == "__main__":

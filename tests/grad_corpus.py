@@ -178,6 +178,30 @@ def relu_vjp(x: Any, dy: Any) -> Any:
     return (x > 0) * dy
 
 
+def relu_outside_vjp(x: Any, dy: Any) -> Any:
+    """relu'(0) = 2: outside [0, 1], no subgradient."""
+    return np.where(x > 0, 1.0, np.where(x < 0, 0.0, 2.0)) * dy
+
+
+TIES = np.array([[1.0, 1.0, 0.5], [0.2, 0.3, 0.1], [2.0, -1.0, 2.0]])
+
+
+def row_max(x: Any) -> Any:
+    return x.max(axis=1)
+
+
+def row_max_first_vjp(x: Any, dy: Any) -> Any:
+    """The gradient to the first maximum of each row (a valid subgradient at a tie)."""
+    out = np.zeros_like(x)
+    out[np.arange(x.shape[0]), x.argmax(axis=1)] = dy
+    return out
+
+
+def row_max_copied_vjp(x: Any, dy: Any) -> Any:
+    """The full gradient to every tied maximum: each value is in range, the sum is not."""
+    return (x == x.max(axis=1, keepdims=True)) * dy[:, None]
+
+
 def sigmoid(x: Any) -> Any:
     return 1 / (1 + np.exp(-x))
 
@@ -282,7 +306,11 @@ def wrong_cases() -> list[Case]:
             "fd_noise",
             {"step": 0.5},
         ),
-        Case("relu_at_zero", relu, relu_x, relu_vjp, "nondifferentiable"),
+        Case("relu_at_zero", relu, relu_x, relu_vjp, "kink"),
+        Case("relu_at_zero_probe", relu, relu_x, relu_vjp, "kink", {"mode": "probe"}),
+        Case("relu_at_zero_outside", relu, relu_x, relu_outside_vjp, "nondifferentiable"),
+        Case("max_ties_copied", row_max, TIES, row_max_copied_vjp, "nondifferentiable"),
+        Case("max_ties_first", row_max, TIES, row_max_first_vjp, "kink"),
         Case(
             "softplus_naive_overflow",
             softplus,
@@ -367,6 +395,53 @@ def wrong_cases() -> list[Case]:
             norm_coefficients(-1, 1.0, 0.25),
             "coefficient",
         ),
+        Case(
+            "whole_norm_diagonal_probe",
+            whole_norm,
+            r(49).standard_normal((40, 50)),
+            whole_norm_diagonal,
+            "diagonal",
+            {"mode": "probe"},
+        ),
+        Case(
+            "tanh_three_wrong_probe",
+            np.tanh,
+            r(50).standard_normal(4000),
+            tanh_three_wrong,
+            "partial",
+            {"mode": "probe"},
+        ),
+        Case(
+            "rms_var_path_half",
+            lambda x: normgrad.normalize(x, -1, center=False),
+            0.5 + r(51).standard_normal((3, 6)),
+            rms_coefficient(0.5),
+            "coefficient",
+        ),
+        Case(
+            "norm_no_mean_path_probe",
+            norm_f(-1),
+            r(52).standard_normal((200, 8)),
+            norm_no_mean_path(-1),
+            "missing_term",
+            {"mode": "probe"},
+        ),
+        Case(
+            "norm_var_path_quarter_probe",
+            norm_f(-1),
+            r(53).standard_normal((200, 8)),
+            norm_coefficients(-1, 1.0, 0.25),
+            "coefficient",
+            {"mode": "probe"},
+        ),
+        Case(
+            "matmul_db_sign_probe",
+            matmul,
+            (r(54).standard_normal((40, 30)), r(55).standard_normal((30, 50))),
+            lambda a, b, g: (g @ b.T, -(a.T @ g)),
+            "sign",
+            {"mode": "probe"},
+        ),
         Case("conv_edges", conv, r(11).standard_normal(40), conv_edges_dropped, "partial"),
         Case(
             "matmul_confused",
@@ -376,6 +451,38 @@ def wrong_cases() -> list[Case]:
             "unknown",
         ),
     ]
+
+
+def whole_norm(x: Any) -> Any:
+    d = x - x.mean()
+    return d / np.sqrt((d * d).mean() + EPS)
+
+
+def whole_norm_diagonal(x: Any, dy: Any) -> Any:
+    """The question's mistake, vectorized: only the direct term dy/σ."""
+    d = x - x.mean()
+    return dy / np.sqrt((d * d).mean() + EPS)
+
+
+_THREE = [17, 1234, 3999]
+
+
+def tanh_three_wrong(x: Any, dy: Any) -> Any:
+    """Right except three elements (e.g. a boundary case in a kernel)."""
+    dx = tanh_vjp(x, dy)
+    dx.flat[_THREE] *= [0.0, 2.0, -1.0]
+    return dx
+
+
+def rms_coefficient(c_var: float) -> Callable[..., Any]:
+    """RMS normalization's backward r(g - x̂·mean(g·x̂)), its variance-path term times c_var."""
+
+    def vjp(x: Any, g: Any) -> Any:
+        r = 1 / np.sqrt((x * x).mean(-1, keepdims=True) + EPS)
+        xhat = x * r
+        return r * (g - c_var * xhat * (g * xhat).mean(-1, keepdims=True))
+
+    return vjp
 
 
 def tanh_offset_one(x: Any, dy: Any) -> Any:

@@ -17,7 +17,7 @@ from ._ops import (
     normalize_jvp,
 )
 from ._runtime import release_buffers
-from .check import Finding, GradReport, assert_gradients, check_gradients
+from .check import Finding, GradReport, assert_gradients, check_gradients, check_hvp
 from .check._external import External, external
 
 __version__ = "0.1.0"
@@ -34,6 +34,7 @@ __all__ = [
     "Plan",
     "assert_gradients",
     "check_gradients",
+    "check_hvp",
     "explain",
     "external",
     "moments",

@@ -171,9 +171,23 @@ def test_nondifferentiable_abs_at_zero() -> None:
     x = np.array([-1.0, 0.0, 2.0, 0.0, 3.0])
     # sign(0) = 0 is the central difference's own value there: accepted.
     assert check_gradients(np.abs, x, lambda x, dy: np.sign(x) * dy).kinds == ["ok"]
+    # A one-sided derivative at the kinks: a valid subgradient, not confirmed (INCONCLUSIVE).
     report = check_gradients(np.abs, x, lambda x, dy: np.where(x >= 0, 1.0, -1.0) * dy)
-    assert report.kinds[0] == "nondifferentiable"
+    assert report.kinds == ["kink"] and report.ok and report.verdict == "INCONCLUSIVE"
     assert report.diagnosis[0].evidence["indices"] == [(1,), (3,)]
+    assert report.diagnosis[0].evidence["seen"]["the right-hand derivative"] == 2
+    left = check_gradients(np.abs, x, lambda x, dy: np.where(x > 0, 1.0, -1.0) * dy)
+    assert left.diagnosis[0].evidence["seen"]["the left-hand derivative"] == 2
+    half = check_gradients(
+        np.abs, x, lambda x, dy: np.where(x > 0, 1.0, np.where(x < 0, -1, 0.5)) * dy
+    )
+    assert half.kinds == ["kink"] and half.diagnosis[0].evidence["seen"]["a value between"] == 2
+    # Outside [-1, 1]: no subgradient, a failure.
+    out = check_gradients(
+        np.abs, x, lambda x, dy: np.where(x > 0, 1.0, np.where(x < 0, -1, 3)) * dy
+    )
+    assert out.kinds[0] == "nondifferentiable" and out.verdict == "FAIL"
+    assert out.diagnosis[0].evidence["first"] in [(1,), (3,)]
 
 
 # --- tuple inputs, jvp -----------------------------------------------------------------------
@@ -322,7 +336,7 @@ def test_zero_gradient_for_one_input_is_named() -> None:
     a, v = rng.standard_normal((3, 4)), rng.standard_normal(4)
     report = check_gradients(lambda a, v: a @ v, (a, v), lambda a, v, g: (np.outer(g, v), 0 * v))
     assert report.kinds == ["zero"], str(report)
-    assert report.diagnosis[0].evidence["input"] == 1 and "input 1" in report.diagnosis[0].message
+    assert report.diagnosis[0].evidence["input"] == 1 and "input [1]" in report.diagnosis[0].message
 
 
 def test_a_list_is_one_input_not_several() -> None:
@@ -463,3 +477,20 @@ def test_any_constant_factor_is_found(c, seed) -> None:
     report = check_gradients(norm_f(1), x, lambda x, dy: c * norm_vjp(1)(x, dy), seed=seed)
     assert report.diagnosis[0].kind == ("sign" if abs(c + 1) < 1e-3 else "scale")
     assert report.diagnosis[0].evidence["factor"] == pytest.approx(c, rel=1e-6)
+
+
+def test_error_estimate_has_a_safety_floor_per_direction() -> None:
+    from normgrad.check._fd import FiniteDifferences
+    from normgrad.check._target import Target
+
+    # Output 0 is linear (Richardson's truncation estimate is 0 there), output 1 curves.
+    t = Target(lambda v: np.array([2 * v[0], np.exp(3 * v[1])]), np.array([0.3, 0.7]))
+    d = FiniteDifferences(t).directional(np.array([1e-2, 1e-2]))
+    assert d.err[0] >= 1e-2 * d.err.max() > 0
+
+
+def test_the_report_header_says_inconclusive() -> None:
+    x = np.array([-1.0, 0.0, 2.0])
+    report = check_gradients(np.abs, x, lambda x, dy: np.where(x >= 0, 1.0, -1.0) * dy)
+    assert str(report).startswith("gradient check: OK, INCONCLUSIVE")
+    assert report.to_dict()["verdict"] == "INCONCLUSIVE"

@@ -16,6 +16,7 @@ def test_catalogue_covers_exactly_kinds() -> None:
         "ok",
         "fd_noise",
         "nondifferentiable",
+        "kink",
         "nonfinite",
         "zero",
         "nondeterministic",

@@ -9,6 +9,7 @@ from grad_corpus import norm_coefficients, norm_f
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+import normgrad
 from normgrad.check import check_gradients
 from normgrad.check._target import Target
 
@@ -292,3 +293,64 @@ def test_coefficient_message_names_the_wrong_count() -> None:
     msg = report.diagnosis[0].message
     assert "variance-path term is 1/4× what it should be (1/m with m = 32" in msg
     assert "n = 8 elements" in msg
+
+
+def _norm_backward(axes: Any, center: bool, mode: str, c_mean: float, c_var: float) -> Any:
+    """A normalization's backward (both eps modes, with or without centering), with its mean
+    and variance terms times c_mean and c_var (c = 1: the textbook formula)."""
+
+    def vjp(x: Any, g: Any) -> Any:
+        kw = {"axis": axes, "keepdims": True}
+        u = x - x.mean(**kw) if center else x
+        s = np.sqrt((u * u).mean(**kw))
+        d = s + 1e-5 if mode == "outside" else np.sqrt(s * s + 1e-5)
+        var_den = s * d if mode == "outside" else d * d
+        mean = c_mean * g.mean(**kw) if center else 0.0
+        return (g - mean - c_var * u * (g * u).mean(**kw) / var_den) / d
+
+    return vjp
+
+
+def _ng_norm(axes: Any, center: bool, mode: str) -> Any:
+    return lambda x: normgrad.normalize(x, axes, center=center, eps_mode=mode)
+
+
+@pytest.mark.parametrize("axes", [-1, 0, (1, 2), None])
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("mode", ["inside", "outside"])
+def test_coefficient_fit_both_eps_modes_and_rms(axes: Any, center: bool, mode: str) -> None:
+    x = 0.5 + np.random.default_rng(16).standard_normal((3, 4, 5))
+    f = _ng_norm(axes, center, mode)
+    right = check_gradients(f, x, _norm_backward(axes, center, mode, 1.0, 1.0))
+    assert right.kinds == ["ok"], str(right)  # the reference formula, against f's differences
+    report = check_gradients(f, x, _norm_backward(axes, center, mode, 1.0, 0.25))
+    assert report.kinds[0] == "coefficient", str(report)
+    ev = report.diagnosis[0].evidence
+    assert ev["ratio_variance"] == pytest.approx(0.25, rel=1e-6)
+    assert ev["basis"] == ("mean-variance" if center else "rms")
+    assert ("RMS" in report.diagnosis[0].message) == (not center)
+    if not center:  # RMS without its variance path keeps only g/σ: a diagonal backward
+        absent = check_gradients(f, x, _norm_backward(axes, center, mode, 1.0, 0.0))
+        assert absent.kinds[0] == "diagonal", str(absent)
+
+
+def test_rms_coefficient_never_fires_on_radial_non_normalizations() -> None:
+    x = np.random.default_rng(17).standard_normal((3, 6))
+
+    def cubic(z: Any) -> Any:  # z·Σz²: its Jacobian is s·I + b·zzᵀ, with b/s > 0
+        return z * (z * z).sum(-1, keepdims=True)
+
+    def wrong(z: Any, g: Any) -> Any:  # the coupling term at half its size
+        return g * (z * z).sum(-1, keepdims=True) + 0.5 * 2 * z * (g * z).sum(-1, keepdims=True)
+
+    assert "coefficient" not in check_gradients(cubic, x, wrong).kinds
+
+
+def test_rms_diagonal_backward_names_only_the_variance_path() -> None:
+    x = 0.5 + np.random.default_rng(18).standard_normal((4, 6))
+    f = _ng_norm(-1, False, "inside")
+    report = check_gradients(f, x, _norm_backward(-1, False, "inside", 1.0, 0.0))
+    assert report.kinds == ["diagonal", "missing_term"], str(report)
+    paths = report.diagnosis[1]
+    assert paths.evidence["rms"] and "variance path" in paths.message
+    assert "mean path" not in paths.message

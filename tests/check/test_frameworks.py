@@ -257,3 +257,63 @@ def test_jax_check_grads_orders_and_modes():
         njax.check_grads(_rule(False), (jnp.asarray(X),), modes=("fwd",))
     with pytest.raises(NormgradError, match="order"):
         njax.check_grads(j_norm, (jnp.asarray(X),), order=0)
+
+
+# -- per-input findings name pytree leaves and module parameters ------------------------------
+
+
+class _SignedWeight(torch.autograd.Function):
+    """A linear layer whose weight gradient has the wrong sign."""
+
+    @staticmethod
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        return x @ w.T + b
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, -(g.T @ x), g.sum(0)
+
+
+class _Layered(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return torch.tanh(_SignedWeight.apply(x, self.layer.weight, self.layer.bias))
+
+
+def test_a_module_parameter_is_named_in_the_finding_and_leads_the_report():
+    report = check_gradients(_Layered(), torch.tensor(X))
+    first = report.diagnosis[0]
+    assert first.kind == "sign" and first.evidence["input"] == "layer.weight", str(report)
+    assert "input layer.weight" in first.message and "layer.bias right" in first.message
+    assert report.notes[0].startswith("the errors are in: layer.weight"), report.notes
+
+
+def test_pytree_leaves_are_named_in_findings():
+    @jax.custom_vjp
+    def scaled(w, x):
+        return w * x
+
+    scaled.defvjp(lambda w, x: (w * x, (w, x)), lambda r, g: ((3.0 * g * r[1]).sum(0), g * r[0]))
+
+    def f(params, x):
+        return jnp.tanh(scaled(params["w"], x) + params["b"][0])
+
+    params = {"w": jnp.ones(5), "b": [jnp.zeros(5)]}
+    report = check_gradients(f, (params, jnp.asarray(X)))
+    first = report.diagnosis[0]
+    assert first.kind == "scale" and first.evidence["input"] == "params['w']", str(report)
+    assert first.evidence["factor"] == pytest.approx(3.0, rel=1e-4)
+    assert report.notes[0].startswith("the errors are in: params['w']"), report.notes
+
+    def zero_w(w, x):
+        return w * x
+
+    zw = jax.custom_vjp(zero_w)
+    zw.defvjp(lambda w, x: (w * x, (w, x)), lambda r, g: (jnp.zeros_like(r[0]), g * r[0]))
+    report = check_gradients(lambda p, x: jnp.tanh(zw(p["w"], x)), ({"w": jnp.ones(5)}, X))
+    assert report.kinds[0] == "zero" and "input p['w']" in report.diagnosis[0].message, str(report)

@@ -9,7 +9,8 @@ report.ok, report.diagnosis[0].kind      # e.g. False, "diagonal"
 
 `budgets=Budgets(probes=..., full_max=..., auto_full_max=..., localize_budget=...)` bounds the
 work; `PROBES`, `FULL_MAX`, `AUTO_FULL_MAX` and `LOCALIZE_BUDGET` are its defaults. See
-docs/checker.md for how it works.
+docs/checker.md for how it works. `check_hvp(f, x, grad, hvp)` checks a Hessian-vector product
+(or, for a torch/JAX f, its double backward) the same way.
 """
 
 from ._catalogue import KINDS
@@ -22,6 +23,7 @@ from ._compare import (
     assert_gradients,
     check_gradients,
 )
+from ._hvp import check_hvp
 from ._report import Finding, GradReport
 
 __all__ = [
@@ -35,4 +37,5 @@ __all__ = [
     "GradReport",
     "assert_gradients",
     "check_gradients",
+    "check_hvp",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from . import _normalization
 from ._report import Finding, Template
 
-PASSING = ("ok", "fd_noise")  # the kinds of a check that passes
+PASSING = ("ok", "fd_noise", "kink")  # the kinds of a check that passes (kink: inconclusive)
 
 OK = Template("ok", "the backward matches finite differences within tolerance.")
 FD_NOISE = Template(
@@ -38,10 +38,40 @@ NONDIFFERENTIABLE = Template(
     "left and right finite differences disagree at {count} element(s), e.g. {examples}" + _KINK,
     _KINK_HINT,
 )
-NONDIFFERENTIABLE_PROBES = Template(
+
+KINK = Template(
+    "kink",
+    "f has a kink at {count} element(s) (left and right finite differences disagree), e.g. "
+    "{examples}; there the backward's values lie between the one-sided derivatives, so each is a "
+    "valid subgradient: it returned {seen}. The central difference there is their average, so "
+    "this is not confirmed either way (INCONCLUSIVE).",
+    "not a bug: check away from kinks (perturb x) to confirm the rest; decide which one-sided "
+    "derivative your backward should return at a tie or at 0 (relu'(0), abs'(0), max ties).",
+)
+NONDIFFERENTIABLE_JOINT = Template(
     "nondifferentiable",
-    "left and right finite differences disagree along {count} probe direction(s)" + _KINK,
-    _KINK_HINT,
+    "f has a kink at {count} element(s), e.g. {examples}, and each of the backward's values there "
+    "lies between the one-sided derivatives, but together they are no subgradient: moving those "
+    "elements together (each by its step), f is smooth with <dy, J v> = {num:.4g}, while the "
+    "backward gives <dx, v> = {ana:.4g}.",
+    "at a tie (max, sort, argmax) the gradient must be shared, not copied: give it to one of the "
+    "tied elements, or split it so that the shares add up to one.",
+)
+KINK_PROBES = Template(
+    "kink",
+    "left and right finite differences disagree along {count} probe direction(s): f has a kink "
+    "there, so no single derivative exists and the probes cannot confirm the backward "
+    "(INCONCLUSIVE).",
+    "check away from kinks (perturb x), or use mode='full' on a smaller input, where each value "
+    "is compared with the one-sided derivatives.",
+)
+NONDIFFERENTIABLE_OUTSIDE = Template(
+    "nondifferentiable",
+    "left and right finite differences disagree at {count} element(s), e.g. {examples}, and "
+    "there the backward's value is outside the range of the one-sided derivatives (e.g. "
+    "{value:.4g} at {first}, not in [{lo:.4g}, {hi:.4g}]): no subgradient gives it.",
+    "at a kink the derivative must be one of the one-sided ones or between them (relu'(0) in "
+    "[0, 1]); look at how the backward treats ties and exact zeros.",
 )
 
 NONFINITE = Template(
@@ -60,7 +90,7 @@ _ZERO_HINT = (
 )
 ZERO = Template("zero", "the backward returns zeros" + _NOT_ZERO, _ZERO_HINT)
 ZERO_FOR_INPUT = Template(
-    "zero", "the backward returns zeros for input {input} (x[{input}])" + _NOT_ZERO, _ZERO_HINT
+    "zero", "the backward returns zeros for input {name}" + _NOT_ZERO, _ZERO_HINT
 )
 
 _LINEAR = " (a vector-Jacobian product must be linear in dy)."
@@ -169,6 +199,12 @@ DIAGONAL_SHIFTED = Template(
 DIAGONAL_WRONG = Template(
     "diagonal", _DIAGONAL + "its diagonal differs from the true one as well.", _DIAGONAL_HINT
 )
+DIAGONAL_PROBE = Template(
+    "diagonal",
+    _DIAGONAL + "seen in probe mode with a cotangent on a random half of the outputs (dx is zero "
+    "on the other half, while J couples the halves); the diagonal itself is not compared.",
+    _DIAGONAL_HINT,
+)
 
 LOW_RANK_ERROR = Template(
     "missing_term",
@@ -231,7 +267,10 @@ CATALOGUE: tuple[Template, ...] = (
     OK,
     FD_NOISE,
     NONDIFFERENTIABLE,
-    NONDIFFERENTIABLE_PROBES,
+    NONDIFFERENTIABLE_OUTSIDE,
+    NONDIFFERENTIABLE_JOINT,
+    KINK,
+    KINK_PROBES,
     NONFINITE,
     JVP_NONFINITE,
     ZERO,
@@ -255,6 +294,7 @@ CATALOGUE: tuple[Template, ...] = (
     DIAGONAL,
     DIAGONAL_SHIFTED,
     DIAGONAL_WRONG,
+    DIAGONAL_PROBE,
     *_normalization.TEMPLATES,
     LOW_RANK_ERROR,
     PARTIAL,

@@ -133,6 +133,7 @@ class Evidence:
     probes: Directions | None = None
     jacobians: Jacobians | None = None
     raw: Any = None  # the vjp's own result for the first cotangent (its dtypes)
+    one_sided: Any = None  # full mode: `_fd.OneSided`, the one-sided Jacobians (kinks)
 
     @property
     def target(self) -> Target:

@@ -23,7 +23,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from numpy.typing import NDArray
@@ -41,10 +41,16 @@ class Directional:
     kink: NDArray[np.bool_]  # one-sided differences disagree (nondifferentiable)
     richardson: F64
     rounding: F64  # the rounding part of `err`
+    # One-sided derivatives (first-order Richardson from the same evaluations): along +u from
+    # the right, and from the left; and their error estimate. Used at kinks.
+    right: F64 | None = None
+    left: F64 | None = None
+    side_err: F64 | None = None
 
     def scaled(self, k: float) -> Directional:
+        one = [None if a is None else a * k for a in (self.right, self.left, self.side_err)]
         return Directional(
-            self.value * k, self.err * k, self.kink, self.richardson * k, self.rounding * k
+            self.value * k, self.err * k, self.kink, self.richardson * k, self.rounding * k, *one
         )
 
 
@@ -125,7 +131,9 @@ class FiniteDifferences:
                 table = 2 * np.abs(d.value - levels[k + 1].value) + d.rounding
                 err = np.minimum(err, np.maximum(table, levels[k + 1].rounding))
             if float(np.max(err)) < float(np.max(best.err)) or k == 0:
-                best = Directional(d.value, err, d.kink, d.richardson, d.rounding)
+                best = Directional(
+                    d.value, err, d.kink, d.richardson, d.rounding, d.right, d.left, d.side_err
+                )
         return best
 
     def _directional(self, u: F64) -> Directional:
@@ -137,11 +145,18 @@ class FiniteDifferences:
         ymag = np.maximum.reduce([np.abs(fp1), np.abs(fm1), np.abs(fp2), np.abs(fm2)])
         rounding = 4 * t.eps_f * (ymag + self.cond)
         err = 3 * np.abs(rich - d2) + rounding
+        # A safety floor: one output's |R - D(1/2)| can vanish by chance (its D(1) and D(1/2)
+        # agree while higher-order terms do not), so no output's estimate along a direction is
+        # taken below 1 % of the largest one along it.
+        err = np.maximum(err, 1e-2 * float(np.max(err, initial=0.0)))
         g1 = fp1 - 2 * t.y0 + fm1
         g2 = 2 * (fp2 - 2 * t.y0 + fm2)
         floor = max(1e-4 * float(np.max(np.abs(rich), initial=0.0)), 0.0)
         kink = (np.abs(g2) > 0.75 * np.abs(g1)) & (np.abs(g1) > np.maximum(100 * rounding, floor))
         kink &= np.abs(g1) > 0
+        right, left = 2 * (2 * (fp2 - t.y0)) - (fp1 - t.y0), 2 * (2 * (t.y0 - fm2)) - (t.y0 - fm1)
+        side_err = np.maximum(np.abs(right - 2 * (fp2 - t.y0)), np.abs(left - 2 * (t.y0 - fm2)))
+        side_err = side_err + 2 * rounding
         value, est = rich, err
         if self.complex_ok:
             cs, trunc = self.complex_step(u)
@@ -150,7 +165,7 @@ class FiniteDifferences:
             cs_err = cs_err + trunc
             value = np.where(agree, cs, rich)
             est = np.where(agree, np.minimum(err, cs_err), err)
-        return Directional(value, est, kink, rich, rounding)
+        return Directional(value, est, kink, rich, rounding, right, left, side_err)
 
     def calibrate(self, rng: np.random.Generator, h: F64) -> None:
         """Estimate max_i sum_j |J_ij| |x_j| from two directional derivatives along
@@ -213,16 +228,27 @@ class FiniteDifferences:
             u[j] = h[j]
             yield j, self.directional(u).scaled(1 / h[j])
 
-    def jacobian(self, h: F64) -> tuple[F64, F64, NDArray[np.bool_]]:
+    def jacobian(self, h: F64) -> tuple[F64, F64, NDArray[np.bool_], OneSided]:
         """The dense numerical Jacobian: (J, its error estimate, where one-sided differences
-        disagree), each of shape (m, n)."""
+        disagree, the one-sided Jacobians), each of shape (m, n)."""
         m, n = self.target.m, self.target.n
         jac = np.empty((m, n))
         err = np.empty((m, n))
         kink = np.zeros((m, n), dtype=bool)
+        sides = OneSided(np.empty((m, n)), np.empty((m, n)), np.empty((m, n)))
         for j, d in self.columns(h):
             jac[:, j], err[:, j], kink[:, j] = d.value, d.err, d.kink
-        return jac, err, kink
+            assert d.right is not None and d.left is not None and d.side_err is not None
+            sides.right[:, j], sides.left[:, j], sides.err[:, j] = d.right, d.left, d.side_err
+        return jac, err, kink, sides
+
+
+class OneSided(NamedTuple):
+    """Full mode: the Jacobians of right-hand and left-hand differences, and their error."""
+
+    right: F64
+    left: F64
+    err: F64
 
 
 def fd_vjp(

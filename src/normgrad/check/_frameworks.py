@@ -180,17 +180,7 @@ def reject_complex(arrays: Sequence[Any]) -> None:
 
 
 def attach_names(report: Any, names: list[str]) -> None:
-    """Name the inputs in the report's notes, and which of them hold the largest errors."""
+    """Name the inputs in the report's notes (the wrong ones lead the notes: `_compare`)."""
     if len(names) <= 1:
         return
     report.notes.append("inputs checked, in order: " + ", ".join(names) + ".")
-    ana, num, tol = report.analytic, report.numerical, report.tolerance
-    if report.ok or not all(isinstance(v, tuple) for v in (ana, num, tol)):
-        return  # probe mode: errors are along random directions, not per input
-    bad = []
-    for name, a, b, t in zip(names, ana, num, tol, strict=True):
-        err = np.abs(np.asarray(a) - np.asarray(b))
-        if np.any(~(err <= np.asarray(t))):
-            bad.append(f"{name} (max error {float(np.nanmax(err)):.3g})")
-    if bad:
-        report.notes.append("the errors are in: " + ", ".join(bad) + ".")

@@ -5,7 +5,7 @@ error along x - mean, i.e. along x̂). The generic rules (`_rules.py`) consult i
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,28 +34,62 @@ GROUP_PATHS = Template(
 )
 COEFFICIENT = Template(
     "coefficient",
-    "every path of the normalization is there but {terms} (fitted per group in span{{g, "
-    "mean(g), x̂·mean(g·x̂)}}, groups of n = {n} elements).",
+    "every path of the normalization is there but {terms} (fitted per group in {basis}, groups "
+    "of n = {n} elements).",
     "check the factors of each term: the group size n where another count (the batch, all "
     "elements) is used, 1/n² for 1/n, eps added outside the square root, σ vs σ².",
 )
 TEMPLATES = (CROSS_TERM_PATHS, GROUP_PATHS, COEFFICIENT)
-_TERMS = ("the direct term g/σ", "the mean-path term", "the variance-path term")
+
+
+class _Basis(NamedTuple):
+    """A normalization's Jacobian per group: Σ_k c_k B_k, with the terms' names."""
+
+    span: str
+    terms: tuple[str, ...]
+    centered: bool  # u = x - mean (mean-variance) or x itself (RMS)
+    mean_path: bool
+
+
+MEAN_VARIANCE = _Basis(
+    "span{g, mean(g), x̂·mean(g·x̂)}",
+    ("the direct term g/σ", "the mean-path term", "the variance-path term"),
+    True,
+    True,
+)
+RMS = _Basis(
+    "span{g, x̂·mean(g·x̂)} (RMS normalization: no mean)",
+    ("the direct term g/σ", "the variance-path term"),
+    False,
+    False,
+)
 
 
 def coefficients(jac: Jacobians, x: F64, name: Any) -> Finding | None:
-    """Both A and J, per square group, of the form s·I + a·11ᵀ + b·uuᵀ (u = x - mean), J with
-    a and b non-zero (a normalization's shape): the ratio of each of A's coefficients to J's.
-    None unless every ratio is the same over the groups, one differs from 1 and none is 0
-    (an absent path is `missing_term`). `name(c)` names a ratio."""
+    """Both A and J, per square group, of a normalization's form: s·I + a·11ᵀ + b·uuᵀ (u = x -
+    mean, J's a and b non-zero), or for RMS normalization s·I + b·xxᵀ with J's b/s = -1/(n(mean
+    x² + eps)) for an eps >= 0 (what y = x/sqrt(mean x² + eps) gives; a function merely of
+    that shape, such as x·Σx², has b/s > 0). The ratio of each of A's coefficients to J's; None
+    unless every ratio is the same over the groups, one differs from 1 and none is 0 (an absent
+    path is `missing_term`). `name(c)` names a ratio."""
+    for basis in (MEAN_VARIANCE, RMS):
+        r = _ratios(jac, x, basis)
+        if r is not None:
+            return _coefficient_finding(jac, r, basis, name)
+    return None
+
+
+def _ratios(jac: Jacobians, x: F64, basis: _Basis) -> Any:
+    """Per group the ratios of A's coefficients to J's, or None where the shape does not fit."""
     ratios = []
     for g in np.unique(jac.col_groups):
         cols = np.flatnonzero(jac.col_groups == g)
         if len(cols) < 3 or not np.array_equal(np.flatnonzero(jac.row_groups == g), cols):
             return None
-        u = _centered(x, cols)
+        u = _centered(x, cols) if basis.centered else np.asarray(x[cols], dtype=np.float64)
         k = len(cols)
-        B = np.stack([np.eye(k).ravel(), np.ones(k * k), np.outer(u, u).ravel()], axis=1)
+        terms = [np.eye(k).ravel(), np.ones(k * k), np.outer(u, u).ravel()]
+        B = np.stack(terms if basis.mean_path else [terms[0], terms[2]], axis=1)
         fits = []
         for M in (jac.J, jac.A):
             Mg, Tg = M[np.ix_(cols, cols)], jac.T[np.ix_(cols, cols)]
@@ -66,27 +100,41 @@ def coefficients(jac: Jacobians, x: F64, name: Any) -> Finding | None:
         cj, ca = fits
         if np.any(np.abs(cj) <= 1e-8 * np.max(np.abs(cj))):
             return None  # not a normalization's shape
+        if not basis.mean_path:
+            ms = float(np.mean(u * u))
+            eps = -cj[0] / (cj[1] * k) - ms
+            if not -1e-6 * ms <= eps <= 0.5 * ms:
+                return None  # s·I + b·xxᵀ, but not x/sqrt(mean x² + eps)
         ratios.append(ca / cj)
     r = np.asarray(ratios)
     if not len(r) or np.any(np.abs(r - r[0]) > 1e-6 * np.maximum(1.0, np.abs(r[0]))):
         return None
-    r0 = r[0]
-    off = [i for i in range(3) if abs(r0[i] - 1) > 1e-6]
+    return r[0]
+
+
+def _coefficient_finding(jac: Jacobians, r0: Any, basis: _Basis, name: Any) -> Finding | None:
+    off = [i for i in range(len(r0)) if abs(r0[i] - 1) > 1e-6]
     if not off or np.any(np.abs(r0) < 1e-6) or np.allclose(r0, r0[0], rtol=1e-6):
         return None  # right, a path absent, or one common factor (`scale`)
     n = int(np.bincount(jac.col_groups).max())
     terms = " and ".join(
-        f"{_TERMS[i]} is {name(r0[i])}× what it should be{_count(r0[i], n) if i else ''}"
+        f"{basis.terms[i]} is {name(r0[i])}× what it should be{_count(r0[i], n) if i else ''}"
         for i in off
     )
-    evidence = {f"ratio_{k}": float(r0[i]) for i, k in enumerate(("direct", "mean", "variance"))}
-    return COEFFICIENT.finding(evidence, terms=terms, n=n)
+    keys = ("direct", "mean", "variance") if basis.mean_path else ("direct", "variance")
+    evidence: dict[str, Any] = {f"ratio_{k}": float(r0[i]) for i, k in enumerate(keys)}
+    evidence["basis"] = "mean-variance" if basis.mean_path else "rms"
+    return COEFFICIENT.finding(evidence, terms=terms, n=n, basis=basis.span)
 
 
 def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
     """For a backward whose Jacobian is diagonal: fit J's off-diagonal entries, per group and
     per row, by a + b (x_j - mean). The `a` part is the mean path, the `b` part the variance
-    path; None unless the fit holds for every group."""
+    path; None unless the fit holds for every group. RMS normalization (no mean) is tried
+    first: off-diagonal entries b_i x_j per row are its variance path alone."""
+    if _rms_cross_terms(jac, x):
+        rms: dict[str, Any] = {"groups": len(np.unique(jac.col_groups)), "rms": True}
+        return _paths_finding(CROSS_TERM_PATHS, 0.0, 1.0, rms)
     J, T = jac.J, jac.T
     rows_l, cols_l = jac.row_groups, jac.col_groups
     e_mean = e_var = 0.0
@@ -124,6 +172,28 @@ def cross_term_paths(jac: Jacobians, x: F64) -> Finding | None:
         "mean_path_coefficient": coef_mean[0] if coef_mean else 0.0,
     }
     return _paths_finding(CROSS_TERM_PATHS, e_mean, e_var, evidence)
+
+
+def _rms_cross_terms(jac: Jacobians, x: F64) -> bool:
+    """J's off-diagonal entries, per square group, are b_i x_j (an RMS normalization's
+    variance path: no term constant over the group), and not all zero."""
+    J, T = jac.J, jac.T
+    if J.shape[0] != J.shape[1]:
+        return False
+    for g in np.unique(jac.col_groups):
+        cols = np.flatnonzero(jac.col_groups == g)
+        if len(cols) < 3 or not np.array_equal(np.flatnonzero(jac.row_groups == g), cols):
+            return False
+        Jg, Tg, xg = J[np.ix_(cols, cols)], T[np.ix_(cols, cols)], x[cols]
+        off = ~np.eye(len(cols), dtype=bool)
+        xs = np.where(off, xg[None, :], 0.0)
+        den = np.sum(xs * xs, axis=1)
+        if np.any(den <= 0):
+            return False
+        b = np.sum(np.where(off, Jg, 0.0) * xs, axis=1) / den
+        if not np.all(np.abs((Jg - b[:, None] * xg[None, :])[off]) <= 2 * Tg[off]):
+            return False
+    return True
 
 
 def _count(r: float, n: int) -> str:

@@ -111,13 +111,16 @@ class GradReport:
     def verdict(self) -> str:
         """`"PASS"` (every value within rtol/atol), `"INCONCLUSIVE"` (no evidence of a bug, but
         some value passes only within the finite-difference error estimate: `fd_noise`), or
-        `"FAIL"`."""
+        `"FAIL"`. At a kink (finding `kink`: values between the one-sided derivatives), it is
+        INCONCLUSIVE too."""
         if not self.ok:
             return "FAIL"
-        return "INCONCLUSIVE" if "fd_noise" in self.kinds else "PASS"
+        return "INCONCLUSIVE" if {"fd_noise", "kink"} & set(self.kinds) else "PASS"
 
     def __str__(self) -> str:
-        verdict = "OK" if self.ok else "MISMATCH"
+        verdict = {"PASS": "OK", "INCONCLUSIVE": "OK, INCONCLUSIVE", "FAIL": "MISMATCH"}[
+            self.verdict
+        ]
         shapes = ", ".join(str(s) for s in self.input_shapes)
         lines = [
             f"gradient check: {verdict}  (mode={self.mode}, x: {shapes} -> y: "

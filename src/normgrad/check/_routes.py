@@ -29,6 +29,7 @@ def route(check: Callable[..., Any], f: Any, x: Any, kw: dict[str, Any]) -> Any:
         return None
     c = convert(f, x, framework)
     report = check(c.f, c.x, c.vjp, **(kw | {"jvp": kw["jvp"] or c.jvp}))
-    report.notes[:0] = c.notes
+    lead = 1 if report.notes and report.notes[0].startswith("the errors are in") else 0
+    report.notes[lead:lead] = c.notes  # the wrong inputs lead (`_compare._wrong_inputs`)
     attach_names(report, c.names)
     return report

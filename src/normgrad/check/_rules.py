@@ -24,11 +24,12 @@ from . import _catalogue as cat
 from . import _normalization
 from ._catalogue import PASSING, nice_number
 from ._evidence import Evidence, Jacobians, finite_abs
+from ._localize import group_test
 from ._report import Finding
 from ._target import F64, Target
 
 MAX_LISTED = 20  # indices listed in evidence
-MAX_LOCATED = 8  # partial: at most this many bad elements (probe mode)
+MAX_LOCATED = 16  # partial: at most this many bad elements (probe mode)
 
 Rule = Callable[[Evidence], list[Finding] | None]
 
@@ -75,7 +76,7 @@ def diagnose_full(ev: Evidence) -> Diagnosis:
 
 
 def diagnose_probe(ev: Evidence) -> Diagnosis:
-    """`PROBE`; then the bad elements are localized by bisection (`localize`)."""
+    """`PROBE`; then the bad elements are localized by adaptive group testing (`localize`)."""
     found = first_answer(ev, PROBE)
     return Diagnosis(found) if found is not None else localize(ev)
 
@@ -122,6 +123,76 @@ def passed(ev: Evidence) -> list[Finding] | None:
     diff = np.abs(s.dx - s.num)
     evidence = {"max_mismatch": float(diff.max()), "max_fd_error": float(s.fd.max())}
     return [cat.FD_NOISE.finding(evidence, mismatch=diff.max(), fd_error=s.fd.max())]
+
+
+def at_kinks(ev: Evidence) -> list[Finding] | None:
+    """Every bad element at a kink: `kink` (inconclusive) when each value lies between the
+    one-sided derivatives (per entry, Σ_i min/max of dy_i ∂⁺ and dy_i ∂⁻, within tolerance plus
+    their error), `nondifferentiable` when one lies outside. Probe mode: `kink` along the
+    directions (one-sided values along a direction do not bound a subgradient's)."""
+    flags = [(s.bad, np.asarray(s.kinks, dtype=bool)) for s in ev.sides]
+    bad = np.concatenate([b for b, _ in flags])
+    kinks = np.concatenate([k for _, k in flags])
+    if not (np.any(bad) and np.all(kinks[bad])):
+        return None
+    if not ev.full or ev.one_sided is None:
+        return [cat.KINK_PROBES.finding({"count": int(bad.sum())}, count=int(bad.sum()))]
+    t, one = ev.target, ev.one_sided
+    where = np.flatnonzero(np.logical_or.reduce([b for b, _ in flags]))
+    seen = {"the right-hand derivative": 0, "the left-hand derivative": 0, "a value between": 0}
+    for k, s in enumerate(ev.sides):
+        r, lf = s.dy[:, None] * one.right, s.dy[:, None] * one.left
+        lo, hi = np.minimum(r, lf).sum(axis=0), np.maximum(r, lf).sum(axis=0)
+        slack = s.tol + np.abs(s.dy) @ one.err
+        for j in np.flatnonzero(s.bad):
+            v = s.dx[j]
+            if not lo[j] - slack[j] <= v <= hi[j] + slack[j]:
+                return [_outside(ev, where, int(j), v, lo[j], hi[j])]
+            if k == 0:
+                near_r = abs(v - r[:, j].sum()) <= slack[j]
+                near_l = abs(v - lf[:, j].sum()) <= slack[j]
+                name = "the right-hand derivative" if near_r else "the left-hand derivative"
+                seen[name if near_r or near_l else "a value between"] += 1
+    joint = _joint_kink_check(ev, where)
+    if joint is not None:
+        return [joint]
+    said = ", ".join(f"{what} at {c}" for what, c in seen.items() if c) or "values between"
+    idx = [t.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx, "seen": seen}
+    return [cat.KINK.finding(evidence, count=len(where), examples=idx[:3], seen=said)]
+
+
+def _joint_kink_check(ev: Evidence, where: Any) -> Finding | None:
+    """The kink elements moved together (one directional derivative): where f is smooth along
+    that direction (ties of a max moved together), the backward must match it there, or its
+    values are not one subgradient (each tied element given the full gradient)."""
+    s1, tol = ev.sides[0], ev.tol
+    v = np.zeros(ev.target.n)
+    v[where] = ev.steps[where]
+    d = ev.fd.directional(v)
+    if np.any(d.kink & (s1.dy != 0)):
+        return None  # a kink along this direction too (relu at 0): nothing more to compare
+    num, fde = float(s1.dy @ d.value), float(np.abs(s1.dy) @ d.err)
+    ana, av = float(ev.grads[0].dx @ v), np.abs(v)
+    terms = float(np.abs(ev.grads[0].dx) @ av)
+    floor = float(ev.fd.rounding_floor(tol.eps_a) @ av) * float(np.max(np.abs(s1.dy)))
+    limit, _ = tol(num, fde, terms, terms, float(np.sum(av)), floor)
+    if abs(ana - num) <= limit:
+        return None
+    idx = [ev.target.index(int(j)) for j in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx, "along": ana, "numerical": num}
+    return cat.NONDIFFERENTIABLE_JOINT.finding(
+        evidence, count=len(where), examples=idx[:3], ana=ana, num=num
+    )
+
+
+def _outside(ev: Evidence, where: Any, j: int, v: float, lo: float, hi: float) -> Finding:
+    t = ev.target
+    idx = [t.index(int(i)) for i in where[:MAX_LISTED]]
+    evidence = {"count": len(where), "indices": idx, "first": t.index(j), "range": (lo, hi)}
+    return cat.NONDIFFERENTIABLE_OUTSIDE.finding(
+        evidence, count=len(where), examples=idx[:3], value=v, first=t.index(j), lo=lo, hi=hi
+    )
 
 
 def zero(ev: Evidence) -> list[Finding] | None:
@@ -214,23 +285,7 @@ def linearity(ev: Evidence) -> list[Finding] | None:
     return [cat.NOT_LINEAR_IN_DY.finding({"max_error": float(err.max())}, err=err.max())]
 
 
-def nondifferentiable(ev: Evidence) -> list[Finding] | None:
-    """Every bad value is at a kink: one-sided differences disagree there."""
-    flags = [(s.bad, np.asarray(s.kinks, dtype=bool)) for s in ev.sides]
-    if ev.full:  # one value per element of x, for either side
-        bad = np.logical_or.reduce([b for b, _ in flags])
-        kinks = np.logical_or.reduce([k for _, k in flags])
-    else:  # one value per probe direction and side
-        bad = np.concatenate([b for b, _ in flags])
-        kinks = np.concatenate([k for _, k in flags])
-    if not (np.any(bad) and np.all(kinks[bad])):
-        return None
-    return [_nondifferentiable(ev, np.flatnonzero(bad & kinks))]
-
-
 def _nondifferentiable(ev: Evidence, where: Any) -> Finding:
-    if not ev.full:
-        return cat.NONDIFFERENTIABLE_PROBES.finding({"count": len(where)}, count=len(where))
     idx = [ev.target.index(int(j)) for j in where[:MAX_LISTED]]
     evidence = {"count": len(where), "indices": idx}
     return cat.NONDIFFERENTIABLE.finding(evidence, count=len(where), examples=idx[:3])
@@ -260,8 +315,8 @@ def zero_for_one_input(ev: Evidence) -> list[Finding] | None:
         sl = t.input_slice(i)
         if all(np.any(s.bad[sl]) and np.all(np.abs(s.dx[sl]) <= s.strict[sl]) for s in sides):
             top = float(np.max(np.abs(sides[0].num[sl])))
-            evidence = {"max_numerical": top, "input": i}
-            return [cat.ZERO_FOR_INPUT.finding(evidence, top=top, input=i)]
+            evidence = {"max_numerical": top, "input": i, "name": t.names[i]}
+            return [cat.ZERO_FOR_INPUT.finding(evidence, top=top, name=t.names[i])]
     return None
 
 
@@ -504,6 +559,56 @@ def probe_sign_or_scale(ev: Evidence) -> list[Finding] | None:
     return None
 
 
+def probe_per_input(ev: Evidence) -> list[Finding] | None:
+    """With several inputs: one directional derivative per input (a probe on its elements
+    only), seen through both cotangents: each input right, or off by its own factor c_i (the
+    same for both); one `sign`/`scale` finding per wrong input."""
+    t, tol = ev.target, ev.tol
+    if not t.multi:
+        return None
+    verdicts: list[tuple[str, float | None]] = []
+    for i, name in enumerate(t.names):
+        sl = t.input_slice(i)
+        u = np.zeros(t.n)
+        u[sl] = ev.steps[sl] * ev.rng.standard_normal(sl.stop - sl.start)
+        d = ev.fd.directional(u)
+        au = np.abs(u)
+        ratios = []
+        right = True
+        for s, (_, dx) in zip(ev.sides, ev.grads, strict=True):
+            num, fde = float(s.dy @ d.value), float(np.abs(s.dy) @ d.err)
+            ana, terms = float(dx @ u), float(np.abs(dx) @ au)
+            floor = float(ev.fd.rounding_floor(tol.eps_a) @ au) * float(np.max(np.abs(s.dy)))
+            limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), floor)
+            right = right and abs(ana - num) <= limit
+            if not abs(num) > 4 * limit:
+                return None  # too small to name a factor
+            ratios.append((ana / num, limit / abs(num)))
+        (c1, e1), (c2, e2) = ratios
+        if right:
+            verdicts.append((name, None))
+        elif abs(c1 - c2) <= 2 * (e1 + e2) * max(1.0, abs(c1)):
+            verdicts.append((name, (c1 + c2) / 2))
+        else:
+            return None
+    wrong = [(n, c) for n, c in verdicts if c is not None]
+    common = len(wrong) == len(verdicts) and len({round(c, 6) for _, c in wrong}) == 1
+    if not wrong or common:
+        return None  # nothing per input, or one common factor (`probe_sign_or_scale`)
+    sizes = [t.n, t.m, *[int(np.prod(sh)) for sh in t.shapes]]
+    return [_input_finding(n, _nice(c), verdicts, sizes) for n, c in wrong]
+
+
+def _nice(c: float) -> float:
+    """A probe's factor, snapped to a simple fraction when within 1e-6 of one (the probes'
+    finite differences are not exact)."""
+    for q in range(1, 9):
+        p = round(c * q)
+        if p != 0 and abs(c - p / q) <= 1e-6 * abs(c):
+            return p / q
+    return c
+
+
 def probe_transpose(ev: Evidence) -> list[Finding] | None:
     """For square J: does vjp(dy) equal J·dy (one more directional derivative, along dy)?"""
     t, s1, tol = ev.target, ev.sides[0], ev.tol
@@ -527,69 +632,114 @@ def probe_transpose(ev: Evidence) -> list[Finding] | None:
     return None if sym else [cat.TRANSPOSE.finding()]
 
 
+def probe_diagonal(ev: Evidence) -> list[Finding] | None:
+    """For square J: is the backward diagonal while J is not? A cotangent on a random half H
+    of the outputs: a diagonal backward's dx is zero off H (one vjp call); and J couples the
+    other half to H: <dy_H, J v> != 0 for v on the other half (one directional derivative)."""
+    t, s1, tol = ev.target, ev.sides[0], ev.tol
+    if t.m != t.n or t.n < 2:
+        return None
+    half = ev.rng.random(t.n) < 0.5
+    g = np.where(half, s1.dy, 0.0)
+    a = t.vjp(g)
+    if not np.any(np.abs(a[half]) > 0) or np.any(np.abs(a[~half]) > _rounding(ev, a)[~half]):
+        return None
+    v = np.where(half, 0.0, ev.steps * ev.rng.standard_normal(t.n))
+    d = ev.fd.directional(v)
+    num, fde = float(g @ d.value), float(np.abs(g) @ d.err)
+    av = np.abs(v)
+    floor = float(ev.fd.rounding_floor(tol.eps_a) @ av) * float(np.max(np.abs(g)))
+    scale = float(np.abs(g) @ np.abs(d.value))
+    limit, _ = tol(num, fde, scale, scale, float(np.sum(av)), floor)
+    if not abs(num) > 2 * limit:
+        return None  # J has no cross terms from that half either
+    return [cat.DIAGONAL_PROBE.finding({"cross_term": num, "tolerance": float(limit)})]
+
+
+MAX_BLOCK = 64  # probe_group: the largest group whose Jacobian block is built
+
+
+def probe_group(ev: Evidence) -> list[Finding] | None:
+    """For square J: the Jacobian block of one group, built as full mode would (a row of A by
+    one vjp call gives the group; its k columns of J by k directional derivatives, its k rows
+    of A by k vjp calls), and the normalization fits (`coefficient`, `missing_term`) on it.
+    None unless the block is closed (nothing outside it in those rows and columns), at most
+    MAX_BLOCK elements, wrong, and a normalization-shaped fit names it."""
+    t = ev.target
+    if t.m != t.n:
+        return None
+    i = int(ev.rng.integers(t.n))
+    row = t.vjp(np.eye(1, t.n, i).ravel())
+    cols = np.flatnonzero(np.abs(row) > _rounding(ev, row))
+    if not 3 <= len(cols) <= MAX_BLOCK or i not in cols:
+        return None
+    block = _block(ev, cols)
+    if block is None or not np.any(block.bad):
+        return None
+    x = t.x64[cols]
+    sizes = block.sizes()
+    found = _normalization.coefficients(block, x, lambda c: nice_number(c, sizes))
+    found = found or _normalization.group_paths(block, x)
+    if found is None:
+        return None
+    t.notes.add(
+        f"probe mode: the finding comes from the Jacobian block of one group of {len(cols)} "
+        f"elements (around {t.index(i)}), built with {len(cols)} directional derivatives and "
+        f"{len(cols)} vjp calls."
+    )
+    return [found]
+
+
+def _block(ev: Evidence, cols: Any) -> Jacobians | None:
+    """A and J restricted to `cols` (rows and columns), or None if either reaches outside."""
+    t, tol = ev.target, ev.tol
+    outside = np.ones(t.n, dtype=bool)
+    outside[cols] = False
+    J, err, A = [], [], []
+    for j in cols:
+        d = ev.fd.directional(np.eye(1, t.n, j).ravel() * ev.steps[j]).scaled(1 / ev.steps[j])
+        if np.any(np.abs(d.value[outside]) > 2 * d.err[outside] + 1e-12 * np.max(np.abs(d.value))):
+            return None
+        J.append(d.value[cols])
+        err.append(d.err[cols])
+        a = t.vjp(np.eye(1, t.n, j).ravel())
+        if np.any(np.abs(a[outside]) > _rounding(ev, a)[outside]):
+            return None
+        A.append(a[cols])
+    Jb, Eb, Ab = np.stack(J, axis=1), np.stack(err, axis=1), np.stack(A)
+    scale = float(np.max(np.abs(Jb), initial=0.0))
+    floor = ev.fd.rounding_floor(tol.eps_a)[cols][None, :]
+    T, _ = tol(Jb, Eb, np.abs(Ab) + np.abs(Jb), scale, floor=floor)
+    return Jacobians.compare(Ab, Jb, np.asarray(T))
+
+
 def localize(ev: Evidence) -> Diagnosis:
-    """The bad elements by bisection (`_bisect`): single elements (`partial`), index ranges
-    when the budget ran out first (`partial`), or spread out (`unknown`)."""
+    """The bad elements by adaptive group testing (`_localize.group_test`): single elements
+    (`partial`), index sets when the budget ran out first (`partial`), or spread out
+    (`unknown`)."""
     t = ev.target
     start = t.evals.done
-    located, frontier, spread = _bisect(ev)
+    per_test = 6 if ev.fd.complex_ok else 4
+    t.evals.allow(ev.localize_budget)
+
+    def budget_left() -> bool:
+        return t.evals.done - start + 2 * per_test <= ev.localize_budget
+
+    located, frontier, spread = group_test(ev, MAX_LOCATED, budget_left)
     spent = {"evaluations": t.evals.done - start, "budget": ev.localize_budget}
     if not spread and located and not frontier:
-        located.sort()
         return Diagnosis([_partial(t, np.asarray(located), spent)], located)
     if not spread and frontier:
         ranges = [(t.index(int(S[0])), t.index(int(S[-1]))) for S in frontier]
-        evidence = {"ranges": ranges, "indices": located, **spent}
+        evidence = {"ranges": ranges, "indices": [t.index(j) for j in located], **spent}
         finding = cat.PARTIAL_RANGES.finding(
-            evidence, count=len(frontier), ranges=ranges[:MAX_LOCATED], indices=located
+            evidence,
+            count=len(frontier),
+            ranges=ranges[:MAX_LOCATED],
+            indices=[t.index(j) for j in located],
         )
         return Diagnosis([finding], located)
     return Diagnosis([cat.UNKNOWN_PROBES.finding(spent)])
-
-
-def _bisect(ev: Evidence) -> tuple[list[int], list[Any], bool]:
-    """Probe directions restricted to halves of a failing index set, breadth first, until
-    single elements remain, more than MAX_LOCATED sets fail, or the budget is spent.
-    (located elements, index sets still failing, spread out)."""
-    t, budget = ev.target, ev.localize_budget
-    start = t.evals.done
-    per_test = 6 if ev.fd.complex_ok else 4
-    fails = _restricted_probe(ev)
-    t.evals.allow(budget)
-    frontier = [np.arange(t.n)]
-    located: list[int] = []
-    spread = False
-    while frontier and t.evals.done - start + 2 * per_test <= budget:
-        S = frontier.pop(0)
-        if len(S) == 1:
-            located.append(int(S[0]))
-            continue
-        halves = [S[: len(S) // 2], S[len(S) // 2 :]]
-        frontier += [hf for hf in halves if fails(hf)]
-        if len(frontier) + len(located) > MAX_LOCATED:
-            spread = True
-            break
-    located += [int(S[0]) for S in frontier if len(S) == 1]
-    return located, [S for S in frontier if len(S) > 1], spread
-
-
-def _restricted_probe(ev: Evidence) -> Callable[[Any], bool]:
-    """fails(idx): does a random probe restricted to the elements `idx` fail (first cotangent)?"""
-    s1, tol, h, dx = ev.sides[0], ev.tol, ev.steps, ev.grads[0].dx
-    floor = ev.fd.rounding_floor(tol.eps_a) * float(np.max(np.abs(s1.dy)))
-
-    def fails(idx: Any) -> bool:
-        u = np.zeros(ev.target.n)
-        u[idx] = h[idx] * ev.rng.standard_normal(len(idx))
-        d = ev.fd.directional(u)
-        num = float(s1.dy @ d.value)
-        fde = float(np.abs(s1.dy) @ d.err)
-        terms = float(np.abs(dx[idx]) @ np.abs(u[idx]))
-        au = np.abs(u[idx])
-        limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), float(floor[idx] @ au))
-        return bool(abs(float(dx @ u) - num) > limit)
-
-    return fails
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,9 +780,10 @@ VERDICT: tuple[Rule, ...] = (
     wrong_dtype,
     linearity,
     passed,
+    at_kinks,
 )
 # Full mode, from vjp calls and the one-sided differences only.
-FULL: tuple[Rule, ...] = (zero, nondifferentiable, zero_for_one_input)
+FULL: tuple[Rule, ...] = (zero, zero_for_one_input)
 # Full mode, on the Jacobians (after the analytic one is built and found finite).
 ON_JACOBIANS: tuple[Rule, ...] = (
     sign_or_scale,
@@ -649,7 +800,9 @@ ON_JACOBIANS: tuple[Rule, ...] = (
 # Probe mode, before `localize`.
 PROBE: tuple[Rule, ...] = (
     zero,
-    nondifferentiable,
     probe_sign_or_scale,
+    probe_per_input,
     probe_transpose,
+    probe_diagonal,
+    probe_group,
 )
