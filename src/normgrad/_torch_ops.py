@@ -1,11 +1,14 @@
-r"""normgrad's op on torch tensors: the custom ops, the autograd.Function, the paths.
+r"""normgrad's op on torch tensors: the custom ops, the autograd.Functions, the paths.
 
 $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
    dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x,\quad g = dy\,w $$
 
-Two entry points run the same two functions, `forward` and `backward`:
+Three entry points run the same host functions (`host_forward`, `host_backward`):
 
-- eager code (and every `torch.func` transform) goes through `Normalize`, an
+- eager CPU code goes through `Eager`, a lean `autograd.Function` (one output; the forward's
+  NumPy context kept for the backward), its call checked once per signature
+  (`checked_call`);
+- `torch.func` transforms, forward-mode AD and other devices go through `Normalize`, an
   `autograd.Function` with `setup_context`, `backward`, `jvp` and `vmap`;
 - `torch.compile` goes through the custom ops `normgrad::forward` and `normgrad::backward`
   (`register_fake` for shapes, `register_autograd`), which Dynamo keeps in its graph (it
