@@ -341,8 +341,6 @@ def checked_call(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: A
         return planned[key]
     except KeyError:
         pass
-    except TypeError:  # (an unhashable option)
-        return check_call(x, axes, options, params)
     call = check_call(x, axes, options, params)
     if len(planned) >= _runtime.PLANNED_MAX:
         planned.clear()
@@ -352,8 +350,15 @@ def checked_call(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: A
 
 def _call_key(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Any:
     """The cache key of a call, or None where one could mix calls that the checks tell
-    apart (non-tensors, axes tuples of other types than int: `(True,) == (1,)`)."""
-    if not isinstance(x, Tensor) or (type(axes) is tuple and any(type(a) is not int for a in axes)):
+    apart (non-tensors, axes tuples of other types than int: `(True,) == (1,)`) or where
+    the cache would keep an argument alive (a list, array or tensor option: those are
+    checked on every call)."""
+    if not isinstance(x, Tensor):
+        return None
+    if type(axes) is tuple:
+        if any(type(a) is not int for a in axes):
+            return None
+    elif axes is not None and type(axes) is not int:
         return None
     metas = []
     for p in params:
@@ -361,8 +366,13 @@ def _call_key(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any)
             return None
         metas.append(None if p is None else (p.shape, p.dtype, p.device))
     eps, eps_mode, ddof = options
+    if type(eps) not in _PLAIN or type(ddof) not in _PLAIN or type(eps_mode) is not str:
+        return None  # (a tensor or array option would be kept alive by the cache)
     return ("torch", x.shape, x.dtype, x.device, axes, type(axes), eps, type(eps), eps_mode,
-            type(eps_mode), ddof, type(ddof), *metas)  # fmt: skip
+            ddof, type(ddof), *metas)  # fmt: skip
+
+
+_PLAIN = (float, int)
 
 
 # --- torch.compile: the custom ops ---------------------------------------------------------------
