@@ -48,6 +48,7 @@ class Plan(NamedTuple):
 
 KERNEL_OFF = ("0", "generic")
 VARIANT_REASON = "a variant option (center=False, stats) runs on the generic path"
+MASK_REASON = "a mask (mask=, nan_policy='omit') runs on the generic path"
 _PLANNED_MODES = ("auto", "1", "small", "native")
 
 
@@ -82,9 +83,12 @@ def plan_forward(
     bias: Any = None,
     out: Any = None,
     center: bool = True,
+    mask: Any = None,
+    nan_policy: str = "propagate",
 ) -> Plan:
     """The `Plan` that `normalize_forward` with these arguments runs: its path and why."""
-    return forward(x, axes, eps, eps_mode, ddof, weight, bias, out, (center, False))[3]
+    masked = mask is not None or nan_policy == "omit"
+    return forward(x, axes, eps, eps_mode, ddof, weight, bias, out, (center, False, masked))[3]
 
 
 def plan_backward(ctx: Any, dy: Any, *, out: Any = None) -> Plan:
@@ -106,14 +110,14 @@ def forward(
     weight: Any,
     bias: Any,
     out: Any,
-    variant: tuple[Any, bool] = (True, False),
+    variant: tuple[Any, bool, bool] = (True, False, False),
 ) -> tuple[Spec, Any, Any, Plan]:
     """Validate a forward call and choose its path: `(spec, weight, bias, plan)`.
-    `variant = (center, stats given)`."""
-    if variant[0] is not True or variant[1]:  # a variant the kernels do not have yet
+    `variant = (center, stats given, masked)`."""
+    if variant[0] is not True or variant[1] or variant[2]:  # not in the kernels (yet)
         spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, variant[0])
         check_out(spec.xp, out, x, spec.dtype, x)
-        return spec, w, b, Plan("generic", VARIANT_REASON)
+        return spec, w, b, Plan("generic", MASK_REASON if variant[2] else VARIANT_REASON)
     if type(x) is np.ndarray and _plain(weight) and _plain(bias):
         hit = _planned_forward(x, axes, (eps, eps_mode, ddof), (weight, bias), out)
         if hit is not None:
@@ -260,6 +264,8 @@ def _not_kernel_array(x: Any) -> str | None:
 def backward(ctx: Any, dy: Any, out: Any) -> Plan:
     """The path of `normalize_backward(ctx, dy, out=out)` (arguments checked)."""
     x = ctx.x
+    if ctx.mask is not None:
+        return Plan("generic", MASK_REASON)
     if not ctx.center or ctx.fixed:
         return Plan("generic", VARIANT_REASON)
     if type(x) is np.ndarray and _plain(ctx.weight) and _plain(ctx.bias):

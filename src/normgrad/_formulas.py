@@ -11,6 +11,8 @@ docs/derivation.md: within a group of `n` elements, `m = n - ddof`, `d = x - mu`
 
 (`c` is the variance path's coefficient: `rstd` inside, `1/sqrt(var)` outside.) The same
 `dx` formula is the symmetric Jacobian applied to any vector, so it also gives the JVP.
+With a mask `M` (the elements that count, `n = sum(M)`), the sums of the JVP run over the
+counted elements, and the VJP gives the statistics' part to them only (`masked_gradient`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,13 @@ def xhat(x: Any, mu: Any, r: Any) -> Any:
 def gradient(g: Any, d: Any, r: Any, mean_g: Any, beta: Any) -> Any:
     """`dx = r (g - mean_g) + beta d`, with `d = x - mu` (see `backward_coefficients`)."""
     return r * (g - mean_g) + beta * d
+
+
+def masked_gradient(xp: Any, g: Any, d: Any, r: Any, mean_g: Any, beta: Any, mask: Any) -> Any:
+    """The VJP with a mask: `dx = r g + M (beta d - r mean_g)`: only the counted elements
+    (`M`) move the statistics, so only they receive the statistics' part of the gradient."""
+    stat = beta * d - r * mean_g
+    return r * g + xp.where(mask, stat, xp.zeros_like(stat))
 
 
 def backward_coefficients(

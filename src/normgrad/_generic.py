@@ -11,6 +11,11 @@ xhat^T`, so the VJP and the JVP are the same operator, `apply_jacobian`, whose f
 
 RMS normalization (`center=False`): mu = 0 (saved as zeros), var = sum(x**2) / n, and the
 mean path drops out: `J = rstd I - (c / n) xhat xhat^T`.
+
+A mask `M` (`mask=`, `nan_policy="omit"`): the statistics are taken over the counted
+elements (`n = sum(M)` per group, saved as `ctx.count`), every element is normalized by them,
+and `J = rstd (I - 1 M^T / n) - (c / m) xhat (M xhat)^T` is no longer symmetric: the VJP
+(`apply_jacobian(..., vjp=True)`) and the JVP differ (docs/derivation.md, "Masks").
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Any
 import array_api_compat as aac
 import numpy as np
 
-from ._formulas import backward_coefficients, gradient, rstd, xhat
+from ._formulas import backward_coefficients, gradient, masked_gradient, rstd, xhat
 from ._validate import Spec
 
 Array = Any
@@ -65,6 +70,77 @@ def statistics(x: Array, spec: Spec) -> tuple[Array, Array, Array, Array]:
     return xc, mean, var, r
 
 
+def masked_moments(xp: Any, xc: Array, mask: Array, ax: tuple[int, ...]) -> tuple[Array, ...]:
+    """`(count, mean, M2)` of the counted elements (`mask`, x's shape) of each group,
+    keepdims: two passes (the mean, then the mean of what is left: its rounding), then the
+    squared deviations; a group without any has NaN mean."""
+    zero = xp.zeros_like(xc)
+    count = xp.sum(xp.astype(mask, xc.dtype), axis=ax, keepdims=True)
+    some = count > 0
+    per = xp.where(some, count, xp.ones_like(count))
+    mean = xp.sum(xp.where(mask, xc, zero), axis=ax, keepdims=True) / per
+    mean = mean + xp.sum(xp.where(mask, xc - mean, zero), axis=ax, keepdims=True) / per
+    mean = xp.where(some, mean, xp.full_like(mean, float("nan")))
+    d = xc - mean
+    return count, mean, xp.sum(xp.where(mask, d * d, zero), axis=ax, keepdims=True)
+
+
+def masked_statistics(x: Array, spec: Spec, mask: Array) -> tuple[Array, ...]:
+    """`(x in the compute dtype, mean, var, rstd, count)` over the counted elements (`mask`,
+    x's shape), keepdims; NaN statistics for a group with no more than ddof of them."""
+    xp, ax = spec.xp, spec.axes
+    xc = xp.astype(x, compute_dtype(xp, x))
+    if spec.center:
+        count, mean, ss = masked_moments(xp, xc, mask, ax)
+    else:  # RMS: the mean square of the counted elements
+        count = xp.sum(xp.astype(mask, xc.dtype), axis=ax, keepdims=True)
+        ss = xp.sum(xp.where(mask, xc * xc, xp.zeros_like(xc)), axis=ax, keepdims=True)
+        mean = xp.zeros_like(ss)
+    dof = count - spec.ddof
+    enough = dof > 0
+    var = xp.where(
+        enough, ss / xp.where(enough, dof, xp.ones_like(dof)), xp.full_like(ss, float("nan"))
+    )
+    with _quiet(spec):
+        r = rstd(xp, var, spec.eps, spec.inside)
+    return xc, mean, var, r, count
+
+
+def masked_forward(x: Array, spec: Spec, mask: Array, params: Any, out: Any) -> tuple[Array, ...]:
+    """`(y, mean, var, rstd, count)`: every element normalized by its group's statistics
+    over the counted elements."""
+    xp = spec.xp
+    xc, mean, var, r, count = masked_statistics(x, spec, mask)
+    with _quiet(spec):
+        y = affine(xp, xhat(xc, mean, r), params[0], params[1], mean.dtype)
+    return fill(to_dtype(xp, y, spec.dtype), out), mean, var, r, count
+
+
+def sizes(xp: Any, ctx: Any) -> tuple[Any, Any]:
+    """`(n, m)`: the group size and `n - ddof` (per group, keepdims, with a mask; a count
+    of zero or below ddof becomes 1: its statistics, hence every result, are NaN anyway)."""
+    if ctx.count is None:
+        return ctx.group_size, ctx.group_size - ctx.ddof
+    m = ctx.count - ctx.ddof
+    one = xp.ones_like(m)
+    return xp.where(ctx.count > 0, ctx.count, one), xp.where(m > 0, m, one)
+
+
+def live(xp: Any, ctx: Any, a: Array) -> Array:
+    """`a` where an element enters the backward's sums, 0 elsewhere: a counted element, or
+    an uncounted one with a finite x (an uncounted NaN or Inf, e.g. padding or
+    nan_policy='omit', has a non-finite y whose cotangent reaches only its own dx)."""
+    if ctx.mask is None:
+        return a
+    keep = xp.logical_or(ctx.mask, xp.isfinite(ctx.x))  # (x's dtype: no cast copy)
+    return xp.where(keep, a, xp.zeros_like(a))
+
+
+def _counted(xp: Any, ctx: Any, a: Array) -> Array:
+    """`a` at the counted elements, 0 elsewhere (no mask: `a`)."""
+    return a if ctx.mask is None else xp.where(ctx.mask, a, xp.zeros_like(a))
+
+
 def _quiet(spec: Spec) -> Any:
     """eps = 0 with a zero variance is refused right after any path: no NumPy warning about
     its division by zero before that."""
@@ -88,23 +164,31 @@ def backward(ctx: Any, dy: Array, c: Array, plan: Any, out: Any) -> tuple[Array,
     dyc = cast(xp, dy, ctx)
     d = centered(xp, ctx)
     g = dyc if ctx.weight is None else dyc * cast(xp, ctx.weight, ctx)
-    dx = apply_jacobian(xp, ctx, d, c, g)
-    dw = None if ctx.weight is None else unbroadcast(xp, dyc * (d * ctx.rstd), ctx.weight)
+    dx = apply_jacobian(xp, ctx, d, c, g, vjp=True)
+    dw = (
+        None
+        if ctx.weight is None
+        else unbroadcast(xp, live(xp, ctx, dyc * (d * ctx.rstd)), ctx.weight)
+    )
     db = None if ctx.bias is None else unbroadcast(xp, dyc, ctx.bias)
     return fill(to_dtype(xp, dx, ctx.dtype), out), dw, db
 
 
-def apply_jacobian(xp: Any, ctx: Any, d: Array, c: Array, v: Array) -> Array:
-    """`J v` for the symmetric Jacobian of xhat (`d = x - mu`): the backward of `v` as dy,
-    and the forward derivative along `v` (`r v` for given statistics: constants)."""
+def apply_jacobian(xp: Any, ctx: Any, d: Array, c: Array, v: Array, *, vjp: bool = False) -> Array:
+    """`J v` (`vjp=False`: the forward derivative along `v`) or `J^T v` (`vjp=True`: the
+    backward of `v` as dy) for the Jacobian of xhat (`d = x - mu`), the same operator
+    without a mask (it is symmetric); `r v` for given statistics (constants)."""
     if ctx.fixed:
         return ctx.rstd * v
-    sum_vd = xp.sum(v * d, axis=ctx.axes, keepdims=True)
+    n, m = sizes(xp, ctx)
+    # with a mask, J's columns of uncounted elements hold only r: J v sums counted v only
+    vs = v if vjp else _counted(xp, ctx, v)
+    sum_vd = xp.sum(live(xp, ctx, vs * d), axis=ctx.axes, keepdims=True)
     # RMS (center=False): no mean path, i.e. sum(v) enters as 0
-    sum_v = xp.sum(v, axis=ctx.axes, keepdims=True) if ctx.center else xp.zeros_like(sum_vd)
-    mean_v, beta = backward_coefficients(
-        sum_v, sum_vd, ctx.group_size, ctx.group_size - ctx.ddof, ctx.rstd, c
-    )
+    sum_v = xp.sum(vs, axis=ctx.axes, keepdims=True) if ctx.center else xp.zeros_like(sum_vd)
+    mean_v, beta = backward_coefficients(sum_v, sum_vd, n, m, ctx.rstd, c)
+    if vjp and ctx.mask is not None:
+        return masked_gradient(xp, v, d, ctx.rstd, mean_v, beta, ctx.mask)
     return gradient(v, d, ctx.rstd, mean_v, beta)
 
 
@@ -123,9 +207,11 @@ def tangent_affine(xp: Any, ctx: Any, t: Array, xh: Array, tparams: tuple[Any, A
 def backward_jvp(xp: Any, ctx: Any, seeds: tuple[Array, ...]) -> tuple[Array, ...]:
     """`(dx, dweight, dbias, t dx, t dweight, t dbias)` for `seeds = (dy, tx, tdy, tweight)`
     in the compute dtype (`tweight` may be None); the formulas of
-    `normalize_backward_jvp`'s docstring."""
+    `normalize_backward_jvp`'s docstring (with a mask: the statistics' part of `t dx` at
+    the counted elements only, `B` over them, as docs/derivation.md derives)."""
     dyc, txc, tdyc, tw = seeds
-    axes, r, m = ctx.axes, ctx.rstd, ctx.group_size - ctx.ddof
+    axes, r = ctx.axes, ctx.rstd
+    n, m = sizes(xp, ctx)
     d = centered(xp, ctx)
     xh, c = d * r, variance_coefficient(xp, ctx)
     w = None if ctx.weight is None else cast(xp, ctx.weight, ctx)
@@ -133,35 +219,37 @@ def backward_jvp(xp: Any, ctx: Any, seeds: tuple[Array, ...]) -> tuple[Array, ..
     tg = tdyc if w is None else tdyc * w
     if tw is not None:
         tg = tg + dyc * tw
-    mean_g = _group_mean(xp, ctx, g)
-    a = xp.sum(g * xh, axis=axes, keepdims=True)
-    b = xp.sum(xh * (txc - _group_mean(xp, ctx, txc)), axis=axes, keepdims=True)
+    mean_g = _group_mean(xp, ctx, g, n)
+    a = xp.sum(live(xp, ctx, g * xh), axis=axes, keepdims=True)
+    tx0 = txc - _group_mean(xp, ctx, _counted(xp, ctx, txc), n)
+    b = xp.sum(_counted(xp, ctx, xh * tx0), axis=axes, keepdims=True)
     tr = -r * c * b / m
     tc = -(c**3) * b / (m * r)
     if ctx.fixed:  # given statistics: no path through them (nor through A: c is 0)
         tr, tc, c = 0.0 * b, 0.0 * b, 0.0 * c
     txh = apply_jacobian(xp, ctx, d, c, txc)
-    ta = xp.sum(tg * xh + g * txh, axis=axes, keepdims=True)
-    dx = apply_jacobian(xp, ctx, d, c, g)
-    tdx = (
-        tr * (g - mean_g)
-        + r * (tg - _group_mean(xp, ctx, tg))
-        - (tc * xh * a + c * txh * a + c * xh * ta) / m
-    )
+    ta = xp.sum(live(xp, ctx, tg * xh + g * txh), axis=axes, keepdims=True)
+    dx = apply_jacobian(xp, ctx, d, c, g, vjp=True)
+    mean_tg = _group_mean(xp, ctx, tg, n)
+    if ctx.mask is None:
+        tdx = tr * (g - mean_g) + r * (tg - mean_tg) - (tc * xh * a + c * txh * a + c * xh * ta) / m
+    else:
+        stat = tr * mean_g + r * mean_tg + (tc * xh * a + c * txh * a + c * xh * ta) / m
+        tdx = tr * g + r * tg - _counted(xp, ctx, stat)
     dw = tdw = db = tdb = None
     if w is not None:
-        dw = unbroadcast(xp, dyc * xh, ctx.weight)
-        tdw = unbroadcast(xp, tdyc * xh + dyc * txh, ctx.weight)
+        dw = unbroadcast(xp, live(xp, ctx, dyc * xh), ctx.weight)
+        tdw = unbroadcast(xp, live(xp, ctx, tdyc * xh + dyc * txh), ctx.weight)
     if ctx.bias is not None:
         db = unbroadcast(xp, dyc, ctx.bias)
         tdb = unbroadcast(xp, tdyc, ctx.bias)
     return to_dtype(xp, dx, ctx.dtype), dw, db, to_dtype(xp, tdx, ctx.dtype), tdw, tdb
 
 
-def _group_mean(xp: Any, ctx: Any, v: Array) -> Any:
-    """The mean path's `mean(v)` per group; 0 for RMS (center=False) and for given
+def _group_mean(xp: Any, ctx: Any, v: Array, n: Any) -> Any:
+    """The mean path's `sum(v) / n` per group; 0 for RMS (center=False) and for given
     statistics, which have none."""
-    return xp.mean(v, axis=ctx.axes, keepdims=True) if ctx.center and not ctx.fixed else 0.0
+    return xp.sum(v, axis=ctx.axes, keepdims=True) / n if ctx.center and not ctx.fixed else 0.0
 
 
 def dense_jacobian(xp: Any, ctx: Any, c: Array) -> Array:
@@ -182,10 +270,16 @@ def dense_jacobian(xp: Any, ctx: Any, c: Array) -> Array:
     xg, wg = grouped(xh), grouped(w)
     r, cg = grouped(ctx.rstd)[:, :1], grouped(c)[:, :1]
     eye_n = xp.eye(n, dtype=xh.dtype, device=aac.device(xh))
-    m = ctx.group_size - ctx.ddof
-    centering = 1.0 / n if ctx.center else 0.0
-    blocks = r[:, :, None] * (eye_n - centering) - (cg / m)[:, :, None] * (
-        xg[:, :, None] * xg[:, None, :]
+    count, m = sizes(xp, ctx)
+    if ctx.mask is not None:  # columns of uncounted elements: only r on the diagonal
+        count, m = grouped(count)[:, :1], grouped(m)[:, :1]
+        mg = xp.astype(grouped(ctx.mask), xh.dtype)
+        cols = xp.where(grouped(ctx.mask), xg, xp.zeros_like(xg))
+    else:
+        mg, cols = xp.ones_like(xg), xg
+    centering = mg / count if ctx.center else 0.0 * mg
+    blocks = r[:, :, None] * (eye_n - centering[:, None, :]) - (cg / m)[:, :, None] * (
+        xg[:, :, None] * cols[:, None, :]
     )
     blocks = wg[:, :, None] * blocks
     eye_g = xp.eye(groups, dtype=xh.dtype, device=aac.device(xh))

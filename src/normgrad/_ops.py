@@ -21,11 +21,14 @@ from ._axes import Axes, merge_axis
 from ._errors import NormgradError
 from ._validate import (
     Spec,
+    check_nan_policy,
     check_out,
     check_stats,
     cotangent,
+    count_mask,
     namespace,
     param,
+    refuse_nan,
     refuse_zero_variance,
     size_of,
     validate,
@@ -58,6 +61,8 @@ class NormContext:
     dtype: Any  # dtype of y (and of dx)
     center: bool = True  # False: RMS normalization (`mean` is then 0)
     fixed: bool = False  # statistics given (`stats=`): constants for every derivative
+    mask: Array | None = None  # the counted elements (x's shape; mask=, nan_policy="omit")
+    count: Array | None = None  # with a mask: the counted elements per group (keepdims)
 
     @property
     def xp(self) -> Any:
@@ -72,7 +77,7 @@ def _context(x: Array, spec: Spec, stats: tuple[Array, ...], w: Any, b: Any) -> 
         "x": x, "axes": spec.axes, "mean": stats[0], "var": stats[1], "rstd": stats[2],
         "eps": spec.eps, "eps_mode": spec.eps_mode, "ddof": spec.ddof, "weight": w, "bias": b,
         "group_size": spec.n, "dtype": spec.dtype, "center": spec.center,
-        "fixed": False,
+        "fixed": False, "mask": None, "count": None,
     })  # fmt: skip
     return ctx
 
@@ -120,6 +125,8 @@ def normalize(
     axis: Axes = None,
     center: bool = True,
     stats: Any = None,
+    mask: Array | None = None,
+    nan_policy: str = "propagate",
 ) -> Array:
     r"""Normalize `x` by the mean and variance of each group of elements along `axes`.
 
@@ -137,6 +144,17 @@ def normalize(
     groups) to normalize with instead of the statistics of `x` (inference), with
     $\sigma^2$ = `stats.var(ddof)`. Every derivative treats them as constants.
 
+    `mask`: a boolean array broadcastable to `x`; True marks an element that counts. The
+    statistics are taken over the counted elements of each group ($n$ = their number,
+    $\sigma^2$ divides by $n - \mathrm{ddof}$), and every element is normalized by them
+    (as Flax's `mask=`). Uncounted elements do not move the statistics, so their
+    gradient is that of their own y only. A group with no more than `ddof` counted
+    elements (none, with ddof=0) gives NaN for its outputs and statistics, without raising.
+    `nan_policy`: `"propagate"` (NaN makes its group NaN), `"omit"` (NaN elements do not
+    count: the mask `~isnan(x)`, y NaN at those places, as `scipy.stats.zscore(...,
+    nan_policy="omit")`) or `"raise"` (a `NormgradError` naming the first NaN's index).
+    Masked calls run on the generic path.
+
     `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
     any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
     (integers become float64). NaN or Inf in `x` make only the groups that hold them NaN.
@@ -149,7 +167,7 @@ def normalize(
     """
     return normalize_forward(
         x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, out=out,
-        axis=axis, center=center, stats=stats,
+        axis=axis, center=center, stats=stats, mask=mask, nan_policy=nan_policy,
     )[0]  # fmt: skip
 
 
@@ -166,18 +184,45 @@ def normalize_forward(
     axis: Axes = None,
     center: bool = True,
     stats: Any = None,
+    mask: Array | None = None,
+    nan_policy: str = "propagate",
 ) -> tuple[Array, NormContext]:
     """Like `normalize`, and also return the context that `normalize_backward` needs."""
     if axis is not None:
         axes = merge_axis(axes, axis)
-    variant = (center, stats is not None)
+    if check_nan_policy(nan_policy) == "raise":
+        refuse_nan(x)
+    masked = mask is not None or nan_policy == "omit"
+    variant = (center, stats is not None, masked)
     spec, w, b, plan = _dispatch.forward(x, axes, eps, eps_mode, ddof, weight, bias, out, variant)
+    if masked:
+        if stats is not None:
+            raise NormgradError(
+                "stats with mask= or nan_policy='omit': given statistics are used as they are, "
+                "so a mask would change nothing; mask the data given to normgrad.moments "
+                "instead (moments(x_train, axes, mask=...)), or drop stats."
+            )
+        return _masked(x, spec, count_mask(spec.xp, x, mask, nan_policy == "omit"), (w, b), out)
     if stats is not None:
         return _with_statistics(x, spec, check_stats(spec, x, stats, center), (w, b), out)
     res = _runner("forward", plan.path)(x, spec, w, b, plan, out)  # (y, mean, var, rstd)
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, res[2], x, spec.axes)
     return res[0], _context(x, spec, res[1:], w, b)
+
+
+def _masked(
+    x: Array, spec: Spec, mask: Array, params: tuple[Any, Any], out: Any
+) -> tuple[Array, NormContext]:
+    """The forward over the counted elements (`mask`, x's shape): the context keeps the
+    mask and the counts for every derivative."""
+    y, *stats, count = _generic.masked_forward(x, spec, mask, params, out)
+    if spec.eps == 0:
+        refuse_zero_variance(spec.xp, stats[1], x, spec.axes)
+    ctx = _context(x, spec, tuple(stats), *params)
+    object.__setattr__(ctx, "mask", mask)
+    object.__setattr__(ctx, "count", count)
+    return y, ctx
 
 
 def _with_statistics(
@@ -233,23 +278,26 @@ def normalize_jvp(
     tbias: Array | None = None,
     axis: Axes = None,
     center: bool = True,
+    mask: Array | None = None,
+    nan_policy: str = "propagate",
 ) -> tuple[Array, Array]:
     r"""Forward-mode derivative: return `(y, ty)` with $ty = J_x\,tx + \hat x\,tw + tb$.
 
     $$ t\hat x = r\,(tx - \overline{tx}) - \frac{c}{m}\,\hat x \sum \hat x\,tx $$
 
-    (`center=False`: without the mean $\overline{tx}$.)
+    (`center=False`: without the mean $\overline{tx}$. With a mask $M$, the sums and the
+    mean run over the counted elements: $\overline{tx} = \sum M tx / n$, $\sum M \hat x tx$.)
     """
     # y from normalize_forward itself: the same path (kernels or not), so the same bits
     y, ctx = normalize_forward(
         x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, axis=axis,
-        center=center,
+        center=center, mask=mask, nan_policy=nan_policy,
     )  # fmt: skip
     xp = ctx.xp
     txc = _generic.cast(xp, cotangent(xp, x, tx, "tx"), ctx)
     d = _generic.centered(xp, ctx)
     c = _generic.variance_coefficient(xp, ctx)
-    ty = _generic.apply_jacobian(xp, ctx, d, c, txc)
+    ty = _generic.apply_jacobian(xp, ctx, d, c, txc)  # (J tx: the forward derivative)
     tw = param(xp, tweight, "tweight", x, d)
     tb = param(xp, tbias, "tbias", x, d)
     ty = _generic.tangent_affine(xp, ctx, ty, d * ctx.rstd, (tw, tb))
@@ -268,12 +316,15 @@ def normalize_jacobian(
     max_size: int = JACOBIAN_MAX_SIZE,
     axis: Axes = None,
     center: bool = True,
+    mask: Array | None = None,
+    nan_policy: str = "propagate",
 ) -> Array:
     r"""Dense Jacobian $\partial y / \partial x$ with shape `y.shape + x.shape`.
 
     Within a group, $J_{ij} = w_i\,[\,r(\delta_{ij} - 1/n) - \frac{c}{m}\hat x_i \hat x_j\,]$;
     elements of different groups do not interact (zero blocks); `center=False` drops the
-    $-1/n$. It holds `x.size**2`
+    $-1/n$. With a mask $M$: $J_{ij} = w_i\,[\,r(\delta_{ij} - M_j/n) -
+    \frac{c}{m}\hat x_i \hat x_j M_j\,]$ (not symmetric). It holds `x.size**2`
     numbers, so inputs above `max_size` elements are refused.
     """
     size = size_of(x)
@@ -285,6 +336,12 @@ def normalize_jacobian(
         )
     if axis is not None:
         axes = merge_axis(axes, axis)
+    if mask is not None or nan_policy != "propagate":
+        ctx = normalize_forward(
+            x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias,
+            center=center, mask=mask, nan_policy=nan_policy,
+        )[1]  # fmt: skip
+        return _generic.dense_jacobian(ctx.xp, ctx, _generic.variance_coefficient(ctx.xp, ctx))
     spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
     stats = _generic.statistics(x, spec)[1:]
     if spec.eps == 0:

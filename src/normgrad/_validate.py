@@ -19,6 +19,7 @@ from ._errors import NormgradError
 
 Array = Any
 EPS_MODES = ("inside", "outside")
+NAN_POLICIES = ("propagate", "omit", "raise")
 
 
 class Spec(NamedTuple):
@@ -116,6 +117,71 @@ def _check_center(center: Any, ddof: Any) -> None:
             "degree of freedom to lose and its mean square always divides by n; drop ddof "
             "(or use center=True)."
         )
+
+
+def check_nan_policy(policy: Any) -> str:
+    if not isinstance(policy, str) or policy not in NAN_POLICIES:
+        raise NormgradError(
+            f"nan_policy must be 'propagate' (NaN makes its group NaN), 'omit' (NaN left out "
+            f"of the statistics, y NaN there) or 'raise' (refuse NaN); got {policy!r}."
+        )
+    return policy
+
+
+def refuse_nan(x: Array) -> None:
+    """nan_policy='raise': a NormgradError naming the first NaN's index (x's values are
+    looked at, so a traced JAX array is refused)."""
+    xp = namespace_or_none(x)
+    if xp is None or not xp.isdtype(x.dtype, "real floating"):
+        return  # (not an array: validate says so; integers hold no NaN)
+    flags = xp.isnan(x)
+    try:  # (a reduction first: Dask computes one boolean, not the whole array)
+        found = bool(xp.any(flags))
+    except Exception:  # a JAX tracer: no values to look at
+        raise NormgradError(
+            "nan_policy='raise' looks at the values of x, which a traced JAX array (jit, vmap, "
+            "grad) does not have; use nan_policy='propagate' or 'omit' there."
+        ) from None
+    if found:
+        flat = xp.reshape(xp.astype(flags, xp.int8), (-1,))
+        first = tuple(int(i) for i in np.unravel_index(int(xp.argmax(flat)), tuple(x.shape)))
+        raise NormgradError(
+            f"x (shape {tuple(x.shape)}) holds NaN, the first at index {first}, and "
+            "nan_policy='raise'; clean the data, or use nan_policy='omit' to leave NaN out of "
+            "the statistics."
+        )
+
+
+def count_mask(xp: Any, x: Array, mask: Any, omit_nan: bool) -> Array:
+    """The elements that count, a boolean array of x's shape: `mask` (checked: boolean,
+    broadcastable to x), and not NaN where `omit_nan` (nan_policy='omit')."""
+    counted = None
+    if mask is not None:
+        if not aac.is_array_api_obj(mask) or namespace(mask) is not xp:
+            try:
+                mask = xp.asarray(mask, device=aac.device(x))
+            except (TypeError, ValueError):
+                raise NormgradError(
+                    f"mask must be a boolean array broadcastable to x; got {type(mask).__name__}."
+                ) from None
+        if mask.dtype != xp.bool:
+            raise NormgradError(
+                f"mask has dtype {mask.dtype}; it must be boolean (True: the element counts in "
+                "its group's statistics). Convert it, e.g. mask != 0 or mask.astype(bool)."
+            )
+        shape, target = tuple(mask.shape), tuple(x.shape)
+        if not _broadcasts_to(shape, target):
+            raise NormgradError(
+                f"mask of shape {shape} does not broadcast to x's shape {target}; give it x's "
+                "shape, or keep size-1 axes where it should repeat (e.g. (N, 1) for (N, D))."
+            )
+        counted = xp.broadcast_to(mask, target)
+    if omit_nan and xp.isdtype(x.dtype, "real floating"):
+        present = xp.logical_not(xp.isnan(x))
+        counted = present if counted is None else xp.logical_and(counted, present)
+    if counted is None:
+        counted = xp.ones(tuple(x.shape), dtype=xp.bool, device=aac.device(x))
+    return counted
 
 
 def namespace(a: Array) -> Any:

@@ -22,27 +22,35 @@ import jax.numpy as jnp
 
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
+from ._formulas import rstd, xhat
 from ._ops import normalize_forward, normalize_jvp
+from ._validate import check_nan_policy, refuse_nan
 
-__all__ = ["apply", "check_grads", "init_params", "normalize"]
+__all__ = [
+    "apply", "batch_norm", "check_grads", "init_params", "init_running_stats", "normalize",
+]  # fmt: skip
 
 Params = dict[str, jax.Array]
+State = dict[str, jax.Array]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5, 6))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
 def _normalize(
     x: jax.Array,
     weight: jax.Array | None,
     bias: jax.Array | None,
+    mask: jax.Array | None,
     axes: tuple[int, ...],
     eps: float,
     eps_mode: str,
     ddof: float,
+    nan_policy: str,
 ) -> jax.Array:
     x = jnp.asarray(x)
     y, _ = normalize_forward(
-        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias
-    )
+        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, mask=mask,
+        nan_policy=nan_policy,
+    )  # fmt: skip
     return y
 
 
@@ -52,28 +60,21 @@ def _normalize_jvp(
     eps: float,
     eps_mode: str,
     ddof: float,
+    nan_policy: str,
     primals: tuple[Any, ...],
     tangents: tuple[Any, ...],
 ) -> tuple[jax.Array, jax.Array]:
     # JAX may hand constants over as NumPy arrays (e.g. `TypedNdArray` literals), whose
     # namespace would be NumPy's while the tangents are tracers: make them all jax arrays.
     x = jnp.asarray(primals[0])
-    weight, bias = (None if p is None else jnp.asarray(p) for p in primals[1:])
-    tx, tweight, tbias = (None if _is_float0(t) else t for t in tangents)
+    weight, bias, mask = (None if p is None else jnp.asarray(p) for p in primals[1:])
+    tx, tweight, tbias = (None if _is_float0(t) else t for t in tangents[:3])
     if tx is None:  # x has an integer dtype: it does not move
         tx = jnp.zeros(x.shape, jnp.result_type(float))
     return normalize_jvp(
-        x,
-        tx,
-        axes,
-        eps=eps,
-        eps_mode=eps_mode,
-        ddof=ddof,
-        weight=weight,
-        bias=bias,
-        tweight=tweight,
-        tbias=tbias,
-    )
+        x, tx, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias,
+        tweight=tweight, tbias=tbias, mask=mask, nan_policy=nan_policy,
+    )  # fmt: skip
 
 
 def _is_float0(t: Any) -> bool:
@@ -101,6 +102,8 @@ def normalize(
     ddof: float = 0,
     weight: jax.Array | None = None,
     bias: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    nan_policy: str = "propagate",
 ) -> jax.Array:
     r"""Differentiable `normgrad.normalize` for JAX arrays.
 
@@ -108,16 +111,22 @@ def normalize(
 
     over `axes` (all axes when `None`; under `vmap`, axes of one example). Forward- and
     reverse-mode derivatives of any order w.r.t. `x`, `weight` and `bias` come from
-    normgrad's JVP formula.
+    normgrad's JVP formula. `mask` (boolean, broadcastable to x; it may be traced) and
+    `nan_policy` as in `normgrad.normalize` ("raise" needs concrete values: not under jit).
     """
     x = _as_jax(x, "x")
     weight = _as_jax(weight, "weight")
     bias = _as_jax(bias, "bias")
+    mask = _as_jax(mask, "mask")
+    if check_nan_policy(nan_policy) == "raise":
+        refuse_nan(x)
+        nan_policy = "propagate"
     ndim = getattr(x, "ndim", None)
     if ndim is None or ndim == 0:
         # let normgrad's shared validation produce the message
         return normalize_forward(x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof)[0]
-    return _normalize(x, weight, bias, normalize_axes(axes, ndim), eps, eps_mode, ddof)
+    ax = normalize_axes(axes, ndim)
+    return _normalize(x, weight, bias, mask, ax, eps, eps_mode, ddof, nan_policy)
 
 
 def init_params(shape: int | tuple[int, ...], dtype: Any = jnp.float32) -> Params:
@@ -143,6 +152,8 @@ def apply(
     eps: float = 1e-5,
     eps_mode: str = "inside",
     ddof: float = 0,
+    mask: jax.Array | None = None,
+    nan_policy: str = "propagate",
 ) -> jax.Array:
     """Pure functional layer: `normalize(x, axes, weight=params["weight"], bias=params["bias"])`.
 
@@ -164,7 +175,89 @@ def apply(
         ddof=ddof,
         weight=params.get("weight"),
         bias=params.get("bias"),
+        mask=mask,
+        nan_policy=nan_policy,
     )
+
+
+# --- batch norm with running statistics, as a pure function ---
+
+
+def init_running_stats(shape: int | tuple[int, ...], dtype: Any = jnp.float32) -> State:
+    """The state of `batch_norm`: `running_mean` zeros and `running_var` ones of `shape`
+    (one value per group, e.g. `(C, 1, 1)`), `num_batches_tracked` 0, as BatchNorm's."""
+    shape = init_params(shape, dtype)["weight"].shape  # (the same shape checks)
+    return {
+        "running_mean": jnp.zeros(shape, dtype),
+        "running_var": jnp.ones(shape, dtype),
+        "num_batches_tracked": jnp.zeros((), jnp.int32),
+    }
+
+
+def batch_norm(
+    params: Params | None,
+    state: State,
+    x: jax.Array,
+    axes: Axes = (0, 2, 3),
+    *,
+    training: bool = True,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    eps_mode: str = "inside",
+    mask: jax.Array | None = None,
+    nan_policy: str = "propagate",
+) -> tuple[jax.Array, State]:
+    r"""Batch norm whose running statistics are passed in and returned: `(y, new_state)`.
+
+    Training: `y = normalize(x, axes, weight, bias)` with the batch's statistics, and the
+    state updated exactly as `torch.nn.BatchNorm2d` updates its buffers,
+    $s \leftarrow (1-f)\,s + f\,s_{batch}$ with the unbiased batch variance and
+    $f$ = `momentum` (None: $1/\text{num\_batches\_tracked}$, a cumulative average).
+    Evaluation (`training=False`): $(x - \text{running\_mean}) / \sqrt{\text{running\_var}
+    + \epsilon}\,w + b$, the state unchanged and constant for the gradient. `training`,
+    `momentum` and the options are static; `mask` and `nan_policy` as in `normalize` (the
+    running statistics then come from the counted elements).
+    """
+    params = params or {}
+    w, b = params.get("weight"), params.get("bias")
+    if not training:
+        mean, var = state["running_mean"], state["running_var"]
+        y = xhat(x, mean, rstd(jnp, var, eps, eps_mode == "inside"))
+        return (y if w is None else y * w) + (0 if b is None else b), state
+    y = normalize(
+        x, axes, eps=eps, eps_mode=eps_mode, weight=w, bias=b, mask=mask, nan_policy=nan_policy
+    )
+    return y, _updated(
+        state, jax.lax.stop_gradient(jnp.asarray(x)), axes, momentum, (mask, nan_policy)
+    )
+
+
+def _updated(state: State, x: jax.Array, axes: Axes, momentum: Any, counted: Any) -> State:
+    """BatchNorm's update of the running statistics from the batch's `moments`."""
+    from ._moments import moments
+
+    st = moments(x, axes, mask=counted[0], nan_policy=counted[1])
+    old_mean, old_var = state["running_mean"], state["running_var"]
+    if st.mean.size != old_mean.size:
+        raise NormgradError(
+            f"the running statistics hold one value per group, shape {old_mean.shape}; x "
+            f"(shape {x.shape}, axes {axes}) has {st.mean.size} groups. Initialize them with "
+            "init_running_stats of one entry per group, e.g. (C, 1, 1) for axes (0, 2, 3)."
+        )
+    if counted[0] is None and counted[1] == "propagate" and x.size // st.mean.size < 2:
+        raise NormgradError(
+            f"batch_norm needs more than one element per group in training (the running "
+            f"variance is unbiased); got x of shape {x.shape} with axes {axes}."
+        )
+    count = state["num_batches_tracked"] + 1
+    f = 1.0 / count if momentum is None else momentum
+    mean = st.mean.reshape(old_mean.shape).astype(old_mean.dtype)
+    var = st.var(1).reshape(old_var.shape).astype(old_var.dtype)
+    return {
+        "running_mean": (1 - f) * old_mean + f * mean,
+        "running_var": (1 - f) * old_var + f * var,
+        "num_batches_tracked": count,
+    }
 
 
 # --- check_grads (checker) ---

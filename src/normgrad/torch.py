@@ -22,7 +22,7 @@ from torch import nn
 from . import _torch_ops
 from ._axes import Axes
 from ._errors import NormgradError
-from ._validate import EPS_MODES
+from ._validate import EPS_MODES, check_nan_policy
 
 __all__ = ["MeanVarNorm", "gradcheck", "normalize"]
 
@@ -36,6 +36,8 @@ def normalize(
     ddof: float = 0,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    nan_policy: str = "propagate",
 ) -> torch.Tensor:
     r"""Differentiable `normgrad.normalize` for torch tensors (CPU or CUDA).
 
@@ -45,11 +47,21 @@ def normalize(
     backward is differentiable again (`create_graph=True`). On CPU the statistics are
     computed in float64 whatever the input dtype; the result has the input's dtype
     (float64 for integers). Works under `torch.compile` and `torch.func` transforms.
+
+    `mask` (boolean, broadcastable to x) and `nan_policy` as in `normgrad.normalize`:
+    masked calls (`mask=`, `nan_policy="omit"`) run the generic path in torch ops (an
+    `autograd.Function` whose backward and forward mode are normgrad's masked derivation,
+    differentiable again, with a `torch.func.vmap` rule; no custom op for `torch.compile`).
     """
     if not isinstance(x, torch.Tensor):
         raise NormgradError(
             f"normgrad.torch.normalize needs a torch.Tensor; got {type(x).__name__}. "
             "Use torch.as_tensor(x), or normgrad.normalize for NumPy/JAX/Dask arrays."
+        )
+    if mask is not None or nan_policy != "propagate":
+        policy = check_nan_policy(nan_policy)
+        return _torch_ops.normalize_masked(
+            x, axes, (eps, eps_mode, ddof), (weight, bias), (mask, policy)
         )
     return _torch_ops.normalize(x, axes, (eps, eps_mode, ddof), (weight, bias))
 
@@ -70,6 +82,10 @@ class MeanVarNorm(nn.Module):
     \text{momentum}\,s_{batch}$ with the unbiased batch variance ($\text{momentum}=$ None:
     the cumulative average, factor $1/\text{num\_batches\_tracked}$). In `eval()` the
     module normalizes with them, as constants for the gradient.
+
+    `forward(x, mask=None)`: a boolean mask (broadcastable to x) of the elements that count,
+    and `nan_policy` as in `normgrad.normalize`; the running statistics then come from the
+    counted elements only (their unbiased variance).
     """
 
     def __init__(
@@ -83,10 +99,12 @@ class MeanVarNorm(nn.Module):
         elementwise_affine: bool = True,
         track_running_stats: bool = False,
         momentum: float | None = 0.1,
+        nan_policy: str = "propagate",
         device: Any = None,
         dtype: Any = None,
     ) -> None:
         super().__init__()
+        self.nan_policy = check_nan_policy(nan_policy)
         shape = (param_shape,) if isinstance(param_shape, int) else tuple(param_shape)
         if not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
             raise NormgradError(
@@ -146,14 +164,14 @@ class MeanVarNorm(nn.Module):
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.zero_()
 
-    def _update_running_stats(self, x: torch.Tensor) -> None:
+    def _update_running_stats(self, x: torch.Tensor, mask: Any) -> None:
         """BatchNorm's update, from the batch's `normgrad.moments` (float64 on CPU)."""
         from ._moments import moments
 
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         with torch.no_grad():
-            st = moments(x.detach(), self.axes)
+            st = moments(x.detach(), self.axes, mask=mask, nan_policy=self.nan_policy)
             if st.mean.numel() != self.running_mean.numel():
                 raise NormgradError(
                     f"track_running_stats keeps one value per group, shape {self.param_shape}; "
@@ -161,7 +179,7 @@ class MeanVarNorm(nn.Module):
                     f"{st.mean.numel()} groups. Use param_shape with one entry per group, "
                     "e.g. (C, 1, 1) with axes=(0, 2, 3)."
                 )
-            if int(st.count.reshape(-1)[0]) < 2:
+            if int(st.count.min()) < 2:
                 raise NormgradError(
                     "track_running_stats needs more than one element per group in training "
                     f"(the running variance is unbiased); got input shape {tuple(x.shape)}."
@@ -193,26 +211,22 @@ class MeanVarNorm(nn.Module):
             nn.init.ones_(self.weight)
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.track_running_stats:
             if not self.training:
                 return self._normalize_with_running_stats(x)
-            self._update_running_stats(x)
+            self._update_running_stats(x, mask)
         return normalize(
-            x,
-            self.axes,
-            eps=self.eps,
-            eps_mode=self.eps_mode,
-            ddof=self.ddof,
-            weight=self.weight,
-            bias=self.bias,
-        )
+            x, self.axes, eps=self.eps, eps_mode=self.eps_mode, ddof=self.ddof,
+            weight=self.weight, bias=self.bias, mask=mask, nan_policy=self.nan_policy,
+        )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"{self.param_shape}, axes={self.axes}, eps={self.eps}, eps_mode={self.eps_mode!r}, "
             f"ddof={self.ddof}, elementwise_affine={self.elementwise_affine}, "
-            f"track_running_stats={self.track_running_stats}, momentum={self.momentum}"
+            f"track_running_stats={self.track_running_stats}, momentum={self.momentum}, "
+            f"nan_policy={self.nan_policy!r}"
         )
 
 
