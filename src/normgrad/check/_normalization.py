@@ -72,6 +72,8 @@ def coefficients(jac: Jacobians, x: F64, name: Any) -> Finding | None:
     that shape, such as x·Σx², has b/s > 0). The ratio of each of A's coefficients to J's; None
     unless every ratio is the same over the groups, one differs from 1 and none is 0 (an absent
     path is `missing_term`). `name(c)` names a ratio."""
+    if not confined_to_groups(jac):
+        return None
     for basis in (MEAN_VARIANCE, RMS):
         r = _ratios(jac, x, basis)
         if r is not None:
@@ -207,6 +209,8 @@ def _count(r: float, n: int) -> str:
 def group_paths(jac: Jacobians, x: F64) -> Finding | None:
     """Whether the error A - J lies, in every group with a wrong entry, in span{1, x - mean}
     (per row): a missing or wrong mean path and/or variance path. None otherwise."""
+    if not confined_to_groups(jac):
+        return None
     rows_l, cols_l = jac.row_groups, jac.col_groups
     bad_groups = np.unique(cols_l[jac.bad.any(axis=0)])
     e_mean = e_var = 0.0
@@ -228,6 +232,15 @@ def group_paths(jac: Jacobians, x: F64) -> Finding | None:
         e_var += float(np.sum(P[:, 1] ** 2)) if P.shape[1] > 1 else 0.0
     evidence = {"groups": len(bad_groups)}
     return _paths_finding(GROUP_PATHS, e_mean, e_var, evidence, groups=len(bad_groups))
+
+
+def confined_to_groups(jac: Jacobians) -> bool:
+    """Whether A - J vanishes (within twice the tolerance) outside the groups' blocks. A
+    backward that couples elements of different groups (reductions over the wrong axes or
+    group size) is not a wrong coefficient or path *of* the groups: the per-group fits, which
+    look only inside the blocks, would misname it."""
+    outside = jac.row_groups[:, None] != jac.col_groups[None, :]
+    return bool(np.all(np.abs(jac.E[outside]) <= 2 * jac.T[outside]))
 
 
 def _centered(x: F64, cols: Any) -> F64:
