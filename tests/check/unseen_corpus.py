@@ -373,7 +373,8 @@ def xcorr_same_fixed(x: Any, g: Any) -> Any:
 
 
 def xcorr_same_kernel_not_flipped(x: Any, g: Any) -> Any:
-    """The data gradient correlated with the kernel as is, not with the kernel rotated."""
+    """The data gradient correlated with the kernel as is, not with the kernel rotated (the
+    mistake the post's "cross-correlation misnomer" section explains)."""
     return np.correlate(g, _W3.astype(g.dtype), mode="same")
 
 
@@ -400,7 +401,8 @@ def attention_fixed(q: Any, k: Any, v: Any, g: Any) -> Any:
 
 
 def attention_dk_unscaled(q: Any, k: Any, v: Any, g: Any) -> Any:
-    """softmax_scale lost before dK is scaled: dK misses its factor 1/sqrt(d)."""
+    """softmax_scale lost before dK is scaled: dK misses its factor 1/sqrt(d). (In the issue
+    the lost scale was None and the kernel raised; this is the silent variant.)"""
     s, p, ds = _attn_parts(q, k, v, g)
     return ds @ k * s, ds.T @ q, p.T @ g
 
