@@ -103,3 +103,11 @@ def test_transcriptions_against_independent_fd(case: Unseen) -> None:
         assert np.max(np.abs(first - second)) > 1e-6
     else:
         assert np.max(np.abs(first - ref)) > 1e-3
+
+
+@pytest.mark.parametrize("case", CORPUS, ids=lambda c: c.name)
+def test_unseen_mistake_is_caught_in_probe_mode(case: Unseen) -> None:
+    """Caught with a few random directional derivatives too (naming there is not measured
+    against the target; docs/checker.md gives what it says at these sizes)."""
+    report = check_gradients(case.f, case.make(np.float64), case.wrong, mode="probe")
+    assert not report.ok, str(report)
