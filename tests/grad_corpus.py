@@ -332,6 +332,14 @@ def wrong_cases() -> list[Case]:
             matmul_no_db,
             "zero",
         ),
+        Case(
+            "matmul_no_db_probe",
+            matmul,
+            (r(16).standard_normal((3, 4)), r(17).standard_normal((4, 5))),
+            matmul_no_db,
+            "zero",
+            {"mode": "probe"},
+        ),
         Case("lse_ignores_dy", lse, r(5).standard_normal((4, 6)), lse_ignores_dy, "ignores_dy"),
         Case("tanh_offset", np.tanh, r(40).standard_normal((2, 5)), tanh_offset_one, "offset"),
         Case(

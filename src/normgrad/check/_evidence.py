@@ -111,6 +111,11 @@ class Jacobians:
         """A model of A "fits" when it reproduces A within twice the entry tolerance."""
         return bool(np.all(np.abs(self.A - model) <= 2 * self.T * k))
 
+    def joint_groups(self) -> tuple[Any, Any]:
+        """Connected components of J's and the error's significant entries together: groups
+        that the backward couples, whether or not the function does (a term it has too many)."""
+        return _groups(np.where(self.bad, np.abs(self.E) + np.abs(self.J), self.J), self.T)
+
     def sizes(self) -> list[int]:
         """m, n and the group sizes: the sizes a fitted factor may be named after."""
         m, n = self.J.shape

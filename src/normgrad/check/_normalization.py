@@ -32,6 +32,14 @@ GROUP_PATHS = Template(
     "check the chain rule through the shared statistics: the mean path gives -mean(g)/σ, the "
     "variance path -x̂·mean(g·x̂)/σ (g = dy·weight).",
 )
+EXTRA_PATHS = Template(
+    "missing_term",
+    "the backward couples elements that f treats separately: it has {paths} over {groups} "
+    "group(s) that f does not couple (as when f's mean and variance are constants).",
+    "where f's statistics are constants (running or global ones), its backward is the "
+    "per-element scale dy·weight/σ: drop the -mean(g) and -x̂·mean(g·x̂) terms; otherwise reduce "
+    "over f's own groups only.",
+)
 COEFFICIENT = Template(
     "coefficient",
     "every path of the normalization is there but {terms} (fitted per group in {basis}, groups "
@@ -39,7 +47,7 @@ COEFFICIENT = Template(
     "check the factors of each term: the group size n where another count (the batch, all "
     "elements) is used, 1/n² for 1/n, eps added outside the square root, σ vs σ².",
 )
-TEMPLATES = (CROSS_TERM_PATHS, GROUP_PATHS, COEFFICIENT)
+TEMPLATES = (CROSS_TERM_PATHS, GROUP_PATHS, EXTRA_PATHS, COEFFICIENT)
 
 
 class _Basis(NamedTuple):
@@ -72,6 +80,8 @@ def coefficients(jac: Jacobians, x: F64, name: Any) -> Finding | None:
     that shape, such as x·Σx², has b/s > 0). The ratio of each of A's coefficients to J's; None
     unless every ratio is the same over the groups, one differs from 1 and none is 0 (an absent
     path is `missing_term`). `name(c)` names a ratio."""
+    if not confined_to_groups(jac):
+        return None
     for basis in (MEAN_VARIANCE, RMS):
         r = _ratios(jac, x, basis)
         if r is not None:
@@ -206,8 +216,12 @@ def _count(r: float, n: int) -> str:
 
 def group_paths(jac: Jacobians, x: F64) -> Finding | None:
     """Whether the error A - J lies, in every group with a wrong entry, in span{1, x - mean}
-    (per row): a missing or wrong mean path and/or variance path. None otherwise."""
-    rows_l, cols_l = jac.row_groups, jac.col_groups
+    (per row): a missing or wrong mean path and/or variance path. None otherwise. Where the
+    error reaches outside J's groups, the groups are those the backward couples
+    (`joint_groups`): a normalization's backward applied to a function without one (constant
+    statistics) has mean and variance paths the function lacks."""
+    own = confined_to_groups(jac)
+    rows_l, cols_l = (jac.row_groups, jac.col_groups) if own else jac.joint_groups()
     bad_groups = np.unique(cols_l[jac.bad.any(axis=0)])
     e_mean = e_var = 0.0
     for g in bad_groups:
@@ -226,8 +240,18 @@ def group_paths(jac: Jacobians, x: F64) -> Finding | None:
             return None
         e_mean += float(np.sum(P[:, 0] ** 2))
         e_var += float(np.sum(P[:, 1] ** 2)) if P.shape[1] > 1 else 0.0
-    evidence = {"groups": len(bad_groups)}
-    return _paths_finding(GROUP_PATHS, e_mean, e_var, evidence, groups=len(bad_groups))
+    evidence = {"groups": len(bad_groups), "groups_of_f": own}
+    template = GROUP_PATHS if own else EXTRA_PATHS
+    return _paths_finding(template, e_mean, e_var, evidence, groups=len(bad_groups))
+
+
+def confined_to_groups(jac: Jacobians) -> bool:
+    """Whether A - J vanishes (within twice the tolerance) outside the groups' blocks. A
+    backward that couples elements of different groups (reductions over the wrong axes or
+    group size) is not a wrong coefficient or path *of* the groups: the per-group fits, which
+    look only inside the blocks, would misname it."""
+    outside = jac.row_groups[:, None] != jac.col_groups[None, :]
+    return bool(np.all(np.abs(jac.E[outside]) <= 2 * jac.T[outside]))
 
 
 def _centered(x: F64, cols: Any) -> F64:

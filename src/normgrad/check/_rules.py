@@ -559,6 +559,30 @@ def probe_sign_or_scale(ev: Evidence) -> list[Finding] | None:
     return None
 
 
+def probe_zero_for_one_input(ev: Evidence) -> list[Finding] | None:
+    """With a tuple x: the backward returns exact zeros for one input while a directional
+    derivative on that input's elements (through either cotangent) is clearly not zero."""
+    t, tol = ev.target, ev.tol
+    if not t.multi:
+        return None
+    for i, name in enumerate(t.names):
+        sl = t.input_slice(i)
+        if any(np.any(g.dx[sl]) for g in ev.grads):
+            continue
+        u = np.zeros(t.n)
+        u[sl] = ev.steps[sl] * ev.rng.standard_normal(sl.stop - sl.start)
+        d = ev.fd.directional(u)
+        au = np.abs(u)
+        for s in ev.sides:
+            num, fde = float(s.dy @ d.value), float(np.abs(s.dy) @ d.err)
+            floor = float(ev.fd.rounding_floor(tol.eps_a) @ au) * float(np.max(np.abs(s.dy)))
+            limit, _ = tol(num, fde, 0.0, 0.0, float(np.sum(au)), floor)
+            if abs(num) > 4 * limit:
+                evidence = {"max_numerical": abs(num), "input": i, "name": name}
+                return [cat.ZERO_FOR_INPUT.finding(evidence, top=abs(num), name=name)]
+    return None
+
+
 def probe_per_input(ev: Evidence) -> list[Finding] | None:
     """With several inputs: one directional derivative per input (a probe on its elements
     only), seen through both cotangents: each input right, or off by its own factor c_i (the
@@ -800,6 +824,7 @@ ON_JACOBIANS: tuple[Rule, ...] = (
 # Probe mode, before `localize`.
 PROBE: tuple[Rule, ...] = (
     zero,
+    probe_zero_for_one_input,
     probe_sign_or_scale,
     probe_per_input,
     probe_transpose,
