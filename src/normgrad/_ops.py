@@ -25,7 +25,6 @@ from ._validate import (
     check_out,
     check_stats,
     cotangent,
-    count_mask,
     namespace,
     param,
     refuse_nan,
@@ -193,7 +192,7 @@ def normalize_forward(
     if check_nan_policy(nan_policy) == "raise":
         refuse_nan(x)
     masked = mask is not None or nan_policy == "omit"
-    variant = (center, stats is not None, masked)
+    variant = (center, stats is not None, (mask, nan_policy == "omit") if masked else None)
     spec, w, b, plan = _dispatch.forward(x, axes, eps, eps_mode, ddof, weight, bias, out, variant)
     if masked:
         if stats is not None:
@@ -202,7 +201,7 @@ def normalize_forward(
                 "so a mask would change nothing; mask the data given to normgrad.moments "
                 "instead (moments(x_train, axes, mask=...)), or drop stats."
             )
-        return _masked(x, spec, count_mask(spec.xp, x, mask, nan_policy == "omit"), (w, b), out)
+        return _masked(x, spec, plan, (w, b), out)
     if stats is not None:
         return _with_statistics(x, spec, check_stats(spec, x, stats, center), (w, b), out)
     res = _runner("forward", plan.path)(x, spec, w, b, plan, out)  # (y, mean, var, rstd)
@@ -212,11 +211,15 @@ def normalize_forward(
 
 
 def _masked(
-    x: Array, spec: Spec, mask: Array, params: tuple[Any, Any], out: Any
+    x: Array, spec: Spec, plan: Any, params: tuple[Any, Any], out: Any
 ) -> tuple[Array, NormContext]:
-    """The forward over the counted elements (`mask`, x's shape): the context keeps the
-    mask and the counts for every derivative."""
-    y, *stats, count = _generic.masked_forward(x, spec, mask, params, out)
+    """The forward over the counted elements (`plan.mask`, x's shape), on the plan's path:
+    the context keeps the mask and the counts for every derivative."""
+    mask = plan.mask
+    if plan.path == "generic":
+        y, *stats, count = _generic.masked_forward(x, spec, mask, params, out)
+    else:
+        y, *stats, count = _runner("forward", plan.path)(x, spec, *params, plan, out)
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, stats[1], x, spec.axes)
     ctx = _context(x, spec, tuple(stats), *params)
