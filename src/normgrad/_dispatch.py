@@ -296,12 +296,14 @@ def _masked(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, arrays: Any) 
 
 
 def _mask_view(mask: np.ndarray, lay: Any) -> np.ndarray:
-    """The counted elements as a block view (copied into x's memory order where the mask's
-    strides, e.g. a broadcast one's, do not merge into x's blocks)."""
+    """The counted elements as a C-contiguous block view: the mask's own memory where it
+    is one, else a copy in x's memory order (a broadcast mask's zero strides, or any strided
+    mask, keep the kernels' loops from vectorizing, and cost more than the byte per element
+    of the copy)."""
     from .kernels import _layout
 
     m4 = _layout.view4(mask, lay)
-    if m4 is None:
+    if m4 is None or not m4.flags.c_contiguous:
         buf = np.empty(lay.new_shape, np.bool_).transpose(lay.new_perm)
         buf[...] = mask
         m4 = _layout.view4(buf, lay)
