@@ -846,23 +846,63 @@ def _masked_origin(x, mk, kk, center):
 
 @njit(cache=True, inline="always")
 def _add_block_masked(x, mk, at, a, e, shift, acc, center):
-    """`_add_block` over the counted elements of `x[at][a:e]` only."""
+    """`_add_block` over the counted elements of `x[at][a:e]` only. (Each loop keeps its
+    branches out: selects, not loads under a condition, let LLVM vectorize them.)"""
     k0, r0, k1 = at
     xs, ms = x[k0, r0, k1, a:e], mk[k0, r0, k1, a:e]
     nb = 0.0
-    s = 0.0
     for j in range(xs.size):
-        v = np.float64(xs[j]) - shift if ms[j] else 0.0
         nb += 1.0 if ms[j] else 0.0
-        s += v * v if not center else v
+    s = 0.0
     if not center:
+        for j in range(xs.size):
+            v = np.float64(xs[j]) if ms[j] else 0.0
+            s += v * v
         return chan_merge(acc[0], 0.0, acc[2], nb, 0.0, s)
+    for j in range(xs.size):
+        s += np.float64(xs[j]) - shift if ms[j] else 0.0
     mb = s / nb if nb > 0.0 else 0.0
     q = 0.0
     for j in range(xs.size):
         d = (np.float64(xs[j]) - shift) - mb if ms[j] else 0.0
         q += d * d
     return chan_merge(acc[0], acc[1], acc[2], nb, mb, q)
+
+
+@njit(cache=True, inline="always")
+def _live(x, m, mu):
+    """`x - mu` where an element enters the backward's sums (counted, or a finite x), else
+    0 (`_generic.live`)."""
+    return x - mu if m or abs(x) < np.inf else 0.0
+
+
+@njit(cache=True, fastmath=_REASSOC)
+def _masked_param_sums(pieces, sums, coef, need):
+    """Add `dy xhat` (live elements) and `dy` (every element) of a piece into its rows of
+    the dweight and dbias sums (`sums = (dws, dbs)`, each per element or one for the run,
+    from element `a`); `pieces = (x, dy, mk, a)`."""
+    xs, ds, ms, a = pieces
+    dws, dbs = sums
+    mu, r = coef
+    n = xs.size
+    if need[0] and dws.size > 1:
+        out = dws[a : a + n]
+        for j in range(n):
+            out[j] += ds[j] * (_live(xs[j], ms[j], mu) * r)
+    elif need[0]:
+        total = 0.0
+        for j in range(n):
+            total += ds[j] * (_live(xs[j], ms[j], mu) * r)
+        dws[0] += total
+    if need[1] and dbs.size > 1:
+        out = dbs[a : a + n]
+        for j in range(n):
+            out[j] += ds[j]
+    elif need[1]:
+        total = 0.0
+        for j in range(n):
+            total += ds[j]
+        dbs[0] += total
 
 
 @njit(cache=True, inline="always")
@@ -875,35 +915,26 @@ def _masked_sums(io, mk, par, acc, at, a, e, coef, flags):
     has_w, need_dw, need_db = flags[0], flags[1], flags[2]
     k0, r0, k1 = at
     xs, ds, ms = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], mk[k0, r0, k1, a:e]
-    mu, r = coef
-    wi, per_w = _row(wr, at), has_w and wt.shape[1] > 1
-    wv = wt[wi, 0] if has_w else 1.0
-    dws = dwa[min(k, dwa.shape[0] - 1), _row(wr, at)]
-    dbs = dba[min(k, dba.shape[0] - 1), _row(br, at)]
-    dw_each, db_each = need_dw and dws.size > 1, need_db and dbs.size > 1
+    mu = coef[0]
+    wi = _row(wr, at)
     sg = 0.0
     sgd = 0.0
-    tdw = 0.0
-    tdb = 0.0
-    for j in range(xs.size):
-        dj = np.float64(ds[j])
-        gj = dj * (wt[wi, a + j] if per_w else wv)
-        d = xs[j] - mu
-        dl = d if ms[j] or np.isfinite(xs[j]) else 0.0
-        sg += gj
-        sgd += gj * dl
-        if dw_each:
-            dws[a + j] += dj * (dl * r)
-        else:
-            tdw += dj * (dl * r)
-        if db_each:
-            dbs[a + j] += dj
-        else:
-            tdb += dj
-    if need_dw and not dw_each:
-        dws[0] += tdw
-    if need_db and not db_each:
-        dbs[0] += tdb
+    if has_w and wt.shape[1] > 1:
+        ws = wt[wi, a:e]
+        for j in range(xs.size):
+            gj = ds[j] * ws[j]
+            sg += gj
+            sgd += gj * _live(xs[j], ms[j], mu)
+    else:
+        wv = wt[wi, 0] if has_w else 1.0
+        for j in range(xs.size):
+            gj = np.float64(ds[j]) * wv
+            sg += gj
+            sgd += gj * _live(xs[j], ms[j], mu)
+    if need_dw or need_db:
+        dws = dwa[min(k, dwa.shape[0] - 1), _row(wr, at)]
+        dbs = dba[min(k, dba.shape[0] - 1), _row(br, at)]
+        _masked_param_sums((xs, ds, ms, a), (dws, dbs), coef, (need_dw, need_db))
     return sg, sgd
 
 
@@ -917,10 +948,16 @@ def _masked_dx(io, mk, par, at, a, e, coef, flags):
     k0, r0, k1 = at
     xs, ds, ms = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], mk[k0, r0, k1, a:e]
     dxs = dx[k0, r0, k1, a:e]
-    wi, per_w = _row(wr, at), has_w and wt.shape[1] > 1
+    wi = _row(wr, at)
+    if has_w and wt.shape[1] > 1:
+        ws = wt[wi, a:e]
+        for j in range(xs.size):
+            gj = ds[j] * ws[j]
+            dxs[j] = gradient(gj, xs[j] - mu, r, mg, bt) if ms[j] else r * gj
+        return
     wv = wt[wi, 0] if has_w else 1.0
     for j in range(xs.size):
-        gj = ds[j] * (wt[wi, a + j] if per_w else wv)
+        gj = ds[j] * wv
         dxs[j] = gradient(gj, xs[j] - mu, r, mg, bt) if ms[j] else r * gj
 
 
