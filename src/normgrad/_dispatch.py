@@ -15,7 +15,9 @@ a `Plan` that names its path and carries what that path needs:
              and given statistics (`stats=`)
 
 RMS normalization (`center=False`) takes the paths by the same rules (`Plan.op` carries
-`center` to the kernels).
+`center` to the kernels). A masked call (`mask=`, `nan_policy="omit"`) takes the masked
+group kernels ("small" or "blocked", every group whole) at every size, the generic path
+where they cannot take it (`_masked`).
 
 `use_kernels(mode)` changes the choice inside a block: `False`/`"0"`/`"generic"` never a
 kernel, `True`/`"1"` a kernel at every size, `"auto"` the rules above, or a path name to use
