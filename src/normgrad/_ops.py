@@ -152,7 +152,7 @@ def normalize(
     `nan_policy`: `"propagate"` (NaN makes its group NaN), `"omit"` (NaN elements do not
     count: the mask `~isnan(x)`, y NaN at those places, as `scipy.stats.zscore(...,
     nan_policy="omit")`) or `"raise"` (a `NormgradError` naming the first NaN's index).
-    Masked calls run on the generic path.
+    Masked NumPy float32/float64 calls run on masked fused kernels (`plan_forward` tells).
 
     `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
     any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
