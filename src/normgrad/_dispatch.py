@@ -327,6 +327,10 @@ def backward(ctx: Any, dy: Any, out: Any) -> Plan:
     """The path of `normalize_backward(ctx, dy, out=out)` (arguments checked)."""
     x = ctx.x
     if ctx.mask is not None:
+        saved = ctx.planned  # the forward's masked plan, where nothing it fixed has changed
+        if saved is not None and out is None and type(dy) is np.ndarray:
+            if saved[0] == _runtime.kernel_mode():
+                return saved[1]
         return _masked(x, _spec_of(ctx), (ctx.weight, ctx.bias), out, (ctx.mask, dy))
     if ctx.fixed:
         return Plan("generic", VARIANT_REASON)

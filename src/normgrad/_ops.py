@@ -13,7 +13,7 @@ everything else; `_dispatch.py` says which runs and why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import _dispatch, _generic, _runtime
@@ -62,6 +62,7 @@ class NormContext:
     fixed: bool = False  # statistics given (`stats=`): constants for every derivative
     mask: Array | None = None  # the counted elements (x's shape; mask=, nan_policy="omit")
     count: Array | None = None  # with a mask: the counted elements per group (keepdims)
+    planned: Any = field(default=None, repr=False)  # masked kernels: (mode, forward Plan)
 
     @property
     def xp(self) -> Any:
@@ -76,7 +77,7 @@ def _context(x: Array, spec: Spec, stats: tuple[Array, ...], w: Any, b: Any) -> 
         "x": x, "axes": spec.axes, "mean": stats[0], "var": stats[1], "rstd": stats[2],
         "eps": spec.eps, "eps_mode": spec.eps_mode, "ddof": spec.ddof, "weight": w, "bias": b,
         "group_size": spec.n, "dtype": spec.dtype, "center": spec.center,
-        "fixed": False, "mask": None, "count": None,
+        "fixed": False, "mask": None, "count": None, "planned": None,
     })  # fmt: skip
     return ctx
 
@@ -225,6 +226,8 @@ def _masked(
     ctx = _context(x, spec, tuple(stats), *params)
     object.__setattr__(ctx, "mask", mask)
     object.__setattr__(ctx, "count", count)
+    if plan.path != "generic":  # the backward reuses the layout and views (`_dispatch`)
+        object.__setattr__(ctx, "planned", (_runtime.kernel_mode(), plan))
     return y, ctx
 
 

@@ -297,3 +297,21 @@ def test_modes_without_masked_kernels_take_the_generic_path(rng):
     with ng.use_kernels("auto"):  # the masked kernels at every size
         assert ng.plan_forward(x, -1, mask=mask).path == "small"
         assert ng.plan_forward(x, -1, nan_policy="omit").path == "small"
+
+
+def test_backward_reuses_the_forward_plan_only_under_the_same_mode(rng):
+    x, dy = _data(rng, (8, 32), np.float64)
+    mask = rng.random(x.shape) < 0.6
+    with ng.use_kernels("blocked"):
+        _, ctx = ng.normalize_forward(x, -1, mask=mask)
+        assert ng.plan_backward(ctx, dy).path == "blocked"
+        out = np.empty_like(x)
+        assert ng.plan_backward(ctx, dy, out=out).path == "blocked"  # (planned again)
+        g_out = ng.normalize_backward(ctx, dy, out=out)
+        assert g_out.x is out
+    with ng.use_kernels(False):
+        assert ng.plan_backward(ctx, dy).path == "generic"
+        gr = ng.normalize_backward(ctx, dy)
+    with ng.use_kernels("small"):
+        assert ng.plan_backward(ctx, dy).path == "small"
+    _close(out, gr.x, 16, _scales(ctx, dy)[1])
