@@ -851,15 +851,15 @@ def _add_block_masked(x, mk, at, a, e, shift, acc, center):
     k0, r0, k1 = at
     xs, ms = x[k0, r0, k1, a:e], mk[k0, r0, k1, a:e]
     nb = 0.0
-    for j in range(xs.size):
-        nb += 1.0 if ms[j] else 0.0
     s = 0.0
     if not center:
         for j in range(xs.size):
             v = np.float64(xs[j]) if ms[j] else 0.0
+            nb += 1.0 if ms[j] else 0.0
             s += v * v
         return chan_merge(acc[0], 0.0, acc[2], nb, 0.0, s)
     for j in range(xs.size):
+        nb += 1.0 if ms[j] else 0.0
         s += np.float64(xs[j]) - shift if ms[j] else 0.0
     mb = s / nb if nb > 0.0 else 0.0
     q = 0.0
