@@ -303,7 +303,9 @@ def test_backward_reuses_the_forward_plan_only_under_the_same_mode(rng):
     x, dy = _data(rng, (8, 32), np.float64)
     mask = rng.random(x.shape) < 0.6
     with ng.use_kernels("blocked"):
-        _, ctx = ng.normalize_forward(x, -1, mask=mask)
+        y_out = np.empty_like(x)
+        y, ctx = ng.normalize_forward(x, -1, mask=mask, out=y_out)
+        assert y is y_out
         assert ng.plan_backward(ctx, dy).path == "blocked"
         out = np.empty_like(x)
         assert ng.plan_backward(ctx, dy, out=out).path == "blocked"  # (planned again)
@@ -312,6 +314,8 @@ def test_backward_reuses_the_forward_plan_only_under_the_same_mode(rng):
     with ng.use_kernels(False):
         assert ng.plan_backward(ctx, dy).path == "generic"
         gr = ng.normalize_backward(ctx, dy)
+        yr = ng.normalize(x, -1, mask=mask)
+    _close(y, yr, 4, _scales(ctx, dy)[0])
     with ng.use_kernels("small"):
         assert ng.plan_backward(ctx, dy).path == "small"
     _close(out, gr.x, 16, _scales(ctx, dy)[1])
