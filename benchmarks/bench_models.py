@@ -3,7 +3,8 @@
 Part of `make bench` (`bench_kernels.run` calls `run_models`). Each case is a layer as a model
 uses it (LayerNorm over the last axis, BatchNorm2d, GroupNorm, InstanceNorm with affine
 parameters, a whole tensor, and RMSNorm: `center=False` with a weight and no bias, over the
-last axis or the whole tensor), timed in one process for:
+last axis or the whole tensor; masked LayerNorm: `mask=` with 80% of the elements counted,
+each next to the unmasked case of its shape), timed in one process for:
 
 - `normgrad`: `normgrad.normalize_forward` / `normalize_backward` on NumPy arrays, with the
   gradients of x, weight and bias;
@@ -16,7 +17,8 @@ last axis or the whole tensor), timed in one process for:
   per shape).
 
 Each result is checked against normgrad's generic path before it is timed. Ratios are the
-peer's time over ours: above 1 means normgrad is faster.
+peer's time over ours: above 1 means normgrad is faster. No peer has a masked op: the masked
+cases time normgrad alone, and the report gives their time over the unmasked case's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Case:
     name: str
     shape: tuple[int, ...]
     groups: int = 0  # GroupNorm: channels split into this many groups
+    unmasked: str = ""  # a masked case: the key of the same layer without a mask
 
     @property
     def op(self) -> str:
@@ -56,6 +59,9 @@ CASES = (
     Case("ln2048", "LayerNorm 2048x4096", (2048, 4096)),
     Case("ln64", "LayerNorm 64x768", (64, 768)),
     Case("ln32", "LayerNorm 32x128", (32, 128)),
+    Case("ln256", "LayerNorm 256x1024", (256, 1024)),
+    Case("lnmask8192", "LayerNorm masked 8192x768", (8192, 768), unmasked="ln8192"),
+    Case("lnmask256", "LayerNorm masked 256x1024", (256, 1024), unmasked="ln256"),
     Case("bn32", "BatchNorm2d 32x64x56x56", (32, 64, 56, 56)),
     Case("bn8", "BatchNorm2d 8x64x28x28", (8, 64, 28, 28)),
     Case("gn8", "GroupNorm(32) 8x64x28x28", (8, 64, 28, 28), groups=32),
@@ -100,6 +106,7 @@ class Inputs:
     axes: Any
     channels: int  # weight and bias have this many elements (0: none)
     center: bool = True  # False: RMS normalization (a weight, no bias)
+    mask: Any = None  # a masked case: the counted elements
 
 
 def make_inputs(case: Case, dtype: str) -> Inputs:
@@ -111,7 +118,8 @@ def make_inputs(case: Case, dtype: str) -> Inputs:
         return Inputs(x, dy, None, None, axes, 0)
     w = (1 + 0.1 * rng.normal(size=pshape)).astype(dtype)
     b = (0.1 * rng.normal(size=pshape)).astype(dtype) if case.center else None
-    return Inputs(x, dy, w, b, axes, w.size, case.center)
+    mask = rng.random(shape) < 0.8 if case.unmasked else None
+    return Inputs(x, dy, w, b, axes, w.size, case.center, mask)
 
 
 def _results(y: Any, g: Any) -> tuple[Any, ...]:
@@ -125,7 +133,7 @@ def reference(inp: Inputs) -> tuple[Any, ...]:
     with ng.use_kernels(False):
         y, ctx = ng.normalize_forward(
             inp.x.astype(np.float64), inp.axes, eps=EPS, weight=p[0], bias=p[1],
-            center=inp.center,
+            center=inp.center, mask=inp.mask,
         )  # fmt: skip
         g = ng.normalize_backward(ctx, inp.dy.astype(np.float64))
     return _results(y, g)
@@ -133,6 +141,8 @@ def reference(inp: Inputs) -> tuple[Any, ...]:
 
 def _normgrad_fn(inp: Inputs, bwd: bool) -> Any:
     kw = {"eps": EPS, "weight": inp.w, "bias": inp.b, "center": inp.center}
+    if inp.mask is not None:
+        kw["mask"] = inp.mask
 
     def fn() -> tuple[Any, ...]:
         y, ctx = ng.normalize_forward(inp.x, inp.axes, **kw)
@@ -198,7 +208,7 @@ def _torch_fn(torch: Any, f: Any, inp: Inputs, bwd: bool, native_shape: Any) -> 
 def _make(impl: str, case: Case, inp: Inputs, bwd: bool, torch: Any) -> Any:
     if impl == "normgrad":
         return _normgrad_fn(inp, bwd)
-    if torch is None:
+    if torch is None or case.unmasked:  # (no peer has a masked op)
         return None
     ours = inp.x.shape
     if impl == "torch":
@@ -325,4 +335,24 @@ def format_models(rows: list[dict[str, Any]]) -> str:
                     cells.append(f"{by[q]['median_s'] / by[o]['median_s']:.2f}x" if ok else "")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + _mask_ratios(rows))
+
+
+def _mask_ratios(rows: list[dict[str, Any]]) -> list[str]:
+    """normgrad's time on each masked case over its time on the unmasked case of the
+    same layer (measured in the same run)."""
+    names = {c.key: c.name for c in CASES}
+    pairs = {c.name: names[c.unmasked] for c in CASES if c.unmasked}
+    ours = {(r["case"], r["dtype"], r["passes"]): r["median_s"] for r in rows
+            if r["impl"] == "normgrad"}  # fmt: skip
+    lines = []
+    for (name, dt, p), t in ours.items():
+        base = ours.get((pairs.get(name, ""), dt, p))
+        if base is not None:
+            lines.append(f"| {name} | {dt} | {p} | {t * 1e3:.3g} | {base * 1e3:.3g} | "
+                         f"{t / base:.2f}x |")  # fmt: skip
+    if not lines:
+        return []
+    head = ["### Masked over unmasked (normgrad)\n", "| case | dtype | passes | masked ms | "
+            "unmasked ms | ratio |", "|---|---|---|---|---|---|"]  # fmt: skip
+    return [*head, *lines, ""]

@@ -15,7 +15,9 @@ a `Plan` that names its path and carries what that path needs:
              and given statistics (`stats=`)
 
 RMS normalization (`center=False`) takes the paths by the same rules (`Plan.op` carries
-`center` to the kernels).
+`center` to the kernels). A masked call (`mask=`, `nan_policy="omit"`) takes the masked
+group kernels ("small" or "blocked", every group whole) at every size, the generic path
+where they cannot take it (`_masked`).
 
 `use_kernels(mode)` changes the choice inside a block: `False`/`"0"`/`"generic"` never a
 kernel, `True`/`"1"` a kernel at every size, `"auto"` the rules above, or a path name to use
@@ -33,14 +35,15 @@ import numpy as np
 
 from . import _runtime
 from ._axes import Axes
-from ._validate import Spec, check_out, validate
+from ._validate import Spec, check_out, count_mask, validate
 
 
 class Plan(NamedTuple):
     """The path a call takes (`path`, one of "small", "native", "blocked", "sweep",
     "generic"), why (`reason`), and what the path needs: the kernels' `layout`, the block
-    `views` (blocked and sweep: x, weight, bias and output views), the op's scalars `op`
-    (eps, eps inside, m, center) and `threads` (chunks per group or row chunks, threads)."""
+    `views` (blocked and sweep: x, weight, bias and output views; masked: and the mask's),
+    the op's scalars `op` (eps, eps inside, m, center; masked: ddof for m), `threads`
+    (chunks per group or row chunks, threads) and, for a masked call, `mask`."""
 
     path: str
     reason: str
@@ -48,11 +51,13 @@ class Plan(NamedTuple):
     views: Any = None
     op: tuple[Any, ...] = ()
     threads: tuple[int, int] = (1, 1)
+    mask: Any = None  # a masked call: the counted elements, a boolean array of x's shape
 
 
 KERNEL_OFF = ("0", "generic")
 VARIANT_REASON = "given statistics (stats=) run on the generic path"
 MASK_REASON = "a mask (mask=, nan_policy='omit') runs on the generic path"
+MASK_KERNEL_REASON = "a mask (mask=, nan_policy='omit') on the masked group kernels"
 _PLANNED_MODES = ("auto", "1", "small", "native")
 
 
@@ -91,7 +96,7 @@ def plan_forward(
     nan_policy: str = "propagate",
 ) -> Plan:
     """The `Plan` that `normalize_forward` with these arguments runs: its path and why."""
-    masked = mask is not None or nan_policy == "omit"
+    masked = (mask, nan_policy == "omit") if mask is not None or nan_policy == "omit" else None
     return forward(x, axes, eps, eps_mode, ddof, weight, bias, out, (center, False, masked))[3]
 
 
@@ -114,16 +119,20 @@ def forward(
     weight: Any,
     bias: Any,
     out: Any,
-    variant: tuple[Any, bool, bool] = (True, False, False),
+    variant: tuple[Any, bool, Any] = (True, False, None),
 ) -> tuple[Spec, Any, Any, Plan]:
     """Validate a forward call and choose its path: `(spec, weight, bias, plan)`.
-    `variant = (center, stats given, masked)`: RMS (center False) takes the paths center=True
-    does."""
+    `variant = (center, stats given, mask)`: RMS (center False) takes the paths center=True
+    does; `mask` is None or `(mask, omit NaN)`, and a masked plan carries the counted
+    elements (`Plan.mask`)."""
     center, fixed, masked = variant
-    if fixed or masked:  # given statistics or a mask: the generic path
+    if fixed or masked is not None:  # given statistics or a mask
         spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
         check_out(spec.xp, out, x, spec.dtype, x)
-        return spec, w, b, Plan("generic", MASK_REASON if masked else VARIANT_REASON)
+        if masked is None:
+            return spec, w, b, Plan("generic", VARIANT_REASON)
+        counted = count_mask(spec.xp, x, masked[0], masked[1])
+        return spec, w, b, _masked(x, spec, (w, b), out, (counted, None))
     if type(x) is np.ndarray and type(center) is bool and _plain(weight) and _plain(bias):
         hit = _planned_forward(x, axes, (eps, eps_mode, ddof, center), (weight, bias), out)
         if hit is not None:
@@ -258,6 +267,52 @@ def _blocked(x: np.ndarray, spec: Spec, params: tuple[Any, Any], out: Any, mode:
     return Plan("blocked", "the group kernels on the thread pool", lay, views, op, threads)
 
 
+def _masked(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, arrays: Any) -> Plan:
+    """The plan of a masked call (`arrays = (counted elements, dy or None)`): the masked
+    group kernels ("small" on one thread up to `small_max_size` elements, "blocked" on the
+    pool; every group whole) at every size, since the generic path's masked formulas are
+    slower everywhere; the generic path where they cannot take the call."""
+    mask, dy = arrays
+    why = _not_kernel_array(x)
+    if why is None and dy is not None and type(dy) is not np.ndarray:
+        why = "dy is not a NumPy array"
+    mode = _runtime.kernel_mode() if why is None else "0"
+    if why is None and (mode in KERNEL_OFF or mode in ("native", "sweep")):
+        why = f"{MASK_REASON} with use_kernels({mode!r})"
+    if why is None and _runtime.kernels() is None:
+        why = "numba is not available"
+    plan = _blocked(x, spec, params, out, "blocked") if why is None else Plan("generic", why)
+    if plan.path == "generic":
+        return plan._replace(reason=f"{plan.reason} ({MASK_REASON})", mask=mask)
+    from .kernels import _layout
+
+    lay = plan.layout
+    small_size = x.size <= _runtime.STATE.settings.small_max_size
+    small = mode == "small" or (mode != "blocked" and small_size)
+    parallel = not small and x.size >= _layout.PARALLEL_MIN_SIZE
+    threads = (1, min(_layout.max_threads(), lay.groups) if parallel else 1)
+    op = (spec.eps, spec.inside, float(spec.ddof), spec.center)
+    views = (*plan.views, _mask_view(mask, lay))
+    path = "small" if small else "blocked"
+    return Plan(path, MASK_KERNEL_REASON, lay, views, op, threads, mask)
+
+
+def _mask_view(mask: np.ndarray, lay: Any) -> np.ndarray:
+    """The counted elements as a C-contiguous block view: the mask's own memory where it
+    is one, else a copy in x's memory order (a broadcast mask's zero strides, or any strided
+    mask, keep the kernels' loops from vectorizing, and cost more than the byte per element
+    of the copy)."""
+    from .kernels import _layout
+
+    m4 = _layout.view4(mask, lay)
+    if m4 is None or not m4.flags.c_contiguous:
+        buf = np.empty(lay.new_shape, np.bool_).transpose(lay.new_perm)
+        buf[...] = mask
+        m4 = _layout.view4(buf, lay)
+    assert m4 is not None  # (x's memory order merges into its blocks)
+    return m4
+
+
 def _not_kernel_array(x: Any) -> str | None:
     """Why `x` is not for the kernels (None if it is)."""
     if type(x) is not np.ndarray or x.dtype.char not in "fd" or not x.dtype.isnative:
@@ -272,7 +327,11 @@ def backward(ctx: Any, dy: Any, out: Any) -> Plan:
     """The path of `normalize_backward(ctx, dy, out=out)` (arguments checked)."""
     x = ctx.x
     if ctx.mask is not None:
-        return Plan("generic", MASK_REASON)
+        saved = ctx.planned  # the forward's masked plan, where nothing it fixed has changed
+        if saved is not None and out is None and type(dy) is np.ndarray:
+            if saved[0] == _runtime.kernel_mode():
+                return saved[1]
+        return _masked(x, _spec_of(ctx), (ctx.weight, ctx.bias), out, (ctx.mask, dy))
     if ctx.fixed:
         return Plan("generic", VARIANT_REASON)
     if type(x) is np.ndarray and _plain(ctx.weight) and _plain(ctx.bias):

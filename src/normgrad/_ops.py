@@ -13,7 +13,7 @@ everything else; `_dispatch.py` says which runs and why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from . import _dispatch, _generic, _runtime
@@ -25,7 +25,6 @@ from ._validate import (
     check_out,
     check_stats,
     cotangent,
-    count_mask,
     namespace,
     param,
     refuse_nan,
@@ -63,6 +62,7 @@ class NormContext:
     fixed: bool = False  # statistics given (`stats=`): constants for every derivative
     mask: Array | None = None  # the counted elements (x's shape; mask=, nan_policy="omit")
     count: Array | None = None  # with a mask: the counted elements per group (keepdims)
+    planned: Any = field(default=None, repr=False)  # masked kernels: (mode, forward Plan)
 
     @property
     def xp(self) -> Any:
@@ -77,7 +77,7 @@ def _context(x: Array, spec: Spec, stats: tuple[Array, ...], w: Any, b: Any) -> 
         "x": x, "axes": spec.axes, "mean": stats[0], "var": stats[1], "rstd": stats[2],
         "eps": spec.eps, "eps_mode": spec.eps_mode, "ddof": spec.ddof, "weight": w, "bias": b,
         "group_size": spec.n, "dtype": spec.dtype, "center": spec.center,
-        "fixed": False, "mask": None, "count": None,
+        "fixed": False, "mask": None, "count": None, "planned": None,
     })  # fmt: skip
     return ctx
 
@@ -153,7 +153,7 @@ def normalize(
     `nan_policy`: `"propagate"` (NaN makes its group NaN), `"omit"` (NaN elements do not
     count: the mask `~isnan(x)`, y NaN at those places, as `scipy.stats.zscore(...,
     nan_policy="omit")`) or `"raise"` (a `NormgradError` naming the first NaN's index).
-    Masked calls run on the generic path.
+    Masked NumPy float32/float64 calls run on masked fused kernels (`plan_forward` tells).
 
     `weight` and `bias` broadcast against `y` (shape of the kept axes, of the reduced axes, or
     any shape that broadcasts to `x.shape`). The result has the input's array type and dtype
@@ -193,7 +193,7 @@ def normalize_forward(
     if check_nan_policy(nan_policy) == "raise":
         refuse_nan(x)
     masked = mask is not None or nan_policy == "omit"
-    variant = (center, stats is not None, masked)
+    variant = (center, stats is not None, (mask, nan_policy == "omit") if masked else None)
     spec, w, b, plan = _dispatch.forward(x, axes, eps, eps_mode, ddof, weight, bias, out, variant)
     if masked:
         if stats is not None:
@@ -202,7 +202,7 @@ def normalize_forward(
                 "so a mask would change nothing; mask the data given to normgrad.moments "
                 "instead (moments(x_train, axes, mask=...)), or drop stats."
             )
-        return _masked(x, spec, count_mask(spec.xp, x, mask, nan_policy == "omit"), (w, b), out)
+        return _masked(x, spec, plan, (w, b), out)
     if stats is not None:
         return _with_statistics(x, spec, check_stats(spec, x, stats, center), (w, b), out)
     res = _runner("forward", plan.path)(x, spec, w, b, plan, out)  # (y, mean, var, rstd)
@@ -212,16 +212,22 @@ def normalize_forward(
 
 
 def _masked(
-    x: Array, spec: Spec, mask: Array, params: tuple[Any, Any], out: Any
+    x: Array, spec: Spec, plan: Any, params: tuple[Any, Any], out: Any
 ) -> tuple[Array, NormContext]:
-    """The forward over the counted elements (`mask`, x's shape): the context keeps the
-    mask and the counts for every derivative."""
-    y, *stats, count = _generic.masked_forward(x, spec, mask, params, out)
+    """The forward over the counted elements (`plan.mask`, x's shape), on the plan's path:
+    the context keeps the mask and the counts for every derivative."""
+    mask = plan.mask
+    if plan.path == "generic":
+        y, *stats, count = _generic.masked_forward(x, spec, mask, params, out)
+    else:
+        y, *stats, count = _runner("forward", plan.path)(x, spec, *params, plan, out)
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, stats[1], x, spec.axes)
     ctx = _context(x, spec, tuple(stats), *params)
     object.__setattr__(ctx, "mask", mask)
     object.__setattr__(ctx, "count", count)
+    if plan.path != "generic":  # the backward reuses the layout and views (`_dispatch`)
+        object.__setattr__(ctx, "planned", (_runtime.kernel_mode(), plan))
     return y, ctx
 
 

@@ -68,3 +68,17 @@ def test_rms_model_cases_run_against_rms_norm():
         for impl in ("normgrad", "torch"):
             assert by[case.name, impl]["max_rel_err"] < 1e-5 and by[case.name, impl]["median_s"] > 0
     assert "| RMSNorm 64x768 |" in bench_models.format_models(rows)
+
+
+def test_masked_model_cases_report_their_ratio_to_the_unmasked_ones():
+    """The masked LayerNorm cases run normgrad with mask= (checked against the float64
+    generic reference) and report their time over the unmasked case's (timings unchecked)."""
+    import bench_models
+
+    cases = bench_models.select("ln256,lnmask256")
+    rows = bench_models.run_models(cases, ["float32"], ["fwdbwd"], 1, 1e10, False)
+    masked = [r for r in rows if r["case"] == "LayerNorm masked 256x1024"]
+    assert [r["impl"] for r in masked] == ["normgrad"] and masked[0]["max_rel_err"] < 1e-5
+    report = bench_models.format_models(rows)
+    assert "### Masked over unmasked (normgrad)" in report
+    assert "| LayerNorm masked 256x1024 | float32 | fwdbwd |" in report

@@ -820,3 +820,215 @@ def backward_sweep(claim, io, par, coefs, nc, flags):
                     g = k0 * kb + k1
                     coef = (mean[g], rs[g], mg[g], beta[g])
                     _write_dx(io, par, (k0, r0, k1), 0, rb, coef, flags)
+
+
+# --- masks (mask=, nan_policy="omit"): `mk`, a bool block view of x's shape, True counts ------
+# The element loops of a masked call: statistics over the counted elements (their count per
+# group replaces the fixed n), `y` as `_write_y`, the backward's sums as the generic path
+# takes them (`sum g` over every element; `sum g (x - mu)` and dweight over the counted ones
+# and the uncounted ones with a finite x, whose terms are finite; dbias over every element),
+# and `dx = r g` at an uncounted element (the statistics' part goes to counted ones only).
+# Groups are walked whole, as spans; `op = (eps, inside, ddof, center)`.
+
+
+@njit(cache=True, inline="always")
+def _masked_origin(x, mk, kk, center):
+    """The shift of group `kk`'s masked moments: its first counted element (0 for RMS or a
+    group without one)."""
+    if center:
+        k0, k1 = kk
+        for r0 in range(x.shape[1]):
+            for j in range(x.shape[3]):
+                if mk[k0, r0, k1, j]:
+                    return np.float64(x[k0, r0, k1, j])
+    return 0.0
+
+
+@njit(cache=True, inline="always")
+def _add_block_masked(x, mk, at, a, e, shift, acc, center):
+    """`_add_block` over the counted elements of `x[at][a:e]` only. (Each loop keeps its
+    branches out: selects, not loads under a condition, let LLVM vectorize them.)"""
+    k0, r0, k1 = at
+    xs, ms = x[k0, r0, k1, a:e], mk[k0, r0, k1, a:e]
+    nb = 0.0
+    s = 0.0
+    if not center:
+        for j in range(xs.size):
+            v = np.float64(xs[j]) if ms[j] else 0.0
+            nb += 1.0 if ms[j] else 0.0
+            s += v * v
+        return chan_merge(acc[0], 0.0, acc[2], nb, 0.0, s)
+    for j in range(xs.size):
+        nb += 1.0 if ms[j] else 0.0
+        s += np.float64(xs[j]) - shift if ms[j] else 0.0
+    mb = s / nb if nb > 0.0 else 0.0
+    q = 0.0
+    for j in range(xs.size):
+        d = (np.float64(xs[j]) - shift) - mb if ms[j] else 0.0
+        q += d * d
+    return chan_merge(acc[0], acc[1], acc[2], nb, mb, q)
+
+
+@njit(cache=True, inline="always")
+def _live(x, m, mu):
+    """`x - mu` where an element enters the backward's sums (counted, or a finite x), else
+    0 (`_generic.live`)."""
+    return x - mu if m or abs(x) < np.inf else 0.0
+
+
+@njit(cache=True, fastmath=_REASSOC)
+def _masked_param_sums(pieces, sums, coef, need):
+    """Add `dy xhat` (live elements) and `dy` (every element) of a piece into its rows of
+    the dweight and dbias sums (`sums = (dws, dbs)`, each per element or one for the run,
+    from element `a`); `pieces = (x, dy, mk, a)`."""
+    xs, ds, ms, a = pieces
+    dws, dbs = sums
+    mu, r = coef
+    n = xs.size
+    if need[0] and dws.size > 1:
+        out = dws[a : a + n]
+        for j in range(n):
+            out[j] += ds[j] * (_live(xs[j], ms[j], mu) * r)
+    elif need[0]:
+        total = 0.0
+        for j in range(n):
+            total += ds[j] * (_live(xs[j], ms[j], mu) * r)
+        dws[0] += total
+    if need[1] and dbs.size > 1:
+        out = dbs[a : a + n]
+        for j in range(n):
+            out[j] += ds[j]
+    elif need[1]:
+        total = 0.0
+        for j in range(n):
+            total += ds[j]
+        dbs[0] += total
+
+
+@njit(cache=True, inline="always")
+def _masked_sums(io, mk, par, acc, at, a, e, coef, flags):
+    """`_add_sums` of a masked call on `[a, e)` of a run: `(sum g, sum g (x - mu))`, and
+    `dy xhat`, `dy` into slot `k` of the dweight and dbias sums where needed."""
+    x, dy = io[0], io[1]
+    wt, wr, br = par[0], par[2], par[3]
+    dwa, dba, k = acc
+    has_w, need_dw, need_db = flags[0], flags[1], flags[2]
+    k0, r0, k1 = at
+    xs, ds, ms = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], mk[k0, r0, k1, a:e]
+    mu = coef[0]
+    wi = _row(wr, at)
+    sg = 0.0
+    sgd = 0.0
+    if has_w and wt.shape[1] > 1:
+        ws = wt[wi, a:e]
+        for j in range(xs.size):
+            gj = ds[j] * ws[j]
+            sg += gj
+            sgd += gj * _live(xs[j], ms[j], mu)
+    else:
+        wv = wt[wi, 0] if has_w else 1.0
+        for j in range(xs.size):
+            gj = np.float64(ds[j]) * wv
+            sg += gj
+            sgd += gj * _live(xs[j], ms[j], mu)
+    if need_dw or need_db:
+        dws = dwa[min(k, dwa.shape[0] - 1), _row(wr, at)]
+        dbs = dba[min(k, dba.shape[0] - 1), _row(br, at)]
+        _masked_param_sums((xs, ds, ms, a), (dws, dbs), coef, (need_dw, need_db))
+    return sg, sgd
+
+
+@njit(cache=True, inline="always")
+def _masked_dx(io, mk, par, at, a, e, coef, flags):
+    """`_write_dx` of a masked call: `r g` alone at an uncounted element."""
+    x, dy, dx = io
+    wt, _, wr, _ = par
+    mu, r, mg, bt = coef
+    has_w = flags[0]
+    k0, r0, k1 = at
+    xs, ds, ms = x[k0, r0, k1, a:e], dy[k0, r0, k1, a:e], mk[k0, r0, k1, a:e]
+    dxs = dx[k0, r0, k1, a:e]
+    wi = _row(wr, at)
+    if has_w and wt.shape[1] > 1:
+        ws = wt[wi, a:e]
+        for j in range(xs.size):
+            gj = ds[j] * ws[j]
+            dxs[j] = gradient(gj, xs[j] - mu, r, mg, bt) if ms[j] else r * gj
+        return
+    wv = wt[wi, 0] if has_w else 1.0
+    for j in range(xs.size):
+        gj = ds[j] * wv
+        dxs[j] = gradient(gj, xs[j] - mu, r, mg, bt) if ms[j] else r * gj
+
+
+@njit(cache=True, inline="always")
+def _masked_group_forward(io, mk, par, g, kk, op, stats, flags):
+    """Statistics over the counted elements, `rstd` and `y` of group `g = (k0, k1)`: NaN
+    mean without a counted element, NaN variance with no more than ddof of them."""
+    x = io[0]
+    eps, inside, ddof, center = op
+    ra, rb = x.shape[1], x.shape[3]
+    shift = _masked_origin(x, mk, kk, center)
+    acc = (0.0, 0.0, 0.0)
+    for r0 in range(ra):
+        s = 0
+        while s < rb:
+            t = min(rb, s + BLOCK)
+            acc = _add_block_masked(x, mk, (kk[0], r0, kk[1]), s, t, shift, acc, center)
+            s = t
+    n = acc[0]
+    mu = shift + acc[1] if n > 0.0 or not center else np.nan
+    v = acc[2] / (n - ddof) if n - ddof > 0.0 else np.nan
+    r = rstd(np, v, eps, inside)
+    stats[0, g], stats[1, g], stats[2, g], stats[3, g] = mu, v, r, n
+    for r0 in range(ra):
+        _write_y(io, par, (kk[0], r0, kk[1]), 0, rb, (mu, r), flags)
+
+
+@njit(cache=True, inline="always")
+def _masked_group_backward(io, mk, par, acc, g, kk, bst, flags):
+    """Sums and `dx` of group `g` of a masked call; `bst = (mean, rstd, c, count, ddof,
+    center)` (a count of 0 or below ddof enters as 1: its results are NaN anyway)."""
+    mean, rs, c, count, ddof, center = bst
+    ra, rb = io[0].shape[1], io[0].shape[3]
+    mu, r = mean[g], rs[g]
+    sg = 0.0
+    sgd = 0.0
+    for r0 in range(ra):
+        g1, g2 = _masked_sums(io, mk, par, acc, (kk[0], r0, kk[1]), 0, rb, (mu, r), flags)
+        sg += g1
+        sgd += g2
+    n, m = count[g], count[g] - ddof
+    n, m = (n if n > 0.0 else 1.0), (m if m > 0.0 else 1.0)
+    mg, bt = backward_coefficients(sg, sgd, n, m, r, c[g], center)
+    for r0 in range(ra):
+        _masked_dx(io, mk, par, (kk[0], r0, kk[1]), 0, rb, (mu, r, mg, bt), flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def forward_masked(claim, io, mk, par, op, stats, flags):
+    """Masked groups as items, each whole (`stats`: (4, groups), the count last)."""
+    kb = io[0].shape[2]
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        kk = _group_at(i0, kb)
+        for g in range(i0, i1):
+            _masked_group_forward(io, mk, par, g, kk, op, stats, flags)
+            kk = _next_group(kk, kb)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def backward_masked(claim, io, mk, par, acc, bst, flags):
+    """Masked groups as items, each whole; dweight/dbias sums as `backward_groups`."""
+    dwa, dba, _ = acc
+    kb = io[0].shape[2]
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        kk = _group_at(i0, kb)
+        for g in range(i0, i1):
+            _masked_group_backward(io, mk, par, (dwa, dba, k), g, kk, bst, flags)
+            kk = _next_group(kk, kb)

@@ -94,6 +94,8 @@ def _backward_flags(ctx: Any, stream: bool) -> tuple[bool, bool, bool, bool]:
 
 
 def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
+    if plan.mask is not None:
+        return forward_masked(x, spec, w, b, plan, out)
     cp = plan.layout
     y = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out  # (never streamed)
     st = np.empty(cp.stats)  # mean, var, rstd, each keepdims
@@ -120,6 +122,8 @@ def forward_native(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any
 
 
 def forward_blocked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
+    if plan.mask is not None:
+        return forward_masked(x, spec, w, b, plan, out)
     lay = plan.layout
     x4, wt, bt, _ = plan.views
     y, y4, stream = _output(x, plan, spec.dtype, out)
@@ -166,6 +170,8 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
 
 
 def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
+    if plan.mask is not None:
+        return backward_masked(ctx, dy, c, plan, out)
     x, cp = ctx.x, plan.layout
     dx = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out
     bst = (ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1), *plan.op[2:])
@@ -219,6 +225,8 @@ def _block_dy(dy: np.ndarray, lay: Any) -> np.ndarray:
 
 
 def backward_blocked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
+    if plan.mask is not None:
+        return backward_masked(ctx, dy, c, plan, out)
     x, lay = ctx.x, plan.layout
     x4, wt, bt, _ = plan.views
     dx, dx4, stream = _output(x, plan, ctx.dtype, out)
@@ -267,6 +275,39 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     for acc, t, per, given in zip(sums, (wt, bt), (r * sdyd, sdy), used, strict=True):
         if given:
             np.add.at(acc[0, :, 0], _layout.group_rows(t, lay), per)  # in group order
+    return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
+
+
+# --- masks (the small and blocked plans of a masked call: `_dispatch._masked`) ------------------
+
+
+def forward_masked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
+    """`(y, mean, var, rstd, count)` over the counted elements, every group whole, on
+    `plan.threads[1]` threads (one: the small path, in the caller's thread)."""
+    lay = plan.layout
+    x4, wt, bt, _, mk4 = plan.views
+    y, y4, stream = _output(x, plan, spec.dtype, out)
+    stats = np.empty((4, lay.groups))  # mean, var, rstd, count
+    flags = (w is not None or b is not None, stream)
+    args = ((x4, y4), mk4, _par((wt, bt)), plan.op, stats, flags)
+    run(_loops.forward_masked, lay.groups, plan.threads[1], args)
+    return (y, *(_layout.stats_to_keepdims(v, lay) for v in stats))
+
+
+def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
+    """`(dx, dweight, dbias)` of a masked context, every group whole."""
+    x, lay = ctx.x, plan.layout
+    x4, wt, bt, _, mk4 = plan.views
+    dx, dx4, _ = _output(x, plan, ctx.dtype, out)
+    nthreads = plan.threads[1]
+    nchunks = chunks(lay.groups, nthreads, _chunks_per_thread(ctx))
+    sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
+    per = (ctx.mean, ctx.rstd, c, ctx.count)
+    mean, r, cg, count = (_layout.keepdims_to_groups(v, lay) for v in per)
+    bst = (mean, r, cg, count, plan.op[2], ctx.center)
+    io = (x4, _block_dy(dy, lay), dx4)
+    args = (io, mk4, _par((wt, bt)), (*sums, 0), bst, _backward_flags(ctx, False))
+    run(_loops.backward_masked, lay.groups, nthreads, args, nchunks)
     return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
 
 
