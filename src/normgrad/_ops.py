@@ -138,7 +138,7 @@ def normalize(
     `eps_mode="outside"` uses $(x-\mu)/(\sigma + \epsilon)$ instead.
     `center=False` is RMS normalization: $\mu = 0$ and $\sigma^2 = \frac{1}{n}\sum x^2$,
     so $y = x / \sqrt{\overline{x^2} + \epsilon}\cdot w + b$ (`F.rms_norm` over any axes;
-    `ddof` must then be 0). It runs on the generic path.
+    `ddof` must then be 0). It takes the kernel paths center=True takes.
 
     `stats`: a `Moments` (`normgrad.moments` of the training data, keepdims shape of the
     groups) to normalize with instead of the statistics of `x` (inference), with
