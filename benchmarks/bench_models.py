@@ -60,6 +60,7 @@ CASES = (
     Case("bn8", "BatchNorm2d 8x64x28x28", (8, 64, 28, 28)),
     Case("gn8", "GroupNorm(32) 8x64x28x28", (8, 64, 28, 28), groups=32),
     Case("in8", "InstanceNorm2d 8x64x28x28", (8, 64, 28, 28)),
+    Case("whole6", "whole 10^6", (1000, 1000)),
     Case("whole", "whole 10^7", (1000, 10_000)),
     Case("rms8192", "RMSNorm 8192x768", (8192, 768)),
     Case("rms64", "RMSNorm 64x768", (64, 768)),

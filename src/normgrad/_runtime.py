@@ -6,7 +6,8 @@ Everything normgrad keeps between calls lives in `STATE`:
   parallel call) and the lock a user thread holds while it runs jobs on it;
 - `recycler`: dead outputs' memory kept for reuse (`_recycle.py`);
 - `planned`: the planned-call cache of `_dispatch` (validated arguments and chosen paths per
-  call signature of small NumPy calls);
+  call signature of small NumPy calls), and the torch adapter's checked calls
+  (`_torch_ops.checked_call`, keys starting with "torch");
 - `env_mode`: `NORMGRAD_KERNELS`, read at the first call that needs it;
 - `kernels`: the kernels' runner module once loaded (False when numba is unavailable);
 - `numpy_xp`: array_api_compat's NumPy namespace, once seen;

@@ -1,11 +1,14 @@
-r"""normgrad's op on torch tensors: the custom ops, the autograd.Function, the paths.
+r"""normgrad's op on torch tensors: the custom ops, the autograd.Functions, the paths.
 
 $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
    dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x,\quad g = dy\,w $$
 
-Two entry points run the same two functions, `forward` and `backward`:
+Three entry points run the same host functions (`host_forward`, `host_backward`):
 
-- eager code (and every `torch.func` transform) goes through `Normalize`, an
+- eager CPU code goes through `Eager`, a lean `autograd.Function` (one output; the forward's
+  NumPy context kept for the backward), its call checked once per signature
+  (`checked_call`);
+- `torch.func` transforms, forward-mode AD and other devices go through `Normalize`, an
   `autograd.Function` with `setup_context`, `backward`, `jvp` and `vmap`;
 - `torch.compile` goes through the custom ops `normgrad::forward` and `normgrad::backward`
   (`register_fake` for shapes, `register_autograd`), which Dynamo keeps in its graph (it
@@ -28,8 +31,9 @@ from typing import Any, NamedTuple
 import array_api_compat.torch as xpt
 import numpy as np
 import torch
+from torch.autograd import forward_ad
 
-from . import _generic
+from . import _generic, _runtime
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
 from ._ops import (
@@ -169,12 +173,19 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[
     if x.device.type != "cpu":
         y, ctx = normalize_forward(x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b)
         return y, ctx.mean, ctx.var, ctx.rstd
+    y, ctx = host_forward(x, w, b, call)
+    stats = (torch.from_numpy(np.asarray(s)) for s in (ctx.mean, ctx.var, ctx.rstd))
+    return (y, *stats)
+
+
+def host_forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[Tensor, Any]:
+    """`(y, the NumPy context)` of a CPU call: normgrad's NumPy entry point on views."""
+    axes, eps, mode, ddof = call
     y, ctx = normalize_forward(
         _host(x, "x"), axes, eps=eps, eps_mode=mode, ddof=ddof, weight=_host(w, "weight"),
         bias=_host(b, "bias"),
     )  # fmt: skip
-    stats = (torch.from_numpy(np.asarray(s)) for s in (ctx.mean, ctx.var, ctx.rstd))
-    return (_tensor(y, result_dtype(x)), *stats)
+    return _tensor(y, result_dtype(x)), ctx
 
 
 def backward(
@@ -192,6 +203,15 @@ def backward(
     assert xh is not None
     hs = tuple(s.numpy() for s in stats)
     ctx = _context(xh, _spec(xh, call), hs, _host(w, "weight"), _host(b, "bias"))
+    return host_backward(ctx, (x, w, b), dy)
+
+
+def host_backward(
+    ctx: Any, tensors: tuple[Tensor, Any, Any], dy: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`(dx, dweight, dbias)` of a CPU call from its NumPy context; `tensors = (x, w, b)`
+    give the gradients' dtypes."""
+    x, w, b = tensors
     g = normalize_backward(ctx, _host(dy, "dy"))
     dw = None if w is None else _tensor(g.weight, w.dtype)
     db = None if b is None else _tensor(g.bias, b.dtype)
@@ -298,6 +318,75 @@ def fold_batch(
 
     axes = tuple(a + 1 for a in call.axes)
     return x, lift(w, bw), lift(b, bb), call._replace(axes=axes)
+
+
+# --- eager CPU calls: the lean autograd.Function and the checked-call cache ---------------------
+
+
+class Eager(torch.autograd.Function):
+    """CPU calls outside torch.func and forward AD: one output, and the forward's NumPy
+    context (statistics, validated call, views) kept for the backward, so the backward
+    neither checks nor converts again. Under grad mode (`create_graph=True`) the backward
+    is `differentiable_backward`, as `Normalize`'s."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> Any:
+        y, host = host_forward(x, w, b, call)
+        ctx.save_for_backward(x, w, b)  # (their version counters: in-place changes raise)
+        ctx.call, ctx.host = call, host
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> Any:
+        x, w, b = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return (*differentiable_backward(x, (w, b), dy, ctx.call), None)
+        return (*host_backward(ctx.host, (x, w, b), dy), None)
+
+
+def checked_call(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Call:
+    """`check_call`, run once per call signature (shapes, dtypes, devices, axes, options):
+    its checks read no values. The entries live in `_runtime.STATE.planned`."""
+    key = _call_key(x, axes, options, params)
+    if key is None:
+        return check_call(x, axes, options, params)
+    planned = _runtime.STATE.planned
+    try:
+        return planned[key]
+    except KeyError:
+        pass
+    call = check_call(x, axes, options, params)
+    if len(planned) >= _runtime.PLANNED_MAX:
+        planned.clear()
+    planned[key] = call
+    return call
+
+
+def _call_key(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Any:
+    """The cache key of a call, or None where one could mix calls that the checks tell
+    apart (non-tensors, axes tuples of other types than int: `(True,) == (1,)`) or where
+    the cache would keep an argument alive (a list, array or tensor option: those are
+    checked on every call)."""
+    if not isinstance(x, Tensor):
+        return None
+    if type(axes) is tuple:
+        if any(type(a) is not int for a in axes):
+            return None
+    elif axes is not None and type(axes) is not int:
+        return None
+    metas = []
+    for p in params:
+        if p is not None and not isinstance(p, Tensor):
+            return None
+        metas.append(None if p is None else (p.shape, p.dtype, p.device))
+    eps, eps_mode, ddof = options
+    if type(eps) not in _PLAIN or type(ddof) not in _PLAIN or type(eps_mode) is not str:
+        return None  # (a tensor or array option would be kept alive by the cache)
+    return ("torch", x.shape, x.dtype, x.device, axes, type(axes), eps, type(eps), eps_mode,
+            ddof, type(ddof), *metas)  # fmt: skip
+
+
+_PLAIN = (float, int)
 
 
 # --- masks: the generic path in torch ops ---------------------------------------------------------
@@ -482,16 +571,29 @@ forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 def normalize(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Tensor:
     """`normgrad.torch.normalize` once its arguments are bundled: checked, then the custom op
-    under torch.compile and the autograd.Function elsewhere."""
-    call = check_call(x, axes, options, params)
+    under torch.compile, `Normalize` under torch.func or forward AD, and `Eager` for the
+    other CPU calls (`Normalize` for the other devices)."""
     w, b = params
     if torch.compiler.is_compiling():
+        call = check_call(x, axes, options, params)
         return forward_op(x, w, b, list(call.axes), call.eps, call.eps_mode, call.ddof)[0]
-    if torch._C._are_functorch_transforms_active():
+    call = checked_call(x, axes, options, params)
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return Normalize.apply(x, w, b, call)[0]
-    # Without a torch.func transform, Function.apply only binds the arguments to forward's
-    # signature (inspect.signature: a third of the adapter's cost) and calls this:
-    return _APPLY(x, w, b, call)[0]
+    if not x.is_cpu:
+        return _APPLY(x, w, b, call)[0]
+    if not (torch.is_grad_enabled() and _needs_grad(x, w, b)):
+        return host_forward(x, w, b, call)[0]  # (no graph to record)
+    return _EAGER(x, w, b, call)
 
 
+def _needs_grad(x: Tensor, w: Any, b: Any) -> bool:
+    return x.requires_grad or (w is not None and w.requires_grad) or (
+        b is not None and b.requires_grad
+    )  # fmt: skip
+
+
+# Without a torch.func transform, Function.apply only binds the arguments to forward's
+# signature (inspect.signature: a third of the adapter's cost) and calls this:
 _APPLY = super(torch.autograd.Function, Normalize).apply
+_EAGER = super(torch.autograd.Function, Eager).apply

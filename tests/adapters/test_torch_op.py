@@ -196,3 +196,71 @@ def test_bad_input_raises_normgrad_errors():
     with pytest.raises(NormgradError, match=r"dy has dtype torch\.float32"):
         torch.ops.normgrad.backward(x, None, None, mean, var, rstd, y.float(), [1], 1e-5,
                                     "inside", 0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [(32, 128), (64, 768), (3, 5, 40)])
+def test_eager_float32_with_weight_and_bias_reaches_the_kernels(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g).requires_grad_(True)
+    w = (torch.rand(shape[-1], generator=g) + 0.5).requires_grad_(True)
+    b = torch.randn(shape[-1], generator=g).requires_grad_(True)
+    dy = torch.randn(shape, generator=g)
+    with testing.record_paths() as seen:  # (the default mode: "auto")
+        y = normalize(x, -1, weight=w, bias=b)
+        got = torch.autograd.grad(y, (x, w, b), dy)
+    assert seen == [("forward", "small"), ("backward", "small")]
+    assert y.grad_fn is not None and type(y.grad_fn).__name__ == "EagerBackward"
+    ref_in = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    ref = F.layer_norm(ref_in[0], (shape[-1],), ref_in[1], ref_in[2])
+    torch.testing.assert_close(y, ref.float(), rtol=0, atol=2e-6)
+    want = torch.autograd.grad(ref, ref_in, dy.double())
+    for a, r in zip(got, want, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, r.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_checked_calls_are_cached_and_bad_input_still_raises():
+    x = torch.randn(4, 6, requires_grad=True)
+    w = torch.ones(6, requires_grad=True)
+    first = normalize(x, -1, weight=w)
+    torch.testing.assert_close(normalize(x, -1, weight=w), first, rtol=0, atol=0)
+    torch.testing.assert_close(normalize(x, [1], weight=w), first, rtol=0, atol=0)  # (a list)
+    with pytest.raises(NormgradError, match="device meta"):
+        normalize(x, -1, weight=torch.ones(6, device="meta"))
+    with pytest.raises(NormgradError):
+        normalize(x, -1, weight=torch.ones(5))
+    with pytest.raises(NormgradError):
+        normalize(x, (True,), weight=w)  # (True == 1: the cache must not mix them)
+    with pytest.raises(NormgradError):
+        normalize(x, -1, eps=-1.0, weight=w)
+
+
+def test_in_place_change_of_x_between_forward_and_backward_raises():
+    x = torch.randn(4, 6, requires_grad=True).clone()
+    y = normalize(x, -1)
+    with torch.no_grad():
+        x.add_(1.0)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.sum().backward()
+
+
+def test_without_a_graph_the_result_has_no_grad_fn():
+    x = torch.randn(4, 6, requires_grad=True)
+    with torch.no_grad():
+        y = normalize(x, -1)
+    assert y.grad_fn is None and not y.requires_grad
+    torch.testing.assert_close(y, F.layer_norm(x.detach(), (6,)), rtol=0, atol=2e-6)
+    assert normalize(x.detach(), -1).grad_fn is None
+
+
+def test_forward_mode_dual_tensors_take_the_function_with_a_jvp():
+    from torch.autograd import forward_ad
+
+    x, axes, w, b = _inputs("rows")
+    tx = torch.randn_like(x)
+    with forward_ad.dual_level():
+        y = normalize(forward_ad.make_dual(x.detach(), tx), axes, weight=w, bias=b)
+        ty = forward_ad.unpack_dual(y).tangent
+        ref = F.layer_norm(forward_ad.make_dual(x.detach(), tx), (5,), w, b)
+        tref = forward_ad.unpack_dual(ref).tangent
+    torch.testing.assert_close(ty, tref, rtol=1e-10, atol=1e-10)

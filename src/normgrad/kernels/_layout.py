@@ -277,8 +277,10 @@ def accumulator(t: Table, lay: Layout, slots: int, used: bool) -> np.ndarray:
     one slot per chunk where chunks share rows (summed in chunk order), else one."""
     if not used:
         return _NO_SUMS
-    shared = any(n > 1 and not v for n, v in zip(lay.shape4[:3], t.varies[:3], strict=True))
-    return np.zeros((slots if shared or t.values.shape[1] == 1 else 1, *t.values.shape))
+    n, v = lay.shape4, t.varies  # (no generator: small calls' budget is microseconds)
+    shared = (n[0] > 1 and not v[0]) or (n[1] > 1 and not v[1]) or (n[2] > 1 and not v[2])
+    rows, cols = t.values.shape
+    return np.zeros((slots if shared or cols == 1 else 1, rows, cols))
 
 
 _NO_SUMS = np.zeros((1, 1, 1))  # never written: need_dw / need_db is False
@@ -290,7 +292,7 @@ def param_grad(acc: np.ndarray, t: Table, lay: Layout, x: np.ndarray, like: Any)
     if like is None:
         return None
     total = acc[0] if acc.shape[0] == 1 else acc.sum(axis=0)
-    dtype = like.dtype if np.issubdtype(like.dtype, np.floating) else np.float64
+    dtype = like.dtype if like.dtype.kind == "f" else np.float64  # (issubdtype: 0.5 us)
     if t.reshape:  # (the common case, without the axis bookkeeping below)
         return total.reshape(like.shape).astype(dtype)
     axes = [i for blk, v in zip(lay.blocks, t.varies, strict=True) if v for i in blk]
