@@ -22,6 +22,8 @@ from torch import nn
 from . import _torch_ops
 from ._axes import Axes
 from ._errors import NormgradError
+from ._moments import Moments
+from ._ops import normalize_forward
 from ._validate import EPS_MODES, _check_center, check_nan_policy
 
 __all__ = ["MeanVarNorm", "gradcheck", "normalize"]
@@ -37,6 +39,7 @@ def normalize(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     center: bool = True,
+    stats: Moments | None = None,
     mask: torch.Tensor | None = None,
     nan_policy: str = "propagate",
 ) -> torch.Tensor:
@@ -53,6 +56,11 @@ def normalize(
     over any axes (`F.rms_norm` where its trailing axes apply; `ddof` must be 0), on the
     same paths.
 
+    `stats`: given `Moments` (`normgrad.moments` of training data, NumPy or torch arrays)
+    to normalize with (inference), $\sigma^2$ = `stats.var(ddof)`. y is then affine in x
+    with constant statistics: it runs in torch ops (the generic path), which autograd and
+    `torch.func` differentiate themselves; no gradient flows into the statistics.
+
     `mask` (boolean, broadcastable to x) and `nan_policy` as in `normgrad.normalize`:
     masked calls (`mask=`, `nan_policy="omit"`) run the generic path in torch ops (an
     `autograd.Function` whose backward and forward mode are normgrad's masked derivation,
@@ -63,12 +71,32 @@ def normalize(
             f"normgrad.torch.normalize needs a torch.Tensor; got {type(x).__name__}. "
             "Use torch.as_tensor(x), or normgrad.normalize for NumPy/JAX/Dask arrays."
         )
+    if stats is not None:
+        options = (eps, eps_mode, ddof, center, mask, nan_policy)
+        return _with_statistics(x, axes, options, (weight, bias), stats)
     if mask is not None or nan_policy != "propagate":
         policy = check_nan_policy(nan_policy)
         return _torch_ops.normalize_masked(
             x, axes, (eps, eps_mode, ddof), (weight, bias), (mask, policy), center=center
         )
     return _torch_ops.normalize(x, axes, (eps, eps_mode, ddof), (weight, bias), center=center)
+
+
+def _with_statistics(
+    x: torch.Tensor, axes: Axes, options: tuple[Any, ...], params: Any, stats: Any
+) -> torch.Tensor:
+    """`normgrad.normalize(x, stats=...)` in torch ops, the statistics as detached tensors
+    on x's device; `options = (eps, eps_mode, ddof, center, mask, nan_policy)` (normgrad's
+    validation names what is wrong: a bad `stats`, a mask with stats, center=False)."""
+    fields = ("count", "mean", "m2")
+    if all(hasattr(stats, f) for f in fields):
+        stats = Moments(*(torch.as_tensor(getattr(stats, f), device=x.device).detach()
+                          for f in fields))  # fmt: skip
+    eps, eps_mode, ddof, center, mask, nan_policy = options
+    return normalize_forward(
+        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=params[0], bias=params[1],
+        center=center, stats=stats, mask=mask, nan_policy=nan_policy,
+    )[0]  # fmt: skip
 
 
 class MeanVarNorm(nn.Module):

@@ -279,3 +279,64 @@ def test_bad_input_raises_normgrad_errors():
     with pytest.raises(NormgradError, match="ddof=1 with center=False"):
         normalize(x, -1, center=False, ddof=1, mask=torch.ones(5, dtype=torch.bool))
     np.testing.assert_array_equal(x.detach().numpy(), X.numpy())  # (inputs never mutated)
+
+
+# --- stats=: given statistics (inference) ---
+
+
+def _fixed(x, mean, var, eps=1e-5, w=None, b=None):
+    """Normalization by constant statistics, written out in torch ops."""
+    y = (x - mean) * torch.rsqrt(var + eps)
+    return y if w is None else y * w + b
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_stats_normalize_with_given_statistics_as_constants(library, ddof):
+    rs = np.random.default_rng(11)
+    train = rs.normal(size=(50, 5)) * 3 + 2
+    m = ng.moments(train if library == "numpy" else torch.tensor(train), 0)
+    mean, var = torch.as_tensor(m.mean), torch.as_tensor(m.var(ddof))
+    x = X[0].clone().requires_grad_(True)
+    w, b = W.clone().requires_grad_(True), X[1, 0].clone().requires_grad_(True)
+
+    def f(x, w, b):
+        return normalize(x, 0, ddof=ddof, weight=w, bias=b, stats=m)
+
+    ref = _fixed(x, mean, var, 1e-5, w, b)
+    _close(f(x, w, b), ref, rtol=0, atol=1e-13)
+    y_np = ng.normalize(x.detach().numpy(), 0, ddof=ddof, weight=W.numpy(), bias=b.detach().numpy(),
+                        stats=ng.moments(train, 0))  # fmt: skip
+    _close(f(x, w, b), torch.tensor(y_np), rtol=0, atol=1e-13)
+    dy = torch.randn_like(ref)
+    _close(_grads(f(x, w, b), (x, w, b), dy), _grads(ref, (x, w, b), dy))
+    assert torch.autograd.gradcheck(f, (x, w, b))
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+    xd = x.detach()
+    _close(func.jacrev(f, argnums=(0, 1))(xd, W, b.detach()),
+           func.jacrev(lambda x, w: _fixed(x, mean, var, 1e-5, w, b.detach()), argnums=(0, 1))(
+               xd, W))  # fmt: skip
+
+
+def test_stats_get_no_gradient_and_float32_keeps_dtype():
+    m = ng.moments(torch.randn(30, 5, dtype=torch.float64).requires_grad_(True) + 1, 0)
+    x = X[0].float().requires_grad_(True)
+    y = normalize(x, 0, stats=m)
+    assert y.dtype == torch.float32
+    _close(y, _fixed(X[0], m.mean.detach(), m.var().detach()).float(), rtol=0, atol=2e-6)
+    y.sum().backward()
+    assert x.grad is not None and m.mean.grad_fn is not None  # (m came from a graph)
+    g = torch.autograd.grad(normalize(x, 0, stats=m).sum(), m.mean, allow_unused=True)[0]
+    assert g is None  # the statistics are constants
+
+
+def test_stats_bad_input_raises_normgrad_errors():
+    m = ng.moments(X[0], -1)
+    with pytest.raises(NormgradError, match="stats with center=False"):
+        normalize(X[0], -1, center=False, stats=m)
+    with pytest.raises(NormgradError, match="one value per group"):
+        normalize(X[0], 0, stats=m)
+    with pytest.raises(NormgradError, match="must be a Moments"):
+        normalize(X[0], -1, stats=(1, 2))  # type: ignore[arg-type]
+    with pytest.raises(NormgradError, match="stats with mask"):
+        normalize(X[0], -1, stats=m, mask=torch.ones(3, 5, dtype=torch.bool))
