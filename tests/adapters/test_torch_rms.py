@@ -222,6 +222,10 @@ def test_with_a_mask_equals_the_numpy_op(rng):
     f = lambda t: normalize(t, -1, center=False, mask=torch.tensor(mask), eps=1e-3)  # noqa: E731
     assert torch.autograd.gradgradcheck(f, (xt,))
     _close(func.jacfwd(f)(xt.detach()), func.jacrev(f)(xt.detach()))
+    # vmap with a batched mask: one example at a time is the same call
+    xb, mb = torch.tensor(x).reshape(2, 2, 6), torch.tensor(mask).reshape(2, 2, 6)
+    yb = func.vmap(lambda a, m: normalize(a, -1, center=False, mask=m))(xb, mb)
+    _close(yb.reshape(4, 6), torch.tensor(y_np), rtol=0, atol=1e-13)
 
 
 def test_float32_and_half_precision():
