@@ -147,6 +147,19 @@ def test_torch_compile_fullgraph_without_graph_breaks():
     _close(_grads(y, (x, m.weight), dy), _grads(ref, (x, m.weight), dy))
 
 
+@pytest.mark.filterwarnings("ignore:Dynamo detected")
+def test_torch_compile_aot_autograd_traces_both_ops():
+    """aot_eager: AOTAutograd traces the forward and backward ops (their fakes) with center."""
+    torch._dynamo.reset()
+    x, axes, w, b = _inputs("channels", seed=4)
+    f = lambda x, w, b: normalize(x, axes, center=False, eps_mode="outside", weight=w, bias=b)  # noqa: E731
+    cf = torch.compile(f, backend="aot_eager", fullgraph=True)
+    y, ref = cf(x, w, b), _rms(x, axes, 1e-5, "outside", w, b)
+    _close(y, ref, rtol=0, atol=1e-12)
+    dy = torch.randn_like(y)
+    _close(_grads(y, (x, w, b), dy), _grads(ref, (x, w, b), dy))
+
+
 G = torch.Generator().manual_seed(3)
 X = torch.randn(4, 3, 5, generator=G, dtype=torch.float64) * 2 + 1
 W = torch.rand(5, generator=G, dtype=torch.float64) + 0.5
