@@ -241,15 +241,33 @@ def test_with_a_mask_equals_the_numpy_op(rng):
     _close(yb.reshape(4, 6), torch.tensor(y_np), rtol=0, atol=1e-13)
 
 
-def test_float32_and_half_precision():
+def test_float32_keeps_dtype():
     x, axes, w, _ = _inputs("rows", dtype=torch.float32)
     y = normalize(x, axes, center=False, weight=w)
     assert y.dtype == torch.float32
     xd, wd = x.detach().double(), w.detach().double()
     _close(y, F.rms_norm(xd, (5,), wd, 1e-5).float(), rtol=0, atol=2e-6)
-    yh = normalize(x.detach().bfloat16(), axes, center=False)
-    assert yh.dtype == torch.bfloat16
-    _close(yh.double(), F.rms_norm(xd.bfloat16().double(), (5,), None, 1e-5), rtol=8e-3, atol=0)
+
+
+@pytest.mark.parametrize(("dtype", "precision"), [(torch.float16, 11), (torch.bfloat16, 8)])
+def test_half_precision_is_rounded_once_from_float64(dtype, precision):
+    x, axes, w, _ = _inputs("rows", dtype=dtype)
+    y = normalize(x, axes, center=False, weight=w)
+    assert y.dtype == dtype
+    xd, wd = (t.detach().double().requires_grad_(True) for t in (x, w))
+    ref = F.rms_norm(xd, (5,), wd, 1e-5)
+    assert _ulps(y, ref, precision) <= 0.5 + 1e-9
+    dy = torch.randn(y.shape, dtype=torch.float64).to(dtype)
+    for a, r in zip(_grads(y, (x, w), dy), _grads(ref, (xd, wd), dy.double()), strict=True):
+        assert a.dtype == dtype and _ulps(a, r, precision) <= 0.5 + 1e-9
+
+
+def _ulps(got, ref, precision):
+    """|got - ref| in units of the spacing of `precision`-bit floats in ref's binade."""
+    ref = ref.double()
+    tiny = 2.0 ** (-14 if precision == 11 else -126)
+    exponent = torch.floor(torch.log2(ref.abs().clamp_min(tiny)))
+    return ((got.double() - ref).abs() / 2.0 ** (exponent - precision + 1)).max().item()
 
 
 def test_other_devices_take_torch_ops_without_looking_at_values():
