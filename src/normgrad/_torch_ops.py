@@ -46,6 +46,7 @@ from ._ops import (
 from ._validate import (
     Spec,
     _broadcasts_to,
+    _check_center,
     _check_options,
     cotangent,
     namespace,
@@ -65,12 +66,15 @@ class Call(NamedTuple):
     eps: float
     eps_mode: str
     ddof: float
+    center: bool = True  # False: RMS normalization
 
 
 # --- checks --------------------------------------------------------------------------------------
 
 
-def check_call(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Call:
+def check_call(
+    x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any, center: bool = True
+) -> Call:
     """Every check that needs no values: axes, options, dtypes and devices of the tensors.
     `options = (eps, eps_mode, ddof)`, `params = (weight, bias)`."""
     _check_dtype(x, "x")
@@ -85,10 +89,11 @@ def check_call(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any
         n *= int(x.shape[i])
     eps, eps_mode, ddof = options
     _check_options(eps, eps_mode, ddof, n)
+    _check_center(center, ddof)
     for p, name in zip(params, ("weight", "bias"), strict=True):
         if p is not None:
             _check_param(p, name, x)
-    return Call(ax, float(eps), eps_mode, float(ddof))
+    return Call(ax, float(eps), eps_mode, float(ddof), center)
 
 
 def _check_dtype(t: Tensor, name: str) -> None:
@@ -169,9 +174,11 @@ def _tensor(a: Any, dtype: torch.dtype) -> Tensor:
 
 def forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[Tensor, ...]:
     """`(y, mean, var, rstd)`: the NumPy kernels for CPU tensors, torch ops elsewhere."""
-    axes, eps, mode, ddof = call
+    axes, eps, mode, ddof, center = call
     if x.device.type != "cpu":
-        y, ctx = normalize_forward(x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b)
+        y, ctx = normalize_forward(
+            x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, center=center
+        )
         return y, ctx.mean, ctx.var, ctx.rstd
     y, ctx = host_forward(x, w, b, call)
     stats = (torch.from_numpy(np.asarray(s)) for s in (ctx.mean, ctx.var, ctx.rstd))
@@ -180,10 +187,10 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[
 
 def host_forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[Tensor, Any]:
     """`(y, the NumPy context)` of a CPU call: normgrad's NumPy entry point on views."""
-    axes, eps, mode, ddof = call
+    axes, eps, mode, ddof, center = call
     y, ctx = normalize_forward(
         _host(x, "x"), axes, eps=eps, eps_mode=mode, ddof=ddof, weight=_host(w, "weight"),
-        bias=_host(b, "bias"),
+        bias=_host(b, "bias"), center=center,
     )  # fmt: skip
     return _tensor(y, result_dtype(x)), ctx
 
@@ -193,10 +200,10 @@ def backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """`(dx, dweight, dbias)` from the forward's statistics (not differentiable again)."""
     w, b = params
-    axes, eps, mode, ddof = call
+    axes, eps, mode, ddof, center = call
     if x.device.type != "cpu":
         ctx = context_from_statistics(
-            x, axes, *stats, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b
+            x, axes, *stats, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, center=center
         )
         return tuple(normalize_backward(ctx, dy))
     xh = _host(x, "x")
@@ -221,11 +228,12 @@ def host_backward(
 def _spec(xh: np.ndarray, call: Call) -> Spec:
     """The validated call of a checked one (`check_call` ran in the forward): the
     NumPy context of the backward without validating again."""
-    axes, eps, mode, ddof = call
+    axes, eps, mode, ddof, center = call
     n = 1
     for i in axes:
         n *= xh.shape[i]
-    return Spec(namespace(xh), axes, n, eps, mode, ddof, xh.dtype, n - ddof, mode == "inside")
+    inside = mode == "inside"
+    return Spec(namespace(xh), axes, n, eps, mode, ddof, xh.dtype, n - ddof, inside, center)
 
 
 def differentiable_backward(
@@ -233,9 +241,11 @@ def differentiable_backward(
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """The backward in torch ops, differentiable w.r.t. x through the statistics too (so they
     are computed again from x, not taken from the forward)."""
-    axes, eps, mode, ddof = call
+    axes, eps, mode, ddof, center = call
     w, b = params
-    _, ctx = normalize_forward(x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b)
+    _, ctx = normalize_forward(
+        x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, center=center
+    )
     return tuple(normalize_backward(ctx, dy))
 
 
@@ -244,10 +254,11 @@ def tangent(saved: tuple[Any, ...], tangents: tuple[Any, Any, Any], call: Call) 
     `(x, weight, bias, mean, var, rstd)` (any tangent may be None)."""
     x, w, b, mean, var, rstd = saved
     tx, tw, tb = tangents
-    axes, eps, mode, ddof = call
+    axes, eps, mode, ddof, center = call
     ctx = context_from_statistics(
-        x, axes, mean, var, rstd, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b
-    )
+        x, axes, mean, var, rstd, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b,
+        center=center,
+    )  # fmt: skip
     d = _generic.centered(xpt, ctx)
     if tx is None:
         ty = torch.zeros_like(d)
@@ -344,30 +355,34 @@ class Eager(torch.autograd.Function):
         return (*host_backward(ctx.host, (x, w, b), dy), None)
 
 
-def checked_call(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Call:
+def checked_call(
+    x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any, center: bool = True
+) -> Call:
     """`check_call`, run once per call signature (shapes, dtypes, devices, axes, options):
     its checks read no values. The entries live in `_runtime.STATE.planned`."""
-    key = _call_key(x, axes, options, params)
+    key = _call_key(x, axes, options, params, center)
     if key is None:
-        return check_call(x, axes, options, params)
+        return check_call(x, axes, options, params, center)
     planned = _runtime.STATE.planned
     try:
         return planned[key]
     except KeyError:
         pass
-    call = check_call(x, axes, options, params)
+    call = check_call(x, axes, options, params, center)
     if len(planned) >= _runtime.PLANNED_MAX:
         planned.clear()
     planned[key] = call
     return call
 
 
-def _call_key(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Any:
+def _call_key(
+    x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any, center: Any
+) -> Any:
     """The cache key of a call, or None where one could mix calls that the checks tell
-    apart (non-tensors, axes tuples of other types than int: `(True,) == (1,)`) or where
-    the cache would keep an argument alive (a list, array or tensor option: those are
-    checked on every call)."""
-    if not isinstance(x, Tensor):
+    apart (non-tensors, axes tuples of other types than int: `(True,) == (1,)`, a center
+    that is not a bool: `1 == True`) or where the cache would keep an argument alive (a
+    list, array or tensor option: those are checked on every call)."""
+    if not isinstance(x, Tensor) or type(center) is not bool:
         return None
     if type(axes) is tuple:
         if any(type(a) is not int for a in axes):
@@ -383,7 +398,7 @@ def _call_key(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any)
     if type(eps) not in _PLAIN or type(ddof) not in _PLAIN or type(eps_mode) is not str:
         return None  # (a tensor or array option would be kept alive by the cache)
     return ("torch", x.shape, x.dtype, x.device, axes, type(axes), eps, type(eps), eps_mode,
-            ddof, type(ddof), *metas)  # fmt: skip
+            ddof, type(ddof), center, *metas)  # fmt: skip
 
 
 _PLAIN = (float, int)
@@ -400,6 +415,7 @@ class MaskedCall(NamedTuple):
     eps_mode: str
     ddof: float
     nan_policy: str
+    center: bool = True
 
 
 class MaskedNormalize(torch.autograd.Function):
@@ -428,11 +444,11 @@ class MaskedNormalize(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, tx: Any, tw: Any, tb: Any, _tmask: Any, _call: Any) -> Any:
         x, w, b, mask = ctx.saved_tensors
-        axes, eps, mode, ddof, policy = ctx.call
+        axes, eps, mode, ddof, policy, center = ctx.call
         tx = torch.zeros_like(x) if tx is None else tx
         return normalize_jvp(
             x, tx, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, tweight=tw,
-            tbias=tb, mask=mask, nan_policy=policy,
+            tbias=tb, mask=mask, nan_policy=policy, center=center,
         )[1]  # fmt: skip
 
     @staticmethod
@@ -448,15 +464,20 @@ class MaskedNormalize(torch.autograd.Function):
 
 
 def _masked_forward(x: Tensor, w: Any, b: Any, mask: Any, call: MaskedCall) -> Any:
-    axes, eps, mode, ddof, policy = call
+    axes, eps, mode, ddof, policy, center = call
     return normalize_forward(
         x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, mask=mask,
-        nan_policy=policy,
+        nan_policy=policy, center=center,
     )  # fmt: skip
 
 
 def normalize_masked(
-    x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any, counted: tuple[Any, str]
+    x: Tensor,
+    axes: Axes,
+    options: tuple[Any, Any, Any],
+    params: Any,
+    counted: tuple[Any, str],
+    center: bool = True,
 ) -> Tensor:
     """`normgrad.torch.normalize` with `counted = (mask, nan_policy)`: "raise" is checked
     here (then the unmasked op runs), a mask or "omit" runs `MaskedNormalize`."""
@@ -465,18 +486,18 @@ def normalize_masked(
         refuse_nan(x)
         policy = "propagate"
     if mask is None and policy == "propagate":
-        return normalize(x, axes, options, params)
+        return normalize(x, axes, options, params, center)
     if mask is not None and not isinstance(mask, torch.Tensor):
         mask = torch.as_tensor(mask, device=x.device)
-    call = MaskedCall(normalize_axes(axes, x.ndim), *options, policy)
+    call = MaskedCall(normalize_axes(axes, x.ndim), *options, policy, center)
     return MaskedNormalize.apply(x, params[0], params[1], mask, call)
 
 
 # --- torch.compile: the custom ops ---------------------------------------------------------------
 
 
-def _op_call(axes: list[int], eps: float, eps_mode: str, ddof: float) -> Call:
-    return Call(tuple(axes), eps, eps_mode, ddof)
+def _op_call(axes: list[int], eps: float, eps_mode: str, ddof: float, center: bool) -> Call:
+    return Call(tuple(axes), eps, eps_mode, ddof, center)
 
 
 @torch.library.custom_op("normgrad::forward", mutates_args=())
@@ -488,9 +509,11 @@ def forward_op(
     eps: float,
     eps_mode: str,
     ddof: float,
+    center: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """`(y, mean, var, rstd)` of `normalize`, all C-contiguous (as the fake says)."""
-    res = forward(x, weight, bias, _op_call(axes, eps, eps_mode, ddof))
+    """`(y, mean, var, rstd)` of `normalize`, all C-contiguous (as the fake says);
+    `center=False`: RMS normalization (mean 0)."""
+    res = forward(x, weight, bias, _op_call(axes, eps, eps_mode, ddof, center))
     return tuple(t.contiguous() for t in res)  # type: ignore[return-value]
 
 
@@ -507,10 +530,11 @@ def backward_op(
     eps: float,
     eps_mode: str,
     ddof: float,
+    center: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """`(dx, dweight, dbias)`; an absent parameter's gradient is an empty tensor."""
     _check_dy(dy, x, result_dtype(x))
-    call = _op_call(axes, eps, eps_mode, ddof)
+    call = _op_call(axes, eps, eps_mode, ddof, center)
     dx, dw, db = backward(x, (weight, bias), (mean, var, rstd), dy, call)
     return dx.contiguous(), _or_empty(dw, x), _or_empty(db, x)
 
@@ -528,7 +552,7 @@ def stats_dtype(x: Tensor) -> torch.dtype:
 
 @forward_op.register_fake
 def _forward_fake(
-    x: Tensor, weight: Any, bias: Any, axes: list[int], eps: float, eps_mode: str, ddof: float
+    x: Tensor, weight: Any, bias: Any, axes: list[int], *_options: Any
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     shape = [1 if i in axes else s for i, s in enumerate(x.shape)]
     mean, var, rstd = (x.new_empty(shape, dtype=stats_dtype(x)) for _ in range(3))
@@ -563,21 +587,24 @@ def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
 def _op_backward(ctx: Any, dy: Tensor, *_stats: Any) -> Any:
     x, w, b, mean, var, rstd = ctx.saved_tensors
     dx, dw, db = backward_op(x, w, b, mean, var, rstd, dy, *ctx.options)
-    return dx, None if w is None else dw, None if b is None else db, None, None, None, None
+    options = (None,) * len(ctx.options)
+    return dx, None if w is None else dw, None if b is None else db, *options
 
 
 forward_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
-def normalize(x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any) -> Tensor:
+def normalize(
+    x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any, center: bool = True
+) -> Tensor:
     """`normgrad.torch.normalize` once its arguments are bundled: checked, then the custom op
     under torch.compile, `Normalize` under torch.func or forward AD, and `Eager` for the
-    other CPU calls (`Normalize` for the other devices)."""
+    other CPU calls (`Normalize` for the other devices). `center=False`: RMS normalization."""
     w, b = params
     if torch.compiler.is_compiling():
-        call = check_call(x, axes, options, params)
-        return forward_op(x, w, b, list(call.axes), call.eps, call.eps_mode, call.ddof)[0]
-    call = checked_call(x, axes, options, params)
+        c = check_call(x, axes, options, params, center)
+        return forward_op(x, w, b, list(c.axes), c.eps, c.eps_mode, c.ddof, c.center)[0]
+    call = checked_call(x, axes, options, params, center)
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return Normalize.apply(x, w, b, call)[0]
     if not x.is_cpu:

@@ -3,10 +3,15 @@ r"""JAX adapter: `normalize` with a `jax.custom_jvp` rule that is normgrad's own
 $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
    t\hat x = r\,(tx - \overline{tx}) - \frac{c}{m}\,\hat x \sum \hat x\,tx $$
 
+(`center=False`, RMS normalization: $\mu = 0$, $\sigma^2 = \overline{x^2}$ and no
+$\overline{tx}$ term.)
+
 The JVP rule calls `normgrad.normalize_jvp` on jax arrays. It is linear in the tangents and
 written in `jax.numpy`, so JAX transposes it for reverse mode and differentiates it again for
 higher orders: `jit`, `vmap`, `grad`, `jacfwd`, `jacrev` and `grad` of `grad` all work.
-`axes`, `eps`, `eps_mode` and `ddof` are static Python values.
+`axes`, `eps`, `eps_mode`, `ddof` and `center` are static Python values. With given
+statistics (`stats=`) there is no rule to write: y is affine in x with constant
+statistics, and JAX differentiates that map itself.
 
 Without `jax_enable_x64` the statistics are computed in float32 (JAX's default precision).
 Install with `normgrad[jax]`; `import normgrad` alone never imports jax.
@@ -15,7 +20,7 @@ Install with `normgrad[jax]`; `import normgrad` alone never imports jax.
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
 from ._formulas import rstd, xhat
+from ._moments import Moments, moments
 from ._ops import normalize_forward, normalize_jvp
 from ._validate import check_nan_policy, refuse_nan
 
@@ -34,33 +40,39 @@ Params = dict[str, jax.Array]
 State = dict[str, jax.Array]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7, 8))
+class _Options(NamedTuple):
+    """The static options of one call (hashable: the custom_jvp's nondiff argument)."""
+
+    axes: tuple[int, ...]
+    eps: float
+    eps_mode: str
+    ddof: float
+    center: bool
+    nan_policy: str
+
+    def kwargs(self) -> dict[str, Any]:
+        return {
+            "eps": self.eps, "eps_mode": self.eps_mode, "ddof": self.ddof,
+            "center": self.center, "nan_policy": self.nan_policy,
+        }  # fmt: skip
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4,))
 def _normalize(
     x: jax.Array,
     weight: jax.Array | None,
     bias: jax.Array | None,
     mask: jax.Array | None,
-    axes: tuple[int, ...],
-    eps: float,
-    eps_mode: str,
-    ddof: float,
-    nan_policy: str,
+    opts: _Options,
 ) -> jax.Array:
     x = jnp.asarray(x)
-    y, _ = normalize_forward(
-        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias, mask=mask,
-        nan_policy=nan_policy,
-    )  # fmt: skip
-    return y
+    kw = opts.kwargs()
+    return normalize_forward(x, opts.axes, weight=weight, bias=bias, mask=mask, **kw)[0]
 
 
 @_normalize.defjvp
 def _normalize_jvp(
-    axes: tuple[int, ...],
-    eps: float,
-    eps_mode: str,
-    ddof: float,
-    nan_policy: str,
+    opts: _Options,
     primals: tuple[Any, ...],
     tangents: tuple[Any, ...],
 ) -> tuple[jax.Array, jax.Array]:
@@ -72,8 +84,8 @@ def _normalize_jvp(
     if tx is None:  # x has an integer dtype: it does not move
         tx = jnp.zeros(x.shape, jnp.result_type(float))
     return normalize_jvp(
-        x, tx, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=weight, bias=bias,
-        tweight=tweight, tbias=tbias, mask=mask, nan_policy=nan_policy,
+        x, tx, opts.axes, weight=weight, bias=bias, tweight=tweight, tbias=tbias, mask=mask,
+        **opts.kwargs(),
     )  # fmt: skip
 
 
@@ -102,6 +114,8 @@ def normalize(
     ddof: float = 0,
     weight: jax.Array | None = None,
     bias: jax.Array | None = None,
+    center: bool = True,
+    stats: Moments | None = None,
     mask: jax.Array | None = None,
     nan_policy: str = "propagate",
 ) -> jax.Array:
@@ -111,8 +125,12 @@ def normalize(
 
     over `axes` (all axes when `None`; under `vmap`, axes of one example). Forward- and
     reverse-mode derivatives of any order w.r.t. `x`, `weight` and `bias` come from
-    normgrad's JVP formula. `mask` (boolean, broadcastable to x; it may be traced) and
-    `nan_policy` as in `normgrad.normalize` ("raise" needs concrete values: not under jit).
+    normgrad's JVP formula. `center=False` is RMS normalization,
+    $y = x / \sqrt{\overline{x^2} + \epsilon}\,w + b$ (`ddof` must be 0). `stats`: given
+    `Moments` (`normgrad.moments` of training data, NumPy or JAX arrays) to normalize with
+    (inference); every derivative treats them as constants. `mask` (boolean, broadcastable
+    to x; it may be traced) and `nan_policy` as in `normgrad.normalize` ("raise" needs
+    concrete values: not under jit).
     """
     x = _as_jax(x, "x")
     weight = _as_jax(weight, "weight")
@@ -122,11 +140,25 @@ def normalize(
         refuse_nan(x)
         nan_policy = "propagate"
     ndim = getattr(x, "ndim", None)
-    if ndim is None or ndim == 0:
-        # let normgrad's shared validation produce the message
-        return normalize_forward(x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof)[0]
-    ax = normalize_axes(axes, ndim)
-    return _normalize(x, weight, bias, mask, ax, eps, eps_mode, ddof, nan_policy)
+    kw: dict[str, Any] = {"eps": eps, "eps_mode": eps_mode, "ddof": ddof, "center": center}
+    if ndim is None or ndim == 0 or stats is not None:
+        # given statistics: y is affine in x with constants, which JAX differentiates
+        # itself (and a scalar x gets normgrad's shared validation message)
+        y, _ = normalize_forward(
+            x, axes, weight=weight, bias=bias, stats=_constant(stats), mask=mask,
+            nan_policy=nan_policy, **kw,
+        )  # fmt: skip
+        return y
+    opts = _Options(normalize_axes(axes, ndim), eps, eps_mode, ddof, center, nan_policy)
+    return _normalize(x, weight, bias, mask, opts)
+
+
+def _constant(stats: Any) -> Any:
+    """`Moments` as JAX arrays outside the gradient (given statistics are constants)."""
+    if stats is None or not all(hasattr(stats, f) for f in ("count", "mean", "m2")):
+        return stats  # (normgrad's validation names what a stats must be)
+    fields = (getattr(stats, f) for f in ("count", "mean", "m2"))
+    return Moments(*(jax.lax.stop_gradient(jnp.asarray(a)) for a in fields))
 
 
 def init_params(shape: int | tuple[int, ...], dtype: Any = jnp.float32) -> Params:
@@ -152,13 +184,17 @@ def apply(
     eps: float = 1e-5,
     eps_mode: str = "inside",
     ddof: float = 0,
+    center: bool = True,
+    stats: Moments | None = None,
     mask: jax.Array | None = None,
     nan_policy: str = "propagate",
 ) -> jax.Array:
     """Pure functional layer: `normalize(x, axes, weight=params["weight"], bias=params["bias"])`.
 
     `params` is a plain dict (a pytree), so it fits Flax, Equinox or Optax state as is;
-    `None` or `{}` means no affine map.
+    `None` or `{}` means no affine map. `center=False` makes it an RMSNorm layer
+    (`params` then often holds only a weight); `stats`, `mask`, `nan_policy` as in
+    `normalize`.
     """
     params = params or {}
     unknown = set(params) - {"weight", "bias"}
@@ -175,6 +211,8 @@ def apply(
         ddof=ddof,
         weight=params.get("weight"),
         bias=params.get("bias"),
+        center=center,
+        stats=stats,
         mask=mask,
         nan_policy=nan_policy,
     )
@@ -234,8 +272,6 @@ def batch_norm(
 
 def _updated(state: State, x: jax.Array, axes: Axes, momentum: Any, counted: Any) -> State:
     """BatchNorm's update of the running statistics from the batch's `moments`."""
-    from ._moments import moments
-
     st = moments(x, axes, mask=counted[0], nan_policy=counted[1])
     old_mean, old_var = state["running_mean"], state["running_var"]
     if st.mean.size != old_mean.size:

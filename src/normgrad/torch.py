@@ -22,7 +22,9 @@ from torch import nn
 from . import _torch_ops
 from ._axes import Axes
 from ._errors import NormgradError
-from ._validate import EPS_MODES, check_nan_policy
+from ._moments import Moments
+from ._ops import normalize_forward
+from ._validate import EPS_MODES, _check_center, check_nan_policy
 
 __all__ = ["MeanVarNorm", "gradcheck", "normalize"]
 
@@ -36,6 +38,8 @@ def normalize(
     ddof: float = 0,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    center: bool = True,
+    stats: Moments | None = None,
     mask: torch.Tensor | None = None,
     nan_policy: str = "propagate",
 ) -> torch.Tensor:
@@ -48,6 +52,15 @@ def normalize(
     computed in float64 whatever the input dtype; the result has the input's dtype
     (float64 for integers). Works under `torch.compile` and `torch.func` transforms.
 
+    `center=False` is RMS normalization, $y = x / \sqrt{\overline{x^2} + \epsilon}\,w + b$
+    over any axes (`F.rms_norm` where its trailing axes apply; `ddof` must be 0), on the
+    same paths.
+
+    `stats`: given `Moments` (`normgrad.moments` of training data, NumPy or torch arrays)
+    to normalize with (inference), $\sigma^2$ = `stats.var(ddof)`. y is then affine in x
+    with constant statistics: it runs in torch ops (the generic path), which autograd and
+    `torch.func` differentiate themselves; no gradient flows into the statistics.
+
     `mask` (boolean, broadcastable to x) and `nan_policy` as in `normgrad.normalize`:
     masked calls (`mask=`, `nan_policy="omit"`) run the generic path in torch ops (an
     `autograd.Function` whose backward and forward mode are normgrad's masked derivation,
@@ -58,12 +71,32 @@ def normalize(
             f"normgrad.torch.normalize needs a torch.Tensor; got {type(x).__name__}. "
             "Use torch.as_tensor(x), or normgrad.normalize for NumPy/JAX/Dask arrays."
         )
+    if stats is not None:
+        options = (eps, eps_mode, ddof, center, mask, nan_policy)
+        return _with_statistics(x, axes, options, (weight, bias), stats)
     if mask is not None or nan_policy != "propagate":
         policy = check_nan_policy(nan_policy)
         return _torch_ops.normalize_masked(
-            x, axes, (eps, eps_mode, ddof), (weight, bias), (mask, policy)
+            x, axes, (eps, eps_mode, ddof), (weight, bias), (mask, policy), center=center
         )
-    return _torch_ops.normalize(x, axes, (eps, eps_mode, ddof), (weight, bias))
+    return _torch_ops.normalize(x, axes, (eps, eps_mode, ddof), (weight, bias), center=center)
+
+
+def _with_statistics(
+    x: torch.Tensor, axes: Axes, options: tuple[Any, ...], params: Any, stats: Any
+) -> torch.Tensor:
+    """`normgrad.normalize(x, stats=...)` in torch ops, the statistics as detached tensors
+    on x's device; `options = (eps, eps_mode, ddof, center, mask, nan_policy)` (normgrad's
+    validation names what is wrong: a bad `stats`, a mask with stats, center=False)."""
+    fields = ("count", "mean", "m2")
+    if all(hasattr(stats, f) for f in fields):
+        stats = Moments(*(torch.as_tensor(getattr(stats, f), device=x.device).detach()
+                          for f in fields))  # fmt: skip
+    eps, eps_mode, ddof, center, mask, nan_policy = options
+    return normalize_forward(
+        x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=params[0], bias=params[1],
+        center=center, stats=stats, mask=mask, nan_policy=nan_policy,
+    )[0]  # fmt: skip
 
 
 class MeanVarNorm(nn.Module):
@@ -75,6 +108,10 @@ class MeanVarNorm(nn.Module):
     input: `MeanVarNorm(D)` with `axes=-1` is a layer norm over the last axis,
     `MeanVarNorm((C, 1, 1), axes=(0, 2, 3))` a batch norm without running statistics,
     `MeanVarNorm((C, 1, 1), axes=(2, 3))` an instance norm with affine.
+    `center=False` normalizes by the root mean square instead (no mean):
+    `MeanVarNorm(D, center=False, bias=False)` is `torch.nn.RMSNorm(D)` (the same
+    parameters, so it loads its state dict), over any `axes`. `bias=False` drops the bias
+    (as `nn.LayerNorm(bias=False)`).
 
     `track_running_stats=True` keeps `running_mean` and `running_var` (shape `param_shape`,
     one value per group, as BatchNorm's) and `num_batches_tracked`, updated in training
@@ -97,6 +134,8 @@ class MeanVarNorm(nn.Module):
         eps_mode: str = "inside",
         ddof: float = 0,
         elementwise_affine: bool = True,
+        bias: bool = True,
+        center: bool = True,
         track_running_stats: bool = False,
         momentum: float | None = 0.1,
         nan_policy: str = "propagate",
@@ -113,6 +152,14 @@ class MeanVarNorm(nn.Module):
             )
         if eps_mode not in EPS_MODES:
             raise NormgradError(f"eps_mode must be 'inside' or 'outside'; got {eps_mode!r}.")
+        _check_center(center, ddof)
+        if not center and track_running_stats:
+            raise NormgradError(
+                "track_running_stats with center=False: the running statistics are a mean and "
+                "a variance (BatchNorm's), which RMS normalization does not use; drop "
+                "track_running_stats or use center=True."
+            )
+        self.center = center
         self.param_shape = shape
         self.axes = axes
         self.eps = eps
@@ -124,7 +171,10 @@ class MeanVarNorm(nn.Module):
         if elementwise_affine:
             kw = {"device": device, "dtype": dtype}
             self.weight = nn.Parameter(torch.ones(shape, **kw))
-            self.bias = nn.Parameter(torch.zeros(shape, **kw))
+            if bias:
+                self.bias = nn.Parameter(torch.zeros(shape, **kw))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -207,8 +257,9 @@ class MeanVarNorm(nn.Module):
         return y
 
     def reset_parameters(self) -> None:
-        if self.weight is not None and self.bias is not None:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -218,13 +269,15 @@ class MeanVarNorm(nn.Module):
             self._update_running_stats(x, mask)
         return normalize(
             x, self.axes, eps=self.eps, eps_mode=self.eps_mode, ddof=self.ddof,
-            weight=self.weight, bias=self.bias, mask=mask, nan_policy=self.nan_policy,
+            weight=self.weight, bias=self.bias, center=self.center, mask=mask,
+            nan_policy=self.nan_policy,
         )  # fmt: skip
 
     def extra_repr(self) -> str:
         return (
             f"{self.param_shape}, axes={self.axes}, eps={self.eps}, eps_mode={self.eps_mode!r}, "
             f"ddof={self.ddof}, elementwise_affine={self.elementwise_affine}, "
+            f"center={self.center}, "
             f"track_running_stats={self.track_running_stats}, momentum={self.momentum}, "
             f"nan_policy={self.nan_policy!r}"
         )
