@@ -167,14 +167,7 @@ def test_kind_through_a_jax_pytree_leaf(case: Case) -> None:
     _assert_named(report, "x['w']", "x['b']", 1)  # leaves in key order: b, w
 
 
-_CALLBACK = pytest.mark.xfail(
-    strict=False,
-    reason="after the tuple route in one process, a pure_callback vjp of the 200x8 probe cases "
-    "has returned float32 where float64 was declared (JaxRuntimeError): not yet understood",
-)
-
-
-@pytest.mark.parametrize("route", ["tuple", pytest.param("pytree", marks=_CALLBACK)])
+@pytest.mark.parametrize("route", ["tuple", "pytree"])
 def test_what_each_route_finds_for_the_known_gaps(route: str) -> None:
     """The gaps, pinned: what the checker says today, and that it still names the wrong input."""
     for case in [c for c in SINGLE if c.name in PATTERN_GAP]:

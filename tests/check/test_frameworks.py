@@ -203,6 +203,46 @@ def test_a_pytree_leaf_with_a_bug_is_named():
     assert "errors are in: params['w']" in notes, notes
 
 
+def test_float64_holds_on_every_thread_while_a_check_runs_and_is_restored_after():
+    """XLA may run a pure_callback on a thread of its own: there a thread-local x64 flag is off
+    and JAX would refuse the callback's float64 result."""
+    import threading
+
+    from normgrad.check._fw_jax import x64
+
+    def dtype_on_another_thread() -> object:
+        seen: list[object] = []
+        t = threading.Thread(target=lambda: seen.append(jnp.asarray(np.zeros(1)).dtype))
+        t.start()
+        t.join()
+        return seen[0]
+
+    before = jax.config.read("jax_enable_x64")
+    with x64(), x64():  # nested: restored once, by the outer one
+        assert dtype_on_another_thread() == np.float64
+    assert jax.config.read("jax_enable_x64") == before
+    if not before:
+        assert dtype_on_another_thread() == np.float32
+
+
+def test_a_float64_pure_callback_backward_is_checked():
+    def host_vjp(x, g):
+        return np.asarray(g) * (1 - np.tanh(np.asarray(x)) ** 2)
+
+    @jax.custom_vjp
+    def op(x):
+        return jnp.tanh(x)
+
+    def bwd(x, g):
+        return (jax.pure_callback(host_vjp, jax.ShapeDtypeStruct(x.shape, x.dtype), x, g),)
+
+    op.defvjp(lambda x: (op(x), x), bwd)
+    with jax.enable_x64(True):
+        x = jnp.asarray(np.random.default_rng(3).standard_normal(4000))
+    for _ in range(5):  # the callback's thread varies from call to call
+        assert check_gradients(op, x, mode="probe").ok
+
+
 def test_a_jax_function_closing_over_a_tracer_is_refused():
     leaked = []
 

@@ -1,10 +1,13 @@
 """JAX callables for the checker: see `_frameworks`. Imported only when jax is in use.
 
 Pytrees of inputs are flattened to leaves named by argument and path (`params['w']`); each call
-rebuilds the trees. Calls run with 64-bit types enabled, so float64 copies stay float64."""
+rebuilds the trees. Calls run with 64-bit types on (`x64`), so float64 copies stay float64."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -23,10 +26,43 @@ from ._frameworks import (
 )
 
 
+class _X64:
+    """The one change the checker makes to JAX's process-wide config: 64-bit types on, for
+    every thread, while a check runs JAX code, then back as it was.
+
+    `jax.enable_x64` alone is thread-local, but XLA runs a host callback (`pure_callback`) on a
+    thread of its own at times; there the default would round the callback's float64 result
+    to float32, and JAX refuses it as a dtype mismatch."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.before = False
+
+    @contextlib.contextmanager
+    def on(self) -> Iterator[None]:
+        with self.lock:
+            if self.depth == 0:
+                self.before = bool(jax.config.read("jax_enable_x64"))
+                jax.config.update("jax_enable_x64", True)
+            self.depth += 1
+        try:
+            with jax.enable_x64(True):  # also over a caller's thread-local `enable_x64(False)`
+                yield
+        finally:
+            with self.lock:
+                self.depth -= 1
+                if self.depth == 0:
+                    jax.config.update("jax_enable_x64", self.before)
+
+
+x64 = _X64().on
+
+
 def convert(f: Any, x: Any) -> Converted:
     args = tuple(x) if isinstance(x, tuple) else (x,)
     argn = arg_names(f, len(args))
-    with jax.enable_x64(True):
+    with x64():
         pairs, tree = jax.tree_util.tree_flatten_with_path(args)
     names = [argn[p[0].idx] + jax.tree_util.keystr(p[1:]) for p, _ in pairs]
     leaves = [
@@ -41,7 +77,7 @@ def convert(f: Any, x: Any) -> Converted:
 
     def guarded(thunk: Any) -> Any:
         try:
-            with jax.enable_x64(True):
+            with x64():
                 return thunk()
         except NormgradError:
             raise

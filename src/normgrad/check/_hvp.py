@@ -170,14 +170,17 @@ def _jax_back(f: Fn, x: Any, seed: int) -> Fn:
     import jax
     import jax.numpy as jnp
 
+    from ._fw_jax import x64
+
     args = x if isinstance(x, tuple) else (x,)
-    with jax.enable_x64(True):
+    with x64():
         y = jnp.asarray(f(*args))
     ct0 = _cotangent(tuple(y.shape), seed)
 
     def back(*a: Any) -> Any:
-        out, pull = jax.vjp(f, *a)
-        grads = pull(jnp.asarray(ct0, dtype=out.dtype).reshape(out.shape))
-        return jnp.concatenate([jnp.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
+        with x64():
+            out, pull = jax.vjp(f, *a)
+            grads = pull(jnp.asarray(ct0, dtype=out.dtype).reshape(out.shape))
+            return jnp.concatenate([jnp.ravel(g) for g in jax.tree_util.tree_leaves(grads)])
 
     return back
