@@ -336,7 +336,9 @@ def test_zero_gradient_for_one_input_is_named() -> None:
     a, v = rng.standard_normal((3, 4)), rng.standard_normal(4)
     report = check_gradients(lambda a, v: a @ v, (a, v), lambda a, v, g: (np.outer(g, v), 0 * v))
     assert report.kinds == ["zero"], str(report)
-    assert report.diagnosis[0].evidence["input"] == 1 and "input [1]" in report.diagnosis[0].message
+    first = report.diagnosis[0]
+    assert first.evidence["input"] == "[1]" and first.evidence["position"] == 1, first
+    assert "input [1]" in first.message
 
 
 def test_a_list_is_one_input_not_several() -> None:

@@ -12,7 +12,7 @@ import pytest
 from grad_corpus import Case, wrong_cases
 
 from normgrad.check import check_gradients
-from normgrad.check._catalogue import PASSING
+from normgrad.check._catalogue import PASSING, template_of
 
 C = 0.7  # the second input enters as C * b: a right gradient c * dy, distinct from dy
 
@@ -27,34 +27,28 @@ NOT_THROUGH_JAX = {
     "dtype": "pure_callback refuses a result dtype other than the declared one",
 }
 
-# Known gaps of the checker (not of these tests): the Jacobian-pattern rules (transpose,
-# diagonal, missing_term, coefficient; ignores_dy) are tried on the whole Jacobian only, so with
-# a second, right input the pattern of the wrong input's column block is not seen: `unknown`
-# (`offset` for ignores_dy, true but less precise). Only `per_input` (sign, scale) and
-# `zero_for_one_input` look at one input's columns. Strict: an improved checker must drop these.
-PATTERN_GAP = {
-    "lse_ignores_dy": "offset",
-    "cumsum_transposed": "unknown",
-    "problem_backward": "unknown",
-    "softmax_diagonal": "unknown",
-    "norm_no_mean_path": "unknown",
-    "norm_no_var_path": "unknown",
-    "norm_var_path_quarter": "unknown",
-    "whole_norm_diagonal_probe": "unknown",
-    "rms_var_path_half": "unknown",
-    "norm_no_mean_path_probe": "unknown",
-    "norm_var_path_quarter_probe": "unknown",
+# The cases named by a pattern of the wrong input's own part (its Jacobian columns in full mode,
+# vjp calls and directional derivatives on it in probe mode: `Evidence.for_input`), where the
+# whole Jacobian, with a second, right input, shows none (it once said `unknown`, and `offset`
+# for ignores_dy). Their findings are led by the input's name (`_catalogue.for_input`).
+PER_INPUT_PATTERN = {
+    "lse_ignores_dy",
+    "cumsum_transposed",
+    "problem_backward",
+    "softmax_diagonal",
+    "norm_no_mean_path",
+    "norm_no_var_path",
+    "norm_var_path_quarter",
+    "whole_norm_diagonal_probe",
+    "rms_var_path_half",
+    "norm_no_mean_path_probe",
+    "norm_var_path_quarter_probe",
 }
 
 
 def _cases(skip: dict[str, str]) -> list[Any]:
-    """The single-input cases (but the kinds in `skip`), those in PATTERN_GAP strictly xfail."""
-    gap = pytest.mark.xfail(strict=True, reason="per-input Jacobian patterns: see PATTERN_GAP")
-    return [
-        pytest.param(c, id=c.name, marks=[gap] if c.name in PATTERN_GAP else [])
-        for c in SINGLE
-        if c.kind not in skip
-    ]
+    """The single-input cases, but the kinds in `skip`."""
+    return [pytest.param(c, id=c.name) for c in SINGLE if c.kind not in skip]
 
 
 def _y_shape(case: Case) -> tuple[int, ...]:
@@ -66,14 +60,10 @@ def _second(case: Case) -> np.ndarray:
 
 
 def _names_in(finding: Any, position: int, name: str) -> list[bool]:
-    """For each input the finding's evidence names (`input`: a name, or for some kinds the
-    position; `name`): is it the wrong one?"""
+    """For each way the finding's evidence names an input (`input`: its name, `position`: its
+    position in the flat inputs): is it the wrong one?"""
     ev = finding.evidence
-    return [
-        ev[k] in ((position, name) if isinstance(ev[k], int) else (name,))
-        for k in ("input", "name")
-        if k in ev
-    ]
+    return [ev[k] == want for k, want in (("input", name), ("position", position)) if k in ev]
 
 
 NAMING = {"zero", "sign", "scale", "dtype"}  # kinds whose finding names the one wrong input
@@ -168,22 +158,27 @@ def test_kind_through_a_jax_pytree_leaf(case: Case) -> None:
 
 
 @pytest.mark.parametrize("route", ["tuple", "pytree"])
-def test_what_each_route_finds_for_the_known_gaps(route: str) -> None:
-    """The gaps, pinned: what the checker says today, and that it still names the wrong input."""
-    for case in [c for c in SINGLE if c.name in PATTERN_GAP]:
+def test_a_pattern_of_one_input_is_said_of_that_input(route: str) -> None:
+    """Findings made on one input's own part lead with its name, carry its name and position in
+    the evidence, and still read as their catalogue template."""
+    for case in [c for c in SINGLE if c.name in PER_INPUT_PATTERN]:
         if route == "tuple":
             f2, x2, vjp2 = _tuple_version(case)
             report = check_gradients(f2, x2, vjp2, **case.kwargs)
-            _assert_named(report, "[0]", "[1]", 0)
+            name, position = "[0]", 0
         else:
             fj, params = _jax_version(case)
             report = check_gradients(fj, params, **case.kwargs)
-            _assert_named(report, "x['w']", "x['b']", 1)
-        assert report.diagnosis[0].kind == PATTERN_GAP[case.name], (case.name, str(report))
-        assert not report.ok
+            name, position = "x['w']", 1
+        assert report.diagnosis[0].kind == case.kind, (case.name, str(report))
+        for finding in report.diagnosis:
+            assert finding.message.startswith(f"input {name}: "), (case.name, str(report))
+            assert finding.evidence["input"] == name, (case.name, finding)
+            assert finding.evidence["position"] == position, (case.name, finding)
+            assert template_of(finding) is not None, (case.name, finding)
 
 
 def test_every_kind_of_a_single_input_case_is_tried_on_some_route() -> None:
     assert set(NOT_THROUGH_JAX) <= {c.kind for c in SINGLE}
-    assert set(PATTERN_GAP) <= {c.name for c in SINGLE}
+    assert PER_INPUT_PATTERN <= {c.name for c in SINGLE}
     assert len(SINGLE) >= 25

@@ -307,8 +307,23 @@ CATALOGUE: tuple[Template, ...] = (
 KINDS = tuple(dict.fromkeys(t.kind for t in CATALOGUE))
 
 
+FOR_INPUT = "input {name}: "  # leads a finding made on one input's own part (`for_input`)
+
+
+def for_input(finding: Finding, name: str, position: int) -> Finding:
+    """`finding`, made on the view of one input of several, as said of that input: its name
+    leads the message, and the evidence names it (`input`) and its position (`position`)."""
+    evidence = {**finding.evidence, "input": name, "position": position}
+    message = FOR_INPUT.format(name=name) + finding.message
+    return Finding(finding.kind, message, finding.hint, evidence)
+
+
 def template_of(finding: Finding) -> Template | None:
-    """The catalogue's template that `finding` was built from, or None."""
+    """The catalogue's template that `finding` was built from (after `for_input`'s lead, if it
+    has one), or None."""
+    lead = FOR_INPUT.format(name=finding.evidence.get("input"))
+    if "position" in finding.evidence and finding.message.startswith(lead):
+        finding = Finding(finding.kind, finding.message[len(lead) :], finding.hint)
     return next((t for t in CATALOGUE if t.matches(finding)), None)
 
 

@@ -396,7 +396,12 @@ def _wrong_inputs(t: Target, s: Side) -> str:
         if np.any(s.bad[sl]):
             err = np.abs(s.dx[sl] - s.num[sl])
             bad.append(f"{name} (max error {float(np.nanmax(err)):.3g})")
-    return "the errors are in: " + (", ".join(bad) if bad else "none of the inputs alone") + "."
+    if not bad:  # e.g. mutates_input, dtype, a jvp finding: right values, wrong otherwise
+        return (
+            "the errors are in: no input's values (every input's gradient matches within "
+            "tolerance for this cotangent); the findings say what is wrong."
+        )
+    return "the errors are in: " + ", ".join(bad) + "."
 
 
 def _measured(t: Target, dy: F64, dx: F64, eps_a: float) -> F64:

@@ -63,6 +63,24 @@ class Side:
     def passed(self) -> bool:
         return not bool(np.any(self.bad))
 
+    def columns(self, part: slice) -> Side:
+        """Full mode: the comparison of one input's elements only."""
+
+        def cut(a: Any) -> Any:
+            return a[part] if np.ndim(a) else a
+
+        dx, num, fd, tol, strict = (
+            cut(a) for a in (self.dx, self.num, self.fd, self.tol, self.strict)
+        )
+        return Side(
+            self.dy, dx, num, fd, tol, strict, cut(self.kinks), self.atol, cut(self.rel_mag)
+        )
+
+    def cotangent_only(self) -> Side:
+        """Probe mode: the cotangent without the probes' values (which mix all inputs)."""
+        none = np.zeros(0)
+        return Side(self.dy, none, none, none, none, none, np.zeros(0, dtype=bool), self.atol)
+
 
 class Gradient(NamedTuple):
     """The user's vjp for one cotangent (flat), and how the report names that cotangent."""
@@ -153,6 +171,26 @@ class Evidence:
         """The Jacobians, for the rules that run after they are built."""
         assert self.jacobians is not None, "a Jacobian rule ran before the Jacobians were built"
         return self.jacobians
+
+    def for_input(self, i: int) -> Evidence:
+        """The evidence of input `i` of a tuple x on its own (`Target.restricted`): in full mode
+        its columns of the Jacobians and its elements of each comparison; in probe mode the
+        cotangents only (no probes: each probe moved every input), for the rules that build
+        what they need from vjp calls and directional derivatives on that input."""
+        view = self.target.restricted(i)
+        part = view.part
+        grads = [Gradient(g.label, g.dx[part]) for g in self.grads]
+        common = (self.tol, self.steps[part], self.rng, self.localize_budget)
+        fd = self.fd.restricted(view)
+        if self.numerical is None:
+            sides = [s.cotangent_only() for s in self.sides]
+            return Evidence(fd, sides, grads, *common)
+        numerical = NumericalJacobian(self.numerical.J[:, part], self.numerical.err[:, part])
+        jac = self.jacobians
+        if jac is not None:
+            jac = Jacobians.compare(jac.A[:, part], jac.J[:, part], jac.T[:, part])
+        sides = [s.columns(part) for s in self.sides]
+        return Evidence(fd, sides, grads, *common, numerical=numerical, jacobians=jac)
 
     def jvp_directions(self) -> Directions:
         """Where the jvp is checked: the probes, or (full mode) the unit vectors with J's

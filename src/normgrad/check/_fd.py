@@ -67,6 +67,13 @@ class FiniteDifferences:
         self.adaptive = True  # False when the user fixed the step
         self.cond = 0.0  # sum_j |J_ij| |x_j|: how far rounding x moves y (see `calibrate`)
 
+    def restricted(self, view: Target) -> FiniteDifferences:
+        """The same settings (complex step, adaptive steps, cond) on a view of one input
+        (`Target.restricted`): directions on that input only."""
+        fd = FiniteDifferences(view)
+        fd.complex_ok, fd.adaptive, fd.cond = self.complex_ok, self.adaptive, self.cond
+        return fd
+
     def steps(self, step: Any) -> F64:
         """Per-element step: eps_F**(1/4) * xscale_j, or the user's (see `xscale`)."""
         t = self.target

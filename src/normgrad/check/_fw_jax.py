@@ -92,7 +92,9 @@ def convert(f: Any, x: Any) -> Converted:
 
     def fn(*arrays: Any) -> np.ndarray:
         reject_complex(arrays)
-        return np.asarray(guarded(lambda: call(*[jax.numpy.asarray(a) for a in arrays])))
+        # Read back inside `guarded`: JAX dispatches asynchronously, and a host callback still
+        # running after x64 is off would see 32-bit types (see `_X64`).
+        return guarded(lambda: np.asarray(call(*[jax.numpy.asarray(a) for a in arrays])))
 
     def vjp(*a: Any) -> Any:
         *arrays, dy = a
@@ -100,9 +102,10 @@ def convert(f: Any, x: Any) -> Converted:
 
         def run() -> Any:
             y, back = jax.vjp(call, *[jax.numpy.asarray(v) for v in arrays])
-            return back(jax.numpy.asarray(np.asarray(dy), dtype=y.dtype).reshape(y.shape))
+            grads = back(jax.numpy.asarray(np.asarray(dy), dtype=y.dtype).reshape(y.shape))
+            return [np.asarray(g) for g in grads]  # read back under x64 (see `fn`)
 
-        return unpack([np.asarray(g) for g in guarded(run)])
+        return unpack(guarded(run))
 
     def jvp(*a: Any) -> np.ndarray:
         n = len(a) // 2
@@ -114,9 +117,9 @@ def convert(f: Any, x: Any) -> Converted:
                 jax.numpy.asarray(np.asarray(t), dtype=p.dtype)
                 for p, t in zip(prim, a[n:], strict=True)
             ]
-            return jax.jvp(call, prim, tan)[1]
+            return np.asarray(jax.jvp(call, prim, tan)[1])  # read back under x64 (see `fn`)
 
-        return np.asarray(guarded(run))
+        return guarded(run)
 
     require_deterministic(fn, leaves, "Fix the PRNG key inside f.")
     notes: list[str] = []

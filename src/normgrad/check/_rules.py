@@ -250,7 +250,8 @@ def wrong_dtype(ev: Evidence) -> list[Finding] | None:
     if not wrong:
         return None
     name, got, want = wrong[0]
-    evidence = {"input": name, "got": np.dtype(got).name, "want": np.dtype(want).name}
+    evidence = {"input": name, "position": t.names.index(name)}
+    evidence.update(got=np.dtype(got).name, want=np.dtype(want).name)
     where = f" for input {name}" if t.multi else ""
     return [cat.DTYPE.finding(evidence, where=where, got=got, want=want)]
 
@@ -259,6 +260,19 @@ LIN_A, LIN_B = 0.75, -1.25  # the combination a*dy1 + b*dy2 checked (exact in bi
 
 
 def linearity(ev: Evidence) -> list[Finding] | None:
+    """`_linearity`; with several inputs, where the whole dx is not linear in dy, the inputs
+    whose own part ignores dy are named (`ignores_dy` for each, from `_linearity` on its view:
+    two more vjp calls per input), or else the whole is (`offset`, `not_linear`)."""
+    found = _linearity(ev)
+    t = ev.target
+    if found is None or found[0].kind == "ignores_dy" or not t.multi:
+        return found
+    own = [(i, _linearity(ev.for_input(i))) for i in range(len(t.names))]
+    named = [cat.for_input(f[0], t.names[i], i) for i, f in own if f and f[0].kind == "ignores_dy"]
+    return named or found
+
+
+def _linearity(ev: Evidence) -> list[Finding] | None:
     """vjp(x, 0) must be 0 and vjp(x, a dy1 + b dy2) = a vjp(x, dy1) + b vjp(x, dy2) (two more
     vjp calls): `ignores_dy` if the result is the same for every dy, `offset` if it is linear
     plus a constant, `not_linear` otherwise."""
@@ -315,7 +329,7 @@ def zero_for_one_input(ev: Evidence) -> list[Finding] | None:
         sl = t.input_slice(i)
         if all(np.any(s.bad[sl]) and np.all(np.abs(s.dx[sl]) <= s.strict[sl]) for s in sides):
             top = float(np.max(np.abs(sides[0].num[sl])))
-            evidence = {"max_numerical": top, "input": i, "name": t.names[i]}
+            evidence = {"max_numerical": top, "input": t.names[i], "position": i}
             return [cat.ZERO_FOR_INPUT.finding(evidence, top=top, name=t.names[i])]
     return None
 
@@ -390,12 +404,13 @@ def _permuted_layout(J: F64, A: F64, T: F64, shape: Any) -> tuple[int, ...] | No
 
 
 def per_input(ev: Evidence) -> list[Finding] | None:
-    """With several inputs: each input's columns on their own, right or c_i times right; answers
-    when every wrong input is a sign or a scale (one finding per wrong input, in order)."""
+    """With several inputs: each input's columns on their own, right, c_i times right, or named
+    by a Jacobian pattern of their own (`ON_ONE_INPUT` on `Evidence.for_input`); answers when
+    every wrong input is named so (its findings, input by input, in order)."""
     t, jac = ev.target, ev.jac
     if not t.multi:
         return None
-    verdicts: list[tuple[str, float | None]] = []  # (name, None if right else c)
+    verdicts: list[tuple[str, Any]] = []  # (name, None if right, else c or its findings)
     for i, name in enumerate(t.names):
         sl = t.input_slice(i)
         J, A, T = jac.J[:, sl], jac.A[:, sl], jac.T[:, sl]
@@ -404,18 +419,43 @@ def per_input(ev: Evidence) -> list[Finding] | None:
             continue
         jj = float(np.sum(J * J))
         c = float(np.sum(A * J)) / jj if jj > 0 else 0.0
-        if not (jj > 0 and np.all(np.abs(A - c * J) <= 2 * T * max(1.0, abs(c)))):
+        if jj > 0 and np.all(np.abs(A - c * J) <= 2 * T * max(1.0, abs(c))):
+            verdicts.append((name, c))
+            continue
+        own = _pattern_of_one_input(ev, i)
+        if own is None:
             return None
-        verdicts.append((name, c))
-    wrong = [(n, c) for n, c in verdicts if c is not None]
-    return [_input_finding(n, c, verdicts, jac.sizes()) for n, c in wrong] or None
+        verdicts.append((name, own))
+    found: list[Finding] = []
+    for i, (_, v) in enumerate(verdicts):
+        if isinstance(v, float):
+            found.append(_input_finding(i, v, verdicts, jac.sizes()))
+        elif v is not None:
+            found.extend(v)
+    return found or None
+
+
+def _pattern_of_one_input(ev: Evidence, i: int) -> list[Finding] | None:
+    """The findings of `ON_ONE_INPUT` on input i's own Jacobian columns, said of that input;
+    None when no pattern names them (then the whole Jacobian's rules go on)."""
+    sub = ev.for_input(i)
+    found = first_answer(sub, ON_ONE_INPUT)
+    if found is None or found[0].kind not in PATTERN_KINDS:
+        return None
+    rank = found[0].evidence.get("rank")
+    if rank is not None and 2 * rank >= min(sub.jac.E.shape):
+        return None  # a low-rank error says nothing about an input with so few elements
+    name = ev.target.names[i]
+    return [cat.for_input(f, name, i) for f in found]
 
 
 def _input_finding(
-    name: str, c: float, verdicts: list[tuple[str, float | None]], sizes: list[int]
+    position: int, c: float, verdicts: list[tuple[str, Any]], sizes: list[int]
 ) -> Finding:
+    """`sign`/`scale` of the input at `position` (the others said right or wrong)."""
+    name = verdicts[position][0]
     others = ", ".join(f"{n} {'right' if k is None else 'wrong'}" for n, k in verdicts if n != name)
-    evidence = {"input": name, "factor": c}
+    evidence = {"input": name, "position": position, "factor": c}
     if abs(c + 1) < 1e-3:
         return cat.SIGN_FOR_INPUT.finding(evidence, input=name, others=others)
     nm = nice_number(c, sizes)
@@ -578,7 +618,7 @@ def probe_zero_for_one_input(ev: Evidence) -> list[Finding] | None:
             floor = float(ev.fd.rounding_floor(tol.eps_a) @ au) * float(np.max(np.abs(s.dy)))
             limit, _ = tol(num, fde, 0.0, 0.0, float(np.sum(au)), floor)
             if abs(num) > 4 * limit:
-                evidence = {"max_numerical": abs(num), "input": i, "name": name}
+                evidence = {"max_numerical": abs(num), "input": name, "position": i}
                 return [cat.ZERO_FOR_INPUT.finding(evidence, top=abs(num), name=name)]
     return None
 
@@ -615,12 +655,12 @@ def probe_per_input(ev: Evidence) -> list[Finding] | None:
             verdicts.append((name, (c1 + c2) / 2))
         else:
             return None
-    wrong = [(n, c) for n, c in verdicts if c is not None]
+    wrong = [(i, c) for i, (_, c) in enumerate(verdicts) if c is not None]
     common = len(wrong) == len(verdicts) and len({round(c, 6) for _, c in wrong}) == 1
     if not wrong or common:
         return None  # nothing per input, or one common factor (`probe_sign_or_scale`)
     sizes = [t.n, t.m, *[int(np.prod(sh)) for sh in t.shapes]]
-    return [_input_finding(n, _nice(c), verdicts, sizes) for n, c in wrong]
+    return [_input_finding(i, _nice(c), verdicts, sizes) for i, c in wrong]
 
 
 def _nice(c: float) -> float:
@@ -737,6 +777,20 @@ def _block(ev: Evidence, cols: Any) -> Jacobians | None:
     return Jacobians.compare(Ab, Jb, np.asarray(T))
 
 
+def probe_per_input_patterns(ev: Evidence) -> list[Finding] | None:
+    """With several inputs: `ON_ONE_INPUT_PROBE` on each input's view (`Evidence.for_input`:
+    vjp calls and directional derivatives on that input, the others held at x), the findings
+    of each input a pattern names, said of that input."""
+    t = ev.target
+    if not t.multi:
+        return None
+    found: list[Finding] = []
+    for i, name in enumerate(t.names):
+        own = first_answer(ev.for_input(i), ON_ONE_INPUT_PROBE)
+        found.extend(cat.for_input(f, name, i) for f in own or [])
+    return found or None
+
+
 def localize(ev: Evidence) -> Diagnosis:
     """The bad elements by adaptive group testing (`_localize.group_test`): single elements
     (`partial`), index sets when the budget ran out first (`partial`), or spread out
@@ -821,6 +875,11 @@ ON_JACOBIANS: tuple[Rule, ...] = (
     partial_outputs,
     unknown,
 )
+# Full mode, `per_input`: on one input's own columns (`Evidence.for_input`), in the order of
+# ON_JACOBIANS; an input is named when the first answer is one of PATTERN_KINDS (a `partial`
+# there lets the whole Jacobian's rules go on).
+ON_ONE_INPUT: tuple[Rule, ...] = (layout, transpose, diagonal, partial, coefficient, missing_term)
+PATTERN_KINDS = ("layout", "transpose", "diagonal", "coefficient", "missing_term")
 # Probe mode, before `localize`.
 PROBE: tuple[Rule, ...] = (
     zero,
@@ -830,4 +889,8 @@ PROBE: tuple[Rule, ...] = (
     probe_transpose,
     probe_diagonal,
     probe_group,
+    probe_per_input_patterns,
 )
+# Probe mode, `probe_per_input_patterns`: the rules that build what they need on one input (no
+# probes of their own: `probe_transpose` compares with the probes, so stays whole).
+ON_ONE_INPUT_PROBE: tuple[Rule, ...] = (probe_diagonal, probe_group)

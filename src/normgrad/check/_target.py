@@ -304,6 +304,57 @@ class Target:
         idx = tuple(int(k) for k in np.unravel_index(j - self.offsets[i], self.shapes[i]))
         return (i, *idx) if self.multi else idx
 
+    def restricted(self, i: int) -> InputView:
+        """Input `i` on its own, the other inputs held at x (see `InputView`)."""
+        return InputView(self, i)
+
+
+class InputView(Target):
+    """One input of a tuple (or pytree) target seen as a target of its own: flat vectors over
+    that input's elements, the other inputs held at x. `F` and `jvp` embed a vector into the
+    whole x, `vjp` keeps that input's part of dx, and `index` gives indices in the whole x
+    (the input's position first), so findings built on the view point into the user's x.
+    Evaluations, notes and what the vjp wrote into are the parent's (one count, one log)."""
+
+    def __init__(self, parent: Target, i: int) -> None:  # no evaluation: all comes from parent
+        self.parent, self.position = parent, i
+        self.part = parent.input_slice(i)
+        self.f, self.vjp_fn, self.jvp_fn = parent.f, parent.vjp_fn, parent.jvp_fn
+        self.evals, self.notes, self.mutated = parent.evals, parent.notes, parent.mutated
+        self.multi = False
+        self.xs = [parent.xs[i]]
+        self.shapes = [parent.shapes[i]]
+        self.names = [parent.names[i]]
+        self.offsets = np.array([0, self.xs[0].size])
+        self.n = int(self.xs[0].size)
+        self.x64 = parent.x64[self.part].copy()
+        self.y_shape, self.y_dtype, self.m = parent.y_shape, parent.y_dtype, parent.m
+        self.eval_dtype, self.eval_out_dtype = parent.eval_dtype, parent.eval_out_dtype
+        self.y0, self.eps_f = parent.y0, parent.eps_f
+
+    def embed(self, v: NDArray[Any], fill: Any = None) -> NDArray[Any]:
+        """`v` (this input's elements) placed into the whole x (or into `fill`'s values)."""
+        base = self.parent.x64 if fill is None else fill
+        out = base.astype(np.result_type(base, v))
+        out[self.part] = v
+        return out
+
+    def F(self, v: NDArray[Any], finite: bool = True) -> NDArray[Any]:
+        return self.parent.F(self.embed(v), finite)
+
+    def vjp(self, dy: F64) -> F64:
+        return self.parent.vjp(dy)[self.part]
+
+    def vjp64(self, dy: F64) -> F64 | None:
+        dx = self.parent.vjp64(dy)
+        return None if dx is None else dx[self.part]
+
+    def jvp(self, t: F64) -> F64:
+        return self.parent.jvp(self.embed(t, np.zeros(self.parent.n)))
+
+    def index(self, j: int) -> tuple[int, ...]:
+        return self.parent.index(self.part.start + j)
+
 
 def _names(given: Sequence[str] | None, k: int, multi: bool) -> list[str]:
     """How findings name each input: given, else `[0]`, `[1]`... (or "" for a single x)."""
