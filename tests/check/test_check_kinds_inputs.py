@@ -9,7 +9,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from grad_corpus import Case, wrong_cases
+from grad_corpus import (
+    Case,
+    cumsum,
+    cumsum_transposed,
+    cumsum_vjp,
+    softmax,
+    softmax_diag_vjp,
+    softmax_vjp,
+    wrong_cases,
+)
 
 from normgrad.check import check_gradients
 from normgrad.check._catalogue import PASSING, template_of
@@ -182,3 +191,58 @@ def test_every_kind_of_a_single_input_case_is_tried_on_some_route() -> None:
     assert set(NOT_THROUGH_JAX) <= {c.kind for c in SINGLE}
     assert PER_INPUT_PATTERN <= {c.name for c in SINGLE}
     assert len(SINGLE) >= 25
+
+
+# --- several wrong inputs, each its own mistake ------------------------------------------------
+
+
+def _softmax_and_cumsum(da_wrong: Any, db_wrong: Any) -> tuple[Any, Any, Any]:
+    """f(a, b) = softmax(a) + cumsum(b), with each input's vjp given."""
+
+    def f(a: Any, b: Any) -> Any:
+        return softmax(a) + cumsum(b)
+
+    def vjp(a: Any, b: Any, g: Any) -> Any:
+        return da_wrong(a, g), db_wrong(b, g)
+
+    rng = np.random.default_rng(31)
+    return f, (rng.standard_normal((2, 6)), rng.standard_normal((2, 6))), vjp
+
+
+def test_each_wrong_input_is_named_by_its_own_pattern() -> None:
+    """Input [0] diagonal, input [1] transposed: one finding each, in order, each naming its
+    input, with indices (where listed) in the whole x."""
+    f, x, vjp = _softmax_and_cumsum(softmax_diag_vjp, cumsum_transposed)
+    report = check_gradients(f, x, vjp)
+    assert report.kinds[:1] == ["diagonal"] and "transpose" in report.kinds, str(report)
+    by_input = {d.evidence["input"]: d.kind for d in report.diagnosis}
+    assert by_input == {"[0]": "diagonal", "[1]": "transpose"}, str(report)
+    assert report.notes[0].startswith("the errors are in: [0] "), report.notes
+    assert "[1] (max error" in report.notes[0], report.notes
+
+
+def test_a_pattern_and_a_factor_are_named_together() -> None:
+    """Input [0] right but for a factor 2, input [1] transposed: `scale` for [0] (the other
+    inputs said wrong), `transpose` for [1]."""
+    f, x, vjp = _softmax_and_cumsum(lambda a, g: 2 * softmax_vjp(a, g), cumsum_transposed)
+    report = check_gradients(f, x, vjp)
+    assert report.kinds == ["scale", "transpose"], str(report)
+    first, second = report.diagnosis
+    assert first.evidence["input"] == "[0]" and first.evidence["factor"] == pytest.approx(2)
+    assert "[1] wrong" in first.message and second.message.startswith("input [1]: ")
+
+
+def test_a_right_input_is_not_named_when_the_other_has_a_few_wrong_elements() -> None:
+    """A few wrong elements of input [1] stay `partial` (the whole Jacobian's rule), their
+    indices in the whole x, in both modes."""
+
+    def db(b: Any, g: Any) -> Any:
+        out = cumsum_vjp(b, g)
+        out[1, 3] *= 3.0
+        return out
+
+    f, x, vjp = _softmax_and_cumsum(softmax_vjp, db)
+    for mode in ("full", "probe"):
+        report = check_gradients(f, x, vjp, mode=mode)
+        assert report.kinds == ["partial"], (mode, str(report))
+        assert report.diagnosis[0].evidence["indices"] == [(1, 1, 3)], (mode, str(report))

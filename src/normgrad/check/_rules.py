@@ -443,8 +443,10 @@ def _pattern_of_one_input(ev: Evidence, i: int) -> list[Finding] | None:
     if found is None or found[0].kind not in PATTERN_KINDS:
         return None
     rank = found[0].evidence.get("rank")
-    if rank is not None and 2 * rank >= min(sub.jac.E.shape):
-        return None  # a low-rank error says nothing about an input with so few elements
+    if rank is not None and (4 * rank > min(sub.jac.E.shape) or partial(ev) is not None):
+        # A rank-1/2 error names nothing on an input with so few elements, and comes after
+        # `partial` on the whole Jacobian, as it does on one input.
+        return None
     name = ev.target.names[i]
     return [cat.for_input(f, name, i) for f in found]
 
@@ -624,26 +626,17 @@ def probe_zero_for_one_input(ev: Evidence) -> list[Finding] | None:
 
 
 def probe_per_input(ev: Evidence) -> list[Finding] | None:
-    """With several inputs: one directional derivative per input (a probe on its elements
-    only), seen through both cotangents: each input right, or off by its own factor c_i (the
-    same for both); one `sign`/`scale` finding per wrong input."""
-    t, tol = ev.target, ev.tol
+    """With several inputs: one directional derivative per input (`_probe_one_input`), seen
+    through both cotangents: each input right, or off by its own factor c_i (the same for
+    both); one `sign`/`scale` finding per wrong input."""
+    t = ev.target
     if not t.multi:
         return None
     verdicts: list[tuple[str, float | None]] = []
     for i, name in enumerate(t.names):
-        sl = t.input_slice(i)
-        u = np.zeros(t.n)
-        u[sl] = ev.steps[sl] * ev.rng.standard_normal(sl.stop - sl.start)
-        d = ev.fd.directional(u)
-        au = np.abs(u)
         ratios = []
         right = True
-        for s, (_, dx) in zip(ev.sides, ev.grads, strict=True):
-            num, fde = float(s.dy @ d.value), float(np.abs(s.dy) @ d.err)
-            ana, terms = float(dx @ u), float(np.abs(dx) @ au)
-            floor = float(ev.fd.rounding_floor(tol.eps_a) @ au) * float(np.max(np.abs(s.dy)))
-            limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), floor)
+        for ana, num, limit in _probe_one_input(ev, i):
             right = right and abs(ana - num) <= limit
             if not abs(num) > 4 * limit:
                 return None  # too small to name a factor
@@ -661,6 +654,25 @@ def probe_per_input(ev: Evidence) -> list[Finding] | None:
         return None  # nothing per input, or one common factor (`probe_sign_or_scale`)
     sizes = [t.n, t.m, *[int(np.prod(sh)) for sh in t.shapes]]
     return [_input_finding(i, _nice(c), verdicts, sizes) for i, c in wrong]
+
+
+def _probe_one_input(ev: Evidence, i: int) -> list[tuple[float, float, float]]:
+    """One directional derivative along a random u on input i's elements only (the others
+    held): (analytic <dx, u>, numerical <dy, J u>, tolerance) through each cotangent."""
+    t, tol = ev.target, ev.tol
+    sl = t.input_slice(i)
+    u = np.zeros(t.n)
+    u[sl] = ev.steps[sl] * ev.rng.standard_normal(sl.stop - sl.start)
+    d = ev.fd.directional(u)
+    au = np.abs(u)
+    out = []
+    for s, (_, dx) in zip(ev.sides, ev.grads, strict=True):
+        num, fde = float(s.dy @ d.value), float(np.abs(s.dy) @ d.err)
+        ana, terms = float(dx @ u), float(np.abs(dx) @ au)
+        floor = float(ev.fd.rounding_floor(tol.eps_a) @ au) * float(np.max(np.abs(s.dy)))
+        limit, _ = tol(num, fde, terms, terms, float(np.sum(au)), floor)
+        out.append((ana, num, float(limit)))
+    return out
 
 
 def _nice(c: float) -> float:
@@ -778,14 +790,17 @@ def _block(ev: Evidence, cols: Any) -> Jacobians | None:
 
 
 def probe_per_input_patterns(ev: Evidence) -> list[Finding] | None:
-    """With several inputs: `ON_ONE_INPUT_PROBE` on each input's view (`Evidence.for_input`:
-    vjp calls and directional derivatives on that input, the others held at x), the findings
-    of each input a pattern names, said of that input."""
+    """With several inputs: `ON_ONE_INPUT_PROBE` on the view (`Evidence.for_input`: vjp calls
+    and directional derivatives on that input, the others held at x) of each input seen wrong
+    along a probe of its own (`_probe_one_input`); the findings of each input a pattern names,
+    said of that input."""
     t = ev.target
     if not t.multi:
         return None
     found: list[Finding] = []
     for i, name in enumerate(t.names):
+        if all(abs(ana - num) <= limit for ana, num, limit in _probe_one_input(ev, i)):
+            continue  # right along a probe of its own: no block of a right input is built
         own = first_answer(ev.for_input(i), ON_ONE_INPUT_PROBE)
         found.extend(cat.for_input(f, name, i) for f in own or [])
     return found or None
