@@ -126,6 +126,11 @@ def forward(
     does; `mask` is None or `(mask, omit NaN)`, and a masked plan carries the counted
     elements (`Plan.mask`)."""
     center, fixed, masked = variant
+    if masked is not None and out is None and type(x) is np.ndarray and type(center) is bool:
+        if _plain(weight) and _plain(bias):
+            hit = _planned_masked(x, axes, (eps, eps_mode, ddof, center), (weight, bias), masked)
+            if hit is not None:
+                return hit[0], weight, bias, hit[1]
     if fixed or masked is not None:  # given statistics or a mask
         spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
         check_out(spec.xp, out, x, spec.dtype, x)
@@ -295,6 +300,75 @@ def _masked(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, arrays: Any) 
     views = (*plan.views, _mask_view(mask, lay))
     path = "small" if small else "blocked"
     return Plan(path, MASK_KERNEL_REASON, lay, views, op, threads, mask)
+
+
+def _strided_key(p: np.ndarray | None) -> Any:
+    return None if p is None else (p.shape, p.strides, p.dtype)
+
+
+def _planned_masked(
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any, bool], params: Any, masked: Any
+) -> tuple[Spec, Plan] | None:
+    """A masked NumPy call without `out=`, validated and planned once per call signature, as
+    `_planned_forward` does: the key holds the mask's shape, strides and dtype (never its
+    values, which no part of the plan depends on), and each call builds only the block views
+    of its own arrays. None where the mask is not a NumPy array, or the call takes the
+    generic path (the general route then runs, and raises where it should)."""
+    mask, omit = masked
+    if mask is not None and type(mask) is not np.ndarray:
+        return None
+    if type(axes) is tuple and any(type(a) is not int for a in axes):
+        return None  # (as `_planned_forward`)
+    eps, eps_mode, ddof, center = options
+    mkey = None if mask is None else (mask.shape, mask.strides, mask.dtype)
+    key = ("masked", x.shape, x.strides, x.dtype, axes, type(axes), eps, type(eps), eps_mode,
+           ddof, type(ddof), center, _runtime.kernel_mode(), _strided_key(params[0]),
+           _strided_key(params[1]), mkey, omit)  # fmt: skip
+    planned = _runtime.STATE.planned
+    try:
+        entry = planned[key]
+    except KeyError:
+        entry = _plan_masked(x, axes, options, params, masked)
+        if len(planned) >= _runtime.PLANNED_MAX:
+            planned.clear()
+        planned[key] = entry
+    except TypeError:  # unhashable axes (a list): the general path
+        return None
+    if entry is None:
+        return None
+    counted = mask if mask is not None and mask.shape == x.shape else None
+    if counted is None and mask is not None:
+        counted = np.broadcast_to(mask, x.shape)
+    if omit:
+        present = ~np.isnan(x)
+        counted = present if counted is None else counted & present
+    assert counted is not None  # (a masked call has a mask, or omits NaN)
+    return entry[0], _masked_views(x, entry[1], params, counted)
+
+
+def _plan_masked(
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any, bool], params: Any, masked: Any
+) -> tuple[Spec, Plan] | None:
+    """Validate (raising as the general path would) and plan a cacheable masked call: the
+    plan without its arrays, or None for the generic path."""
+    eps, eps_mode, ddof, center = options
+    spec, w, b = validate(x, axes, eps, eps_mode, ddof, params[0], params[1], center)
+    counted = count_mask(spec.xp, x, masked[0], masked[1])
+    plan = _masked(x, spec, (w, b), None, (counted, None))
+    if plan.path == "generic":
+        return None
+    return spec, plan._replace(views=None, mask=None)
+
+
+def _masked_views(x: np.ndarray, plan: Plan, params: Any, counted: np.ndarray) -> Plan:
+    """A cached masked plan with this call's block views and counted elements."""
+    from .kernels import _layout
+
+    lay = plan.layout
+    w = _layout.table(params[0], x, lay, True)
+    b = _layout.table(params[1], x, lay, False)
+    views = (_layout.view4(x, lay), w, b, None, _mask_view(counted, lay))
+    return plan._replace(views=views, mask=counted)
 
 
 def _mask_view(mask: np.ndarray, lay: Any) -> np.ndarray:

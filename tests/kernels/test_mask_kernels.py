@@ -319,3 +319,49 @@ def test_backward_reuses_the_forward_plan_only_under_the_same_mode(rng):
     with ng.use_kernels("small"):
         assert ng.plan_backward(ctx, dy).path == "small"
     _close(out, gr.x, 16, _scales(ctx, dy)[1])
+
+
+def _masked_entries():
+    from normgrad import _runtime
+
+    planned = _runtime.STATE.planned
+    return [k for k, v in planned.items() if k[0] == "masked" and v is not None]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_masked_plans_are_cached_per_signature_not_per_mask(rng, path):
+    """A masked NumPy call is validated and planned once per signature (shapes, strides,
+    dtypes, the mask's broadcast pattern): a new mask of the same pattern reuses the entry
+    and is read afresh, another pattern plans again."""
+    x, dy = _data(rng, (24, 64), np.float32)
+    w, b = _params(rng, (64,), "weight+bias", np.float32)
+    with testing.settings():  # (a clean cache)
+        for _ in range(3):  # new values every time, one entry
+            _agree(x, -1, dy, path, mask=rng.random(x.shape) < 0.6, weight=w, bias=b)
+        assert len(_masked_entries()) == 1
+        _agree(x, -1, dy, path, mask=rng.random((24, 1)) < 0.6, weight=w, bias=b)
+        _agree(x, -1, dy, path, mask=(rng.random(x.shape) < 0.6).T.copy().T, weight=w, bias=b)
+        _agree(x, -1, dy, path, mask=np.asfortranarray(rng.random(x.shape) < 0.6))
+        assert len(_masked_entries()) == 4  # (the Fortran mask: other strides, no params)
+        for _ in range(2):  # NaN in new places each time, one entry more
+            xn = x.copy()
+            xn[rng.random(x.shape) < 0.2] = np.nan
+            _agree(xn, -1, dy, path, nan_policy="omit", weight=w, bias=b)
+        assert len(_masked_entries()) == 5
+
+
+def test_cached_masked_signatures_still_refuse_bad_masks(rng):
+    """Another mask dtype or shape is another key: validated, and refused."""
+    x = rng.normal(size=(6, 16))
+    mask = rng.random(x.shape) < 0.5
+    with testing.settings():
+        ng.normalize(x, -1, mask=mask)
+        with pytest.raises(ng.NormgradError, match="boolean"):
+            ng.normalize(x, -1, mask=mask.astype(np.int8))
+        with pytest.raises(ng.NormgradError, match="broadcast"):
+            ng.normalize(x, -1, mask=mask[:, :8])
+        with pytest.raises(ng.NormgradError, match="ddof"):
+            ng.normalize(x, -1, mask=mask, ddof=1, center=False)
+        y = ng.normalize(x, -1, mask=mask)
+    with ng.use_kernels(False):
+        np.testing.assert_allclose(y, ng.normalize(x, -1, mask=mask), rtol=1e-12, atol=1e-13)
