@@ -16,8 +16,10 @@ a `Plan` that names its path and carries what that path needs:
 
 RMS normalization (`center=False`) takes the paths by the same rules (`Plan.op` carries
 `center` to the kernels). A masked call (`mask=`, `nan_policy="omit"`) takes the masked
-group kernels ("small" or "blocked", every group whole) at every size, the generic path
-where they cannot take it (`_masked`).
+group kernels ("small" on one thread, or "blocked" on the pool, where a few large groups,
+such as a whole tensor, split into chunks as unmasked ones do) at every size, the generic
+path where they cannot take it (`_masked`); NumPy masked calls without `out=` are planned
+once per signature (`_planned_masked`).
 
 `use_kernels(mode)` changes the choice inside a block: `False`/`"0"`/`"generic"` never a
 kernel, `True`/`"1"` a kernel at every size, `"auto"` the rules above, or a path name to use
@@ -275,8 +277,9 @@ def _blocked(x: np.ndarray, spec: Spec, params: tuple[Any, Any], out: Any, mode:
 def _masked(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, arrays: Any) -> Plan:
     """The plan of a masked call (`arrays = (counted elements, dy or None)`): the masked
     group kernels ("small" on one thread up to `small_max_size` elements, "blocked" on the
-    pool; every group whole) at every size, since the generic path's masked formulas are
-    slower everywhere; the generic path where they cannot take the call."""
+    pool, `threads` as `_layout.threads_for`: a few large groups split) at every size,
+    since the generic path's masked formulas are slower everywhere; the generic path where
+    they cannot take the call."""
     mask, dy = arrays
     why = _not_kernel_array(x)
     if why is None and dy is not None and type(dy) is not np.ndarray:
@@ -294,8 +297,8 @@ def _masked(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, arrays: Any) 
     lay = plan.layout
     small_size = x.size <= _runtime.STATE.settings.small_max_size
     small = mode == "small" or (mode != "blocked" and small_size)
-    parallel = not small and x.size >= _layout.PARALLEL_MIN_SIZE
-    threads = (1, min(_layout.max_threads(), lay.groups) if parallel else 1)
+    # large groups split into chunks (`_layout.threads_for`: a whole tensor on every thread)
+    threads = (1, 1) if small else _layout.threads_for(lay.groups, lay.group_size)
     op = (spec.eps, spec.inside, float(spec.ddof), spec.center)
     views = (*plan.views, _mask_view(mask, lay))
     path = "small" if small else "blocked"
