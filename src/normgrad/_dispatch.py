@@ -16,8 +16,10 @@ a `Plan` that names its path and carries what that path needs:
 
 RMS normalization (`center=False`) takes the paths by the same rules (`Plan.op` carries
 `center` to the kernels). A masked call (`mask=`, `nan_policy="omit"`) takes the masked
-group kernels ("small" or "blocked", every group whole) at every size, the generic path
-where they cannot take it (`_masked`).
+group kernels ("small" on one thread, or "blocked" on the pool, where a few large groups,
+such as a whole tensor, split into chunks as unmasked ones do) at every size, the generic
+path where they cannot take it (`_masked`); NumPy masked calls without `out=` are planned
+once per signature (`_planned_masked`).
 
 `use_kernels(mode)` changes the choice inside a block: `False`/`"0"`/`"generic"` never a
 kernel, `True`/`"1"` a kernel at every size, `"auto"` the rules above, or a path name to use
@@ -126,6 +128,11 @@ def forward(
     does; `mask` is None or `(mask, omit NaN)`, and a masked plan carries the counted
     elements (`Plan.mask`)."""
     center, fixed, masked = variant
+    if masked is not None and out is None and type(x) is np.ndarray and type(center) is bool:
+        if _plain(weight) and _plain(bias):
+            hit = _planned_masked(x, axes, (eps, eps_mode, ddof, center), (weight, bias), masked)
+            if hit is not None:
+                return hit[0], weight, bias, hit[1]
     if fixed or masked is not None:  # given statistics or a mask
         spec, w, b = validate(x, axes, eps, eps_mode, ddof, weight, bias, center)
         check_out(spec.xp, out, x, spec.dtype, x)
@@ -270,8 +277,9 @@ def _blocked(x: np.ndarray, spec: Spec, params: tuple[Any, Any], out: Any, mode:
 def _masked(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, arrays: Any) -> Plan:
     """The plan of a masked call (`arrays = (counted elements, dy or None)`): the masked
     group kernels ("small" on one thread up to `small_max_size` elements, "blocked" on the
-    pool; every group whole) at every size, since the generic path's masked formulas are
-    slower everywhere; the generic path where they cannot take the call."""
+    pool, `threads` as `_layout.threads_for`: a few large groups split) at every size,
+    since the generic path's masked formulas are slower everywhere; the generic path where
+    they cannot take the call."""
     mask, dy = arrays
     why = _not_kernel_array(x)
     if why is None and dy is not None and type(dy) is not np.ndarray:
@@ -289,12 +297,81 @@ def _masked(x: Any, spec: Spec, params: tuple[Any, Any], out: Any, arrays: Any) 
     lay = plan.layout
     small_size = x.size <= _runtime.STATE.settings.small_max_size
     small = mode == "small" or (mode != "blocked" and small_size)
-    parallel = not small and x.size >= _layout.PARALLEL_MIN_SIZE
-    threads = (1, min(_layout.max_threads(), lay.groups) if parallel else 1)
+    # large groups split into chunks (`_layout.threads_for`: a whole tensor on every thread)
+    threads = (1, 1) if small else _layout.threads_for(lay.groups, lay.group_size)
     op = (spec.eps, spec.inside, float(spec.ddof), spec.center)
     views = (*plan.views, _mask_view(mask, lay))
     path = "small" if small else "blocked"
     return Plan(path, MASK_KERNEL_REASON, lay, views, op, threads, mask)
+
+
+def _strided_key(p: np.ndarray | None) -> Any:
+    return None if p is None else (p.shape, p.strides, p.dtype)
+
+
+def _planned_masked(
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any, bool], params: Any, masked: Any
+) -> tuple[Spec, Plan] | None:
+    """A masked NumPy call without `out=`, validated and planned once per call signature, as
+    `_planned_forward` does: the key holds the mask's shape, strides and dtype (never its
+    values, which no part of the plan depends on), and each call builds only the block views
+    of its own arrays. None where the mask is not a NumPy array, or the call takes the
+    generic path (the general route then runs, and raises where it should)."""
+    mask, omit = masked
+    if mask is not None and type(mask) is not np.ndarray:
+        return None
+    if type(axes) is tuple and any(type(a) is not int for a in axes):
+        return None  # (as `_planned_forward`)
+    eps, eps_mode, ddof, center = options
+    mkey = None if mask is None else (mask.shape, mask.strides, mask.dtype)
+    key = ("masked", x.shape, x.strides, x.dtype, axes, type(axes), eps, type(eps), eps_mode,
+           ddof, type(ddof), center, _runtime.kernel_mode(), _strided_key(params[0]),
+           _strided_key(params[1]), mkey, omit)  # fmt: skip
+    planned = _runtime.STATE.planned
+    try:
+        entry = planned[key]
+    except KeyError:
+        entry = _plan_masked(x, axes, options, params, masked)
+        if len(planned) >= _runtime.PLANNED_MAX:
+            planned.clear()
+        planned[key] = entry
+    except TypeError:  # unhashable axes (a list): the general path
+        return None
+    if entry is None:
+        return None
+    counted = mask if mask is not None and mask.shape == x.shape else None
+    if counted is None and mask is not None:
+        counted = np.broadcast_to(mask, x.shape)
+    if omit:
+        present = ~np.isnan(x)
+        counted = present if counted is None else counted & present
+    assert counted is not None  # (a masked call has a mask, or omits NaN)
+    return entry[0], _masked_views(x, entry[1], params, counted)
+
+
+def _plan_masked(
+    x: np.ndarray, axes: Axes, options: tuple[Any, Any, Any, bool], params: Any, masked: Any
+) -> tuple[Spec, Plan] | None:
+    """Validate (raising as the general path would) and plan a cacheable masked call: the
+    plan without its arrays, or None for the generic path."""
+    eps, eps_mode, ddof, center = options
+    spec, w, b = validate(x, axes, eps, eps_mode, ddof, params[0], params[1], center)
+    counted = count_mask(spec.xp, x, masked[0], masked[1])
+    plan = _masked(x, spec, (w, b), None, (counted, None))
+    if plan.path == "generic":
+        return None
+    return spec, plan._replace(views=None, mask=None)
+
+
+def _masked_views(x: np.ndarray, plan: Plan, params: Any, counted: np.ndarray) -> Plan:
+    """A cached masked plan with this call's block views and counted elements."""
+    from .kernels import _layout
+
+    lay = plan.layout
+    w = _layout.table(params[0], x, lay, True)
+    b = _layout.table(params[1], x, lay, False)
+    views = (_layout.view4(x, lay), w, b, None, _mask_view(counted, lay))
+    return plan._replace(views=views, mask=counted)
 
 
 def _mask_view(mask: np.ndarray, lay: Any) -> np.ndarray:

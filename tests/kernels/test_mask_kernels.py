@@ -319,3 +319,143 @@ def test_backward_reuses_the_forward_plan_only_under_the_same_mode(rng):
     with ng.use_kernels("small"):
         assert ng.plan_backward(ctx, dy).path == "small"
     _close(out, gr.x, 16, _scales(ctx, dy)[1])
+
+
+def _masked_entries():
+    from normgrad import _runtime
+
+    planned = _runtime.STATE.planned
+    return [k for k, v in planned.items() if k[0] == "masked" and v is not None]
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_masked_plans_are_cached_per_signature_not_per_mask(rng, path):
+    """A masked NumPy call is validated and planned once per signature (shapes, strides,
+    dtypes, the mask's broadcast pattern): a new mask of the same pattern reuses the entry
+    and is read afresh, another pattern plans again."""
+    x, dy = _data(rng, (24, 64), np.float32)
+    w, b = _params(rng, (64,), "weight+bias", np.float32)
+    with testing.settings():  # (a clean cache)
+        for _ in range(3):  # new values every time, one entry
+            _agree(x, -1, dy, path, mask=rng.random(x.shape) < 0.6, weight=w, bias=b)
+        assert len(_masked_entries()) == 1
+        _agree(x, -1, dy, path, mask=rng.random((24, 1)) < 0.6, weight=w, bias=b)
+        _agree(x, -1, dy, path, mask=(rng.random(x.shape) < 0.6).T.copy().T, weight=w, bias=b)
+        _agree(x, -1, dy, path, mask=np.asfortranarray(rng.random(x.shape) < 0.6))
+        assert len(_masked_entries()) == 4  # (the Fortran mask: other strides, no params)
+        for _ in range(2):  # NaN in new places each time, one entry more
+            xn = x.copy()
+            xn[rng.random(x.shape) < 0.2] = np.nan
+            _agree(xn, -1, dy, path, nan_policy="omit", weight=w, bias=b)
+        assert len(_masked_entries()) == 5
+
+
+def test_cached_masked_signatures_still_refuse_bad_masks(rng):
+    """Another mask dtype or shape is another key: validated, and refused."""
+    x = rng.normal(size=(6, 16))
+    mask = rng.random(x.shape) < 0.5
+    with testing.settings():
+        ng.normalize(x, -1, mask=mask)
+        with pytest.raises(ng.NormgradError, match="boolean"):
+            ng.normalize(x, -1, mask=mask.astype(np.int8))
+        with pytest.raises(ng.NormgradError, match="broadcast"):
+            ng.normalize(x, -1, mask=mask[:, :8])
+        with pytest.raises(ng.NormgradError, match="ddof"):
+            ng.normalize(x, -1, mask=mask, ddof=1, center=False)
+        y = ng.normalize(x, -1, mask=mask)
+    with ng.use_kernels(False):
+        np.testing.assert_allclose(y, ng.normalize(x, -1, mask=mask), rtol=1e-12, atol=1e-13)
+
+
+@pytest.fixture
+def split_small(monkeypatch):
+    """Split groups at test sizes: the pool and chunks from a few elements (chunks then
+    start and end inside runs), in a clean plan cache."""
+    from normgrad.kernels import _layout
+
+    monkeypatch.setattr(_layout, "PARALLEL_MIN_SIZE", 64)
+    monkeypatch.setattr(_layout, "SPLIT_MIN_SIZE", 64)
+    monkeypatch.setattr(_layout, "MIN_CHUNK", 16)
+    with testing.settings():
+        yield
+
+
+SPLIT_LAYOUTS = [  # few groups: each splits into chunks
+    pytest.param((40, 50), None, (40, 50), id="whole"),
+    pytest.param((3, 200), -1, (200,), id="three-rows"),
+    pytest.param((4, 6, 32), (1, 2), (6, 32), id="trailing-two"),
+    pytest.param((4, 5, 6, 7), (0, 2, 3), (5, 1, 1), id="channels"),
+    pytest.param((2, 3, 9, 17), (0, 1, 3), (1, 1, 9, 1), id="two-reduced-blocks"),
+]
+
+
+def _split_plan(x, axes, **kw):
+    with ng.use_kernels("blocked"):
+        plan = ng.plan_forward(x, axes, **kw)
+    assert plan.path == "blocked" and plan.threads[0] > 1, plan
+    return plan
+
+
+@pytest.mark.parametrize(("affine", "center"), VARIANTS)
+@pytest.mark.parametrize("eps_mode", MODES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axes", "wshape"), SPLIT_LAYOUTS)
+def test_split_masked_groups_agree_with_generic(rng, split_small, shape, axes, wshape, dtype,
+                                                eps_mode, affine, center):  # fmt: skip
+    x, dy = _data(rng, shape, dtype)
+    w, b = _params(rng, wshape, affine, dtype)
+    mask = rng.random(shape) < 0.7
+    kw = {"eps": 1e-3, "eps_mode": eps_mode, "weight": w, "bias": b, "center": center}
+    _split_plan(x, axes, mask=mask, **kw)
+    _agree(x, axes, dy, "blocked", ulps=8, mask=mask, **kw)  # (merged in another order)
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_masked_groups_omit_nan_and_empty_groups(rng, split_small, dtype, center):
+    """nan_policy="omit" on split groups, a broadcast mask, and a group (channel) with no
+    counted element (NaN statistics, r g where nothing counts), or whose first chunks have
+    none (the shift is the group's first counted element, whichever chunk holds it)."""
+    x, dy = _data(rng, (4, 5, 6, 7), dtype)
+    x[rng.random(x.shape) < 0.2] = np.nan
+    w, b = _params(rng, (5, 1, 1), "weight+bias", dtype)
+    mask = rng.random((4, 5, 1, 7)) < 0.8
+    mask[:, 1] = False
+    mask[:3, 2] = False
+    kw = {"weight": w, "bias": b, "center": center, "ddof": 1 if center else 0}
+    _split_plan(x, (0, 2, 3), mask=mask, nan_policy="omit", **kw)
+    ctx = _agree(x, (0, 2, 3), dy, "blocked", 8, mask=mask, nan_policy="omit", **kw)
+    assert ctx.count[0, 1, 0, 0] == 0 and np.isnan(ctx.var[0, 1, 0, 0])
+    assert np.isfinite(ctx.var[0, 2, 0, 0])
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_split_masked_gradients_match_finite_differences(rng, split_small, center):
+    x = rng.normal(size=(6, 14)) + 0.3
+    mask = rng.random(x.shape) < 0.7
+    w, b = rng.normal(size=14) + 1, rng.normal(size=14)
+    kw = {"mask": mask, "weight": w, "bias": b, "center": center, "eps_mode": "outside"}
+    dy = rng.normal(size=x.shape)
+    _split_plan(x, None, **kw)
+    with ng.use_kernels("blocked"):
+        _, ctx = ng.normalize_forward(x, None, **kw)
+        g = ng.normalize_backward(ctx, dy)
+        jac = fd_jacobian(lambda v: ng.normalize(v, None, **kw), x)
+    np.testing.assert_allclose(g.x, np.einsum("ij,ijkl->kl", dy, jac), atol=1e-7)
+    dw = np.sum(dy * (x - ctx.mean) * ctx.rstd, axis=0, where=True)
+    np.testing.assert_allclose(g.weight, dw, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(g.bias, dy.sum(axis=0), rtol=1e-12)
+
+
+def test_a_masked_whole_tensor_splits_by_default(rng):
+    """At the default sizes a masked whole tensor of 10^6 elements runs on every thread."""
+    from normgrad.kernels import _layout
+
+    x, dy = _data(rng, (1000, 1000), np.float32)
+    mask = rng.random(x.shape) < 0.8
+    with testing.settings():
+        plan = ng.plan_forward(x, None, mask=mask)
+        assert plan.path == "blocked"
+        if _layout.max_threads() > 1:
+            assert plan.threads[0] > 1
+        _agree(x, None, dy, "blocked", mask=mask)

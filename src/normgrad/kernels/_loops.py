@@ -1032,3 +1032,167 @@ def backward_masked(claim, io, mk, par, acc, bst, flags):
         for g in range(i0, i1):
             _masked_group_backward(io, mk, par, (dwa, dba, k), g, kk, bst, flags)
             kk = _next_group(kk, kb)
+
+
+# --- masked split groups: a few large masked groups (a whole tensor) in chunks, as
+# `forward_split` / `backward_split`; each chunk's partial moments carry their own count.
+# `split = (nc, pcount, pmean, pm2)` forward, `(nc, psg, psgd)` backward.
+
+
+@njit(cache=True, inline="always")
+def _masked_span_stats(x, mk, kk, span, shift, center):
+    """`(count, mean, M2)` of the counted elements of `x - shift` over the span."""
+    k0, k1 = kk
+    lo, hi = span
+    rb = x.shape[3]
+    acc = (0.0, 0.0, 0.0)
+    pos = lo
+    while pos < hi:
+        r0, a, e = _piece(pos, hi, rb)
+        s = a
+        while s < e:
+            t = min(e, s + BLOCK)
+            acc = _add_block_masked(x, mk, (k0, r0, k1), s, t, shift, acc, center)
+            s = t
+        pos += e - a
+    return acc
+
+
+@njit(cache=True, inline="always")
+def _masked_finish(shift, moments, op):
+    """`(mean, var, rstd, count)` of a masked group from its moments of `x - shift`: NaN
+    mean without a counted element, NaN variance with no more than ddof of them."""
+    eps, inside, ddof, center = op
+    n = moments[0]
+    mu = shift + moments[1] if n > 0.0 or not center else np.nan
+    v = moments[2] / (n - ddof) if n - ddof > 0.0 else np.nan
+    return mu, v, rstd(np, v, eps, inside), n
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _masked_stats_items(claim, x, mk, nc, parts, center):
+    pcount, pmean, pm2 = parts
+    _, ra, kb, rb = x.shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            shift = _masked_origin(x, mk, (k0, k1), center)
+            acc = _masked_span_stats(x, mk, (k0, k1), (lo, hi), shift, center)
+            pcount[i], pmean[i], pm2[i] = acc
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def forward_split_masked(claim, phase, split, io, mk, par, op, stats, flags):
+    """`forward_split` of a masked call: partial moments over each chunk's counted elements
+    (claimed on `phase`), a barrier, every thread merges them in chunk order (Chan, with
+    each chunk's own count), then `y`. Slot 0 writes `stats` (4, groups)."""
+    nc, pcount, pmean, pm2 = split
+    x = io[0]
+    begin(claim)
+    _masked_stats_items(on(claim, phase), x, mk, nc, (pcount, pmean, pm2), op[3])
+    if not wait_done(phase, claim):
+        return
+    groups = stats.shape[1]
+    mine = np.empty((4, groups))
+    kb = x.shape[2]
+    for g in range(groups):
+        acc = (0.0, 0.0, 0.0)
+        for i in range(g * nc, (g + 1) * nc):
+            acc = chan_merge(acc[0], acc[1], acc[2], pcount[i], pmean[i], pm2[i])
+        shift = _masked_origin(x, mk, _group_at(g, kb), op[3])
+        mine[0, g], mine[1, g], mine[2, g], mine[3, g] = _masked_finish(shift, acc, op)
+        if claim[3] == 0:
+            stats[:, g] = mine[:, g]
+    _items_y(claim, io, par, nc, mine, flags)
+
+
+@njit(cache=True, inline="always")
+def _masked_span_sums(io, mk, par, acc, kk, span, coef, flags):
+    k0, k1 = kk
+    lo, hi = span
+    rb = io[0].shape[3]
+    sg = 0.0
+    sgd = 0.0
+    pos = lo
+    while pos < hi:
+        r0, a, e = _piece(pos, hi, rb)
+        g1, g2 = _masked_sums(io, mk, par, acc, (k0, r0, k1), a, e, coef, flags)
+        sg += g1
+        sgd += g2
+        pos += e - a
+    return sg, sgd
+
+
+@njit(cache=True, inline="always")
+def _masked_span_dx(io, mk, par, kk, span, coef, flags):
+    k0, k1 = kk
+    lo, hi = span
+    rb = io[0].shape[3]
+    pos = lo
+    while pos < hi:
+        r0, a, e = _piece(pos, hi, rb)
+        _masked_dx(io, mk, par, (k0, r0, k1), a, e, coef, flags)
+        pos += e - a
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def _masked_sums_items(claim, io, mk, par, acc, bst, split):
+    mean, rs = bst[0], bst[1]
+    nc, psg, psgd, flags = split
+    _, ra, kb, rb = io[0].shape
+    dwa, dba, _ = acc
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            coef = (mean[g], rs[g])
+            span = (lo, hi)
+            psg[i], psgd[i] = _masked_span_sums(
+                io, mk, par, (dwa, dba, k), (k0, k1), span, coef, flags
+            )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def _masked_items_dx(claim, io, mk, par, coefs, nc, flags):
+    mean, rs, mg, beta = coefs
+    _, ra, kb, rb = io[0].shape
+    while True:
+        k, i0, i1 = take(claim, True)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, k1, lo, hi = _item(i, nc, ra * rb, kb)
+            g = k0 * kb + k1
+            coef = (mean[g], rs[g], mg[g], beta[g])
+            _masked_span_dx(io, mk, par, (k0, k1), (lo, hi), coef, flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def backward_split_masked(claim, phase, split, io, mk, par, acc, bst, flags):
+    """`backward_split` of a masked call: partial sums (claimed on `phase`), a barrier, the
+    sums in chunk order and each group's coefficients from its count (as
+    `_masked_group_backward`), then `dx`. `bst = (mean, rstd, c, count, ddof, center)`."""
+    nc, psg, psgd = split
+    mean, rs, c, count, ddof, center = bst
+    begin(claim)
+    _masked_sums_items(on(claim, phase), io, mk, par, acc, bst, (nc, psg, psgd, flags))
+    if not wait_done(phase, claim):
+        return
+    mg = np.empty(mean.size)
+    beta = np.empty(mean.size)
+    for g in range(mean.size):
+        sg = 0.0
+        sgd = 0.0
+        for i in range(g * nc, (g + 1) * nc):
+            sg += psg[i]
+            sgd += psgd[i]
+        n, m = count[g], count[g] - ddof
+        n, m = (n if n > 0.0 else 1.0), (m if m > 0.0 else 1.0)
+        mg[g], beta[g] = backward_coefficients(sg, sgd, n, m, rs[g], c[g], center)
+    _masked_items_dx(claim, io, mk, par, (mean, rs, mg, beta), nc, flags)

@@ -282,20 +282,35 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
 
 
 def forward_masked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
-    """`(y, mean, var, rstd, count)` over the counted elements, every group whole, on
-    `plan.threads[1]` threads (one: the small path, in the caller's thread)."""
+    """`(y, mean, var, rstd, count)` over the counted elements on `plan.threads[1]` threads
+    (one: the small path, in the caller's thread), each group whole or, `plan.threads[0]`
+    above 1, split into that many chunks."""
     lay = plan.layout
     x4, wt, bt, _, mk4 = plan.views
     y, y4, stream = _output(x, plan, spec.dtype, out)
     stats = np.empty((4, lay.groups))  # mean, var, rstd, count
     flags = (w is not None or b is not None, stream)
     args = ((x4, y4), mk4, _par((wt, bt)), plan.op, stats, flags)
-    run(_loops.forward_masked, lay.groups, plan.threads[1], args)
+    nc, nthreads = plan.threads
+    if nc == 1:
+        run(_loops.forward_masked, lay.groups, nthreads, args)
+    else:  # a few large groups, each split into `nc` chunks
+        items = lay.groups * nc
+        nchunks = chunks(items, nthreads)
+        parts = np.empty((3, items))  # partial counts, means and M2
+        split = (nc, parts[0], parts[1], parts[2])
+        run(
+            _loops.forward_split_masked,
+            items,
+            nthreads,
+            (phase_ctl(nchunks, nthreads), split, *args),
+            nchunks,
+        )
     return (y, *(_layout.stats_to_keepdims(v, lay) for v in stats))
 
 
 def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
-    """`(dx, dweight, dbias)` of a masked context, every group whole."""
+    """`(dx, dweight, dbias)` of a masked context, groups whole or split as forward."""
     x, lay = ctx.x, plan.layout
     x4, wt, bt, _, mk4 = plan.views
     dx, dx4, _ = _output(x, plan, ctx.dtype, out)
@@ -307,7 +322,23 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     bst = (mean, r, cg, count, plan.op[2], ctx.center)
     io = (x4, _block_dy(dy, lay), dx4)
     args = (io, mk4, _par((wt, bt)), (*sums, 0), bst, _backward_flags(ctx, False))
-    run(_loops.backward_masked, lay.groups, nthreads, args, nchunks)
+    nc = plan.threads[0]
+    if nc == 1:
+        run(_loops.backward_masked, lay.groups, nthreads, args, nchunks)
+    else:  # split groups: partial sums, then `dx` (sums kept per chunk, as `backward_blocked`)
+        items = lay.groups * nc
+        nchunks = chunks(items, nthreads, _chunks_per_thread(ctx))
+        sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
+        ps = np.empty((2, items))  # partial sum g and sum g (x - mu)
+        split = (nc, ps[0], ps[1])
+        args = (io, mk4, _par((wt, bt)), (*sums, 0), bst, _backward_flags(ctx, False))
+        run(
+            _loops.backward_split_masked,
+            items,
+            nthreads,
+            (phase_ctl(nchunks, nthreads), split, *args),
+            nchunks,
+        )
     return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
 
 
