@@ -7,7 +7,8 @@ Everything normgrad keeps between calls lives in `STATE`:
 - `recycler`: dead outputs' memory kept for reuse (`_recycle.py`);
 - `planned`: the planned-call cache of `_dispatch` (validated arguments and chosen paths per
   call signature of small NumPy calls), and the torch adapter's checked calls
-  (`_torch_ops.checked_call`, keys starting with "torch");
+  (`_torch_ops.checked_entry`, keys starting with "torch": the checked call and its
+  planned kernel calls by kernel mode);
 - `env_mode`: `NORMGRAD_KERNELS`, read at the first call that needs it;
 - `kernels`: the kernels' runner module once loaded (False when numba is unavailable);
 - `numpy_xp`: array_api_compat's NumPy namespace, once seen;

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.autograd import forward_ad
 
-from . import _generic, _runtime
+from . import _dispatch, _generic, _ops, _runtime
 from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
 from ._ops import (
@@ -52,6 +52,7 @@ from ._validate import (
     namespace,
     param,
     refuse_nan,
+    refuse_zero_variance,
 )
 
 Tensor = torch.Tensor
@@ -341,18 +342,25 @@ class Eager(torch.autograd.Function):
     is `differentiable_backward`, as `Normalize`'s."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> Any:
-        y, host = host_forward(x, w, b, call)
+    def forward(
+        ctx: Any, x: Tensor, w: Tensor | None, b: Tensor | None, call: Call, fast: Any
+    ) -> Any:
+        if fast is None:
+            y, host = host_forward(x, w, b, call)
+        else:  # (a planned kernel call: `eager_forward`)
+            y, host = eager_forward(x, w, b, fast)
         ctx.save_for_backward(x, w, b)  # (their version counters: in-place changes raise)
-        ctx.call, ctx.host = call, host
+        ctx.call, ctx.host, ctx.fast = call, host, fast
         return y
 
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> Any:
         x, w, b = ctx.saved_tensors
         if torch.is_grad_enabled():
-            return (*differentiable_backward(x, (w, b), dy, ctx.call), None)
-        return (*host_backward(ctx.host, (x, w, b), dy), None)
+            return (*differentiable_backward(x, (w, b), dy, ctx.call), None, None)
+        if ctx.fast is not None:
+            return (*eager_backward(ctx.host, ctx.fast, (x, w, b), dy), None, None)
+        return (*host_backward(ctx.host, (x, w, b), dy), None, None)
 
 
 def checked_call(
@@ -360,19 +368,28 @@ def checked_call(
 ) -> Call:
     """`check_call`, run once per call signature (shapes, dtypes, devices, axes, options):
     its checks read no values. The entries live in `_runtime.STATE.planned`."""
+    return checked_entry(x, axes, options, params, center)[0]
+
+
+def checked_entry(
+    x: Tensor, axes: Axes, options: tuple[Any, Any, Any], params: Any, center: bool = True
+) -> tuple[Call, dict[str, Any] | None]:
+    """`(call, planned kernel calls by kernel mode)` of a call signature: `checked_call`'s
+    entry, whose second field `planned_eager` fills (None: not cached, never planned)."""
     key = _call_key(x, axes, options, params, center)
     if key is None:
-        return check_call(x, axes, options, params, center)
+        return check_call(x, axes, options, params, center), None
     planned = _runtime.STATE.planned
     try:
-        return planned[key]
+        entry: tuple[Call, dict[str, Any] | None] = planned[key]
+        return entry
     except KeyError:
         pass
-    call = check_call(x, axes, options, params, center)
+    entry = (check_call(x, axes, options, params, center), {})
     if len(planned) >= _runtime.PLANNED_MAX:
         planned.clear()
-    planned[key] = call
-    return call
+    planned[key] = entry
+    return entry
 
 
 def _call_key(
@@ -402,6 +419,84 @@ def _call_key(
 
 
 _PLAIN = (float, int)
+
+
+# --- eager CPU calls on the planned kernels: the plan found once per call signature -----------
+
+
+class Planned(NamedTuple):
+    """A planned kernel call of a C-contiguous CPU float32/float64 tensor whose weight and
+    bias (if any) have its dtype: the validated NumPy call and its small or native plan, as
+    `_dispatch` chose them for this call signature under kernel mode `mode`."""
+
+    spec: Spec
+    plan: Any
+    mode: str
+
+
+def planned_eager(
+    entry: tuple[Call, dict[str, Any] | None], x: Tensor, w: Any, b: Any
+) -> Planned | None:
+    """The planned kernel call of CPU tensor `x` under `checked_entry`'s `entry`, or None
+    where normgrad's NumPy entry point takes the call (strided or misaligned x, other
+    dtypes, other paths, a call signature that is not cached). Per call this costs a
+    contiguity check and a look-up: the signature fixes everything else the plan reads."""
+    plans = entry[1]
+    if plans is None or not x.is_contiguous() or x.data_ptr() % x.element_size():
+        return None
+    mode = _runtime.kernel_mode()
+    try:
+        planned: Planned | None = plans[mode]
+        return planned
+    except KeyError:
+        pass
+    planned = _plan_eager(x, (w, b), entry[0], mode)
+    plans[mode] = planned
+    return planned
+
+
+def _plan_eager(x: Tensor, params: tuple[Any, Any], call: Call, mode: str) -> Planned | None:
+    """`_dispatch`'s small or native plan of the call on NumPy views, or None."""
+    if x.dtype not in _KERNEL_DTYPES or any(p is not None and p.dtype != x.dtype for p in params):
+        return None
+    xh = x.detach().numpy()
+    hp = tuple(None if p is None else p.detach().numpy() for p in params)
+    options = (call.eps, call.eps_mode, call.ddof, call.center)
+    hit = _dispatch._planned_forward(xh, call.axes, options, hp, None)
+    return None if hit is None else Planned(hit[0], hit[1], mode)
+
+
+def eager_forward(x: Tensor, w: Any, b: Any, planned: Planned) -> tuple[Tensor, Any]:
+    """`host_forward` of a planned call: the plan's kernels on zero-copy views, without
+    validating or planning again; `(y, the NumPy context)`."""
+    spec, plan, _ = planned
+    xh, wh, bh = _host(x, "x"), _host(w, "weight"), _host(b, "bias")
+    y, mean, var, rstd = _ops_runner("forward", plan.path)(xh, spec, wh, bh, plan, None)
+    if spec.eps == 0:
+        refuse_zero_variance(spec.xp, var, xh, spec.axes)
+    return torch.from_numpy(y), _context(xh, spec, (mean, var, rstd), wh, bh)
+
+
+def eager_backward(
+    ctx: Any, planned: Planned, tensors: tuple[Tensor, Any, Any], dy: Tensor
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`host_backward` of a planned call: the forward's plan where `dy` fits it (x's dtype,
+    shape and memory order, aligned) under the same kernel mode, else `host_backward`."""
+    x, w, b = tensors
+    if (
+        dy.dtype != x.dtype or dy.shape != x.shape or not dy.is_contiguous()
+        or dy.data_ptr() % dy.element_size() or planned.mode != _runtime.kernel_mode()
+    ):  # fmt: skip
+        return host_backward(ctx, tensors, dy)
+    dyh = _host(dy, "dy")
+    c = _generic.variance_coefficient(planned.spec.xp, ctx)
+    dx, dw, db = _ops_runner("backward", planned.plan.path)(ctx, dyh, c, planned.plan, None)
+    tw = None if w is None else torch.from_numpy(dw)
+    return torch.from_numpy(dx), tw, None if b is None else torch.from_numpy(db)
+
+
+def _ops_runner(direction: str, path: str) -> Any:
+    return _ops._runner(direction, path)  # (looked up at the call: tests record the paths)
 
 
 # --- masks: the generic path in torch ops ---------------------------------------------------------
@@ -604,14 +699,16 @@ def normalize(
     if torch.compiler.is_compiling():
         c = check_call(x, axes, options, params, center)
         return forward_op(x, w, b, list(c.axes), c.eps, c.eps_mode, c.ddof, c.center)[0]
-    call = checked_call(x, axes, options, params, center)
+    entry = checked_entry(x, axes, options, params, center)
+    call = entry[0]
     if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
         return Normalize.apply(x, w, b, call)[0]
     if not x.is_cpu:
         return _APPLY(x, w, b, call)[0]
-    if not (torch.is_grad_enabled() and _needs_grad(x, w, b)):
-        return host_forward(x, w, b, call)[0]  # (no graph to record)
-    return _EAGER(x, w, b, call)
+    fast = planned_eager(entry, x, w, b)
+    if not (torch.is_grad_enabled() and _needs_grad(x, w, b)):  # (no graph to record)
+        return host_forward(x, w, b, call)[0] if fast is None else eager_forward(x, w, b, fast)[0]
+    return _EAGER(x, w, b, call, fast)
 
 
 def _needs_grad(x: Tensor, w: Any, b: Any) -> bool:

@@ -264,3 +264,73 @@ def test_forward_mode_dual_tensors_take_the_function_with_a_jvp():
         ref = F.layer_norm(forward_ad.make_dual(x.detach(), tx), (5,), w, b)
         tref = forward_ad.unpack_dual(ref).tangent
     torch.testing.assert_close(ty, tref, rtol=1e-10, atol=1e-10)
+
+
+def _generic_reference(x, axes, **kw):
+    """The same call on the generic path in torch ops (float64 statistics), with grads."""
+    with use_kernels(False):
+        return normalize(x, axes, **kw)
+
+
+def test_planned_eager_calls_do_not_reuse_a_stale_plan():
+    """One signature's plan is reused only where it fits: another memory order, dtype,
+    option or kernel mode is planned (or taken by the general entry point) afresh, and
+    every result equals the generic path's."""
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(16, 16, generator=g)
+    w = torch.rand(16, generator=g) + 0.5
+    b = torch.randn(16, generator=g)
+    cases = [
+        (base, -1, {}),
+        (base.t(), -1, {}),  # the same shape and dtype, another memory order
+        (base, None, {}),
+        (base.t(), None, {}),  # (no view of the transpose has the whole tensor's blocks)
+        (base.double(), -1, {}),
+        (base, -1, {"eps": 1e-2}),
+        (base, -1, {"eps_mode": "outside", "ddof": 1}),
+        (base, -1, {"center": False}),
+        (base[:, :8].contiguous(), -1, {}),
+    ]
+    for x0, axes, kw in cases:
+        x = x0.clone().requires_grad_(True)  # (clone keeps the memory order)
+        pshape = x.shape[-1:] if axes == -1 else x.shape
+        wp = (w[: pshape[-1]] * torch.ones(pshape)).to(x.dtype).requires_grad_(True)
+        bp = (b[: pshape[-1]] * torch.ones(pshape)).to(x.dtype).requires_grad_(True)
+        with testing.record_paths() as seen, use_kernels(True):  # (small sizes too)
+            y = normalize(x, axes, weight=wp, bias=bp, **kw)
+            dy = torch.randn(y.shape, generator=g, dtype=y.dtype)
+            got = torch.autograd.grad(y, (x, wp, bp), dy)
+        assert ("forward", "generic") not in seen, (kw, seen)
+        xr, wr, br = (t.detach().requires_grad_(True) for t in (x, wp, bp))
+        ref = _generic_reference(xr, axes, weight=wr, bias=br, **kw)
+        want = torch.autograd.grad(ref, (xr, wr, br), dy)
+        tol = 1e-12 if x.dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(y, ref, rtol=tol, atol=tol)
+        for a, r in zip(got, want, strict=True):
+            assert a.dtype == r.dtype
+            torch.testing.assert_close(a, r, rtol=10 * tol, atol=10 * tol)
+
+
+def test_planned_eager_calls_follow_the_kernel_mode_and_odd_cotangents():
+    x = torch.randn(8, 32, requires_grad=True)
+    w = torch.rand(32, requires_grad=True)
+    normalize(x, -1, weight=w).sum().backward()  # (planned; dy expanded: zero strides)
+    want = torch.autograd.grad(_generic_reference(x, -1, weight=w).sum(), (x, w))
+    x.grad = w.grad = None
+    normalize(x, -1, weight=w).sum().backward()
+    torch.testing.assert_close(x.grad, want[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad, want[1], rtol=1e-5, atol=1e-5)
+    with testing.record_paths() as seen:
+        y = normalize(x, -1, weight=w)
+        with use_kernels(False):  # (the backward in another mode: its own path choice)
+            torch.autograd.grad(y, (x, w), torch.randn(8, 32))
+        with use_kernels(False):
+            normalize(x, -1, weight=w)
+    assert seen == [("forward", "small"), ("backward", "generic"), ("forward", "generic")]
+
+
+def test_planned_eager_calls_still_refuse_a_zero_variance_group_without_eps():
+    x = torch.ones(4, 8, requires_grad=True)
+    for _ in range(2):  # (the second call takes the cached plan)
+        with pytest.raises(NormgradError, match="zero variance"):
+            normalize(x, -1, eps=0.0)
