@@ -304,8 +304,8 @@ def normalize_jvp(
     d = _generic.centered(xp, ctx)
     c = _generic.variance_coefficient(xp, ctx)
     ty = _generic.apply_jacobian(xp, ctx, d, c, txc)  # (J tx: the forward derivative)
-    tw = param(xp, tweight, "tweight", x, d)
-    tb = param(xp, tbias, "tbias", x, d)
+    tw = param(xp, tweight, "tweight", x, d, ctx.axes)
+    tb = param(xp, tbias, "tbias", x, d, ctx.axes)
     ty = _generic.tangent_affine(xp, ctx, ty, d * ctx.rstd, (tw, tb))
     return y, _generic.to_dtype(xp, ty, ctx.dtype)
 
@@ -391,7 +391,7 @@ def normalize_backward_jvp(
     if tweight is not None:
         if ctx.weight is None:
             raise NormgradError("tweight was given but the context has no weight; drop tweight.")
-        tw = _generic.cast(xp, param(xp, tweight, "tweight", ctx.x, ctx.x), ctx)
+        tw = _generic.cast(xp, param(xp, tweight, "tweight", ctx.x, ctx.x, ctx.axes), ctx)
     seeds = (dyc, tangent(tx, "tx"), tangent(tdy, "tdy"), tw)
     return BackwardTangents(*_generic.backward_jvp(xp, ctx, seeds))
 

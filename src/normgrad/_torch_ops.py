@@ -45,12 +45,11 @@ from ._ops import (
 )
 from ._validate import (
     Spec,
-    _broadcasts_to,
     _check_center,
     _check_options,
+    check_param_shape,
     cotangent,
     namespace,
-    param,
     refuse_nan,
     refuse_zero_variance,
 )
@@ -93,7 +92,7 @@ def check_call(
     _check_center(center, ddof)
     for p, name in zip(params, ("weight", "bias"), strict=True):
         if p is not None:
-            _check_param(p, name, x)
+            _check_param(p, name, x, ax)
     return Call(ax, float(eps), eps_mode, float(ddof), center)
 
 
@@ -105,7 +104,7 @@ def _check_dtype(t: Tensor, name: str) -> None:
         )
 
 
-def _check_param(p: Any, name: str, x: Tensor) -> None:
+def _check_param(p: Any, name: str, x: Tensor, axes: tuple[int, ...]) -> None:
     if not isinstance(p, Tensor):
         raise NormgradError(
             f"{name} must be a torch.Tensor like x; got {type(p).__name__}. "
@@ -117,8 +116,7 @@ def _check_param(p: Any, name: str, x: Tensor) -> None:
             f"{name} is on device {p.device} but x is on {x.device}; all tensors of one call "
             f"must be on one device: move it with {name}.to(x.device)."
         )
-    if not _broadcasts_to(tuple(p.shape), tuple(x.shape)):
-        param(xpt, p, name, x, x)  # (raises the rule's message)
+    check_param_shape(tuple(p.shape), name, tuple(x.shape), axes)
 
 
 def _check_dy(dy: Tensor, x: Tensor, dtype: torch.dtype) -> None:

@@ -67,8 +67,8 @@ def validate(
         n *= int(x.shape[i])
     _check_options(eps, eps_mode, ddof, n)
     _check_center(center, ddof)
-    w = param(xp, weight, "weight", x, x)
-    b = param(xp, bias, "bias", x, x)
+    w = param(xp, weight, "weight", x, x, ax)
+    b = param(xp, bias, "bias", x, x, ax)
     m, inside = float(n - ddof), eps_mode == "inside"
     spec = Spec(xp, ax, n, float(eps), eps_mode, ddof, dtype, m, inside, center)
     return spec, w, b
@@ -214,21 +214,54 @@ def float_dtype(xp: Any, dtype: Any, name: str) -> Any:
     )
 
 
-def param(xp: Any, value: Any, name: str, x: Array, like: Array) -> Array | None:
-    """Check that an affine parameter (or its tangent) broadcasts to `like.shape` unchanged."""
+def param(
+    xp: Any, value: Any, name: str, x: Array, like: Array, axes: tuple[int, ...] | None = None
+) -> Array | None:
+    """Check that an affine parameter (or its tangent) broadcasts to `like.shape` unchanged;
+    `axes` (the reduced axes, sorted non-negative) makes the error name the exact shapes."""
     if value is None:
         return None
     if not aac.is_array_api_obj(value) or namespace(value) is not xp:
         value = xp.asarray(value, device=aac.device(x))
     float_dtype(xp, value.dtype, name)
-    shape, target = tuple(value.shape), tuple(like.shape)
-    if not _broadcasts_to(shape, target):
-        raise NormgradError(
-            f"{name} of shape {shape} does not broadcast to the output shape {target}; give it "
-            f"the shape of the kept axes, of the reduced axes (e.g. {target[-1:]} for the last "
-            "axis), or keep size-1 axes where it should repeat."
-        )
+    check_param_shape(tuple(value.shape), name, tuple(like.shape), axes)
     return value
+
+
+def check_param_shape(
+    shape: tuple[int, ...], name: str, target: tuple[int, ...], axes: tuple[int, ...] | None
+) -> None:
+    """The rule for a weight, bias or their tangents: the shape broadcasts to the output's."""
+    if _broadcasts_to(shape, target):
+        return
+    if axes is None:
+        hint = f"e.g. {target[-1:]} for a weight per position of the last axis"
+    else:
+        per_group, per_position = _parameter_shapes(target, axes)
+        hint = (
+            f"{per_position} for one value per position of the reduced axes {axes} (as "
+            f"LayerNorm's weight), {per_group} for one value per group (as BatchNorm's)"
+        )
+    raise NormgradError(
+        f"{name} of shape {shape} does not broadcast to the output shape {target}; give it "
+        f"{hint}, or any shape with size-1 axes where it should repeat."
+    )
+
+
+def _parameter_shapes(
+    target: tuple[int, ...], axes: tuple[int, ...]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The per-group and per-position parameter shapes of x (`target`) reduced over `axes`,
+    without leading size-1 axes."""
+    per_group = [1 if i in axes else s for i, s in enumerate(target)]
+    per_position = [s if i in axes else 1 for i, s in enumerate(target)]
+    return _trim(per_group), _trim(per_position)
+
+
+def _trim(shape: list[int]) -> tuple[int, ...]:
+    while shape and shape[0] == 1:
+        shape = shape[1:]
+    return tuple(shape)
 
 
 def _broadcasts_to(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:

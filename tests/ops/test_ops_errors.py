@@ -1,5 +1,7 @@
 """Every bad input raises NormgradError (a ValueError) that names the problem and the fix."""
 
+import ast
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,28 @@ def test_nan_and_inf_stay_in_their_group():
     assert np.all(np.isnan(y[1])) and np.all(np.isnan(y[2]))
     np.testing.assert_allclose(y[0], ng.normalize(x[0]))
     assert np.all(np.isnan(ng.normalize(x)))  # one group: everything is affected
+
+
+@pytest.mark.parametrize(
+    "shape,axes,per_position,per_group",
+    [
+        ((8, 6), -1, "(6,)", "(8, 1)"),
+        ((4, 3, 5, 5), (0, 2, 3), "(4, 1, 5, 5)", "(3, 1, 1)"),
+        ((4, 3, 5), None, "(4, 3, 5)", "()"),
+    ],
+)
+def test_parameter_shape_error_names_both_shapes_that_fit(shape, axes, per_position, per_group):
+    x = np.ones(shape)
+    with pytest.raises(NormgradError) as info:
+        ng.normalize(x, axes=axes, weight=np.ones(7))
+    message = str(info.value)
+    assert f"{per_position} for one value per position" in message
+    assert f"{per_group} for one value per group" in message
+    for fits in (per_position, per_group):  # the shapes the message names are accepted
+        ng.normalize(x, axes=axes, weight=np.ones(ast.literal_eval(fits)))
+
+
+def test_tangent_parameter_shape_error_names_the_shapes():
+    x = np.ones((8, 6)) + np.arange(6.0)
+    with pytest.raises(NormgradError, match=r"tweight of shape \(7,\).*\(6,\) for one value"):
+        ng.normalize_jvp(x, np.ones_like(x), axes=-1, weight=np.ones(6), tweight=np.ones(7))
