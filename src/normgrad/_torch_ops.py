@@ -41,7 +41,6 @@ from ._ops import (
     context_from_statistics,
     normalize_backward,
     normalize_forward,
-    normalize_jvp,
 )
 from ._validate import (
     Spec,
@@ -50,7 +49,6 @@ from ._validate import (
     check_param_shape,
     cotangent,
     namespace,
-    refuse_nan,
     refuse_zero_variance,
 )
 
@@ -495,95 +493,6 @@ def eager_backward(
 
 def _ops_runner(direction: str, path: str) -> Any:
     return _ops._runner(direction, path)  # (looked up at the call: tests record the paths)
-
-
-# --- masks: the generic path in torch ops ---------------------------------------------------------
-
-
-class MaskedCall(NamedTuple):
-    """A masked call's options (`mask=` or `nan_policy="omit"`), axes sorted non-negative."""
-
-    axes: tuple[int, ...]
-    eps: float
-    eps_mode: str
-    ddof: float
-    nan_policy: str
-    center: bool = True
-
-
-class MaskedNormalize(torch.autograd.Function):
-    """A masked call on the generic path in torch ops (any device): `normalize_forward`, and
-    for the gradient `normalize_backward` with the statistics computed again from x in
-    torch ops, so that under grad mode it is differentiable again (double backward);
-    `normalize_jvp` for forward mode; a batching rule for `torch.func.vmap`."""
-
-    @staticmethod
-    def forward(x: Tensor, w: Any, b: Any, mask: Any, call: MaskedCall) -> Any:
-        return _masked_forward(x, w, b, mask, call)[0]
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        x, w, b, mask, call = inputs
-        ctx.save_for_backward(x, w, b, mask)
-        ctx.save_for_forward(x, w, b, mask)
-        ctx.call = call
-
-    @staticmethod
-    def backward(ctx: Any, dy: Tensor) -> Any:
-        x, w, b, mask = ctx.saved_tensors
-        nctx = _masked_forward(x, w, b, mask, ctx.call)[1]
-        return (*normalize_backward(nctx, dy), None, None)
-
-    @staticmethod
-    def jvp(ctx: Any, tx: Any, tw: Any, tb: Any, _tmask: Any, _call: Any) -> Any:
-        x, w, b, mask = ctx.saved_tensors
-        axes, eps, mode, ddof, policy, center = ctx.call
-        tx = torch.zeros_like(x) if tx is None else tx
-        return normalize_jvp(
-            x, tx, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, tweight=tw,
-            tbias=tb, mask=mask, nan_policy=policy, center=center,
-        )[1]  # fmt: skip
-
-    @staticmethod
-    def vmap(
-        info: Any, in_dims: tuple[Any, ...], x: Tensor, w: Any, b: Any, mask: Any, call: Any
-    ) -> Any:
-        """One call over `(B, *shape)`, as `Normalize.vmap` (an unbatched mask broadcasts)."""
-        xb, wb, bb, call = fold_batch(info.batch_size, in_dims, (x, w, b), call)
-        if mask is not None and in_dims[3] is not None:
-            mask = mask.movedim(in_dims[3], 0)
-            mask = mask.reshape(mask.shape[0], *([1] * (xb.ndim - mask.ndim)), *mask.shape[1:])
-        return MaskedNormalize.apply(xb, wb, bb, mask, call), 0
-
-
-def _masked_forward(x: Tensor, w: Any, b: Any, mask: Any, call: MaskedCall) -> Any:
-    axes, eps, mode, ddof, policy, center = call
-    return normalize_forward(
-        x, axes, eps=eps, eps_mode=mode, ddof=ddof, weight=w, bias=b, mask=mask,
-        nan_policy=policy, center=center,
-    )  # fmt: skip
-
-
-def normalize_masked(
-    x: Tensor,
-    axes: Axes,
-    options: tuple[Any, Any, Any],
-    params: Any,
-    counted: tuple[Any, str],
-    center: bool = True,
-) -> Tensor:
-    """`normgrad.torch.normalize` with `counted = (mask, nan_policy)`: "raise" is checked
-    here (then the unmasked op runs), a mask or "omit" runs `MaskedNormalize`."""
-    mask, policy = counted
-    if policy == "raise":
-        refuse_nan(x)
-        policy = "propagate"
-    if mask is None and policy == "propagate":
-        return normalize(x, axes, options, params, center)
-    if mask is not None and not isinstance(mask, torch.Tensor):
-        mask = torch.as_tensor(mask, device=x.device)
-    call = MaskedCall(normalize_axes(axes, x.ndim), *options, policy, center)
-    return MaskedNormalize.apply(x, params[0], params[1], mask, call)
 
 
 # --- torch.compile: the custom ops ---------------------------------------------------------------

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import _torch_ops
-from ._axes import Axes
+from . import _torch_masked, _torch_ops
+from ._axes import Axes, normalize_axes
 from ._errors import NormgradError
 from ._moments import Moments
 from ._ops import normalize_forward
@@ -64,7 +64,8 @@ def normalize(
     `mask` (boolean, broadcastable to x) and `nan_policy` as in `normgrad.normalize`:
     masked calls (`mask=`, `nan_policy="omit"`) run the generic path in torch ops (an
     `autograd.Function` whose backward and forward mode are normgrad's masked derivation,
-    differentiable again, with a `torch.func.vmap` rule; no custom op for `torch.compile`).
+    differentiable again, with a `torch.func.vmap` rule; under `torch.compile` the custom
+    ops `normgrad::masked_forward` / `masked_backward`).
     """
     if not isinstance(x, torch.Tensor):
         raise NormgradError(
@@ -76,7 +77,7 @@ def normalize(
         return _with_statistics(x, axes, options, (weight, bias), stats)
     if mask is not None or nan_policy != "propagate":
         policy = check_nan_policy(nan_policy)
-        return _torch_ops.normalize_masked(
+        return _torch_masked.normalize_masked(
             x, axes, (eps, eps_mode, ddof), (weight, bias), (mask, policy), center=center
         )
     return _torch_ops.normalize(x, axes, (eps, eps_mode, ddof), (weight, bias), center=center)
@@ -97,6 +98,46 @@ def _with_statistics(
         x, axes, eps=eps, eps_mode=eps_mode, ddof=ddof, weight=params[0], bias=params[1],
         center=center, stats=stats, mask=mask, nan_policy=nan_policy,
     )[0]  # fmt: skip
+
+
+@torch.library.custom_op(
+    "normgrad::update_running_stats",
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
+def update_running_stats(
+    x: torch.Tensor,
+    mask: torch.Tensor | None,
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    num_batches_tracked: torch.Tensor,
+    axes: list[int],
+    momentum: float | None,
+    nan_policy: str,
+) -> None:
+    r"""BatchNorm's update of the running statistics from a batch's `normgrad.moments`
+    (float64 on CPU): $s \leftarrow (1-f)\,s + f\,s_{batch}$ with the unbiased batch variance
+    and $f$ = momentum, or $1/\text{num\_batches\_tracked}$ for None."""
+    from ._moments import moments
+
+    with torch.no_grad():
+        st = moments(x, tuple(axes), mask=mask, nan_policy=nan_policy)
+        if st.mean.numel() != running_mean.numel():
+            raise NormgradError(
+                f"track_running_stats keeps one value per group, shape "
+                f"{tuple(running_mean.shape)}; this input (shape {tuple(x.shape)}, axes "
+                f"{tuple(axes)}) has {st.mean.numel()} groups. Use param_shape with one entry "
+                "per group, e.g. (C, 1, 1) with axes=(0, 2, 3)."
+            )
+        if int(st.count.min()) < 2:
+            raise NormgradError(
+                "track_running_stats needs more than one counted element per group in "
+                f"training (the running variance is unbiased); got input shape "
+                f"{tuple(x.shape)}, at least {int(st.count.min())} counted in a group."
+            )
+        num_batches_tracked.add_(1)
+        f = 1.0 / float(num_batches_tracked) if momentum is None else momentum
+        for buf, new in ((running_mean, st.mean), (running_var, st.var(1))):
+            buf.mul_(1 - f).add_(f * new.reshape(buf.shape).to(buf.dtype))
 
 
 class MeanVarNorm(nn.Module):
@@ -215,32 +256,15 @@ class MeanVarNorm(nn.Module):
             self.num_batches_tracked.zero_()
 
     def _update_running_stats(self, x: torch.Tensor, mask: Any) -> None:
-        """BatchNorm's update, from the batch's `normgrad.moments` (float64 on CPU)."""
-        from ._moments import moments
-
+        """BatchNorm's update, through the custom op `normgrad::update_running_stats` (one
+        op that torch.compile keeps in its graph: its checks look at data)."""
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
-        with torch.no_grad():
-            st = moments(x.detach(), self.axes, mask=mask, nan_policy=self.nan_policy)
-            if st.mean.numel() != self.running_mean.numel():
-                raise NormgradError(
-                    f"track_running_stats keeps one value per group, shape {self.param_shape}; "
-                    f"this input (shape {tuple(x.shape)}, axes {self.axes}) has "
-                    f"{st.mean.numel()} groups. Use param_shape with one entry per group, "
-                    "e.g. (C, 1, 1) with axes=(0, 2, 3)."
-                )
-            if int(st.count.min()) < 2:
-                raise NormgradError(
-                    "track_running_stats needs more than one element per group in training "
-                    f"(the running variance is unbiased); got input shape {tuple(x.shape)}."
-                )
-            self.num_batches_tracked.add_(1)
-            f = self.momentum
-            if f is None:
-                f = 1.0 / float(self.num_batches_tracked)
-            shape = self.running_mean.shape
-            for buf, new in ((self.running_mean, st.mean), (self.running_var, st.var(1))):
-                buf.mul_(1 - f).add_(f * new.reshape(shape).to(buf.dtype))
+        if mask is not None and not isinstance(mask, torch.Tensor):
+            mask = torch.as_tensor(mask, device=x.device)
+        stats = (self.running_mean, self.running_var, self.num_batches_tracked)
+        axes = list(normalize_axes(self.axes, x.ndim))
+        update_running_stats(x.detach(), mask, *stats, axes, self.momentum, self.nan_policy)
 
     def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
         """eval(): `(x - running_mean) r w + b`, the running statistics as constants."""

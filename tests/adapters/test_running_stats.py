@@ -23,9 +23,13 @@ def _pair(momentum, c=3):
     return bn, mv
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None])
-def test_matches_batchnorm2d_over_training_steps_then_eval(momentum):
+def test_matches_batchnorm2d_over_training_steps_then_eval(momentum, compiled):
     bn, mv = _pair(momentum)
+    if compiled:  # one graph: the update is the custom op normgrad::update_running_stats
+        torch._dynamo.reset()
+        mv = torch.compile(mv, backend="aot_eager", fullgraph=True)
     gen = torch.Generator().manual_seed(1)
     for step in range(4):
         x = (torch.randn(4, 3, 5, 2, generator=gen) * (step + 1) + step).double()
