@@ -23,7 +23,14 @@ import torch
 
 from ._axes import Axes, normalize_axes
 from ._ops import normalize_backward, normalize_forward, normalize_jvp
-from ._torch_ops import check_call, fold_batch, normalize, result_dtype
+from ._torch_ops import (
+    check_call,
+    fake_gradients,
+    fold_batch,
+    normalize,
+    or_empty,
+    result_dtype,
+)
 from ._validate import refuse_nan
 
 Tensor = torch.Tensor
@@ -170,10 +177,7 @@ def masked_backward_op(
     """`(dx, dweight, dbias)`; an absent parameter's gradient is an empty tensor."""
     call = _op_call(axes, eps, eps_mode, ddof, nan_policy, center)
     dx, dw, db = _backward(x, (weight, bias), mask, dy, call)
-    empty = x.new_empty(0)  # (outputs may not alias)
-    return dx.contiguous(), empty if dw is None else dw.contiguous(), (
-        empty.clone() if db is None else db.contiguous()
-    )  # fmt: skip
+    return dx.contiguous(), or_empty(dw, x), or_empty(db, x)
 
 
 @masked_forward_op.register_fake
@@ -183,12 +187,7 @@ def _forward_fake(x: Tensor, *_: Any) -> Tensor:
 
 @masked_backward_op.register_fake
 def _backward_fake(x: Tensor, weight: Any, bias: Any, *_: Any) -> tuple[Tensor, Tensor, Tensor]:
-    def like(p: Any) -> Tensor:
-        if p is None:
-            return x.new_empty(0)
-        return torch.empty_like(p, memory_format=torch.contiguous_format)
-
-    return x.new_empty(x.shape, dtype=result_dtype(x)), like(weight), like(bias)
+    return fake_gradients(x, weight, bias)
 
 
 def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

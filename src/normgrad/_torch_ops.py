@@ -538,10 +538,10 @@ def backward_op(
     _check_dy(dy, x, result_dtype(x))
     call = _op_call(axes, eps, eps_mode, ddof, center)
     dx, dw, db = backward(x, (weight, bias), (mean, var, rstd), dy, call)
-    return dx.contiguous(), _or_empty(dw, x), _or_empty(db, x)
+    return dx.contiguous(), or_empty(dw, x), or_empty(db, x)
 
 
-def _or_empty(t: Tensor | None, x: Tensor) -> Tensor:
+def or_empty(t: Tensor | None, x: Tensor) -> Tensor:
     return x.new_empty(0) if t is None else t.contiguous()  # (outputs may not alias)
 
 
@@ -566,17 +566,19 @@ def _backward_fake(
     x: Tensor, weight: Any, bias: Any, mean: Any, var: Any, rstd: Any, dy: Tensor, *_: Any
 ) -> tuple[Tensor, Tensor, Tensor]:
     _check_dy(dy, x, result_dtype(x))
-    dw = (
-        x.new_empty(0)
-        if weight is None
-        else torch.empty_like(weight, memory_format=torch.contiguous_format)
-    )
-    db = (
-        x.new_empty(0)
-        if bias is None
-        else torch.empty_like(bias, memory_format=torch.contiguous_format)
-    )
-    return x.new_empty(x.shape, dtype=result_dtype(x)), dw, db
+    return fake_gradients(x, weight, bias)
+
+
+def fake_gradients(x: Tensor, weight: Any, bias: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """The fake `(dx, dweight, dbias)` of a backward op (an empty one for an absent
+    parameter, as `or_empty` gives)."""
+
+    def like(p: Any) -> Tensor:
+        if p is None:
+            return x.new_empty(0)
+        return torch.empty_like(p, memory_format=torch.contiguous_format)
+
+    return x.new_empty(x.shape, dtype=result_dtype(x)), like(weight), like(bias)
 
 
 def _op_setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:

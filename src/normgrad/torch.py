@@ -100,11 +100,7 @@ def _with_statistics(
     )[0]  # fmt: skip
 
 
-@torch.library.custom_op(
-    "normgrad::update_running_stats",
-    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
-)
-def update_running_stats(
+def _update_running_stats(
     x: torch.Tensor,
     mask: torch.Tensor | None,
     running_mean: torch.Tensor,
@@ -128,16 +124,26 @@ def update_running_stats(
                 f"{tuple(axes)}) has {st.mean.numel()} groups. Use param_shape with one entry "
                 "per group, e.g. (C, 1, 1) with axes=(0, 2, 3)."
             )
-        if int(st.count.min()) < 2:
+        fewest = int(st.count.min())
+        if fewest < 2:
             raise NormgradError(
                 "track_running_stats needs more than one counted element per group in "
                 f"training (the running variance is unbiased); got input shape "
-                f"{tuple(x.shape)}, at least {int(st.count.min())} counted in a group."
+                f"{tuple(x.shape)}, at least {fewest} counted in a group."
             )
         num_batches_tracked.add_(1)
         f = 1.0 / float(num_batches_tracked) if momentum is None else momentum
         for buf, new in ((running_mean, st.mean), (running_var, st.var(1))):
             buf.mul_(1 - f).add_(f * new.reshape(buf.shape).to(buf.dtype))
+
+
+# torch.compile keeps this one op in its graph (the checks above look at data, which Dynamo
+# cannot guard on); eager calls run the function itself, without the op's dispatch.
+_UPDATE_RUNNING_STATS_OP = torch.library.custom_op(
+    "normgrad::update_running_stats",
+    _update_running_stats,
+    mutates_args=("running_mean", "running_var", "num_batches_tracked"),
+)
 
 
 class MeanVarNorm(nn.Module):
@@ -256,15 +262,17 @@ class MeanVarNorm(nn.Module):
             self.num_batches_tracked.zero_()
 
     def _update_running_stats(self, x: torch.Tensor, mask: Any) -> None:
-        """BatchNorm's update, through the custom op `normgrad::update_running_stats` (one
-        op that torch.compile keeps in its graph: its checks look at data)."""
+        """BatchNorm's update (`_update_running_stats`; under torch.compile its custom op
+        `normgrad::update_running_stats`)."""
         assert self.running_mean is not None and self.running_var is not None
         assert self.num_batches_tracked is not None
         if mask is not None and not isinstance(mask, torch.Tensor):
             mask = torch.as_tensor(mask, device=x.device)
         stats = (self.running_mean, self.running_var, self.num_batches_tracked)
         axes = list(normalize_axes(self.axes, x.ndim))
-        update_running_stats(x.detach(), mask, *stats, axes, self.momentum, self.nan_policy)
+        compiling = torch.compiler.is_compiling()
+        update = _UPDATE_RUNNING_STATS_OP if compiling else _update_running_stats
+        update(x.detach(), mask, *stats, axes, self.momentum, self.nan_policy)
 
     def _normalize_with_running_stats(self, x: torch.Tensor) -> torch.Tensor:
         """eval(): `(x - running_mean) r w + b`, the running statistics as constants."""
