@@ -389,6 +389,14 @@ def wrong_cases() -> list[Case]:
             "transpose",
         ),
         Case(
+            "cumsum_transposed_probe",
+            cumsum,
+            r(49).standard_normal((2, 7)),
+            cumsum_transposed,
+            "transpose",
+            {"mode": "probe"},
+        ),
+        Case(
             "problem_backward", problem_forward, problem_input(8, 8), problem_backward, "diagonal"
         ),
         Case(

@@ -260,15 +260,15 @@ LIN_A, LIN_B = 0.75, -1.25  # the combination a*dy1 + b*dy2 checked (exact in bi
 
 
 def linearity(ev: Evidence) -> list[Finding] | None:
-    """`_linearity`; with several inputs, where the whole dx is not linear in dy, the inputs
-    whose own part ignores dy are named (`ignores_dy` for each, from `_linearity` on its view:
-    two more vjp calls per input), or else the whole is (`offset`, `not_linear`)."""
+    """`_linearity`; with several inputs, where the whole dx is not linear in dy, each input
+    whose own part is not is named (`ignores_dy`, `offset` or `not_linear`, from `_linearity`
+    on its view: two more vjp calls per input), or else the whole is."""
     found = _linearity(ev)
     t = ev.target
     if found is None or found[0].kind == "ignores_dy" or not t.multi:
         return found
     own = [(i, _linearity(ev.for_input(i))) for i in range(len(t.names))]
-    named = [cat.for_input(f[0], t.names[i], i) for i, f in own if f and f[0].kind == "ignores_dy"]
+    named = [cat.for_input(f[0], t.names[i], i) for i, f in own if f]
     return named or found
 
 
@@ -626,34 +626,55 @@ def probe_zero_for_one_input(ev: Evidence) -> list[Finding] | None:
 
 
 def probe_per_input(ev: Evidence) -> list[Finding] | None:
-    """With several inputs: one directional derivative per input (`_probe_one_input`), seen
-    through both cotangents: each input right, or off by its own factor c_i (the same for
-    both); one `sign`/`scale` finding per wrong input."""
+    """With several inputs, each seen along a directional derivative of its own
+    (`_probe_one_input`) through both cotangents: right, off by its own factor c_i (the same
+    for both: `sign`/`scale`), or named by a pattern on its view (`ON_ONE_INPUT_PROBE` on
+    `Evidence.for_input`: vjp calls and directional derivatives on that input, the others held
+    at x). Answers when every wrong input is named so, input by input, in order."""
     t = ev.target
     if not t.multi:
         return None
-    verdicts: list[tuple[str, float | None]] = []
+    verdicts: list[tuple[str, Any]] = []  # (name, None if right, else c or its findings)
     for i, name in enumerate(t.names):
-        ratios = []
-        right = True
-        for ana, num, limit in _probe_one_input(ev, i):
-            right = right and abs(ana - num) <= limit
-            if not abs(num) > 4 * limit:
-                return None  # too small to name a factor
-            ratios.append((ana / num, limit / abs(num)))
-        (c1, e1), (c2, e2) = ratios
-        if right:
+        seen = _probe_one_input(ev, i)
+        if all(abs(ana - num) <= limit for ana, num, limit in seen):
             verdicts.append((name, None))
-        elif abs(c1 - c2) <= 2 * (e1 + e2) * max(1.0, abs(c1)):
-            verdicts.append((name, (c1 + c2) / 2))
-        else:
+            continue
+        c = _probe_factor(seen)
+        if c is not None:
+            verdicts.append((name, c))
+            continue
+        own = first_answer(ev.for_input(i), ON_ONE_INPUT_PROBE)
+        if own is None:
             return None
-    wrong = [(i, c) for i, (_, c) in enumerate(verdicts) if c is not None]
-    common = len(wrong) == len(verdicts) and len({round(c, 6) for _, c in wrong}) == 1
-    if not wrong or common:
-        return None  # nothing per input, or one common factor (`probe_sign_or_scale`)
+        verdicts.append((name, [cat.for_input(f, name, i) for f in own]))
+    factors = [c for _, c in verdicts if isinstance(c, float)]
+    if not factors and all(c is None for _, c in verdicts):
+        return None
+    if len(factors) == len(verdicts) and len({round(c, 6) for c in factors}) == 1:
+        return None  # one common factor: `probe_sign_or_scale` names it
     sizes = [t.n, t.m, *[int(np.prod(sh)) for sh in t.shapes]]
-    return [_input_finding(i, _nice(c), verdicts, sizes) for i, c in wrong]
+    found: list[Finding] = []
+    for i, (_, v) in enumerate(verdicts):
+        if isinstance(v, float):
+            found.append(_input_finding(i, _nice(v), verdicts, sizes))
+        elif v is not None:
+            found.extend(v)
+    return found
+
+
+def _probe_factor(seen: list[tuple[float, float, float]]) -> float | None:
+    """The one factor c with analytic = c numerical through both cotangents, or None (a
+    numerical value too small to name one, or two factors)."""
+    ratios = []
+    for ana, num, limit in seen:
+        if not abs(num) > 4 * limit:
+            return None
+        ratios.append((ana / num, limit / abs(num)))
+    (c1, e1), (c2, e2) = ratios
+    if abs(c1 - c2) <= 2 * (e1 + e2) * max(1.0, abs(c1)):
+        return (c1 + c2) / 2
+    return None
 
 
 def _probe_one_input(ev: Evidence, i: int) -> list[tuple[float, float, float]]:
@@ -699,13 +720,29 @@ def probe_transpose(ev: Evidence) -> list[Finding] | None:
     limit, _ = tol(jdy, err, np.abs(dx) + np.abs(jdy), big, floor=floor)
     if not np.all(np.abs(dx - jdy) <= 2 * limit):
         return None
-    # J dy must differ from J^T dy, seen through the probes: <J dy, u> vs <dy, J u>.
-    assert ev.probes is not None
+    # J dy must differ from J^T dy: <J dy, u> vs <dy, J u>, along the probes or one of its own.
+    if ev.probes is None:
+        return None if _symmetric_along(ev, jdy, err) else [cat.TRANSPOSE.finding()]
     sym = all(
         abs(jdy @ u - n) <= tl + float(np.abs(err) @ np.abs(u))
         for u, n, tl in zip(ev.probes.dirs, s1.num, s1.tol, strict=True)
     )
     return None if sym else [cat.TRANSPOSE.finding()]
+
+
+def _symmetric_along(ev: Evidence, jdy: F64, err: F64) -> bool:
+    """<J dy, u> = <dy, J u> within tolerance, for one random direction u (one directional
+    derivative): for the view of one input (`Evidence.for_input`), which has no probes."""
+    dy, tol = ev.sides[0].dy, ev.tol
+    u = ev.steps * ev.rng.standard_normal(ev.target.n)
+    d = ev.fd.directional(u)
+    lhs, rhs = float(jdy @ u), float(dy @ d.value)
+    fde = float(np.abs(err) @ np.abs(u)) + float(np.abs(dy) @ d.err)
+    au = np.abs(u)
+    floor = float(ev.fd.rounding_floor(tol.eps_a) @ au) * float(np.max(np.abs(dy)))
+    scale = float(np.abs(dy) @ np.abs(d.value)) + float(np.abs(jdy) @ au)
+    limit, _ = tol(lhs - rhs, fde, scale, scale, float(np.sum(au)), floor)
+    return abs(lhs - rhs) <= 2 * limit
 
 
 def probe_diagonal(ev: Evidence) -> list[Finding] | None:
@@ -787,23 +824,6 @@ def _block(ev: Evidence, cols: Any) -> Jacobians | None:
     floor = ev.fd.rounding_floor(tol.eps_a)[cols][None, :]
     T, _ = tol(Jb, Eb, np.abs(Ab) + np.abs(Jb), scale, floor=floor)
     return Jacobians.compare(Ab, Jb, np.asarray(T))
-
-
-def probe_per_input_patterns(ev: Evidence) -> list[Finding] | None:
-    """With several inputs: `ON_ONE_INPUT_PROBE` on the view (`Evidence.for_input`: vjp calls
-    and directional derivatives on that input, the others held at x) of each input seen wrong
-    along a probe of its own (`_probe_one_input`); the findings of each input a pattern names,
-    said of that input."""
-    t = ev.target
-    if not t.multi:
-        return None
-    found: list[Finding] = []
-    for i, name in enumerate(t.names):
-        if all(abs(ana - num) <= limit for ana, num, limit in _probe_one_input(ev, i)):
-            continue  # right along a probe of its own: no block of a right input is built
-        own = first_answer(ev.for_input(i), ON_ONE_INPUT_PROBE)
-        found.extend(cat.for_input(f, name, i) for f in own or [])
-    return found or None
 
 
 def localize(ev: Evidence) -> Diagnosis:
@@ -904,8 +924,7 @@ PROBE: tuple[Rule, ...] = (
     probe_transpose,
     probe_diagonal,
     probe_group,
-    probe_per_input_patterns,
 )
-# Probe mode, `probe_per_input_patterns`: the rules that build what they need on one input (no
-# probes of their own: `probe_transpose` compares with the probes, so stays whole).
-ON_ONE_INPUT_PROBE: tuple[Rule, ...] = (probe_diagonal, probe_group)
+# Probe mode, `probe_per_input`: the rules that build what they need on one input (the view has
+# no probes: `probe_transpose` checks symmetry along a direction of its own there).
+ON_ONE_INPUT_PROBE: tuple[Rule, ...] = (probe_transpose, probe_diagonal, probe_group)
