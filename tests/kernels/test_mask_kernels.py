@@ -237,6 +237,50 @@ def test_large_rows_on_the_pool(rng):
     assert ctx.count.shape == (512, 1)
 
 
+NATIVE_LAYOUTS = [  # enough elements for the pool (`_layout.threads_for`), groups whole
+    pytest.param((512, 96), -1, (96,), id="rows"),
+    pytest.param((256, 6, 32), (1, 2), (6, 32), id="trailing-two"),
+    pytest.param((64, 16, 8, 8), (0, 2, 3), (16, 1, 1), id="channels"),
+    pytest.param((32, 16, 8, 8), (2, 3), (8, 8), id="instance"),
+]
+
+
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "axes", "wshape"), NATIVE_LAYOUTS)
+def test_masked_groups_run_as_one_native_job_each_way(
+    rng, monkeypatch, shape, axes, wshape, dtype, center
+):
+    """On the pool, whole masked groups of C-contiguous arrays run one native job forward
+    and one backward (no Python on the workers), with the same results as the generic
+    path; a dy of another dtype takes the Python jobs."""
+    from normgrad.kernels import _run
+
+    jobs = []
+
+    def counting(caller, nthreads, args):
+        jobs.append((caller.__name__, nthreads))
+        return real(caller, nthreads, args)
+
+    real = _run.run_native
+    monkeypatch.setattr(_run, "run_native", counting)
+    x, dy = _data(rng, shape, dtype)
+    w, b = _params(rng, wshape, "weight+bias", dtype)
+    mask = rng.random(shape) < 0.7
+    with ng.use_kernels("blocked"):
+        threads = ng.plan_forward(x, axes, mask=mask).threads
+    if threads[1] < 2:
+        pytest.skip("one thread on this machine: no pool")
+    ddof = 1 if center else 0  # (ddof travels in the job's m slot)
+    _agree(x, axes, dy, "blocked", mask=mask, weight=w, bias=b, center=center, ddof=ddof)
+    assert [name for name, _ in jobs] == ["post_masked_forward", "post_masked_backward"]
+    assert all(n == threads[1] for _, n in jobs)
+    jobs.clear()
+    other = np.float64 if dtype == np.float32 else np.float32
+    _agree(x, axes, dy.astype(other), "blocked", mask=mask, center=center)
+    assert [name for name, _ in jobs] == ["post_masked_forward"]
+
+
 def _loop_masked(x, mask, axes, eps, eps_mode, center):
     """Own float64 reference, one group at a time."""
     red = ng._axes.normalize_axes(axes, x.ndim)

@@ -6,7 +6,8 @@ below), and every thread, workers included, calls the job's *part*: a `cfunc` th
 them again and runs one kernel of `_loops.py` for one dtype. `part_address` compiles a part
 on first use (or loads it from numba's cache); all parts are made by `_make_part` from one
 template. A worker stays in its GIL-free spin from one such job to the next: no Python, none
-of the caller's objects to touch.
+of the caller's objects to touch. Masked calls with whole groups run the same way
+(`post_masked_forward`, `post_masked_backward`: the mask and counts in two more slots).
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ _W, _B = 20, 23  # each a table: address, rows, columns; their row rules at _RUL
 _RULE = 26
 _DW, _DB = 32, 36  # each gradient's sums: address, slots, rows, columns
 _AFFINE, _HAS_W, _NEED_DW, _NEED_DB, _CENTER = range(40, 45)
-assert _CENTER < PARAMS
+_MASK, _COUNT = 45, 46  # a masked job's counted elements (bool, x's block shape), counts
+assert _COUNT < PARAMS
 
 
 @njit(cache=True, inline="always")
@@ -117,6 +119,32 @@ def _backward_split_args(board, xdtype):
     return (phase, split, *_backward_args(board, xdtype))
 
 
+@njit(cache=True, inline="always")
+def _mask(p):
+    s4 = (p[_SHAPE], p[_SHAPE + 1], p[_SHAPE + 2], p[_SHAPE + 3])
+    return carray(address(p[_MASK]), s4, np.bool_)
+
+
+@njit(cache=True, inline="always")
+def _forward_masked_args(board, xdtype):
+    """`forward_masked`'s arguments after the claim: `op[2]` is ddof, `stats` (4, groups)."""
+    io, par, op, _, flags = _forward_args(board, xdtype)
+    p = board_params(board)
+    stats = carray(address(p[_STATS]), (4, p[_GROUPS]), np.float64)
+    return io, _mask(p), par, op, stats, flags
+
+
+@njit(cache=True, inline="always")
+def _backward_masked_args(board, xdtype):
+    """`backward_masked`'s arguments after the claim: `bst = (mean, rstd, c, count, ddof,
+    center)`."""
+    io, par, acc, bst, flags = _backward_args(board, xdtype)
+    p = board_params(board)
+    mean, r, c, ddof, center = bst
+    count = carray(address(p[_COUNT]), p[_GROUPS], np.float64)
+    return io, _mask(p), par, acc, (mean, r, c, count, ddof, center), flags
+
+
 def _template(addr, slot):
     """A part: `KERNEL(claim, *READ(board, DTYPE))` (the three names are the globals
     `_make_part` gives each copy)."""
@@ -138,14 +166,17 @@ _KERNELS = {
     ("forward", True): (_loops.forward_split, _forward_split_args),
     ("backward", False): (_loops.backward_groups, _backward_args),
     ("backward", True): (_loops.backward_split, _backward_split_args),
+    ("forward_masked", False): (_loops.forward_masked, _forward_masked_args),
+    ("backward_masked", False): (_loops.backward_masked, _backward_masked_args),
 }
 _COMPILED: list[Any] = []  # kept alive: workers call them by address
 
 
 @functools.cache
 def part_address(direction: str, split: bool, itemsize: int) -> int:
-    """The address of the part for `direction` ("forward", "backward"), split or whole
-    groups, and float32 or float64 (`itemsize` 4 or 8), compiled (or loaded) on first use."""
+    """The address of the part for `direction` ("forward", "backward", "forward_masked",
+    "backward_masked"), split or whole groups (masked: whole only), and float32 or float64
+    (`itemsize` 4 or 8), compiled (or loaded) on first use."""
     kernel, read = _KERNELS[direction, split]
     dtype = np.float32 if itemsize == 4 else np.float64
     name = f"_part_{direction}_{'split' if split else 'groups'}_f{8 * itemsize}"
@@ -204,3 +235,19 @@ def post_backward(board, nthreads, part, job, bst, par, sums, flags):
         p[at], p[at + 1], p[at + 2], p[at + 3] = a.ctypes.data, a.shape[0], a.shape[1], a.shape[2]
     p[_HAS_W], p[_NEED_DW], p[_NEED_DB], p[_STREAM] = flags
     run_job(board, part, nchunks, nthreads)
+
+
+@njit(cache=True, nogil=True)
+def post_masked_forward(board, nthreads, part, job, op, par, flags, mask):
+    """`post_forward` of a masked job (`op[2]` ddof, stats (4, groups), no split groups)."""
+    board_params(board)[_MASK] = mask.ctypes.data
+    post_forward(board, nthreads, part, job, op, par, flags)
+
+
+@njit(cache=True, nogil=True)
+def post_masked_backward(board, nthreads, part, job, bst, par, sums, flags, masked):
+    """`post_backward` of a masked job: `bst = (mean, rstd, c, ddof, center)`, `masked =
+    (mask, count)`."""
+    p = board_params(board)
+    p[_MASK], p[_COUNT] = masked[0].ctypes.data, masked[1].ctypes.data
+    post_backward(board, nthreads, part, job, bst, par, sums, flags)

@@ -14,11 +14,18 @@ import numpy as np
 from .. import _runtime
 from .._formulas import backward_coefficients, rstd
 from . import _layout, _loops
-from ._native import part_address, post_backward, post_forward
+from ._native import (
+    part_address,
+    post_backward,
+    post_forward,
+    post_masked_backward,
+    post_masked_forward,
+)
 from ._pool import CHUNKS_PER_THREAD, chunks, phase_ctl, run, run_native
 
 Result = tuple[Any, ...]
 _NO_PARTS = np.zeros((2, 1))  # split partials where groups are whole (never used)
+_ONE_CHUNK = np.ones(1)  # a native job's chunk counts where groups are whole (never read)
 
 
 def streams(out: np.ndarray) -> bool:
@@ -290,9 +297,14 @@ def forward_masked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any
     y, y4, stream = _output(x, plan, spec.dtype, out)
     stats = np.empty((4, lay.groups))  # mean, var, rstd, count
     flags = (w is not None or b is not None, stream)
-    args = ((x4, y4), mk4, _par((wt, bt)), plan.op, stats, flags)
+    par = _par((wt, bt))
+    args = ((x4, y4), mk4, par, plan.op, stats, flags)
     nc, nthreads = plan.threads
-    if nc == 1:
+    if nc == 1 and nthreads > 1 and _native_arrays(x4, y4, mk4):  # one job, no Python
+        part = part_address("forward_masked", False, x.itemsize)
+        job = (chunks(lay.groups, nthreads), x4, y4, stats, _ONE_CHUNK, _NO_PARTS)
+        run_native(post_masked_forward, nthreads, (part, job, plan.op, par, flags, mk4))
+    elif nc == 1:
         run(_loops.forward_masked, lay.groups, nthreads, args)
     else:  # a few large groups, each split into `nc` chunks
         items = lay.groups * nc
@@ -318,12 +330,19 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     nchunks = chunks(lay.groups, nthreads, _chunks_per_thread(ctx))
     sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
     per = (ctx.mean, ctx.rstd, c, ctx.count)
-    mean, r, cg, count = (_layout.keepdims_to_groups(v, lay) for v in per)
+    mean, r, cg, count = (np.ascontiguousarray(_layout.keepdims_to_groups(v, lay)) for v in per)
     bst = (mean, r, cg, count, plan.op[2], ctx.center)
     io = (x4, _block_dy(dy, lay), dx4)
-    args = (io, mk4, _par((wt, bt)), (*sums, 0), bst, _backward_flags(ctx, False))
+    par, flags = _par((wt, bt)), _backward_flags(ctx, False)
+    args = (io, mk4, par, (*sums, 0), bst, flags)
     nc = plan.threads[0]
-    if nc == 1:
+    if nc == 1 and nthreads > 1 and _native_arrays(*io, mk4):  # one job, no Python
+        part = part_address("backward_masked", False, x.itemsize)
+        job = (nchunks, 1, *io, _NO_PARTS)
+        native_bst = (mean, r, cg, plan.op[2], ctx.center)
+        run_native(post_masked_backward, nthreads,
+                   (part, job, native_bst, par, sums, flags, (mk4, count)))  # fmt: skip
+    elif nc == 1:
         run(_loops.backward_masked, lay.groups, nthreads, args, nchunks)
     else:  # split groups: partial sums, then `dx` (sums kept per chunk, as `backward_blocked`)
         items = lay.groups * nc
@@ -331,7 +350,7 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
         sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
         ps = np.empty((2, items))  # partial sum g and sum g (x - mu)
         split = (nc, ps[0], ps[1])
-        args = (io, mk4, _par((wt, bt)), (*sums, 0), bst, _backward_flags(ctx, False))
+        args = (io, mk4, par, (*sums, 0), bst, flags)
         run(
             _loops.backward_split_masked,
             items,
@@ -340,6 +359,15 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
             nchunks,
         )
     return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
+
+
+def _native_arrays(x4: np.ndarray, *others: np.ndarray) -> bool:
+    """Can a native job view these block arrays by address (C-contiguous, aligned, the
+    others of x's dtype or a mask)?"""
+    arrays = (x4, *others)
+    if not all(a.flags.c_contiguous and a.flags.aligned for a in arrays):
+        return False
+    return all(a.dtype == x4.dtype or a.dtype == np.bool_ for a in others)
 
 
 RUNNERS: dict[tuple[str, str], Callable[..., Result]] = {
