@@ -107,6 +107,35 @@ def test_affine_agrees(rng, shape, axes, wshape, dtype, path):
 
 
 @pytest.mark.parametrize(
+    ("shape", "axes", "make"),
+    [
+        pytest.param((4, 3, 2, 5, 6), (2, 3, 4), lambda r: r[:6:2, :4:2, :1, :1], id="gn-strided"),
+        pytest.param(
+            (4, 3, 2, 5, 6),
+            (2, 3, 4),
+            lambda r: np.broadcast_to(r[:1, :2, :1, :1], (3, 2, 1, 1)),
+            id="gn-stride-0",
+        ),
+        pytest.param((3, 4, 5, 6), (1, 2), lambda r: r[:4, :1, :6, 0], id="inner-kept"),
+        pytest.param((6, 5, 8), -1, lambda r: r[0, 0, 0, :16:2], id="ln-strided"),
+    ],
+)
+@PATHS
+def test_strided_and_broadcast_parameters_agree(rng, shape, axes, make, path):
+    """Parameters that are strided or stride-0 views (their tables are gathered from the
+    parameter's own positions, their gradients scattered back to them) match the generic
+    path, and the parameters are not written to."""
+    x = rng.normal(size=shape)
+    dy = rng.normal(size=shape)
+    w = make(rng.normal(size=(8, 6, 6, 16)) + 1)
+    b = make(rng.normal(size=(8, 6, 6, 16)))
+    w0, b0 = w.copy(), b.copy()
+    check(x, axes, dy, path=path, weight=w, bias=b)
+    np.testing.assert_array_equal(w, w0)
+    np.testing.assert_array_equal(b, b0)
+
+
+@pytest.mark.parametrize(
     ("shape", "wshape", "path"),
     [((64, 768), (768,), "small"), ((512, 768), (768,), "native"), ((8, 16, 20), (20,), "small"),
      ((8, 32, 2, 28, 28), (32, 2, 1, 1), "native"), ((2, 4, 2, 5, 5), (4, 2, 1, 1), "small")],

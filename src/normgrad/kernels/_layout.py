@@ -12,7 +12,6 @@ either kind have no layout (`None`), and the generic path takes them.
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -182,6 +181,7 @@ class Table(NamedTuple):
     rule: tuple[int, int, int]
     varies: tuple[bool, bool, bool, bool]  # along (Ka, Ra, Kb, Rb)
     reshape: bool = False  # the values are the parameter reshaped (its axes in block order)
+    gather: np.ndarray | None = None  # else: values = parameter.ravel()[gather]
 
 
 _ABSENT = {one: Table(np.full((1, 1), float(one)), (0, 0, 0), (False,) * 4, True) for one in (0, 1)}
@@ -189,76 +189,53 @@ _ABSENT = {one: Table(np.full((1, 1), float(one)), (0, 0, 0), (False,) * 4, True
 
 class Recipe(NamedTuple):
     """How to build a parameter's table for a layout, found once per (shapes, layout): the
-    block view's strides into the parameter broadcast to x, and whether a plain reshape of
-    the parameter gives the table (its axes in block order: the common case)."""
+    table's row rule, where the parameter varies, and either that a plain reshape of the
+    parameter gives the table (its axes in block order: the common case) or `gather`, the
+    flat positions in the parameter of the table's values (a gather, read-only)."""
 
-    strides4: tuple[int, ...]  # in elements of the broadcast parameter
     compact: tuple[int, int, int, int]
     rule: tuple[int, int, int]
     varies: tuple[bool, bool, bool, bool]
     reshape: bool
+    gather: np.ndarray | None
 
 
 def table(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Table | None:
     """An affine parameter as a `Table` (a stand-in of ones or zeros when absent); None if it
-    varies over part of a block only (its axes do not merge where x's do)."""
+    varies over part of the reduced block Rb only (the table would be as large as x)."""
     if p is None:
         return _ABSENT[int(one)]
     p = np.asarray(p)
     recipe = _recipe(p.shape, x.shape, lay)
     if recipe is None:
-        return _materialized(p, x, lay)
+        return None
     if recipe.reshape:
         values = np.ascontiguousarray(p, dtype=np.float64).reshape(-1, recipe.compact[3])
-    else:
-        full = np.broadcast_to(p, x.shape)
-        strides = tuple(s * full.itemsize for s in recipe.strides4)
-        view = np.lib.stride_tricks.as_strided(full, recipe.compact, strides)
-        values = np.array(view, dtype=np.float64, order="C").reshape(-1, recipe.compact[3])
-    return Table(values, recipe.rule, recipe.varies, recipe.reshape)
-
-
-def _materialized(p: np.ndarray, x: np.ndarray, lay: Layout) -> Table | None:
-    """The table of a parameter that varies over part of a kept block (group norm's
-    per-channel weight on merged (batch, group) axes): one row per kept position of the
-    blocks it varies over, the values copied out of its broadcast. None where it varies over
-    part of the reduced block Rb (the table would be as large as x)."""
-    full = np.broadcast_to(p, x.shape)
-    el = [s // full.itemsize for s in full.strides]
-    varies = tuple(any(el[i] for i in blk) for blk in lay.blocks)
-    rb = lay.blocks[3]
-    if varies[3] and not all(el[i] for i in rb):
-        return None
-    block_varies = {i: v for blk, v in zip(lay.blocks, varies, strict=True) for i in blk}
-    index = tuple(slice(None) if block_varies.get(i, False) else slice(0, 1) for i in range(x.ndim))
-    compact = tuple(n if v else 1 for n, v in zip(lay.shape4, varies, strict=True))
-    values = np.array(full[index].transpose(lay.perm), dtype=np.float64, order="C")
-    _, ra, kb, _ = compact
-    rule = (ra * kb if varies[0] else 0, kb if varies[1] else 0, 1 if varies[2] else 0)
-    return Table(values.reshape(-1, compact[3]), rule, varies, False)  # type: ignore[arg-type]
+        return Table(values, recipe.rule, recipe.varies, True)
+    values = np.asarray(p, dtype=np.float64).reshape(-1)[recipe.gather]
+    return Table(values, recipe.rule, recipe.varies, False, recipe.gather)
 
 
 @functools.lru_cache(maxsize=256)
 def _recipe(pshape: tuple[int, ...], shape: tuple[int, ...], lay: Layout) -> Recipe | None:
+    """Found on a stand-in parameter that holds its own flat positions: a block the
+    parameter varies over part of (its axes do not merge where x's do) is kept whole in the
+    table, one row per kept position (group norm's per-channel weight on merged (batch,
+    group) axes); the reduced block Rb only wholly or not at all (None otherwise)."""
     full = np.broadcast_to(np.arange(math.prod(pshape)).reshape(pshape), shape)
     el = [s // full.itemsize for s in full.strides]
-    strides4 = []
-    for blk in lay.blocks:
-        st = [el[i] for i in blk]
-        if any(st) and not all(
-            _mergeable(full.shape, tuple(el), o, i) and el[i] for o, i in itertools.pairwise(blk)
-        ):
-            return None
-        strides4.append(st[-1] if st else 0)
-    varies = tuple(s != 0 for s in strides4)
+    varies = tuple(any(el[i] for i in blk) for blk in lay.blocks)
+    if varies[3] and not all(el[i] for i in lay.blocks[3]):
+        return None
     compact = tuple(n if v else 1 for n, v in zip(lay.shape4, varies, strict=True))
-    probe = np.lib.stride_tricks.as_strided(
-        full, compact, tuple(s * full.itemsize for s in strides4)
-    )
-    reshape = bool(np.array_equal(probe.ravel(), np.arange(probe.size)))
     _, ra, kb, _ = compact
     rule = (ra * kb if varies[0] else 0, kb if varies[1] else 0, 1 if varies[2] else 0)
-    return Recipe(tuple(strides4), compact, rule, varies, reshape)  # type: ignore[arg-type]
+    block_varies = {i: v for blk, v in zip(lay.blocks, varies, strict=True) for i in blk}
+    pick = tuple(slice(None) if block_varies.get(i) else slice(0, 1) for i in range(len(shape)))
+    index = np.array(full[pick].transpose(lay.perm), order="C").reshape(-1, compact[3])
+    reshape = bool(np.array_equal(index.ravel(), np.arange(math.prod(pshape))))
+    index.flags.writeable = False
+    return Recipe(compact, rule, varies, reshape, None if reshape else index)  # type: ignore[arg-type]
 
 
 def per_group(t: Table, lay: Layout) -> np.ndarray:
@@ -286,23 +263,18 @@ def accumulator(t: Table, lay: Layout, slots: int, used: bool) -> np.ndarray:
 _NO_SUMS = np.zeros((1, 1, 1))  # never written: need_dw / need_db is False
 
 
-def param_grad(acc: np.ndarray, t: Table, lay: Layout, x: np.ndarray, like: Any) -> Any:
+def param_grad(acc: np.ndarray, t: Table, like: Any) -> Any:
     """Sum the accumulator's slots (in order) and give the result the parameter's own shape
-    and dtype."""
+    and dtype: a reshape, or the gather's adjoint (each table value's sum added back to the
+    parameter position it was read from, in table order)."""
     if like is None:
         return None
     total = acc[0] if acc.shape[0] == 1 else acc.sum(axis=0)
     dtype = like.dtype if like.dtype.kind == "f" else np.float64  # (issubdtype: 0.5 us)
-    if t.reshape:  # (the common case, without the axis bookkeeping below)
+    if t.gather is None:
         return total.reshape(like.shape).astype(dtype)
-    axes = [i for blk, v in zip(lay.blocks, t.varies, strict=True) if v for i in blk]
-    total = total.reshape([x.shape[i] for i in axes]).transpose(np.argsort(axes))
-    full = total.reshape([x.shape[i] if i in axes else 1 for i in range(x.ndim)])
-    lead = x.ndim - len(like.shape)  # sum where the parameter broadcasts (a materialized table)
-    summed = [
-        i for i in range(x.ndim) if full.shape[i] > 1 and (i < lead or like.shape[i - lead] == 1)
-    ]
-    return full.sum(axis=tuple(summed)).reshape(like.shape).astype(dtype)
+    summed = np.bincount(t.gather.reshape(-1), weights=total.reshape(-1), minlength=like.size)
+    return summed.reshape(like.shape).astype(dtype)
 
 
 # --- threads ------------------------------------------------------------------------------------

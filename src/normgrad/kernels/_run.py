@@ -87,9 +87,9 @@ def _grad_sums(ctx: Any, tables: Any, lay: Any, slots: int) -> tuple[np.ndarray,
     return dw, _layout.accumulator(bt, lay, slots, ctx.bias is not None)
 
 
-def _param_grads(ctx: Any, sums: Any, tables: Any, lay: Any) -> tuple[Any, Any]:
-    dw = _layout.param_grad(sums[0], tables[0], lay, ctx.x, ctx.weight)
-    return dw, _layout.param_grad(sums[1], tables[1], lay, ctx.x, ctx.bias)
+def _param_grads(ctx: Any, sums: Any, tables: Any) -> tuple[Any, Any]:
+    dw = _layout.param_grad(sums[0], tables[0], ctx.weight)
+    return dw, _layout.param_grad(sums[1], tables[1], ctx.bias)
 
 
 def _backward_flags(ctx: Any, stream: bool) -> tuple[bool, bool, bool, bool]:
@@ -189,7 +189,7 @@ def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     tables = _tables(x, cp.layout, ctx.weight, ctx.bias)
     sums = _grad_sums(ctx, tables, cp.layout, 1)
     kernel(x, dy, dx, cp.shape4, bst, _par(tables), sums, _backward_flags(ctx, False))
-    return (dx, *_param_grads(ctx, sums, tables, cp.layout))
+    return (dx, *_param_grads(ctx, sums, tables))
 
 
 def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
@@ -210,7 +210,7 @@ def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     run_native(post_backward, cp.threads, args)
     if tables is None:
         return dx, None, None
-    return (dx, *_param_grads(ctx, sums, tables, cp.layout))
+    return (dx, *_param_grads(ctx, sums, tables))
 
 
 def _chunks_per_thread(ctx: Any) -> int:
@@ -253,7 +253,7 @@ def backward_blocked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> R
         ps = np.empty((2, items))  # partial sum g and sum g (x - mu)
         args = (phase_ctl(nchunks, nthreads), (nc, ps[0], ps[1]), *common)
         run(_loops.backward_split, items, nthreads, args, nchunks)
-    return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
+    return (dx, *_param_grads(ctx, sums, (wt, bt)))
 
 
 def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
@@ -282,7 +282,7 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     for acc, t, per, given in zip(sums, (wt, bt), (r * sdyd, sdy), used, strict=True):
         if given:
             np.add.at(acc[0, :, 0], _layout.group_rows(t, lay), per)  # in group order
-    return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
+    return (dx, *_param_grads(ctx, sums, (wt, bt)))
 
 
 # --- masks (the small and blocked plans of a masked call: `_dispatch._masked`) ------------------
@@ -358,7 +358,7 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
             (phase_ctl(nchunks, nthreads), split, *args),
             nchunks,
         )
-    return (dx, *_param_grads(ctx, sums, (wt, bt), lay))
+    return (dx, *_param_grads(ctx, sums, (wt, bt)))
 
 
 def _native_arrays(x4: np.ndarray, *others: np.ndarray) -> bool:
