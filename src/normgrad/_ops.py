@@ -63,21 +63,25 @@ class NormContext:
     mask: Array | None = None  # the counted elements (x's shape; mask=, nan_policy="omit")
     count: Array | None = None  # with a mask: the counted elements per group (keepdims)
     planned: Any = field(default=None, repr=False)  # masked kernels: (mode, forward Plan)
+    tables: Any = field(default=None, repr=False)  # planned kernels: the forward's tables
 
     @property
     def xp(self) -> Any:
         return namespace(self.x)
 
 
-def _context(x: Array, spec: Spec, stats: tuple[Array, ...], w: Any, b: Any) -> NormContext:
+def _context(
+    x: Array, spec: Spec, stats: tuple[Array, ...], w: Any, b: Any, tables: Any = None
+) -> NormContext:
     """`NormContext(...)` at a third of the frozen dataclass `__init__`'s cost (which small
-    calls feel); a test checks that the fields match."""
+    calls feel); a test checks that the fields match. `tables`: a planned kernel forward's
+    parameter tables (its fifth result), which that backward reuses."""
     ctx = object.__new__(NormContext)
     object.__setattr__(ctx, "__dict__", {
         "x": x, "axes": spec.axes, "mean": stats[0], "var": stats[1], "rstd": stats[2],
         "eps": spec.eps, "eps_mode": spec.eps_mode, "ddof": spec.ddof, "weight": w, "bias": b,
         "group_size": spec.n, "dtype": spec.dtype, "center": spec.center,
-        "fixed": False, "mask": None, "count": None, "planned": None,
+        "fixed": False, "mask": None, "count": None, "planned": None, "tables": tables,
     })  # fmt: skip
     return ctx
 
@@ -205,10 +209,10 @@ def normalize_forward(
         return _masked(x, spec, plan, (w, b), out)
     if stats is not None:
         return _with_statistics(x, spec, check_stats(spec, x, stats, center), (w, b), out)
-    res = _runner("forward", plan.path)(x, spec, w, b, plan, out)  # (y, mean, var, rstd)
+    res = _runner("forward", plan.path)(x, spec, w, b, plan, out)  # (y, mean, var, rstd, ...)
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, res[2], x, spec.axes)
-    return res[0], _context(x, spec, res[1:], w, b)
+    return res[0], _context(x, spec, res[1:4], w, b, res[4] if len(res) > 4 else None)
 
 
 def _masked(

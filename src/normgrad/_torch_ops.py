@@ -467,10 +467,10 @@ def eager_forward(x: Tensor, w: Any, b: Any, planned: Planned) -> tuple[Tensor, 
     validating or planning again; `(y, the NumPy context)`."""
     spec, plan, _ = planned
     xh, wh, bh = _host(x, "x"), _host(w, "weight"), _host(b, "bias")
-    y, mean, var, rstd = _ops_runner("forward", plan.path)(xh, spec, wh, bh, plan, None)
+    y, mean, var, rstd, tables = _ops_runner("forward", plan.path)(xh, spec, wh, bh, plan, None)
     if spec.eps == 0:
         refuse_zero_variance(spec.xp, var, xh, spec.axes)
-    return torch.from_numpy(y), _context(xh, spec, (mean, var, rstd), wh, bh)
+    return torch.from_numpy(y), _context(xh, spec, (mean, var, rstd), wh, bh, tables)
 
 
 def eager_backward(

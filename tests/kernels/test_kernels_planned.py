@@ -335,3 +335,39 @@ def test_streaming_into_out_agrees(rng, shape, axes, dtype):
         gr = ng.normalize_backward(cr, dy)
     close(ys, yr, 4, y_scale(cr))
     close(dxs, gr.x, 16, dx_scale(cr, dy))
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "pshape", "kept"),
+    [
+        pytest.param((32, 128), -1, (128,), True, id="small-rows"),
+        pytest.param((64, 4096), -1, (4096,), True, id="native-rows"),
+        pytest.param((8, 6, 5, 7), (0, 2, 3), (6, 1, 1), True, id="small-channels"),
+        pytest.param((4, 6, 5), (1, 2), (4, 6, 5), False, id="full-shaped"),
+    ],
+)
+def test_backward_reuses_the_forward_tables(rng, monkeypatch, shape, axes, pshape, kept):
+    """A planned forward's parameter tables are kept in the context and the backward uses
+    them instead of building them again; a table as large as x is not kept. The gradients
+    are the generic path's either way."""
+    from normgrad.kernels import _layout
+
+    x, dy = rng.normal(size=shape), rng.normal(size=shape)
+    w, b = 1 + rng.normal(size=pshape), rng.normal(size=pshape)
+    built = []
+    real_table = _layout.table
+    monkeypatch.setattr(_layout, "table", lambda *a: built.append(1) or real_table(*a))
+    with ng.use_kernels("auto"), testing.record_paths() as seen:
+        first = ng.normalize_forward(x, axes, weight=w, bias=b)[1]  # (planning checks the fit)
+        ng.normalize_backward(first, dy)
+        built.clear()
+        _, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+        got = ng.normalize_backward(ctx, dy)
+    assert {p for _, p in seen} <= {"small", "native"}, seen
+    assert (ctx.tables is not None) == kept
+    assert len(built) == (2 if kept else 4)
+    with ng.use_kernels(False):
+        _, ref_ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
+        ref = ng.normalize_backward(ref_ctx, dy)
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-12, atol=1e-12)

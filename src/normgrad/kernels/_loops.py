@@ -29,9 +29,10 @@ variant of the op is written once, there.
 0 (`_origin`), so the saved mean is exactly 0 and every `x - mu` is `x`; the backward's
 `backward_coefficients` drops the mean path. Nothing else knows of the variant.
 
-**Passes.** Forward: statistics (two-pass inside in-cache blocks of `BLOCK` elements, merged
-with Chan's formula; shifted by the group's first element, so a constant group has exactly
-zero variance and a large offset cannot overflow the squares), then `y`. Backward: `sum g`
+**Passes.** Forward: statistics (in-cache blocks of `BLOCK` elements, merged with Chan's
+formula: two-pass for float64, one pass of sums shifted by the block's first element for
+float32 (`shifted_moments`); relative to the group's first element, so a constant group has
+exactly zero variance and a large offset cannot overflow the squares), then `y`. Backward: `sum g`
 and `sum g (x - mu)` (and dweight/dbias), then `dx`. Sums are float64, `x - mu` is float64
 for float32 input, and each output is rounded once.
 """
@@ -42,11 +43,11 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from .._formulas import backward_coefficients, chan_merge, gradient, rstd, xhat
+from .._formulas import backward_coefficients, chan_merge, gradient, rstd, shifted_moments, xhat
 from ._pool import begin, on, take, wait_done
 from ._stream import stream_backward, stream_forward, stream_span
 
-for _formula in (rstd, backward_coefficients, chan_merge, xhat, gradient):
+for _formula in (rstd, backward_coefficients, chan_merge, shifted_moments, xhat, gradient):
     register_jitable(inline="always")(_formula)  # kernels call the same Python functions
 
 BLOCK = 2048  # elements per in-cache block of the two-pass statistics (16 KiB of float64)
@@ -116,8 +117,10 @@ def _origin(x, kk, center):
 
 @njit(cache=True, inline="always")
 def _add_block(x, at, a, e, shift, acc, center):
-    """Merge the two-pass moments of `x[at][a:e] - shift` (one in-cache block) into `acc`,
-    `(count, mean, M2)`; without `center` (RMS), `(count, 0, sum x^2)`."""
+    """Merge the moments of `x[at][a:e] - shift` (one in-cache block) into `acc`, `(count,
+    mean, M2)`: float64 two-pass; float32 in one pass of float64 sums shifted by the block's
+    first element (`shifted_moments`: its error bound is far below float32's ulp, and the
+    pass costs half). Without `center` (RMS), `(count, 0, sum x^2)`."""
     k0, r0, k1 = at
     xs = x[k0, r0, k1, a:e]  # (loops from 0 over a slice: LLVM vectorizes them)
     if not center:
@@ -126,10 +129,20 @@ def _add_block(x, at, a, e, shift, acc, center):
             v = np.float64(xs[j])
             q += v * v
         return chan_merge(acc[0], 0.0, acc[2], float(xs.size), 0.0, q)
+    nb = float(xs.size)
+    if xs.itemsize == 4:  # float32: one pass of shifted sums (`shifted_moments`)
+        s0 = np.float64(xs[0])
+        s = 0.0
+        q = 0.0
+        for j in range(xs.size):
+            d = xs[j] - s0
+            s += d
+            q += d * d
+        mb, m2 = shifted_moments(nb, s, q)
+        return chan_merge(acc[0], acc[1], acc[2], nb, (s0 - shift) + mb, m2)
     s = 0.0
     for j in range(xs.size):
         s += xs[j] - shift
-    nb = float(xs.size)
     mb = s / nb
     q = 0.0
     for j in range(xs.size):

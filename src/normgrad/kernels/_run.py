@@ -1,7 +1,9 @@
 """The kernels' entry points: one function per path and direction, looked up in `RUNNERS`
 by the path a `_dispatch.Plan` names. Each takes what the plan prepared and returns what the
 generic path would: `(y, mean, var, rstd)` (statistics keepdims float64) or `(dx, dweight,
-dbias)`.
+dbias)`. The planned paths' forwards (small, native) add a fifth result, their parameter
+tables (`kept_tables`), which the context keeps so that their backward does not build them
+again.
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def _tables(x: np.ndarray, lay: Any, w: Any, b: Any) -> tuple[Any, Any]:
     return wt, bt
 
 
+def kept_tables(x: np.ndarray, lay: Any, tables: Any) -> Any:
+    """`(layout, tables)` for the context, or None where a table is as large as x (a
+    full-shaped parameter: the context keeps nothing N-sized but x)."""
+    if tables is None or any(t.values.size >= x.size for t in tables):
+        return None
+    return lay, tables
+
+
+def _backward_tables(ctx: Any, x: np.ndarray, lay: Any) -> tuple[Any, Any]:
+    """The forward's tables where it kept them for this layout, else built again."""
+    kept = ctx.tables
+    if kept is not None and kept[0] is lay:
+        tables: tuple[Any, Any] = kept[1]
+        return tables
+    return _tables(x, lay, ctx.weight, ctx.bias)
+
+
 def _par(tables: tuple[Any, Any]) -> tuple[Any, ...]:
     wt, bt = tables
     return (wt.values, bt.values, wt.rule, bt.rule)
@@ -107,10 +126,11 @@ def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     y = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out  # (never streamed)
     st = np.empty(cp.stats)  # mean, var, rstd, each keepdims
     affine = w is not None or b is not None
-    par = _par(_tables(x, cp.layout, w, b)) if affine else _NO_PAR
+    tables = _tables(x, cp.layout, w, b) if affine else None
+    par = _NO_PAR if tables is None else _par(tables)
     kernel = _loops.forward_small_runs if cp.runs_per_group == 1 else _loops.forward_small_spans
     kernel(x, y, st, cp.shape4, plan.op, par, affine)
-    return y, st[0], st[1], st[2]  # (indexing: half the cost of unpacking)
+    return y, st[0], st[1], st[2], kept_tables(x, cp.layout, tables)  # (indexing: half the cost)
 
 
 def forward_native(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
@@ -123,9 +143,10 @@ def forward_native(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any
     x4, y4 = x.reshape(cp.shape4), y.reshape(cp.shape4)
     job = (chunks(groups * cp.nc, cp.threads), x4, y4, st.reshape(3, groups), cp.counts, parts)
     affine = w is not None or b is not None
-    par = _par(_tables(x, cp.layout, w, b)) if affine else _NO_PAR
+    tables = _tables(x, cp.layout, w, b) if affine else None
+    par = _NO_PAR if tables is None else _par(tables)
     run_native(post_forward, cp.threads, (part, job, plan.op, par, (affine, stream)))
-    return y, st[0], st[1], st[2]
+    return y, st[0], st[1], st[2], kept_tables(x, cp.layout, tables)
 
 
 def forward_blocked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
@@ -186,7 +207,7 @@ def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     if ctx.weight is None and ctx.bias is None:
         kernel(x, dy, dx, cp.shape4, bst, _NO_PAR, _NO_SUMS, (False, False, False, False))
         return dx, None, None
-    tables = _tables(x, cp.layout, ctx.weight, ctx.bias)
+    tables = _backward_tables(ctx, x, cp.layout)
     sums = _grad_sums(ctx, tables, cp.layout, 1)
     kernel(x, dy, dx, cp.shape4, bst, _par(tables), sums, _backward_flags(ctx, False))
     return (dx, *_param_grads(ctx, sums, tables))
@@ -203,7 +224,7 @@ def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     nchunks = chunks(groups * cp.nc, cp.threads, _chunks_per_thread(ctx))
     job = (nchunks, cp.nc, x4, dy4, dx4, parts)
     affine = ctx.weight is not None or ctx.bias is not None
-    tables = _tables(x, cp.layout, ctx.weight, ctx.bias) if affine else None
+    tables = _backward_tables(ctx, x, cp.layout) if affine else None
     par = _par(tables) if tables is not None else _NO_PAR
     sums = _grad_sums(ctx, tables, cp.layout, nchunks) if tables is not None else _NO_SUMS
     args = (part, job, (mean, rstd, cg, *plan.op[2:]), par, sums, _backward_flags(ctx, stream))
