@@ -178,3 +178,35 @@ def test_threads_share_the_free_list(recycling, rng):
     for t in threads:
         t.join()
     assert not errors, errors
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_full_shaped_parameters_take_recycled_memory(recycling, rng, monkeypatch, dtype):
+    """Weight and bias as large as x: besides y and dx, their float64 tables, the gradient
+    sums and dweight/dbias come from the recycler (a float64 weight is its own table), so the
+    second call maps no new memory for them; the gradients are the generic path's."""
+    x = (rng.normal(size=(300, 400)) * 3 + 40).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    w, b = (1 + rng.normal(size=x.shape)).astype(dtype), rng.normal(size=x.shape).astype(dtype)
+    taken: list[bool] = []
+    real = recycling.empty
+
+    def empty(shape, dt):
+        out = real(shape, dt)
+        taken.append(out[1])
+        return out
+
+    monkeypatch.setattr(recycling, "empty", empty)
+    for _ in range(2):
+        taken.clear()
+        y, ctx = ng.normalize_forward(x, None, weight=w, bias=b)
+        got = ng.normalize_backward(ctx, dy)
+        del y, ctx
+        got = tuple(np.array(g) for g in got)  # (copies: the outputs' memory is freed)
+    tables = 2 if dtype == np.float32 else 0  # (built twice: the context keeps none this large)
+    assert len(taken) == 6 + 2 * tables and all(taken), taken
+    with ng.use_kernels(False):
+        _, ref_ctx = ng.normalize_forward(x, None, weight=w, bias=b)
+        ref = ng.normalize_backward(ref_ctx, dy)
+    for g, r in zip(got, ref, strict=True):
+        np.testing.assert_allclose(g, r, rtol=1e-5 if dtype == np.float32 else 1e-12, atol=1e-5)

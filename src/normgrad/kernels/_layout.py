@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 import numba
 import numpy as np
 
+from .. import _runtime
+
 MIN_CHUNK = 16384  # smallest chunk a group is split into for threading
 PARALLEL_MIN_SIZE = 1 << 15  # below this, one thread beats waking the others
 SPLIT_MIN_SIZE = 1 << 17  # below this, no group is split: a split costs a merge and a call
@@ -210,7 +212,7 @@ def table(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Table | None:
     if recipe is None:
         return None
     if recipe.reshape:
-        values = np.ascontiguousarray(p, dtype=np.float64).reshape(-1, recipe.compact[3])
+        values = _float64_copy(p).reshape(-1, recipe.compact[3])
         return Table(values, recipe.rule, recipe.varies, True)
     values = np.asarray(p, dtype=np.float64).reshape(-1)[recipe.gather]
     return Table(values, recipe.rule, recipe.varies, False, recipe.gather)
@@ -257,7 +259,7 @@ def accumulator(t: Table, lay: Layout, slots: int, used: bool) -> np.ndarray:
     n, v = lay.shape4, t.varies  # (no generator: small calls' budget is microseconds)
     shared = (n[0] > 1 and not v[0]) or (n[1] > 1 and not v[1]) or (n[2] > 1 and not v[2])
     rows, cols = t.values.shape
-    return np.zeros((slots if shared or cols == 1 else 1, rows, cols))
+    return _zeros((slots if shared or cols == 1 else 1, rows, cols))
 
 
 _NO_SUMS = np.zeros((1, 1, 1))  # never written: need_dw / need_db is False
@@ -271,10 +273,43 @@ def param_grad(acc: np.ndarray, t: Table, like: Any) -> Any:
         return None
     total = acc[0] if acc.shape[0] == 1 else acc.sum(axis=0)
     dtype = like.dtype if like.dtype.kind == "f" else np.float64  # (issubdtype: 0.5 us)
-    if t.gather is None:
+    if t.gather is not None:
+        total = np.bincount(t.gather.reshape(-1), weights=total.reshape(-1), minlength=like.size)
+    if not _large(total.size * 8):
         return total.reshape(like.shape).astype(dtype)
-    summed = np.bincount(t.gather.reshape(-1), weights=total.reshape(-1), minlength=like.size)
-    return summed.reshape(like.shape).astype(dtype)
+    out = _new(like.shape, dtype)
+    np.copyto(out, total.reshape(like.shape))
+    return out
+
+
+# Tables, sums and gradients of parameters as large as x (a full-shaped weight) come from the
+# recycler (`_recycle.py`) as the outputs do: newly mapped memory of that size would cost a
+# page fault per 4 KiB on every call, most of them inside the kernels' threads.
+
+
+def _large(nbytes: int) -> bool:
+    return nbytes >= _runtime.STATE.recycler.min_bytes
+
+
+def _new(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    return _runtime.STATE.recycler.empty(shape, dtype)[0]
+
+
+def _float64_copy(p: np.ndarray) -> np.ndarray:
+    """`np.ascontiguousarray(p, float64)`, large ones in recycled memory."""
+    if not _large(p.size * 8) or (p.dtype == np.float64 and p.flags.c_contiguous):
+        return np.ascontiguousarray(p, dtype=np.float64)
+    out = _new(p.shape, np.float64)
+    np.copyto(out, p)
+    return out
+
+
+def _zeros(shape: tuple[int, int, int]) -> np.ndarray:
+    if not _large(shape[0] * shape[1] * shape[2] * 8):
+        return np.zeros(shape)
+    out = _new(shape, np.float64)
+    out.fill(0.0)
+    return out
 
 
 # --- threads ------------------------------------------------------------------------------------
