@@ -28,6 +28,8 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ._errors import NormgradError
 from ._recycle import Recycler
 
@@ -94,6 +96,15 @@ def kernels() -> Any:
         else:
             STATE.kernels = _run
     return STATE.kernels or None
+
+
+def new_array(shape: tuple[int, ...], dtype: Any, nbytes: int) -> tuple[Any, bool]:
+    """An uninitialized C-order array of `nbytes` bytes, in recycled memory from the
+    recycler's `min_bytes` (`_recycle.py`), and whether that memory was recycled."""
+    recycler = STATE.recycler
+    if nbytes < recycler.min_bytes:  # (checked here too: small calls' budget is microseconds)
+        return np.empty(shape, dtype), False
+    return recycler.empty(shape, dtype)
 
 
 def release_buffers() -> int:

@@ -275,9 +275,7 @@ def param_grad(acc: np.ndarray, t: Table, like: Any) -> Any:
     dtype = like.dtype if like.dtype.kind == "f" else np.float64  # (issubdtype: 0.5 us)
     if t.gather is not None:
         total = np.bincount(t.gather.reshape(-1), weights=total.reshape(-1), minlength=like.size)
-    if not _large(total.size * 8):
-        return total.reshape(like.shape).astype(dtype)
-    out = _new(like.shape, dtype)
+    out = _runtime.new_array(like.shape, dtype, total.size * np.dtype(dtype).itemsize)[0]
     np.copyto(out, total.reshape(like.shape))
     return out
 
@@ -287,27 +285,17 @@ def param_grad(acc: np.ndarray, t: Table, like: Any) -> Any:
 # page fault per 4 KiB on every call, most of them inside the kernels' threads.
 
 
-def _large(nbytes: int) -> bool:
-    return nbytes >= _runtime.STATE.recycler.min_bytes
-
-
-def _new(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
-    return _runtime.STATE.recycler.empty(shape, dtype)[0]
-
-
 def _float64_copy(p: np.ndarray) -> np.ndarray:
     """`np.ascontiguousarray(p, float64)`, large ones in recycled memory."""
-    if not _large(p.size * 8) or (p.dtype == np.float64 and p.flags.c_contiguous):
-        return np.ascontiguousarray(p, dtype=np.float64)
-    out = _new(p.shape, np.float64)
+    if p.dtype == np.float64 and p.flags.c_contiguous:
+        return p
+    out = _runtime.new_array(p.shape, np.float64, p.size * 8)[0]
     np.copyto(out, p)
     return out
 
 
 def _zeros(shape: tuple[int, int, int]) -> np.ndarray:
-    if not _large(shape[0] * shape[1] * shape[2] * 8):
-        return np.zeros(shape)
-    out = _new(shape, np.float64)
+    out = _runtime.new_array(shape, np.float64, shape[0] * shape[1] * shape[2] * 8)[0]
     out.fill(0.0)
     return out
 

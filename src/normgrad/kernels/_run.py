@@ -40,10 +40,7 @@ def streams(out: np.ndarray) -> bool:
 def new_output(shape: tuple[int, ...], dtype: Any, nbytes: int) -> tuple[np.ndarray, bool]:
     """A new C-order output (recycled memory from the recycler's `min_bytes`), and whether to
     write it with streaming stores (recycled memory is written as an `out=` is)."""
-    recycler = _runtime.STATE.recycler
-    if nbytes < recycler.min_bytes:  # (checked here too: small calls' budget is microseconds)
-        return np.empty(shape, dtype), False
-    y, recycled = recycler.empty(shape, dtype)
+    y, recycled = _runtime.new_array(shape, dtype, nbytes)
     return y, recycled and streams(y)
 
 
