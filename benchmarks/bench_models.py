@@ -42,6 +42,7 @@ class Case:
     name: str
     shape: tuple[int, ...]
     groups: int = 0  # GroupNorm: channels split into this many groups
+    dims: int = 1  # LayerNorm/RMSNorm: how many trailing axes are normalized (and weighted)
     unmasked: str = ""  # a masked case: the key of the same layer without a mask
 
     @property
@@ -60,6 +61,7 @@ CASES = (
     Case("ln64", "LayerNorm 64x768", (64, 768)),
     Case("ln32", "LayerNorm 32x128", (32, 128)),
     Case("ln256", "LayerNorm 256x1024", (256, 1024)),
+    Case("lnchw", "LayerNorm (C,H,W) 32x64x56x56", (32, 64, 56, 56), dims=3),
     Case("lnmask8192", "LayerNorm masked 8192x768", (8192, 768), unmasked="ln8192"),
     Case("lnmask256", "LayerNorm masked 256x1024", (256, 1024), unmasked="ln256"),
     Case("bn32", "BatchNorm2d 32x64x56x56", (32, 64, 56, 56)),
@@ -84,7 +86,8 @@ def layout(case: Case) -> tuple[tuple[int, ...], Any, tuple[int, ...]]:
     RMSNorm over the whole tensor has a weight of its shape (as `torch.nn.RMSNorm(shape)`)."""
     s = case.shape
     if case.op in ("LayerNorm", "RMSNorm") and "whole" not in case.name:
-        return s, -1, (s[-1],)
+        d = case.dims
+        return s, -1 if d == 1 else tuple(range(len(s) - d, len(s))), s[-d:]
     if case.op == "RMSNorm":
         return s, None, s
     if case.op == "BatchNorm2d":
@@ -158,7 +161,10 @@ def torch_op(torch: Any, case: Case) -> Any:
     F = torch.nn.functional
     op = case.op
     if op == "LayerNorm":
-        return lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps=EPS)
+        d = case.dims
+        return lambda x, w, b: F.layer_norm(
+            x, x.shape[-d:], w.reshape(x.shape[-d:]), b.reshape(x.shape[-d:]), eps=EPS
+        )
     if op == "BatchNorm2d":
         return lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=EPS)
     if op == "InstanceNorm2d":

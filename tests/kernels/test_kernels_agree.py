@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _kernel_checks import both, check, close, dx_scale, y_scale
+from _kernel_checks import both, check, close, dx_scale, kernel_path, y_scale
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -104,6 +104,57 @@ def test_affine_agrees(rng, shape, axes, wshape, dtype, path):
     check(x, axes, dy, path=path, weight=w, bias=b)
     check(x, axes, dy, path=path, weight=w)
     check(x, axes, dy, path=path, bias=b)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "wshape", "in_place"),
+    [
+        pytest.param((32, 128), -1, (128,), True, id="rows"),
+        pytest.param((6, 5, 4, 30), (1, 3), (6, 1, 4, 1), True, id="two-kept-blocks"),
+        pytest.param((4, 3, 2, 5, 6), (2, 3, 4), (3, 2, 1, 1), False, id="groupnorm-gathered"),
+        pytest.param((16, 30), None, (16, 30), True, id="whole-full-shaped"),
+        pytest.param((4, 5, 6, 7), (0, 2, 3), (4, 5, 6, 7), True, id="batchnorm-full"),
+        pytest.param((4, 16, 30, 30), (1, 2, 3), (16, 30, 30), True, id="shared-large-table"),
+        pytest.param((300, 700), None, (300, 700), True, id="whole-full-shaped-split"),
+    ],
+)
+@pytest.mark.parametrize("path", ["small", "planned"])
+def test_float32_parameters_are_read_in_place(
+    rng, monkeypatch, shape, axes, wshape, in_place, path
+):
+    """The planned kernels read float32 parameters of float32 x where they lie (no float64
+    table), converting each value as they read it, and keep per-element gradients in
+    float32: the same bits as float64 copies of the same parameters give (those take
+    float64 tables and sums), for y, dx, dweight and dbias, with weight and bias, or
+    either."""
+    x = (rng.normal(size=shape) * 3 + 40).astype(np.float32)
+    dy = rng.normal(size=shape).astype(np.float32)
+    w = (rng.normal(size=wshape) + 1).astype(np.float32)
+    b = rng.normal(size=wshape).astype(np.float32)
+    tables = []
+    real_table = _layout.table
+    monkeypatch.setattr(_layout, "table", lambda *a: tables.append(real_table(*a)) or tables[-1])
+    for params in ((w, b), (w, None), (None, b)):
+        tables.clear()
+        as64 = tuple(None if p is None else p.astype(np.float64) for p in params)
+        with kernel_path(path), testing.record_paths() as seen:
+            y32, c32 = ng.normalize_forward(x, axes, weight=params[0], bias=params[1])
+            g32 = ng.normalize_backward(c32, dy)
+            y64, c64 = ng.normalize_forward(x, axes, weight=as64[0], bias=as64[1])
+            g64 = ng.normalize_backward(c64, dy)
+        assert {p for _, p in seen} <= {"small", "native"}, seen
+        read = [t for t in tables if t.values.dtype == np.float32 and t.values.size > 1]
+        assert read, "no float32 table"
+        for p in params:
+            if p is not None:
+                assert any(np.shares_memory(t.values, p) for t in read) == in_place
+        np.testing.assert_array_equal(y32, y64)
+        np.testing.assert_array_equal(g32.x, g64.x)
+        for got, ref, p in zip(g32[1:], g64[1:], params, strict=True):
+            assert (got is None) == (p is None)
+            if p is not None:
+                assert got.dtype == np.float32 and got.shape == p.shape
+                np.testing.assert_array_equal(got, ref.astype(np.float32))
 
 
 @pytest.mark.parametrize(

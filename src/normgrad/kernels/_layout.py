@@ -173,8 +173,9 @@ def keepdims_to_groups(v: np.ndarray, lay: Layout) -> np.ndarray:
 
 
 class Table(NamedTuple):
-    """An affine parameter as the kernels read it: `values`, a C-contiguous float64
-    (rows, cols) array; the run `(k0, r0, k1)` reads row `k0 rule[0] + r0 rule[1] + k1 rule[2]`,
+    """An affine parameter as the kernels read it: `values`, a C-contiguous (rows, cols)
+    array in `table_dtype` (the kernels convert each value to float64 as they read it); the
+    run `(k0, r0, k1)` reads row `k0 rule[0] + r0 rule[1] + k1 rule[2]`,
     either element by element (`cols == Rb`) or as one value for the whole run (`cols == 1`).
     A per-position weight (layer norm) is one row of Rb values, a per-channel one (batch or
     instance norm) a column of one value per group."""
@@ -186,7 +187,21 @@ class Table(NamedTuple):
     gather: np.ndarray | None = None  # else: values = parameter.ravel()[gather]
 
 
-_ABSENT = {one: Table(np.full((1, 1), float(one)), (0, 0, 0), (False,) * 4, True) for one in (0, 1)}
+_ABSENT = {
+    (np.dtype(dt), one): Table(np.full((1, 1), float(one), dt), (0, 0, 0), (False,) * 4, True)
+    for dt in (np.float32, np.float64)
+    for one in (0, 1)
+}
+
+
+def table_dtype(x: np.ndarray, params: tuple[Any, Any]) -> np.dtype:
+    """The dtype of the planned kernels' tables: x's (float32 or float64) where every given
+    parameter has it, so that a float32 parameter is read where it lies, with no float64
+    copy (as large as x for a full-shaped weight); float64 otherwise (a float64 weight of
+    float32 x keeps its precision)."""
+    if all(p is None or p.dtype == x.dtype for p in params):
+        return x.dtype
+    return np.dtype(np.float64)
 
 
 class Recipe(NamedTuple):
@@ -202,19 +217,20 @@ class Recipe(NamedTuple):
     gather: np.ndarray | None
 
 
-def table(p: Any, x: np.ndarray, lay: Layout, one: bool) -> Table | None:
-    """An affine parameter as a `Table` (a stand-in of ones or zeros when absent); None if it
-    varies over part of the reduced block Rb only (the table would be as large as x)."""
+def table(p: Any, x: np.ndarray, lay: Layout, one: bool, dtype: Any = np.float64) -> Table | None:
+    """An affine parameter as a `Table` of `dtype` values (a stand-in of ones or zeros when
+    absent); None if it varies over part of the reduced block Rb only (the table would be as
+    large as x)."""
     if p is None:
-        return _ABSENT[int(one)]
+        return _ABSENT[np.dtype(dtype), int(one)]
     p = np.asarray(p)
     recipe = _recipe(p.shape, x.shape, lay)
     if recipe is None:
         return None
     if recipe.reshape:
-        values = _float64_copy(p).reshape(-1, recipe.compact[3])
+        values = _contiguous(p, dtype).reshape(-1, recipe.compact[3])
         return Table(values, recipe.rule, recipe.varies, True)
-    values = np.asarray(p, dtype=np.float64).reshape(-1)[recipe.gather]
+    values = np.asarray(p, dtype=dtype).reshape(-1)[recipe.gather]
     return Table(values, recipe.rule, recipe.varies, False, recipe.gather)
 
 
@@ -251,18 +267,34 @@ def group_rows(t: Table, lay: Layout) -> np.ndarray:
     return (k0 + np.arange(lay.shape4[2])[None, :] * t.rule[2]).reshape(-1)
 
 
-def accumulator(t: Table, lay: Layout, slots: int, used: bool) -> np.ndarray:
-    """Zeroed float64 sums for a parameter's gradient, `(slots, rows, cols)` like its table:
-    one slot per chunk where chunks share rows (summed in chunk order), else one."""
+def accumulator(t: Table, lay: Layout, slots: int, used: bool, dtype: Any) -> np.ndarray:
+    """Zeroed sums of `dtype` (`sums_dtype`) for a parameter's gradient, `(slots, rows,
+    cols)` like its table: one slot per chunk where chunks share rows (summed in chunk
+    order), else one."""
     if not used:
-        return _NO_SUMS
-    n, v = lay.shape4, t.varies  # (no generator: small calls' budget is microseconds)
-    shared = (n[0] > 1 and not v[0]) or (n[1] > 1 and not v[1]) or (n[2] > 1 and not v[2])
+        return _NO_SUMS[np.dtype(dtype)]
     rows, cols = t.values.shape
-    return _zeros((slots if shared or cols == 1 else 1, rows, cols))
+    return _zeros((slots if shares_rows(t, lay) or cols == 1 else 1, rows, cols), dtype)
 
 
-_NO_SUMS = np.zeros((1, 1, 1))  # never written: need_dw / need_db is False
+def sums_dtype(tables: tuple[Table, Table], lay: Layout, used: tuple[bool, bool]) -> np.dtype:
+    """The gradient sums' dtype: float32 where every used parameter is float32 and varies
+    per element (each sum then receives one value, rounded once: the same bits as a float64
+    sum, and the sums are the gradient itself); float64 where values add up."""
+    for t, u in zip(tables, used, strict=True):
+        if u and (t.values.dtype != np.float32 or t.values.shape[1] == 1 or shares_rows(t, lay)):
+            return np.dtype(np.float64)
+    return np.dtype(np.float32) if any(used) else np.dtype(np.float64)
+
+
+def shares_rows(t: Table, lay: Layout) -> bool:
+    """Whether several runs read the same table row (the parameter is constant along a
+    block of more than one run): their gradient sums then add up across chunks."""
+    n, v = lay.shape4, t.varies  # (no generator: small calls' budget is microseconds)
+    return (n[0] > 1 and not v[0]) or (n[1] > 1 and not v[1]) or (n[2] > 1 and not v[2])
+
+
+_NO_SUMS = {np.dtype(dt): np.zeros((1, 1, 1), dt) for dt in (np.float32, np.float64)}  # (unused)
 
 
 def param_grad(acc: np.ndarray, t: Table, like: Any) -> Any:
@@ -275,6 +307,8 @@ def param_grad(acc: np.ndarray, t: Table, like: Any) -> Any:
     dtype = like.dtype if like.dtype.kind == "f" else np.float64  # (issubdtype: 0.5 us)
     if t.gather is not None:
         total = np.bincount(t.gather.reshape(-1), weights=total.reshape(-1), minlength=like.size)
+    elif total.dtype == dtype:  # one slot in the gradient's dtype: the sums are the gradient
+        return total.reshape(like.shape)
     out = _runtime.new_array(like.shape, dtype, total.size * np.dtype(dtype).itemsize)[0]
     np.copyto(out, total.reshape(like.shape))
     return out
@@ -285,17 +319,19 @@ def param_grad(acc: np.ndarray, t: Table, like: Any) -> Any:
 # page fault per 4 KiB on every call, most of them inside the kernels' threads.
 
 
-def _float64_copy(p: np.ndarray) -> np.ndarray:
-    """`np.ascontiguousarray(p, float64)`, large ones in recycled memory."""
-    if p.dtype == np.float64 and p.flags.c_contiguous:
+def _contiguous(p: np.ndarray, dtype: Any) -> np.ndarray:
+    """`np.ascontiguousarray(p, dtype)`: p itself where it already is, large copies in
+    recycled memory."""
+    if p.dtype == dtype and p.flags.c_contiguous:
         return p
-    out = _runtime.new_array(p.shape, np.float64, p.size * 8)[0]
+    out = _runtime.new_array(p.shape, dtype, p.size * np.dtype(dtype).itemsize)[0]
     np.copyto(out, p)
     return out
 
 
-def _zeros(shape: tuple[int, int, int]) -> np.ndarray:
-    out = _runtime.new_array(shape, np.float64, shape[0] * shape[1] * shape[2] * 8)[0]
+def _zeros(shape: tuple[int, int, int], dtype: Any) -> np.ndarray:
+    nbytes = shape[0] * shape[1] * shape[2] * np.dtype(dtype).itemsize
+    out = _runtime.new_array(shape, dtype, nbytes)[0]
     out.fill(0.0)
     return out
 

@@ -160,21 +160,21 @@ def _affine_y(xs, ys, par, at, a, coef):
     wi, bi = _row(wr, at), _row(br, at)
     n = xs.size
     if wt.shape[1] == 1 and bt.shape[1] == 1:
-        wv, bv = wt[wi, 0], bt[bi, 0]
+        wv, bv = np.float64(wt[wi, 0]), np.float64(bt[bi, 0])
         for j in range(n):
             ys[j] = xhat(xs[j], mu, r) * wv + bv
     elif bt.shape[1] == 1:
-        ws, bv = wt[wi, a : a + n], bt[bi, 0]
+        ws, bv = wt[wi, a : a + n], np.float64(bt[bi, 0])
         for j in range(n):
-            ys[j] = xhat(xs[j], mu, r) * ws[j] + bv
+            ys[j] = xhat(xs[j], mu, r) * np.float64(ws[j]) + bv
     elif wt.shape[1] == 1:
-        wv, bs = wt[wi, 0], bt[bi, a : a + n]
+        wv, bs = np.float64(wt[wi, 0]), bt[bi, a : a + n]
         for j in range(n):
-            ys[j] = xhat(xs[j], mu, r) * wv + bs[j]
+            ys[j] = xhat(xs[j], mu, r) * wv + np.float64(bs[j])
     else:
         ws, bs = wt[wi, a : a + n], bt[bi, a : a + n]
         for j in range(n):
-            ys[j] = xhat(xs[j], mu, r) * ws[j] + bs[j]
+            ys[j] = xhat(xs[j], mu, r) * np.float64(ws[j]) + np.float64(bs[j])
 
 
 @njit(cache=True, inline="always")
@@ -211,7 +211,7 @@ def _sums_per_element(pieces, sums, coef):
     sgd = 0.0
     for j in range(xs.size):
         d = xs[j] - mu
-        gj = ds[j] * ws[j]
+        gj = np.float64(ds[j]) * np.float64(ws[j])
         sg += gj
         sgd += gj * d
         dws[j] += ds[j] * (d * r)
@@ -229,7 +229,7 @@ def _weight_sums_per_element(pieces, dws, coef):
     sgd = 0.0
     for j in range(xs.size):
         d = xs[j] - mu
-        gj = ds[j] * ws[j]
+        gj = np.float64(ds[j]) * np.float64(ws[j])
         sg += gj
         sgd += gj * d
         dws[j] += ds[j] * (d * r)
@@ -306,7 +306,7 @@ def _add_sums(io, par, acc, at, a, e, coef, flags):
             sdyd += dj * (xs[j] - mu)
         rows = (min(k, dwa.shape[0] - 1), _row(wr, at), min(k, dba.shape[0] - 1), _row(br, at))
         _add_run_sums((dwa, dba), rows, (need_dw, need_db), (sdyd * coef[1], sdy))
-        wv = wt[_row(wr, at), 0] if has_w else 1.0
+        wv = np.float64(wt[_row(wr, at), 0]) if has_w else 1.0
         return sdy * wv, sdyd * wv
     if need_dw and wt.shape[1] > 1 and dwa.shape[2] > 1:
         dws = dwa[min(k, dwa.shape[0] - 1), _row(wr, at), a:e]
@@ -321,11 +321,11 @@ def _add_sums(io, par, acc, at, a, e, coef, flags):
     if has_w and wt.shape[1] > 1:
         ws = wt[_row(wr, at), a:e]
         for j in range(xs.size):
-            gj = ds[j] * ws[j]
+            gj = np.float64(ds[j]) * np.float64(ws[j])
             sg += gj
             sgd += gj * (xs[j] - mu)
     else:
-        wv = wt[_row(wr, at), 0] if has_w else 1.0
+        wv = np.float64(wt[_row(wr, at), 0]) if has_w else 1.0
         for j in range(xs.size):
             gj = ds[j] * wv
             sg += gj
@@ -351,10 +351,10 @@ def _write_dx(io, par, at, a, e, coef, flags):
     if has_w and wt.shape[1] > 1:
         ws = wt[_row(wr, at), a:e]
         for j in range(n):
-            dxs[j] = gradient(ds[j] * ws[j], xs[j] - mu, r, mg, bt)
+            dxs[j] = gradient(np.float64(ds[j]) * np.float64(ws[j]), xs[j] - mu, r, mg, bt)
         return
     if has_w:
-        wv = wt[_row(wr, at), 0]
+        wv = np.float64(wt[_row(wr, at), 0])
         for j in range(n):
             dxs[j] = gradient(ds[j] * wv, xs[j] - mu, r, mg, bt)
         return
@@ -935,11 +935,11 @@ def _masked_sums(io, mk, par, acc, at, a, e, coef, flags):
     if has_w and wt.shape[1] > 1:
         ws = wt[wi, a:e]
         for j in range(xs.size):
-            gj = ds[j] * ws[j]
+            gj = np.float64(ds[j]) * np.float64(ws[j])
             sg += gj
             sgd += gj * _live(xs[j], ms[j], mu)
     else:
-        wv = wt[wi, 0] if has_w else 1.0
+        wv = np.float64(wt[wi, 0]) if has_w else 1.0
         for j in range(xs.size):
             gj = np.float64(ds[j]) * wv
             sg += gj
@@ -965,10 +965,10 @@ def _masked_dx(io, mk, par, at, a, e, coef, flags):
     if has_w and wt.shape[1] > 1:
         ws = wt[wi, a:e]
         for j in range(xs.size):
-            gj = ds[j] * ws[j]
+            gj = np.float64(ds[j]) * np.float64(ws[j])
             dxs[j] = gradient(gj, xs[j] - mu, r, mg, bt) if ms[j] else r * gj
         return
-    wv = wt[wi, 0] if has_w else 1.0
+    wv = np.float64(wt[wi, 0]) if has_w else 1.0
     for j in range(xs.size):
         gj = ds[j] * wv
         dxs[j] = gradient(gj, xs[j] - mu, r, mg, bt) if ms[j] else r * gj

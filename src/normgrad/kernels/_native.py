@@ -3,7 +3,8 @@
 The caller (`post_forward`, `post_backward`: GIL-free jitted code) writes the job's arrays
 (as addresses: they are C-contiguous) and scalars into the board's parameter slots (named
 below), and every thread, workers included, calls the job's *part*: a `cfunc` that views
-them again and runs one kernel of `_loops.py` for one dtype. `part_address` compiles a part
+them again and runs one kernel of `_loops.py` for one dtype of x and one of the parameter
+tables (`_layout.table_dtype`). `part_address` compiles a part
 on first use (or loads it from numba's cache); all parts are made by `_make_part` from one
 template. A worker stays in its GIL-free spin from one such job to the next: no Python, none
 of the caller's objects to touch. Masked calls with whole groups run the same way
@@ -64,59 +65,60 @@ def _parts(board):
 
 
 @njit(cache=True, inline="always")
-def _table(p, at):
-    return carray(address(p[at]), (p[at + 1], p[at + 2]), np.float64)
+def _table(p, at, tdtype):
+    return carray(address(p[at]), (p[at + 1], p[at + 2]), tdtype)
 
 
 @njit(cache=True, inline="always")
-def _par(p):
-    """The affine parameters' tables and row rules (`_layout.Table`)."""
+def _par(p, tdtype):
+    """The affine parameters' tables (of `tdtype`) and row rules (`_layout.Table`)."""
     wr = (p[_RULE], p[_RULE + 1], p[_RULE + 2])
     br = (p[_RULE + 3], p[_RULE + 4], p[_RULE + 5])
-    return _table(p, _W), _table(p, _B), wr, br
+    return _table(p, _W, tdtype), _table(p, _B, tdtype), wr, br
 
 
 @njit(cache=True, inline="always")
-def _forward_args(board, xdtype):
-    """`forward_groups`' arguments after the claim."""
+def _forward_args(board, xdtype, tdtype, sdtype):
+    """`forward_groups`' arguments after the claim: x and the tables of those dtypes (the
+    gradient sums' `sdtype`: backward only)."""
     p, x, _, y = _views(board, xdtype)
     stats = carray(address(p[_STATS]), (3, p[_GROUPS]), np.float64)
     op = (float_bits(p[_EPS]), p[_INSIDE] != 0, float_bits(p[_M]), p[_CENTER] != 0)
-    return (x, y), _par(p), op, stats, (p[_AFFINE] != 0, p[_STREAM] != 0)
+    return (x, y), _par(p, tdtype), op, stats, (p[_AFFINE] != 0, p[_STREAM] != 0)
 
 
 @njit(cache=True, inline="always")
-def _forward_split_args(board, xdtype):
+def _forward_split_args(board, xdtype, tdtype, sdtype):
     p = board_params(board)
     phase, pmean, pm2 = _parts(board)
     counts = carray(address(p[_COUNTS]), p[_NC], np.float64)
-    return (phase, (counts, pmean, pm2), *_forward_args(board, xdtype))
+    return (phase, (counts, pmean, pm2), *_forward_args(board, xdtype, tdtype, sdtype))
 
 
 @njit(cache=True, inline="always")
-def _sums(p, at):
-    return carray(address(p[at]), (p[at + 1], p[at + 2], p[at + 3]), np.float64)
+def _sums(p, at, sdtype):
+    return carray(address(p[at]), (p[at + 1], p[at + 2], p[at + 3]), sdtype)
 
 
 @njit(cache=True, inline="always")
-def _backward_args(board, xdtype):
-    """`backward_groups`' arguments after the claim."""
+def _backward_args(board, xdtype, tdtype, sdtype):
+    """`backward_groups`' arguments after the claim; dtypes as `_forward_args`'."""
     p, x, dy, dx = _views(board, xdtype)
     groups = p[_GROUPS]
     mean = carray(address(p[_STATS]), groups, np.float64)
     rstd = carray(address(p[_RSTD]), groups, np.float64)
     c = carray(address(p[_C]), groups, np.float64)
-    acc = (_sums(p, _DW), _sums(p, _DB), 0)
+    acc = (_sums(p, _DW, sdtype), _sums(p, _DB, sdtype), 0)
     flags = (p[_HAS_W] != 0, p[_NEED_DW] != 0, p[_NEED_DB] != 0, p[_STREAM] != 0)
     bst = (mean, rstd, c, float_bits(p[_M]), p[_CENTER] != 0)
-    return (x, dy, dx), _par(p), acc, bst, flags
+    return (x, dy, dx), _par(p, tdtype), acc, bst, flags
 
 
 @njit(cache=True, inline="always")
-def _backward_split_args(board, xdtype):
+def _backward_split_args(board, xdtype, tdtype, sdtype):
     phase, psg, psgd = _parts(board)
     split = (board_params(board)[_NC], psg, psgd)
-    return (phase, split, *_backward_args(board, xdtype))
+    return (phase, split, *_backward_args(board, xdtype, tdtype, sdtype))
 
 
 @njit(cache=True, inline="always")
@@ -126,19 +128,19 @@ def _mask(p):
 
 
 @njit(cache=True, inline="always")
-def _forward_masked_args(board, xdtype):
+def _forward_masked_args(board, xdtype, tdtype, sdtype):
     """`forward_masked`'s arguments after the claim: `op[2]` is ddof, `stats` (4, groups)."""
-    io, par, op, _, flags = _forward_args(board, xdtype)
+    io, par, op, _, flags = _forward_args(board, xdtype, tdtype, sdtype)
     p = board_params(board)
     stats = carray(address(p[_STATS]), (4, p[_GROUPS]), np.float64)
     return io, _mask(p), par, op, stats, flags
 
 
 @njit(cache=True, inline="always")
-def _backward_masked_args(board, xdtype):
+def _backward_masked_args(board, xdtype, tdtype, sdtype):
     """`backward_masked`'s arguments after the claim: `bst = (mean, rstd, c, count, ddof,
     center)`."""
-    io, par, acc, bst, flags = _backward_args(board, xdtype)
+    io, par, acc, bst, flags = _backward_args(board, xdtype, tdtype, sdtype)
     p = board_params(board)
     mean, r, c, ddof, center = bst
     count = carray(address(p[_COUNT]), p[_GROUPS], np.float64)
@@ -146,16 +148,19 @@ def _backward_masked_args(board, xdtype):
 
 
 def _template(addr, slot):
-    """A part: `KERNEL(claim, *READ(board, DTYPE))` (the three names are the globals
-    `_make_part` gives each copy)."""
+    """A part: `KERNEL(claim, *READ(board, DTYPE, TDTYPE, SDTYPE))` (the five names are the
+    globals `_make_part` gives each copy)."""
     board = board_at(addr)
-    KERNEL(_claim(board, slot), *READ(board, DTYPE))  # type: ignore[name-defined]  # noqa: F821
+    args = READ(board, DTYPE, TDTYPE, SDTYPE)  # type: ignore[name-defined]  # noqa: F821
+    KERNEL(_claim(board, slot), *args)  # type: ignore[name-defined]  # noqa: F821
 
 
-def _make_part(kernel: Any, read: Any, dtype: Any, name: str) -> Callable[..., None]:
-    """A copy of `_template` with its own globals and name: numba caches each part by name
-    (a closure's cells would enter its cache key, which changes from process to process)."""
-    scope = dict(_template.__globals__, KERNEL=kernel, READ=read, DTYPE=dtype)
+def _make_part(kernel: Any, read: Any, dtypes: tuple[Any, ...], name: str) -> Callable[..., None]:
+    """A copy of `_template` with its own globals and name (`dtypes`: x's, the tables' and
+    the gradient sums'): numba caches each part by name (a closure's cells would enter its
+    cache key, which changes from process to process)."""
+    scope = dict(_template.__globals__, KERNEL=kernel, READ=read)
+    scope.update(DTYPE=dtypes[0], TDTYPE=dtypes[1], SDTYPE=dtypes[2])
     part = types.FunctionType(_template.__code__, scope, name)
     part.__qualname__ = name
     return part
@@ -173,14 +178,18 @@ _COMPILED: list[Any] = []  # kept alive: workers call them by address
 
 
 @functools.cache
-def part_address(direction: str, split: bool, itemsize: int) -> int:
+def part_address(direction: str, split: bool, itemsizes: tuple[int, int, int]) -> int:
     """The address of the part for `direction` ("forward", "backward", "forward_masked",
-    "backward_masked"), split or whole groups (masked: whole only), and float32 or float64
-    (`itemsize` 4 or 8), compiled (or loaded) on first use."""
+    "backward_masked"), split or whole groups (masked: whole only), x, the parameter tables
+    and the gradient sums (8 for a forward) each float32 or float64 (`itemsizes`: 4 or 8
+    each), compiled (or loaded) on first use."""
     kernel, read = _KERNELS[direction, split]
-    dtype = np.float32 if itemsize == 4 else np.float64
-    name = f"_part_{direction}_{'split' if split else 'groups'}_f{8 * itemsize}"
-    compiled: Any = cfunc(PART_SIGNATURE, cache=True)(_make_part(kernel, read, dtype, name))
+    dtypes = tuple(np.float32 if size == 4 else np.float64 for size in itemsizes)
+    tables = "" if itemsizes[1] == itemsizes[0] else f"_t{8 * itemsizes[1]}"
+    sums = "" if itemsizes[2] == 8 else f"_s{8 * itemsizes[2]}"
+    name = f"_part_{direction}_{'split' if split else 'groups'}_f{8 * itemsizes[0]}{tables}{sums}"
+    part = _make_part(kernel, read, dtypes, name)
+    compiled: Any = cfunc(PART_SIGNATURE, cache=True)(part)
     _COMPILED.append(compiled)
     return int(compiled.address)
 

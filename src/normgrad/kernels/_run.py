@@ -63,13 +63,18 @@ def _planned_output(x: np.ndarray, out: Any) -> tuple[np.ndarray, bool]:
 
 # --- parameters ----------------------------------------------------------------------------------
 
-_NO_PAR = (np.ones((1, 1)), np.zeros((1, 1)), (0, 0, 0), (0, 0, 0))  # (never read)
+_NO_PAR = {  # no parameters, by the tables' dtype (never read)
+    np.dtype(dt): (np.ones((1, 1), dt), np.zeros((1, 1), dt), (0, 0, 0), (0, 0, 0))
+    for dt in (np.float32, np.float64)
+}
 _NO_SUMS = (np.zeros((1, 1, 1)), np.zeros((1, 1, 1)))  # (never written)
 
 
 def _tables(x: np.ndarray, lay: Any, w: Any, b: Any) -> tuple[Any, Any]:
-    """The weight's and bias's tables for the layout (the plan checked that they fit)."""
-    wt, bt = _layout.table(w, x, lay, True), _layout.table(b, x, lay, False)
+    """The weight's and bias's tables for the layout (the plan checked that they fit), in
+    `_layout.table_dtype`."""
+    dtype = _layout.table_dtype(x, (w, b))
+    wt, bt = _layout.table(w, x, lay, True, dtype), _layout.table(b, x, lay, False, dtype)
     assert wt is not None and bt is not None
     return wt, bt
 
@@ -97,15 +102,23 @@ def _par(tables: tuple[Any, Any]) -> tuple[Any, ...]:
 
 
 def _grad_sums(ctx: Any, tables: Any, lay: Any, slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Zeroed dweight and dbias sums (`_layout.accumulator`) for the context's parameters."""
+    """Zeroed dweight and dbias sums (`_layout.accumulator`) for the context's parameters,
+    both of `_layout.sums_dtype`."""
     wt, bt = tables
-    dw = _layout.accumulator(wt, lay, slots, ctx.weight is not None)
-    return dw, _layout.accumulator(bt, lay, slots, ctx.bias is not None)
+    used = (ctx.weight is not None, ctx.bias is not None)
+    dtype = _layout.sums_dtype(tables, lay, used)
+    dw = _layout.accumulator(wt, lay, slots, used[0], dtype)
+    return dw, _layout.accumulator(bt, lay, slots, used[1], dtype)
 
 
 def _param_grads(ctx: Any, sums: Any, tables: Any) -> tuple[Any, Any]:
     dw = _layout.param_grad(sums[0], tables[0], ctx.weight)
     return dw, _layout.param_grad(sums[1], tables[1], ctx.bias)
+
+
+def _itemsizes(x: np.ndarray, par: Any, sums: Any = _NO_SUMS) -> tuple[int, int, int]:
+    """A native part's itemsizes of x, the parameter tables and the gradient sums."""
+    return x.itemsize, par[0].itemsize, sums[0].itemsize
 
 
 def _backward_flags(ctx: Any, stream: bool) -> tuple[bool, bool, bool, bool]:
@@ -124,7 +137,7 @@ def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     st = np.empty(cp.stats)  # mean, var, rstd, each keepdims
     affine = w is not None or b is not None
     tables = _tables(x, cp.layout, w, b) if affine else None
-    par = _NO_PAR if tables is None else _par(tables)
+    par = _NO_PAR[x.dtype] if tables is None else _par(tables)
     kernel = _loops.forward_small_runs if cp.runs_per_group == 1 else _loops.forward_small_spans
     kernel(x, y, st, cp.shape4, plan.op, par, affine)
     return y, st[0], st[1], st[2], kept_tables(x, cp.layout, tables)  # (indexing: half the cost)
@@ -136,12 +149,12 @@ def forward_native(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any
     st = np.empty(cp.stats)
     groups = cp.shape4[0] * cp.shape4[2]
     parts = np.empty((2, groups * cp.nc)) if cp.nc > 1 else _NO_PARTS
-    part = part_address("forward", cp.nc > 1, x.itemsize)
     x4, y4 = x.reshape(cp.shape4), y.reshape(cp.shape4)
     job = (chunks(groups * cp.nc, cp.threads), x4, y4, st.reshape(3, groups), cp.counts, parts)
     affine = w is not None or b is not None
     tables = _tables(x, cp.layout, w, b) if affine else None
-    par = _NO_PAR if tables is None else _par(tables)
+    par = _NO_PAR[x.dtype] if tables is None else _par(tables)
+    part = part_address("forward", cp.nc > 1, _itemsizes(x, par))
     run_native(post_forward, cp.threads, (part, job, plan.op, par, (affine, stream)))
     return y, st[0], st[1], st[2], kept_tables(x, cp.layout, tables)
 
@@ -202,7 +215,7 @@ def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     bst = (ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1), *plan.op[2:])
     kernel = _loops.backward_small_runs if cp.runs_per_group == 1 else _loops.backward_small_spans
     if ctx.weight is None and ctx.bias is None:
-        kernel(x, dy, dx, cp.shape4, bst, _NO_PAR, _NO_SUMS, (False, False, False, False))
+        kernel(x, dy, dx, cp.shape4, bst, _NO_PAR[x.dtype], _NO_SUMS, (False,) * 4)
         return dx, None, None
     tables = _backward_tables(ctx, x, cp.layout)
     sums = _grad_sums(ctx, tables, cp.layout, 1)
@@ -216,14 +229,14 @@ def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     groups = cp.shape4[0] * cp.shape4[2]
     parts = np.empty((2, groups * cp.nc)) if cp.nc > 1 else _NO_PARTS
     mean, rstd, cg = (np.ascontiguousarray(v.reshape(-1)) for v in (ctx.mean, ctx.rstd, c))
-    part = part_address("backward", cp.nc > 1, x.itemsize)
     x4, dy4, dx4 = (a.reshape(cp.shape4) for a in (x, dy, dx))
-    nchunks = chunks(groups * cp.nc, cp.threads, _chunks_per_thread(ctx))
-    job = (nchunks, cp.nc, x4, dy4, dx4, parts)
     affine = ctx.weight is not None or ctx.bias is not None
     tables = _backward_tables(ctx, x, cp.layout) if affine else None
-    par = _par(tables) if tables is not None else _NO_PAR
+    nchunks = chunks(groups * cp.nc, cp.threads, _chunks_per_thread(ctx, tables, cp.layout))
+    job = (nchunks, cp.nc, x4, dy4, dx4, parts)
+    par = _par(tables) if tables is not None else _NO_PAR[x.dtype]
     sums = _grad_sums(ctx, tables, cp.layout, nchunks) if tables is not None else _NO_SUMS
+    part = part_address("backward", cp.nc > 1, _itemsizes(x, par, sums))
     args = (part, job, (mean, rstd, cg, *plan.op[2:]), par, sums, _backward_flags(ctx, stream))
     run_native(post_backward, cp.threads, args)
     if tables is None:
@@ -231,9 +244,17 @@ def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     return (dx, *_param_grads(ctx, sums, tables))
 
 
-def _chunks_per_thread(ctx: Any) -> int:
-    """Fewer, larger chunks with parameter gradients: sums kept per chunk stay few."""
-    return 4 if ctx.weight is not None or ctx.bias is not None else CHUNKS_PER_THREAD
+def _chunks_per_thread(ctx: Any, tables: Any, lay: Any) -> int:
+    """Fewer, larger chunks with parameter gradients, as their sums are kept per chunk: one
+    per thread where a shared table is large (layer norm over (C, H, W): each slot is as
+    large as the table, and zeroing and adding the slots would cost more than the kernel)."""
+    if ctx.weight is None and ctx.bias is None:
+        return CHUNKS_PER_THREAD
+    large = any(t.values.size >= SHARED_SUMS_MIN and _layout.shares_rows(t, lay) for t in tables)
+    return 1 if large else 4
+
+
+SHARED_SUMS_MIN = 1 << 15  # table values from which chunks sharing its rows are one per thread
 
 
 def _block_dy(dy: np.ndarray, lay: Any) -> np.ndarray:
@@ -259,7 +280,7 @@ def backward_blocked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> R
     items = lay.groups * nc
     # dweight/dbias sums are kept per chunk where chunks share rows, so a chunk's adds land in
     # the same slot whichever thread runs it (deterministic)
-    nchunks = chunks(items, nthreads, _chunks_per_thread(ctx))
+    nchunks = chunks(items, nthreads, _chunks_per_thread(ctx, (wt, bt), lay))
     sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
     stats = tuple(_layout.keepdims_to_groups(v, lay) for v in (ctx.mean, ctx.rstd, c))
     io = (x4, _block_dy(dy, lay), dx4)
@@ -319,7 +340,7 @@ def forward_masked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any
     args = ((x4, y4), mk4, par, plan.op, stats, flags)
     nc, nthreads = plan.threads
     if nc == 1 and nthreads > 1 and _native_arrays(x4, y4, mk4):  # one job, no Python
-        part = part_address("forward_masked", False, x.itemsize)
+        part = part_address("forward_masked", False, _itemsizes(x, par))
         job = (chunks(lay.groups, nthreads), x4, y4, stats, _ONE_CHUNK, _NO_PARTS)
         run_native(post_masked_forward, nthreads, (part, job, plan.op, par, flags, mk4))
     elif nc == 1:
@@ -345,7 +366,7 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     x4, wt, bt, _, mk4 = plan.views
     dx, dx4, _ = _output(x, plan, ctx.dtype, out)
     nthreads = plan.threads[1]
-    nchunks = chunks(lay.groups, nthreads, _chunks_per_thread(ctx))
+    nchunks = chunks(lay.groups, nthreads, _chunks_per_thread(ctx, (wt, bt), lay))
     sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
     per = (ctx.mean, ctx.rstd, c, ctx.count)
     mean, r, cg, count = (np.ascontiguousarray(_layout.keepdims_to_groups(v, lay)) for v in per)
@@ -355,7 +376,7 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     args = (io, mk4, par, (*sums, 0), bst, flags)
     nc = plan.threads[0]
     if nc == 1 and nthreads > 1 and _native_arrays(*io, mk4):  # one job, no Python
-        part = part_address("backward_masked", False, x.itemsize)
+        part = part_address("backward_masked", False, _itemsizes(x, par, sums))
         job = (nchunks, 1, *io, _NO_PARTS)
         native_bst = (mean, r, cg, plan.op[2], ctx.center)
         run_native(post_masked_backward, nthreads,
@@ -364,7 +385,7 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
         run(_loops.backward_masked, lay.groups, nthreads, args, nchunks)
     else:  # split groups: partial sums, then `dx` (sums kept per chunk, as `backward_blocked`)
         items = lay.groups * nc
-        nchunks = chunks(items, nthreads, _chunks_per_thread(ctx))
+        nchunks = chunks(items, nthreads, _chunks_per_thread(ctx, (wt, bt), lay))
         sums = _grad_sums(ctx, (wt, bt), lay, nchunks)
         ps = np.empty((2, items))  # partial sum g and sum g (x - mu)
         split = (nc, ps[0], ps[1])
