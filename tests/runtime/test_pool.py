@@ -318,8 +318,7 @@ def test_a_worker_whose_spin_ends_while_the_caller_holds_the_gil_joins_the_next_
     """The worker's spin times out while the caller runs Python (holding the GIL): it waits
     for the GIL to go to sleep, and must then see the native job that the caller has just
     published, not sleep through it. The job here waits (up to seconds) for a worker. (It
-    failed once in the parallel pass of a fresh clone, cause not found; alone it passes, and
-    it fails on the old `wake()`.)"""
+    fails on the old `wake()`, which did not change `count` when no worker slept.)"""
     with testing.private_pool(2, sleep_check=60.0):  # no periodic look at the board
         _join_after_the_gil()
 
@@ -341,3 +340,23 @@ def _join_after_the_gil():
             assert flag[0] == 1  # before the fix: 0, the worker slept through the job
     finally:
         sys.setswitchinterval(old)
+
+
+def test_a_caller_that_loses_its_cpu_between_wake_and_the_job_is_joined():
+    """The caller stalls after `wake()` for longer than a worker's spin before it opens the
+    job (preempted on a busy machine: here, a sleep). The worker, which has seen `count`
+    change and spun out, must not sleep through the job then: the announced job keeps it
+    awake until it opens. (Before the fix this failed about once in ten fresh-clone runs of
+    the test above; here it failed every time.)"""
+
+    def stalled_caller(board, nthreads, *args):
+        time.sleep(0.05)  # 100 times the workers' spin
+        _await_worker_native(board, nthreads, *args)
+
+    with testing.private_pool(2, sleep_check=60.0):  # no periodic look at the board
+        part = _await_worker_part.address
+        _pool.run_native(_await_worker_native, 1, (part, np.zeros(1, np.int64), 0))
+        for _ in range(3):
+            flag = np.zeros(1, np.int64)
+            _pool.run_native(stalled_caller, 2, (part, flag, 10_000_000_000))
+            assert flag[0] == 1  # before the fix: 0, the worker slept through the job

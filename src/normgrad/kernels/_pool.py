@@ -182,17 +182,17 @@ def _join_native(board, last):
 
 
 @njit(cache=True, nogil=True)
-def _await_job(ctl, prev, board, slot, iters):
-    """A worker, back from Python job `prev`, spins until Python job `ctl` starts (True: it
-    is counted in the job's `ctl[_IN_PYTHON]`) or `iters` loads have passed without any job
-    (False), running its part of every native job opened on `board` meanwhile."""
+def _await_job(ctl, prev, board, slot, iters, last):
+    """A worker, back from Python job `prev`, spins until Python job `ctl` starts (-1: it is
+    counted in the job's `ctl[_IN_PYTHON]`) or `iters` loads have passed without any job,
+    running its part of every native job opened on `board` meanwhile but native job `last`
+    (the one it ran last); returns the number of the native job it ran last."""
     fetch_add(prev, _IN_PYTHON, -1)
-    last = 0
     i = 0
     while i < iters:
         if load_acquire(ctl, _STARTED) != 0:
             fetch_add(ctl, _IN_PYTHON, 1)
-            return True
+            return -1
         s = _join_native(board, last)
         if s != 0:
             call_part(board[PART], board.ctypes.data, slot)
@@ -200,7 +200,7 @@ def _await_job(ctl, prev, board, slot, iters):
             last = s
             i = 0
         i += 1
-    return False
+    return last
 
 
 @njit(cache=True, nogil=True)
@@ -264,15 +264,16 @@ class _Job:
 
 class Pool:
     """`size - 1` daemon workers. A spinning worker watches the `ctl` of the next job; a
-    sleeping one waits for `count` (jobs published) to change, and every `sleep_check`
-    seconds also looks at the board for an open native job (a wakeup that never comes,
-    none is known to be lost, costs at most that)."""
+    sleeping one waits for `count` (jobs published) to change, or for a native job it has
+    not run to be open on the board (looked at before it sleeps and every `sleep_check`
+    seconds: a wake-up that never comes costs at most that)."""
 
     def __init__(self, size: int, sleep_check: float = SLEEP_CHECK) -> None:
         self.size = size
         self.sleep_check = sleep_check
         self.next_ctl = _new_ctl(size)
         self.count = 0
+        self.announced = 0  # the number the native job `wake` announced will open with
         self.job: _Job | None = None
         self.cond = threading.Condition()
         self.sleepers = 0
@@ -285,11 +286,14 @@ class Pool:
     def _loop(self, slot: int) -> None:
         prev = _new_ctl(self.size)
         prev[_IN_PYTHON] = 1
+        ran = 0  # the number of the native job this worker ran last
         while True:
             ctl, count, last = self.next_ctl, self.count, self.job
-            joined = _await_job(ctl, prev, self.board, slot, SPIN_WAIT)  # True: counted in ctl
+            got = _await_job(ctl, prev, self.board, slot, SPIN_WAIT, ran)
+            joined = got < 0  # counted in ctl
             if not joined:
-                self._sleep(count)
+                ran = got
+                self._sleep(count, ran)
                 if self.job is last:  # woken for a native job: back to the spin
                     prev = _new_ctl(self.size)
                     prev[_IN_PYTHON] = 1
@@ -303,23 +307,29 @@ class Pool:
             job.work(slot)
             prev = job.ctl
 
-    def _sleep(self, count: int) -> None:
+    def _sleep(self, count: int, ran: int) -> None:
+        """Sleep until a job is published after `count`, or while a native job other than
+        `ran` (the one this worker ran last) is open on the board or announced and not yet
+        open: looked at before the first wait and every `sleep_check` seconds. (A caller
+        can lose its CPU between `wake` and opening the job, for longer than a worker's
+        spin: the worker, which saw `count` change, must not sleep through the job then.)"""
         with self.cond:
             self.sleepers += 1
-            published = functools.partial(self._published_since, count)
-            while not self.cond.wait_for(published, self.sleep_check):
-                if self.board[SEQ] & 1:
-                    break
+            ready = functools.partial(self._ready, count, ran)
+            while not self.cond.wait_for(ready, self.sleep_check):
+                pass
             self.sleepers -= 1
 
-    def _published_since(self, count: int) -> bool:
-        return self.count != count
+    def _ready(self, count: int, ran: int) -> bool:
+        seq = int(self.board[SEQ])
+        return self.count != count or (seq % 2 == 1 and seq != ran) or seq < self.announced
 
     def wake(self) -> None:
-        """Wake sleeping workers for a native job (they spin again and join it). `count`
-        changes even with no sleeper: a worker whose spin has just ended may be waiting for
-        the GIL to go to sleep, and must find it changed then, or it sleeps through the
-        job."""
+        """Announce a native job and wake sleeping workers (they spin again and join it).
+        `count` changes even with no sleeper: a worker whose spin has just ended may be
+        waiting for the GIL to go to sleep, and must find it changed then, or it sleeps
+        through the job; `announced` keeps it spinning until the job opens."""
+        self.announced = int(self.board[SEQ]) + 1  # (SEQ is even between native jobs)
         self.count += 1
         if self.sleepers:
             with self.cond:
@@ -384,7 +394,10 @@ def run_native(caller: Any, nthreads: int, args: tuple) -> None:
     try:
         pool = _pool_for(nthreads)
         pool.wake()
-        caller(pool.board, nthreads, *args)
+        try:
+            caller(pool.board, nthreads, *args)
+        finally:
+            pool.announced = 0  # (opened and closed, or never opened: nothing to wait for)
     finally:
         lock.release()
 
