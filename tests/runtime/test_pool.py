@@ -347,7 +347,7 @@ def test_a_caller_that_loses_its_cpu_between_wake_and_the_job_is_joined():
     job (preempted on a busy machine: here, a sleep). The worker, which has seen `count`
     change and spun out, must not sleep through the job then: the announced job keeps it
     awake until it opens. (Before the fix this failed about once in ten fresh-clone runs of
-    the test above; here it failed every time.)"""
+    the test above; this one fails on the old code.)"""
 
     def stalled_caller(board, nthreads, *args):
         time.sleep(0.05)  # 100 times the workers' spin

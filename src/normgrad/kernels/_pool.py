@@ -43,7 +43,6 @@ one and makes its own on its first parallel call).
 
 from __future__ import annotations
 
-import functools
 import threading
 import time
 from typing import Any
@@ -315,9 +314,8 @@ class Pool:
         spin: the worker, which saw `count` change, must not sleep through the job then.)"""
         with self.cond:
             self.sleepers += 1
-            ready = functools.partial(self._ready, count, ran)
-            while not self.cond.wait_for(ready, self.sleep_check):
-                pass
+            while not self._ready(count, ran):  # (the board changes without a notify)
+                self.cond.wait(self.sleep_check)
             self.sleepers -= 1
 
     def _ready(self, count: int, ran: int) -> bool:
