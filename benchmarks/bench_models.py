@@ -16,7 +16,13 @@ each next to the unmasked case of its shape), timed in one process for:
   that a user without a dedicated op would write (`--no-compile` skips it: it compiles once
   per shape).
 
-Each result is checked against normgrad's generic path before it is timed. Ratios are the
+With `fwdbwd`, the torch implementations are also timed **between torch ops**
+(`BETWEEN`: `h = 1.5 x`, the layer, `gelu(y).sum()`, gradients of x, weight and bias), as a
+layer in a model runs: PyTorch's OpenMP threads run the elementwise ops around the layer,
+and a runtime's threads that spin on the cores can delay the other's. Those results are
+checked against PyTorch's op on float64 copies.
+
+Each other result is checked against normgrad's generic path before it is timed. Ratios are the
 peer's time over ours: above 1 means normgrad is faster. No peer has a masked op: the masked
 cases time normgrad alone, and the report gives their time over the unmasked case's.
 """
@@ -75,6 +81,7 @@ CASES = (
     Case("rmswhole", "RMSNorm whole 1000x1000", (1000, 1000)),
 )
 IMPLS = ("normgrad", "normgrad.torch", "torch", "compile")
+BETWEEN = "fwdbwd between torch ops"
 PEERS = ("torch", "compile")
 
 
@@ -192,8 +199,11 @@ def plain_formula(torch: Any, case: Case) -> Any:
     return f
 
 
-def _torch_fn(torch: Any, f: Any, inp: Inputs, bwd: bool, native_shape: Any) -> Any:
-    """Time `f` on tensors sharing the NumPy arrays' memory; gradients of x, w, b."""
+def _torch_fn(
+    torch: Any, f: Any, inp: Inputs, bwd: bool, native_shape: Any, between: bool = False
+) -> Any:
+    """Time `f` on tensors sharing the NumPy arrays' memory; gradients of x, w, b
+    (`between`: of `gelu(f(1.5 x)).sum()`, the `BETWEEN` pass)."""
     x = torch.from_numpy(inp.x.reshape(native_shape))
     dy = torch.from_numpy(inp.dy.reshape(native_shape))
     params = [None if a is None else torch.from_numpy(a.reshape(-1)) for a in (inp.w, inp.b)]
@@ -204,25 +214,29 @@ def _torch_fn(torch: Any, f: Any, inp: Inputs, bwd: bool, native_shape: Any) -> 
                 return (f(x, *params).numpy(),)
         args = [None if t is None else t.detach().requires_grad_() for t in (x, *params)]
         leaves = [t for t in args if t is not None]
-        y = f(*args)
-        grads = torch.autograd.grad(y, leaves, dy)
+        if between:
+            y = f(args[0] * 1.5, *args[1:])
+            grads = torch.autograd.grad(torch.nn.functional.gelu(y).sum(), leaves)
+        else:
+            y = f(*args)
+            grads = torch.autograd.grad(y, leaves, dy)
         return (y.detach().numpy(), *(g.numpy() for g in grads))
 
     return fn
 
 
-def _make(impl: str, case: Case, inp: Inputs, bwd: bool, torch: Any) -> Any:
+def _make(impl: str, case: Case, inp: Inputs, bwd: bool, torch: Any, between: bool = False) -> Any:
     if impl == "normgrad":
-        return _normgrad_fn(inp, bwd)
+        return None if between else _normgrad_fn(inp, bwd)
     if torch is None or case.unmasked:  # (no peer has a masked op)
         return None
     ours = inp.x.shape
     if impl == "torch":
-        return _torch_fn(torch, torch_op(torch, case), inp, bwd, case.shape)
+        return _torch_fn(torch, torch_op(torch, case), inp, bwd, case.shape, between)
     if impl == "compile":
         f = plain_formula(torch, case)
-        reshaped = _on_layout(torch, f, inp)
-        return _torch_fn(torch, torch.compile(reshaped, dynamic=False), inp, bwd, ours)
+        compiled = torch.compile(_on_layout(torch, f, inp), dynamic=False)
+        return _torch_fn(torch, compiled, inp, bwd, ours, between)
     import inspect
 
     import normgrad.torch as ngt
@@ -236,7 +250,7 @@ def _make(impl: str, case: Case, inp: Inputs, bwd: bool, torch: Any) -> Any:
     def f_ours(x: Any, w: Any, b: Any) -> Any:
         return ngt.normalize(x, inp.axes, weight=_param(w, inp), bias=_param(b, inp), **kw)
 
-    return _torch_fn(torch, f_ours, inp, bwd, ours)
+    return _torch_fn(torch, f_ours, inp, bwd, ours, between)
 
 
 def _param(t: Any, inp: Inputs) -> Any:
@@ -293,29 +307,32 @@ def run_models(
     for case in cases:
         for dt in dtypes:
             inp = make_inputs(case, dt)
-            ref = reference(inp)
-            for p in passes:
-                bwd = p == "fwdbwd"
+            full = reference(inp)
+            refs = {"fwd": full[:1], "fwdbwd": full}
+            if "fwdbwd" in passes and torch is not None:
+                refs[BETWEEN] = _between_reference(case, torch)  # (None: no peer, masked)
+            for p in [*passes, BETWEEN]:
+                if refs.get(p) is None:
+                    continue
                 for impl in impls:
-                    fn = _make(impl, case, inp, bwd, torch)
+                    fn = _make(impl, case, inp, p != "fwd", torch, p == BETWEEN)
                     if fn is None:
                         continue
-                    err = _check(fn(), ref if bwd else ref[:1], f"{impl} on {case.name}")
+                    err = _check(fn(), refs[p], f"{impl} on {case.name}")
                     t = float(np.median(time_it(fn, repeat)))
-                    roof = ROOF_PASSES[p] * inp.x.nbytes / triad
+                    roof = ROOF_PASSES.get(p, ROOF_PASSES["fwdbwd"]) * inp.x.nbytes / triad
                     rows.append(
-                        dict(
-                            case=case.name,
-                            size=inp.x.size,
-                            dtype=dt,
-                            passes=p,
-                            impl=impl,
-                            median_s=t,
-                            roofline_s=roof,
-                            max_rel_err=err,
-                        )
-                    )
+                        dict(case=case.name, size=inp.x.size, dtype=dt, passes=p, impl=impl,
+                             median_s=t, roofline_s=roof, max_rel_err=err)
+                    )  # fmt: skip
     return rows
+
+
+def _between_reference(case: Case, torch: Any) -> tuple[Any, ...] | None:
+    """The `BETWEEN` pass's results from PyTorch's op on float64 copies of the inputs
+    (None where PyTorch has no such op)."""
+    fn = _make("torch", case, make_inputs(case, "float64"), True, torch, between=True)
+    return None if fn is None else tuple(fn())
 
 
 def format_models(rows: list[dict[str, Any]]) -> str:

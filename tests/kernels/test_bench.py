@@ -82,3 +82,21 @@ def test_masked_model_cases_report_their_ratio_to_the_unmasked_ones():
     report = bench_models.format_models(rows)
     assert "### Masked over unmasked (normgrad)" in report
     assert "| LayerNorm masked 256x1024 | float32 | fwdbwd |" in report
+
+
+def test_model_cases_are_also_timed_between_torch_ops():
+    """With fwdbwd and torch present, the torch implementations are timed between torch ops
+    (`BETWEEN`), their results checked against PyTorch's op in float64 first; normgrad's
+    NumPy call has no such pass (timings unchecked)."""
+    pytest.importorskip("torch")
+    import bench_models
+
+    rows = bench_models.run_models(
+        bench_models.select("ln32"), ["float32"], ["fwdbwd"], 1, 1e10, False
+    )
+    between = {r["impl"]: r for r in rows if r["passes"] == bench_models.BETWEEN}
+    assert sorted(between) == ["normgrad.torch", "torch"]
+    assert all(r["max_rel_err"] < 1e-5 and r["median_s"] > 0 for r in between.values())
+    report = bench_models.format_models(rows)
+    assert f"### float32, {bench_models.BETWEEN}" in report
+    assert not [r for r in rows if r["passes"] == bench_models.BETWEEN and r["impl"] == "normgrad"]

@@ -2,6 +2,7 @@
 reach the caller, forked children and concurrent callers work, and the whole-group kernels
 that run on it agree with the generic path."""
 
+import ctypes
 import os
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from numba import carray, cfunc, njit
 import normgrad as ng
 from normgrad import _formulas, _runtime, testing
 from normgrad.kernels import _layout, _pool
-from normgrad.kernels._board import board_at, board_ctl, board_params
+from normgrad.kernels._board import YIELD, board_at, board_ctl, board_params, new_board
 from normgrad.kernels._intrinsics import address, fetch_add, load_acquire
 from normgrad.kernels._native import PART_SIGNATURE
 from normgrad.kernels._pool import run_job, take
@@ -201,6 +202,40 @@ def _native_marks(items, threads=2):
     nchunks = _pool.chunks(items, threads)
     _pool.run_native(_mark_native, threads, (_mark_part.address, nchunks, hits, who))
     return hits, who
+
+
+_YIELDS = [0]
+_COUNT_YIELD = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: _YIELDS.__setitem__(0, _YIELDS[0] + 1) or 0)
+# (never freed: a worker may still hold its address after the test puts sched_yield back)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="sched_yield of glibc/musl")
+def test_the_board_holds_the_c_librarys_sched_yield():
+    libc_yield = ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value
+    assert new_board(2)[YIELD] == libc_yield != 0
+
+
+def test_a_worker_spinning_between_jobs_yields_its_core():
+    """A worker spinning after a job calls the board's `YIELD` function every `YIELD_EVERY`
+    loads (so another runtime's thread that wakes on its core need not wait out the spin):
+    counted through a stand-in, over the spin that ends in sleep; jobs still run right."""
+    with testing.private_pool(2, sleep_check=60.0) as pool:
+        saved = int(pool.board[YIELD])
+        pool.board[YIELD] = ctypes.cast(_COUNT_YIELD, ctypes.c_void_p).value
+        _YIELDS[0] = 0
+        try:
+            hits, _ = _native_marks(500)
+            deadline = time.monotonic() + 10
+            while not pool.sleepers and time.monotonic() < deadline:
+                time.sleep(0.002)
+        finally:
+            pool.board[YIELD] = saved
+        np.testing.assert_array_equal(hits, 1)
+        assert pool.sleepers == 1, "the worker never went to sleep"
+        # the spin that ended in sleep alone made SPIN_WAIT loads (0 calls without yields)
+        assert _YIELDS[0] >= _pool.SPIN_WAIT // _pool.YIELD_EVERY
+        hits, _ = _native_marks(500)  # woken, with sched_yield again
+        np.testing.assert_array_equal(hits, 1)
 
 
 @pytest.mark.parametrize("items", [1, 2, 7, 33, 500])

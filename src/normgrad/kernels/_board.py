@@ -2,9 +2,11 @@
 
 One job at a time. Its header (pool protocol, `_pool.run_job` and the workers' spin):
 
-    [SEQ, SIZE, PART, ...]   job number (odd while a job is open), threads the board
-                             serves, the address of the job's part (a `cfunc` called as
-                             `part(board address, slot)`)
+    [SEQ, SIZE, PART, YIELD, ...]   job number (odd while a job is open), threads the
+                             board serves, the address of the job's part (a `cfunc` called
+                             as `part(board address, slot)`), the address of the C
+                             library's `sched_yield` (0: none; a spinning worker calls it
+                             now and then)
     [JOINED, ...]            workers inside the open job (its own cache line)
     params                   `PARAMS` int64 slots the caller fills (addresses and scalars;
                              `_native.py` names them)
@@ -18,13 +20,15 @@ touches a job's data after its caller has returned.
 
 from __future__ import annotations
 
+import ctypes
+
 import numpy as np
 from numba import carray, njit
 
 from ._intrinsics import address
 
 LINE = 8  # int64 per cache line: a claim state's thread t starts at LINE * (t + 1)
-SEQ, SIZE, PART = 0, 1, 2
+SEQ, SIZE, PART, YIELD = 0, 1, 2, 3
 JOINED = LINE
 _PARAMS_AT = 2 * LINE
 PARAMS = 6 * LINE  # int64 slots for the caller's parameters
@@ -35,7 +39,19 @@ _HEAD = _SCRATCH_AT + LINE
 def new_board(threads: int) -> np.ndarray:
     board = np.zeros(_HEAD + 2 * LINE * (threads + 1), np.int64)
     board[SIZE] = threads
+    board[YIELD] = _YIELD_ADDRESS
     return board
+
+
+def _yield_address() -> int:
+    """The address of the C library's `sched_yield`, or 0 where there is none."""
+    try:
+        return ctypes.cast(ctypes.CDLL(None).sched_yield, ctypes.c_void_p).value or 0
+    except (OSError, AttributeError, TypeError):  # (no C library by that name: Windows)
+        return 0
+
+
+_YIELD_ADDRESS = _yield_address()
 
 
 @njit(cache=True, inline="always")

@@ -84,12 +84,26 @@ def _call_part_typing(typingctx, fn, board_address, slot):
     return types.void(fn, board_address, slot), codegen
 
 
+def _call_plain_typing(typingctx, fn):
+    """Call the C function at address `fn` as `int fn(void)`, its result dropped (the pool's
+    `sched_yield`)."""
+
+    def codegen(context, builder, sig, args):
+        fnty = ir.FunctionType(ir.IntType(32), [])
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+        return context.get_dummy_value()
+
+    return types.void(fn), codegen
+
+
 # called from jitted code as `load_acquire(arr, i)`, `fetch_add(arr, i, v)`,
-# `swap_if(arr, i, old, new)`, `address(addr)`, `float_bits(v)`, `call_part(fn, board, slot)`
+# `swap_if(arr, i, old, new)`, `address(addr)`, `float_bits(v)`, `call_part(fn, board, slot)`,
+# `call_plain(fn)`
 load_acquire: Any = intrinsic(_load_acquire_typing)
 fetch_add: Any = intrinsic(_fetch_add_typing)
 swap_if: Any = intrinsic(_swap_if_typing)
 address: Any = intrinsic(_address_typing)
 float_bits: Any = intrinsic(_float_bits_typing)
 call_part: Any = intrinsic(_call_part_typing)
+call_plain: Any = intrinsic(_call_plain_typing)
 PART_SIGNATURE = types.void(types.int64, types.int64)  # (board address, slot)

@@ -24,6 +24,13 @@ Why it is built this way (docs/performance.md, "The thread pool", has the measur
   the caller's first claim, made inside its kernel, marks the job started; the caller,
   inside its kernel, waits until every chunk is done and every worker that joined is back in
   its GIL-free spin (`ctl[3]`), then returns.
+* **Another runtime may need the core between jobs** (PyTorch's OpenMP threads between
+  the torch adapter's calls): a worker spinning between jobs calls `sched_yield` every
+  `YIELD_EVERY` loads, so a thread that wakes on its core runs within a few thousand loads
+  instead of at the end of the worker's time slice, and the worker spins on when nobody
+  else needs the core. The caller's waits inside a job do not yield: a job's last chunks
+  come within microseconds, and a yield could hand the core to another runtime's spinner
+  for a whole time slice.
 * **A thread may not run at all for a while** (another process holds the core): the caller
   claims chunks too, steals those of a thread that is late, and waits only for chunks
   another thread has claimed, never for a thread that has not started (a fixed split and a
@@ -51,10 +58,11 @@ import numpy as np
 from numba import njit
 
 from .. import _runtime
-from ._board import JOINED, LINE, PART, SEQ, board_ctl, new_board
-from ._intrinsics import call_part, fetch_add, load_acquire, swap_if
+from ._board import JOINED, LINE, PART, SEQ, YIELD, board_ctl, new_board
+from ._intrinsics import call_part, call_plain, fetch_add, load_acquire, swap_if
 
 SPIN_WAIT = 1 << 20  # spin iterations before sleeping (about half a millisecond)
+YIELD_EVERY = 1 << 11  # a spinning worker's loads between two `sched_yield` calls
 SLEEP_CHECK = 0.01  # seconds between a sleeping worker's looks at the board
 CHUNKS_PER_THREAD = 16  # claims are local atomics: fine chunks balance a late thread
 _STARTED, DONE, _FAILED, _IN_PYTHON = range(4)  # the job's fields of `ctl`
@@ -199,6 +207,8 @@ def _await_job(ctl, prev, board, slot, iters, last):
             last = s
             i = 0
         i += 1
+        if i % YIELD_EVERY == 0 and board[YIELD] != 0:  # (another thread may need the core)
+            call_plain(board[YIELD])
     return last
 
 
