@@ -20,7 +20,8 @@ With `fwdbwd`, the torch implementations are also timed **between torch ops**
 (`BETWEEN`: `h = 1.5 x`, the layer, `gelu(y).sum()`, gradients of x, weight and bias), as a
 layer in a model runs: PyTorch's OpenMP threads run the elementwise ops around the layer,
 and a runtime's threads that spin on the cores can delay the other's. Those results are
-checked against PyTorch's op on float64 copies.
+checked against PyTorch's op on float64 copies (at float64, PyTorch's row is its own
+reference).
 
 Each other result is checked against normgrad's generic path before it is timed. Ratios are the
 peer's time over ours: above 1 means normgrad is faster. No peer has a masked op: the masked

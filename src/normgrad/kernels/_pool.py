@@ -61,7 +61,7 @@ from .. import _runtime
 from ._board import JOINED, LINE, PART, SEQ, YIELD, board_ctl, new_board
 from ._intrinsics import call_part, call_plain, fetch_add, load_acquire, swap_if
 
-SPIN_WAIT = 1 << 20  # spin iterations before sleeping (about half a millisecond)
+SPIN_WAIT = 1 << 20  # spin iterations before sleeping (counted in loads, not time)
 YIELD_EVERY = 1 << 11  # a spinning worker's loads between two `sched_yield` calls
 SLEEP_CHECK = 0.01  # seconds between a sleeping worker's looks at the board
 CHUNKS_PER_THREAD = 16  # claims are local atomics: fine chunks balance a late thread
