@@ -306,12 +306,13 @@ def run_models(
     impls = [i for i in IMPLS if compile_ or i != "compile"]
     rows = []
     for case in cases:
+        between = None  # (None: no torch, no fwdbwd, or no peer: a masked case)
+        if "fwdbwd" in passes and torch is not None:
+            between = _between_reference(case, torch)  # (once per case: it is float64)
         for dt in dtypes:
             inp = make_inputs(case, dt)
             full = reference(inp)
-            refs = {"fwd": full[:1], "fwdbwd": full}
-            if "fwdbwd" in passes and torch is not None:
-                refs[BETWEEN] = _between_reference(case, torch)  # (None: no peer, masked)
+            refs = {"fwd": full[:1], "fwdbwd": full, BETWEEN: between}
             for p in [*passes, BETWEEN]:
                 if refs.get(p) is None:
                     continue

@@ -205,7 +205,15 @@ def _native_marks(items, threads=2):
 
 
 _YIELDS = [0]
-_COUNT_YIELD = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: _YIELDS.__setitem__(0, _YIELDS[0] + 1) or 0)
+
+
+def _count_yield() -> int:
+    """A stand-in for `sched_yield` that counts its calls."""
+    _YIELDS[0] += 1
+    return 0
+
+
+_COUNT_YIELD = ctypes.CFUNCTYPE(ctypes.c_int)(_count_yield)
 # (never freed: a worker may still hold its address after the test puts sched_yield back)
 
 
