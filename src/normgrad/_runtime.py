@@ -4,6 +4,8 @@ Everything normgrad keeps between calls lives in `STATE`:
 
 - `pool`, `pool_lock`: the kernels' thread pool (`kernels/_pool.py` makes it on the first
   parallel call) and the lock a user thread holds while it runs jobs on it;
+- `team`: the addresses through which native jobs run on PyTorch's OpenMP team
+  (`kernels/_team.py` finds them at the torch adapter's first parallel call; False: none);
 - `recycler`: dead outputs' memory kept for reuse (`_recycle.py`);
 - `planned`: the planned-call cache of `_dispatch` (validated arguments and chosen paths per
   call signature of small NumPy calls), and the torch adapter's checked calls
@@ -16,8 +18,10 @@ Everything normgrad keeps between calls lives in `STATE`:
   `normgrad.testing.settings`).
 
 `use_kernels` blocks set `MODE` (a context variable, so threads and tasks each see their
-own). A child made by `fork` starts with no pool (its parent's threads do not exist there)
-and fresh locks. `reset()` forgets every cache and reread setting (for tests).
+own); the torch adapter sets `ON_TORCH` while it runs the kernels. A child made by `fork`
+starts with no pool (its parent's threads do not exist there), no team (libgomp's threads
+do not either, and a job on them would wait for them forever) and fresh locks. `reset()`
+forgets every cache and reread setting (for tests).
 """
 
 from __future__ import annotations
@@ -36,23 +40,29 @@ from ._recycle import Recycler
 KERNEL_MODES = ("auto", "0", "1")
 PATHS = ("small", "native", "blocked", "sweep", "generic")
 MODE: ContextVar[str | None] = ContextVar("normgrad_kernels", default=None)
+ON_TORCH: ContextVar[bool] = ContextVar("normgrad_on_torch", default=False)
 PLANNED_MAX = 512  # planned-call cache entries (cleared when full)
 
 
 @dataclass
 class Settings:
-    """Size thresholds of the path rules (docs/performance.md says how they were chosen)."""
+    """Size thresholds of the path rules (docs/performance.md says how they were chosen) and
+    where the torch adapter's native jobs run."""
 
     kernel_min_size: int = 1 << 14  # blocked kernels from this many elements ("auto")
     small_max_size: int = 1 << 16  # single-call kernels up to this many elements
     sweep_min_bytes: int = 1 << 25  # planned batch-norm layouts sweep from this size
     stream_min_bytes: int = 1 << 24  # outputs this large that cannot stay in cache stream
+    # the torch adapter's native jobs run on torch's OpenMP team (NORMGRAD_TORCH_TEAM=0: on
+    # normgrad's pool)
+    torch_team: bool = field(default_factory=lambda: os.environ.get("NORMGRAD_TORCH_TEAM") != "0")
 
 
 @dataclass
 class State:
     pool: Any = None
     pool_lock: threading.Lock = field(default_factory=threading.Lock)
+    team: Any = None
     recycler: Recycler = field(default_factory=Recycler)
     planned: dict[tuple[Any, ...], Any] = field(default_factory=dict)
     env_mode: str | None = None
@@ -128,6 +138,7 @@ def reset() -> None:
 
 def _after_fork_in_child() -> None:
     STATE.pool = None
+    STATE.team = False
     STATE.pool_lock = threading.Lock()
     STATE.recycler.after_fork()
 

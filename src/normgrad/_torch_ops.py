@@ -15,18 +15,21 @@ Three entry points run the same host functions (`host_forward`, `host_backward`)
   cannot trace a Function with a custom `jvp`).
 
 The paths: CPU float32/float64 tensors reach normgrad's NumPy kernels through zero-copy
-NumPy views of their storage (strided views included); float16, bfloat16 and integer CPU
-tensors are computed in float64 and rounded once; tensors on other devices take the
-generic path in torch ops (the tensor's dtype, float32 statistics for 16-bit floats),
-whose Python never looks at values, so it never waits for the device. A backward under
-grad mode (`create_graph=True`, `torch.func`) is written in differentiable torch ops.
+NumPy views of their storage (strided views included), the kernels' native jobs on torch's
+OpenMP team (`on_torch`: the host functions run with `_runtime.ON_TORCH` set); float16,
+bfloat16 and integer CPU tensors are computed in float64 and rounded once; tensors on other
+devices take the generic path in torch ops (the tensor's dtype, float32 statistics for
+16-bit floats), whose Python never looks at values, so it never waits for the device. A
+backward under grad mode (`create_graph=True`, `torch.func`) is written in differentiable
+torch ops.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec, TypeVar
 
 import array_api_compat.torch as xpt
 import numpy as np
@@ -168,6 +171,24 @@ def _tensor(a: Any, dtype: torch.dtype) -> Tensor:
 
 # --- the two functions both entry points run ----------------------------------------------------
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def on_torch(fn: Callable[_P, _R]) -> Callable[_P, _R]:
+    """`fn` with `_runtime.ON_TORCH` set: its kernels' native jobs run on torch's OpenMP team
+    (`kernels/_team.py`), the threads that run the torch ops around them."""
+
+    @functools.wraps(fn)
+    def on_team(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        token = _runtime.ON_TORCH.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _runtime.ON_TORCH.reset(token)
+
+    return on_team
+
 
 def forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[Tensor, ...]:
     """`(y, mean, var, rstd)`: the NumPy kernels for CPU tensors, torch ops elsewhere."""
@@ -182,6 +203,7 @@ def forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[
     return (y, *stats)
 
 
+@on_torch
 def host_forward(x: Tensor, w: Tensor | None, b: Tensor | None, call: Call) -> tuple[Tensor, Any]:
     """`(y, the NumPy context)` of a CPU call: normgrad's NumPy entry point on views."""
     axes, eps, mode, ddof, center = call
@@ -210,6 +232,7 @@ def backward(
     return host_backward(ctx, (x, w, b), dy)
 
 
+@on_torch
 def host_backward(
     ctx: Any, tensors: tuple[Tensor, Any, Any], dy: Tensor
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -462,6 +485,7 @@ def _plan_eager(x: Tensor, params: tuple[Any, Any], call: Call, mode: str) -> Pl
     return None if hit is None else Planned(hit[0], hit[1], mode)
 
 
+@on_torch
 def eager_forward(x: Tensor, w: Any, b: Any, planned: Planned) -> tuple[Tensor, Any]:
     """`host_forward` of a planned call: the plan's kernels on zero-copy views, without
     validating or planning again; `(y, the NumPy context)`."""
@@ -473,6 +497,7 @@ def eager_forward(x: Tensor, w: Any, b: Any, planned: Planned) -> tuple[Tensor, 
     return torch.from_numpy(y), _context(xh, spec, (mean, var, rstd), wh, bh, tables)
 
 
+@on_torch
 def eager_backward(
     ctx: Any, planned: Planned, tensors: tuple[Tensor, Any, Any], dy: Tensor
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:

@@ -53,9 +53,9 @@ def record_paths() -> Iterator[list[tuple[str, str]]]:
 
 
 @contextmanager
-def settings(**changes: int) -> Iterator[_runtime.Settings]:
-    """The path rules' size thresholds (`_runtime.Settings` fields) changed for the block;
-    the planned calls are planned again inside it and after it."""
+def settings(**changes: Any) -> Iterator[_runtime.Settings]:
+    """The path rules' size thresholds and `torch_team` (`_runtime.Settings` fields) changed
+    for the block; the planned calls are planned again inside it and after it."""
     state = _runtime.STATE
     saved = state.settings
     state.settings = dataclasses.replace(saved, **changes)

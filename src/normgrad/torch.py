@@ -1,7 +1,8 @@
 r"""PyTorch adapter: `normalize` (on `_torch_ops`) and `MeanVarNorm` as an `nn.Module`.
 
 Both run normgrad's op: CPU float32/float64 tensors on the NumPy kernels through zero-copy
-views, other devices in torch ops (`_torch_ops.py` says which and how):
+views (their parallel jobs on torch's own OpenMP threads, `kernels/_team.py`), other devices
+in torch ops (`_torch_ops.py` says which and how):
 
 $$ y = \frac{x - \mu}{\sqrt{\sigma^2 + \epsilon}}\,w + b, \qquad
    dx = r\,(g - \bar g) - \frac{c}{m}\,\hat x \sum g\,\hat x,\quad g = dy\,w $$

@@ -2,11 +2,14 @@
 
 One job at a time. Its header (pool protocol, `_pool.run_job` and the workers' spin):
 
-    [SEQ, SIZE, PART, YIELD, ...]   job number (odd while a job is open), threads the
-                             board serves, the address of the job's part (a `cfunc` called
-                             as `part(board address, slot)`), the address of the C
-                             library's `sched_yield` (0: none; a spinning worker calls it
-                             now and then)
+    [SEQ, SIZE, PART, YIELD, TEAM, THREAD_NUM, ENTRY, ...]
+                             job number (odd while a job is open), threads the board
+                             serves, the address of the job's part (a `cfunc` called as
+                             `part(board address, slot)`), the address of the C library's
+                             `sched_yield` (0: none; a spinning worker calls it now and
+                             then); on a board of an OpenMP team (`_team.py`; 0 on the
+                             pool's), the addresses of its runtime's `GOMP_parallel` and
+                             `omp_get_thread_num` and of the entry its threads run
     [JOINED, ...]            workers inside the open job (its own cache line)
     params                   `PARAMS` int64 slots the caller fills (addresses and scalars;
                              `_native.py` names them)
@@ -28,7 +31,7 @@ from numba import carray, njit
 from ._intrinsics import address
 
 LINE = 8  # int64 per cache line: a claim state's thread t starts at LINE * (t + 1)
-SEQ, SIZE, PART, YIELD = 0, 1, 2, 3
+SEQ, SIZE, PART, YIELD, TEAM, THREAD_NUM, ENTRY = range(7)
 JOINED = LINE
 _PARAMS_AT = 2 * LINE
 PARAMS = 6 * LINE  # int64 slots for the caller's parameters

@@ -85,20 +85,35 @@ def _call_part_typing(typingctx, fn, board_address, slot):
 
 
 def _call_plain_typing(typingctx, fn):
-    """Call the C function at address `fn` as `int fn(void)`, its result dropped (the pool's
-    `sched_yield`)."""
+    """Call the C function at address `fn` as `int fn(void)` and return its result (the
+    pool's `sched_yield`, the OpenMP runtime's `omp_get_thread_num`)."""
 
     def codegen(context, builder, sig, args):
         fnty = ir.FunctionType(ir.IntType(32), [])
-        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+        res = builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [])
+        return builder.sext(res, ir.IntType(64))
+
+    return types.int64(fn), codegen
+
+
+def _call_team_typing(typingctx, fn, entry, data, nthreads):
+    """Call the OpenMP runtime's `GOMP_parallel` at address `fn` as `fn(entry, data,
+    nthreads, 0)`: `void entry(void *data)` runs on each of `nthreads` threads of the calling
+    thread's team, and the call returns when every one has returned."""
+
+    def codegen(context, builder, sig, args):
+        i64, i32 = ir.IntType(64), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i64, i64, i32, i32])
+        n = builder.trunc(args[3], i32)
+        builder.call(builder.inttoptr(args[0], fnty.as_pointer()), [args[1], args[2], n, i32(0)])
         return context.get_dummy_value()
 
-    return types.void(fn), codegen
+    return types.void(fn, entry, data, nthreads), codegen
 
 
 # called from jitted code as `load_acquire(arr, i)`, `fetch_add(arr, i, v)`,
 # `swap_if(arr, i, old, new)`, `address(addr)`, `float_bits(v)`, `call_part(fn, board, slot)`,
-# `call_plain(fn)`
+# `call_plain(fn)`, `call_team(fn, entry, data, nthreads)`
 load_acquire: Any = intrinsic(_load_acquire_typing)
 fetch_add: Any = intrinsic(_fetch_add_typing)
 swap_if: Any = intrinsic(_swap_if_typing)
@@ -106,4 +121,5 @@ address: Any = intrinsic(_address_typing)
 float_bits: Any = intrinsic(_float_bits_typing)
 call_part: Any = intrinsic(_call_part_typing)
 call_plain: Any = intrinsic(_call_plain_typing)
+call_team: Any = intrinsic(_call_team_typing)
 PART_SIGNATURE = types.void(types.int64, types.int64)  # (board address, slot)

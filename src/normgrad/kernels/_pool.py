@@ -58,8 +58,9 @@ import numpy as np
 from numba import njit
 
 from .. import _runtime
-from ._board import JOINED, LINE, PART, SEQ, YIELD, board_ctl, new_board
-from ._intrinsics import call_part, call_plain, fetch_add, load_acquire, swap_if
+from . import _team
+from ._board import ENTRY, JOINED, LINE, PART, SEQ, SIZE, TEAM, YIELD, board_ctl, new_board
+from ._intrinsics import call_part, call_plain, call_team, fetch_add, load_acquire, swap_if
 
 SPIN_WAIT = 1 << 20  # spin iterations before sleeping (counted in loads, not time)
 YIELD_EVERY = 1 << 11  # a spinning worker's loads between two `sched_yield` calls
@@ -158,12 +159,16 @@ def phase_ctl(nchunks: int, nthreads: int) -> np.ndarray:
 def run_job(board, part, nchunks, nthreads):
     """The caller's side of a native job, its parameters written: fresh claim states dealt to
     `nthreads`, open the job, run `part` as slot 0, wait for every chunk, close the job and
-    wait for the workers inside it to leave."""
+    wait for the workers inside it to leave. On an OpenMP team's board (`_team.py`) the
+    team's threads run the part instead, the caller as slot 0."""
     for which in range(2):
         ctl = board_ctl(board, which)
         ctl[:] = 0
         _deal(ctl, nchunks, nthreads)
     board[PART] = part
+    if board[TEAM] != 0:
+        call_team(board[TEAM], board[ENTRY], board.ctypes.data, nthreads)
+        return
     fetch_add(board, SEQ, 1)
     call_part(part, board.ctypes.data, 0)
     ctl = board_ctl(board, 0)
@@ -394,7 +399,12 @@ def run_native(caller: Any, nthreads: int, args: tuple) -> None:
     """Run a native job: `caller(board, nthreads, *args)` (GIL-free jitted code) writes its
     parameters into `board_params(board)` and calls `run_job`; workers spinning between jobs
     run their parts without entering Python. On one thread, or while another user thread
-    holds the pool, the caller runs alone on a board of its own."""
+    holds the pool, the caller runs alone on a board of its own. The torch adapter's jobs
+    run on torch's OpenMP team where there is one (`_team.py`)."""
+    team = _team.board(nthreads) if nthreads > 1 else None
+    if team is not None:  # (the torch adapter's job: on torch's OpenMP team)
+        caller(team, int(team[SIZE]), *args)
+        return
     lock = _runtime.STATE.pool_lock
     if nthreads <= 1 or not lock.acquire(blocking=False):
         caller(new_board(1), 1, *args)
