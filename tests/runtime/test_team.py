@@ -18,17 +18,29 @@ from numba import carray, cfunc, njit
 
 import normgrad.torch as nt
 from normgrad import _runtime, testing
-from normgrad.kernels import _pool, _team
+from normgrad.kernels import _layout, _pool, _team
 from normgrad.kernels._board import SIZE, TEAM, board_at, board_ctl, board_params
 from normgrad.kernels._intrinsics import address, call_plain
 from normgrad.kernels._native import PART_SIGNATURE
 from normgrad.kernels._pool import run_job, take
 
 _GETTID = getattr(ctypes.CDLL(None), "gettid", None) if sys.platform.startswith("linux") else None
-pytestmark = pytest.mark.skipif(
-    "OpenMP" not in torch.__config__.parallel_info() or _GETTID is None,
-    reason="torch without OpenMP, or no gettid (glibc 2.30, Linux)",
-)
+pytestmark = pytest.mark.skipif(_GETTID is None, reason="no gettid (glibc 2.30, Linux)")
+
+
+@pytest.fixture(autouse=True)
+def two_torch_threads():
+    """torch's ops on a team of two threads, and the adapter's jobs allowed on it (whatever
+    NORMGRAD_TORCH_TEAM and OMP_NUM_THREADS say)."""
+    if not _team._find(torch) or _layout.max_threads() < 2:
+        pytest.skip("torch's ops not on libgomp's OpenMP, or NUMBA_NUM_THREADS=1")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with testing.settings(torch_team=True):
+            yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 # A native job for the tests: each slot notes the OS thread it ran on, then marks its items.
@@ -36,8 +48,8 @@ def _note_part_py(addr, slot):
     board = board_at(addr)
     p = board_params(board)
     hits = carray(address(p[2]), p[1], np.int64)
-    tids = carray(address(p[3]), board[SIZE], np.int64)
-    tids[slot] = call_plain(p[4])
+    if slot < p[5]:  # (a pool larger than the job's threads: its other workers join too)
+        carray(address(p[3]), p[5], np.int64)[slot] = call_plain(p[4])
     claim = (board_ctl(board, 0), p[0], p[1], slot)
     while True:
         k, i0, i1 = take(claim)
@@ -54,6 +66,7 @@ _note_part = cfunc(PART_SIGNATURE)(_note_part_py)
 def _note_native(board, nthreads, part, nchunks, hits, tids, gettid):
     p = board_params(board)
     p[0], p[1], p[2], p[3], p[4] = nchunks, hits.size, hits.ctypes.data, tids.ctypes.data, gettid
+    p[5] = tids.size
     run_job(board, part, nchunks, nthreads)
 
 
@@ -75,15 +88,7 @@ def _pool_thread_ids():
     return {t.native_id for t in threading.enumerate() if t.name.startswith("normgrad-")}
 
 
-@pytest.fixture
-def two_torch_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
-def test_the_adapters_jobs_run_on_torchs_openmp_threads(two_torch_threads):
+def test_the_adapters_jobs_run_on_torchs_openmp_threads():
     """`GOMP_parallel` returns once every team thread has run the entry, so both slots ran:
     the caller as slot 0, and as slot 1 a thread of this process that is neither the caller
     nor one of normgrad's pool workers (libgomp's)."""
@@ -96,9 +101,13 @@ def test_the_adapters_jobs_run_on_torchs_openmp_threads(two_torch_threads):
         assert os.path.exists(f"/proc/self/task/{tids[1]}")
 
 
-def test_other_jobs_run_on_normgrads_pool(two_torch_threads):
-    """Without the adapter's mark, or with `Settings.torch_team` off, a job's second slot (if
-    it ran: a busy worker may leave every chunk to the caller) is a pool worker."""
+def test_other_jobs_run_on_normgrads_pool(monkeypatch):
+    """Without the adapter's mark, or with `Settings.torch_team` off, a job gets no team's
+    board, and its second slot (if it ran: a busy worker may leave every chunk to the
+    caller) is a pool worker."""
+    boards = []
+    board = _team.board
+    monkeypatch.setattr(_team, "board", lambda n: boards.append(board(n)) or boards[-1])
     for on_torch, team in ((False, True), (True, False)):
         with testing.settings(torch_team=team):
             seen = set()
@@ -108,6 +117,7 @@ def test_other_jobs_run_on_normgrads_pool(two_torch_threads):
                 assert tids[0] == threading.get_native_id()
                 seen |= {int(t) for t in tids[1:] if t != -1}
             assert seen <= _pool_thread_ids()
+    assert len(boards) == 100 and all(bd is None for bd in boards)
 
 
 def test_a_job_uses_as_many_threads_as_torch():
@@ -164,13 +174,15 @@ def test_the_same_bits_on_torchs_team_and_on_the_pool(shape, axes, pshape, dtype
 
 
 FORK_SCRIPT = """
-import os, torch, normgrad.torch as nt
+import os, signal, torch, normgrad.torch as nt
 from normgrad import _runtime
+torch.set_num_threads(2)
 x = torch.randn(256, 1024)
 y = nt.normalize(x, axes=-1)  # on torch's team: libgomp's threads exist now
 assert _runtime.STATE.team not in (None, False)
 pid = os.fork()
 if pid == 0:
+    signal.alarm(60)  # (a hung child would outlive the test's timeout)
     y2 = nt.normalize(x, axes=-1).numpy()  # (no torch op here: those would hang)
     ok = _runtime.STATE.team is False and (y2 == y.numpy()).all()
     os._exit(0 if ok else 3)
@@ -183,8 +195,9 @@ print(os.waitstatus_to_exitcode(status))
 def test_a_forked_child_runs_the_adapters_jobs_on_its_own_pool():
     """libgomp's threads are gone in a child made by `fork` (a job on them would wait for
     them forever, as a parallel torch op there does): the child's jobs take normgrad's pool."""
+    env = {**os.environ, "NORMGRAD_TORCH_TEAM": "1"}
     out = subprocess.run(
-        [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", FORK_SCRIPT], capture_output=True, text=True, timeout=120, env=env
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "0"

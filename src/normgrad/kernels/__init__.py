@@ -8,6 +8,7 @@ Loaded by `_runtime.kernels()` on first use, so that `import normgrad` never imp
     _native.py      native jobs: the board's parameter slots, the parts, the callers
     _board.py       the board's memory layout
     _pool.py        the thread pool: chunk claims, workers, Python and native jobs
+    _team.py        the torch adapter's native jobs on PyTorch's OpenMP team
     _stream.py      streaming (non-temporal) stores
     _intrinsics.py  atomics, addresses and calls by address, as numba intrinsics
 

@@ -98,8 +98,8 @@ def _call_plain_typing(typingctx, fn):
 
 def _call_team_typing(typingctx, fn, entry, data, nthreads):
     """Call the OpenMP runtime's `GOMP_parallel` at address `fn` as `fn(entry, data,
-    nthreads, 0)`: `void entry(void *data)` runs on each of `nthreads` threads of the calling
-    thread's team, and the call returns when every one has returned."""
+    nthreads, 0)`: `void entry(void *data)` runs on each thread of a team of up to `nthreads`
+    (the calling thread is number 0), and the call returns when every one has returned."""
 
     def codegen(context, builder, sig, args):
         i64, i32 = ir.IntType(64), ir.IntType(32)

@@ -28,27 +28,28 @@ from ._intrinsics import call_part, call_plain
 
 def _entry(addr):
     """What each team thread runs: the part of the job on the board at `addr`, its slot the
-    thread's number in the team (a larger team's extra threads return at once)."""
+    thread's number in the team."""
     board = board_at(addr)
     slot = call_plain(board[THREAD_NUM])
-    if slot < board[SIZE]:
+    if slot < board[SIZE]:  # (never otherwise: the team has at most SIZE threads)
         call_part(board[PART], addr, slot)
 
 
 def _find(torch: Any) -> tuple[int, int, int] | bool:
     """`(GOMP_parallel, omp_get_thread_num, the compiled entry)` as addresses, or False
-    where torch does not run on an OpenMP runtime with libgomp's ABI."""
+    where torch's ops do not run on OpenMP, its runtime lacks libgomp's entry points, or the
+    entry cannot be compiled (the pool then takes the jobs)."""
     try:
-        if "OpenMP" not in torch.__config__.parallel_info():
+        if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
             return False
         lib = ctypes.CDLL(torch._C.__file__)  # (dlsym searches its dependencies: torch's OpenMP)
         functions = (lib.GOMP_parallel, lib.omp_get_thread_num)
         run, num = (ctypes.cast(f, ctypes.c_void_p).value for f in functions)
-    except (OSError, AttributeError):
+        if not run or not num:
+            return False
+        entry: Any = cfunc(nbtypes.void(nbtypes.int64), cache=True)(_entry)
+    except Exception:  # (any failure here leaves the jobs on normgrad's pool, as before)
         return False
-    if not run or not num:
-        return False
-    entry: Any = cfunc(nbtypes.void(nbtypes.int64), cache=True)(_entry)
     _COMPILED.append(entry)
     return run, num, int(entry.address)
 
@@ -57,10 +58,10 @@ _COMPILED: list[Any] = []  # kept alive: the team's threads call it by address
 
 
 def board(nthreads: int) -> np.ndarray | None:
-    """A board for a job of up to `nthreads` threads on torch's OpenMP team (as many as torch
-    uses: a board of one thread runs the job on the caller alone), or None where the job
-    runs on normgrad's pool: not the torch adapter's job, `Settings.torch_team` off, or no
-    OpenMP team."""
+    """A board for a job of up to `nthreads` threads on torch's OpenMP team (no more than
+    torch uses, `torch.get_num_threads()`: a board of one thread runs the job on the caller
+    alone), or None where the job runs on normgrad's pool: not the torch adapter's job,
+    `Settings.torch_team` off, or no OpenMP team."""
     state = _runtime.STATE
     if not _runtime.ON_TORCH.get() or not state.settings.torch_team or state.team is False:
         return None
