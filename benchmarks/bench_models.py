@@ -2,8 +2,9 @@
 
 Part of `make bench` (`bench_kernels.run` calls `run_models`). Each case is a layer as a model
 uses it (LayerNorm over the last axis, BatchNorm2d, GroupNorm, InstanceNorm with affine
-parameters, a whole tensor, and RMSNorm: `center=False` with a weight and no bias, over the
-last axis or the whole tensor; masked LayerNorm: `mask=` with 80% of the elements counted,
+parameters, BatchNorm2d on a channels-last tensor, BatchNorm1d, a whole tensor, and RMSNorm:
+`center=False` with a weight and no bias, over the last axis or the whole tensor; masked
+LayerNorm: `mask=` with 80% of the elements counted,
 each next to the unmasked case of its shape), timed in one process for:
 
 - `normgrad`: `normgrad.normalize_forward` / `normalize_backward` on NumPy arrays, with the
@@ -51,6 +52,7 @@ class Case:
     groups: int = 0  # GroupNorm: channels split into this many groups
     dims: int = 1  # LayerNorm/RMSNorm: how many trailing axes are normalized (and weighted)
     unmasked: str = ""  # a masked case: the key of the same layer without a mask
+    channels_last: bool = False  # BatchNorm2d on NHWC memory (a channels-last tensor)
 
     @property
     def op(self) -> str:
@@ -73,6 +75,9 @@ CASES = (
     Case("lnmask256", "LayerNorm masked 256x1024", (256, 1024), unmasked="ln256"),
     Case("bn32", "BatchNorm2d 32x64x56x56", (32, 64, 56, 56)),
     Case("bn8", "BatchNorm2d 8x64x28x28", (8, 64, 28, 28)),
+    Case("bn32cl", "BatchNorm2d channels-last 32x64x56x56", (32, 64, 56, 56), channels_last=True),
+    Case("bn1d8192", "BatchNorm1d 8192x768", (8192, 768)),
+    Case("bn1d256", "BatchNorm1d 256x1024", (256, 1024)),
     Case("gn8", "GroupNorm(32) 8x64x28x28", (8, 64, 28, 28), groups=32),
     Case("in8", "InstanceNorm2d 8x64x28x28", (8, 64, 28, 28)),
     Case("whole6", "whole 10^6", (1000, 1000)),
@@ -100,6 +105,8 @@ def layout(case: Case) -> tuple[tuple[int, ...], Any, tuple[int, ...]]:
         return s, None, s
     if case.op == "BatchNorm2d":
         return s, (0, 2, 3), (s[1], 1, 1)
+    if case.op == "BatchNorm1d":
+        return s, 0, (s[1],)
     if case.op == "InstanceNorm2d":
         return s, (2, 3), (s[1], 1, 1)
     if case.op.startswith("GroupNorm"):
@@ -125,6 +132,9 @@ def make_inputs(case: Case, dtype: str) -> Inputs:
     rng = np.random.default_rng(0)
     x = rng.normal(size=shape).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
+    if case.channels_last:  # the same values in NHWC memory, seen as NCHW
+        nhwc = (np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for a in (x, dy))
+        x, dy = (a.transpose(0, 3, 1, 2) for a in nhwc)
     if not pshape:
         return Inputs(x, dy, None, None, axes, 0)
     w = (1 + 0.1 * rng.normal(size=pshape)).astype(dtype)
@@ -173,7 +183,7 @@ def torch_op(torch: Any, case: Case) -> Any:
         return lambda x, w, b: F.layer_norm(
             x, x.shape[-d:], w.reshape(x.shape[-d:]), b.reshape(x.shape[-d:]), eps=EPS
         )
-    if op == "BatchNorm2d":
+    if op in ("BatchNorm2d", "BatchNorm1d"):
         return lambda x, w, b: F.batch_norm(x, None, None, w, b, training=True, eps=EPS)
     if op == "InstanceNorm2d":
         return lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS)

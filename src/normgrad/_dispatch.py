@@ -10,7 +10,9 @@ a `Plan` that names its path and carries what that path needs:
     blocked  the group kernels on the pool, through Python jobs: any strides, affine
              parameters, from `settings.kernel_min_size` elements
     sweep    batch-norm layouts (several runs per group, per-group parameters), swept in
-             memory order; also planned batch-norm calls of `settings.sweep_min_bytes`
+             memory order; also planned batch-norm calls of `settings.sweep_min_bytes`, and
+             planned calls above the small size whose groups are innermost in memory
+             (batch norm over (N, F) or NHWC: the column kernels go along rows)
     generic  the Array-API formulas (`_generic.py`): every other array, dtype or layout,
              and given statistics (`stats=`)
 
@@ -219,6 +221,8 @@ def _planned(x: np.ndarray, spec: Spec, mode: str, params: Any) -> Plan | None:
     small = x.size <= settings.small_max_size
     if (small and mode != "native") or mode == "small":
         return Plan("small", "a C-contiguous input whose blocks a reshape gives", cp, None, op)
+    if cp.runs_per_group > 1 and cp.shape4[3] == 1 and mode != "native":
+        return None  # groups innermost in memory (Rb = 1): the sweep's column kernels
     large_sweep = cp.runs_per_group > 1 and x.nbytes >= settings.sweep_min_bytes
     if mode == "native" or not large_sweep:
         why = "a C-contiguous input whose blocks a reshape gives, above the small size"
@@ -251,7 +255,7 @@ def _blocked(x: np.ndarray, spec: Spec, params: tuple[Any, Any], out: Any, mode:
     views (the generic path where one does not fit)."""
     from .kernels import _layout
 
-    lay = _layout.plan(x, spec.axes, params)
+    lay = _layout.plan(x, spec.axes, params, columns=mode != "blocked")  # (masked: blocked)
     if lay is None:
         return Plan("generic", "the layout needs more than two blocks of kept or reduced axes")
     w = _layout.table(params[0], x, lay, True)

@@ -334,3 +334,34 @@ def test_planned_eager_calls_still_refuse_a_zero_variance_group_without_eps():
     for _ in range(2):  # (the second call takes the cached plan)
         with pytest.raises(NormgradError, match="zero variance"):
             normalize(x, -1, eps=0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channels_last_and_batchnorm1d_go_along_rows(dtype):
+    """BatchNorm over a channels-last tensor and BatchNorm1d over (N, F) have their groups
+    innermost in memory: the column kernels take them (sweep above the small size), y
+    keeps x's memory format, and values and gradients equal F.batch_norm's."""
+    g = torch.Generator().manual_seed(3)
+    cases = [
+        (torch.randn(4, 16, 32, 32, generator=g, dtype=dtype), (0, 2, 3), (1, 16, 1, 1)),
+        (torch.randn(4000, 24, generator=g, dtype=dtype), 0, (24,)),
+    ]
+    for x0, axes, pshape in cases:
+        x0 = x0.to(memory_format=torch.channels_last) if x0.ndim == 4 else x0
+        x = (x0 * 2 + 3).detach().requires_grad_(True)
+        w = (torch.rand(x.shape[1], generator=g, dtype=dtype) + 0.5).requires_grad_(True)
+        b = torch.randn(x.shape[1], generator=g, dtype=dtype).requires_grad_(True)
+        dy = torch.randn(x.shape, generator=g, dtype=dtype)
+        with testing.record_paths() as seen:
+            y = normalize(x, axes, weight=w.view(pshape), bias=b.view(pshape))
+            got = torch.autograd.grad(y, (x, w, b), dy)
+        assert seen == [("forward", "sweep"), ("backward", "sweep")]
+        assert y.stride() == x.stride()
+        ref_in = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+        ref = F.batch_norm(ref_in[0], None, None, ref_in[1], ref_in[2], training=True)
+        want = torch.autograd.grad(ref, ref_in, dy.double())
+        tol = 1e-5 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(y.double(), ref, rtol=0, atol=tol)
+        for a, r in zip(got, want, strict=True):
+            assert a.dtype == dtype
+            torch.testing.assert_close(a.double(), r, rtol=tol, atol=tol * 10)

@@ -62,7 +62,6 @@ def test_small_kernels_run_by_default(rng, shape, axes, dtype, eps_mode):
 @pytest.mark.parametrize(
     "make",
     [
-        pytest.param(lambda x: (x, 0), id="leading-axis"),
         pytest.param(lambda x: (x.T, -1), id="transposed"),
         pytest.param(lambda x: (x[:, ::2], -1), id="sliced"),
     ],

@@ -5,8 +5,11 @@ conversions of per-group values to and from keepdims statistics.
 Every axes choice is viewed, without copying, as a 4-d block array: kept and reduced axes,
 each block a run of axes that merge in memory (axes taken in memory order, so transposed or
 sliced inputs work as well). Whole tensor is `(1, 1, 1, N)`, layer norm `(rows, 1, 1, D)`,
-batch norm over `(0, 2, 3)` is `(1, N, C, H*W)`. Layouts that need more than two blocks of
-either kind have no layout (`None`), and the generic path takes them.
+batch norm over `(0, 2, 3)` is `(1, N, C, H*W)`. Where the kept axes are innermost in memory
+(batch norm over `(N, F)`, or over NHWC memory) the one reduced block is `Ra` and `Rb` is 1:
+`(1, N, F, 1)`, `(1, N*H*W, C, 1)`, whose rows of groups the column kernels go along.
+Layouts that need more than two blocks of either kind have no layout (`None`), and the
+generic path takes them.
 """
 
 from __future__ import annotations
@@ -52,16 +55,21 @@ class Layout(NamedTuple):
         return self.shape4[1] * self.shape4[3]
 
 
-def plan(x: np.ndarray, axes: tuple[int, ...], params: tuple[Any, ...] = ()) -> Layout | None:
+def plan(
+    x: np.ndarray, axes: tuple[int, ...], params: tuple[Any, ...] = (), columns: bool = True
+) -> Layout | None:
     """The block layout of `x` for reducing over `axes`, or None if it needs > 4 blocks.
 
     Kept axes merge where `x`'s do; reduced axes only where every affine parameter (broadcast
     to x) merges too, so that a parameter repeats or varies over a whole reduced block (over
-    part of a kept block, its table holds one row per kept position: see `table`)."""
+    part of a kept block, its table holds one row per kept position: see `table`). With
+    `columns`, groups innermost in memory whose parameters are constant over the reduced
+    axes get the column kernels' layout `(Ka, R, K, 1)` (else `(Ka, 1, K, R)`, each group
+    one strided run: the group kernels')."""
     pstrides = tuple(
         np.broadcast_to(np.asarray(p), x.shape).strides for p in params if p is not None
     )
-    return _plan(x.shape, x.strides, axes, pstrides)
+    return _plan(x.shape, x.strides, axes, pstrides, columns)
 
 
 @functools.lru_cache(maxsize=256)
@@ -70,6 +78,7 @@ def _plan(
     strides: tuple[int, ...],
     axes: tuple[int, ...],
     pstrides: tuple[tuple[int, ...], ...],
+    columns: bool = True,
 ) -> Layout | None:
     order = sorted((i for i in range(len(shape)) if shape[i] > 1), key=lambda i: -abs(strides[i]))
     runs = _runs(shape, order, axes, (strides, *pstrides))  # (order: stable, ties keep axes)
@@ -77,6 +86,15 @@ def _plan(
     rruns = [tuple(r) for red, r in runs if red]
     if len(kruns) > 2 or len(rruns) > 2:
         return None
+    kept_inner = len(rruns) == 1 and not runs[-1][0]  # (kept axes innermost in memory)
+    if columns and kept_inner and not any(ps[i] for ps in pstrides for i in rruns[0]):
+        ka = kruns[0] if len(kruns) == 2 else ()
+        return _layout(shape, axes, order, (ka, rruns[0], kruns[-1], ()))
+    return _layout(shape, axes, order, _blocks(kruns, rruns, order))
+
+
+def _blocks(kruns: list[Any], rruns: list[Any], order: list[int]) -> tuple[Any, ...]:
+    """(Ka, Ra, Kb, Rb) of at most two runs of each kind, the reduced one innermost."""
     rb = rruns[-1] if rruns else ()
     ra = rruns[0] if len(rruns) == 2 else ()
     if len(kruns) == 2:
@@ -85,7 +103,7 @@ def _plan(
         ka, kb = kruns[0], ()
     else:
         ka, kb = (), (kruns[0] if kruns else ())
-    return _layout(shape, axes, order, (ka, ra, kb, rb))
+    return ka, ra, kb, rb
 
 
 def _runs(
@@ -358,12 +376,13 @@ def threads_for(groups: int, n: int) -> tuple[int, int]:
 
 
 def sweep_threads(shape4: tuple[int, int, int, int]) -> tuple[int, int]:
-    """(row chunks per Ka block, threads) for the sweep kernels."""
+    """(row chunks per Ka block, threads) for the sweep kernels: chunks of `MIN_CHUNK`
+    elements or more (each chunk's partials are a merge per group)."""
     ka, ra, kb, rb = shape4
     if ka * ra * kb * rb < PARALLEL_MIN_SIZE:
         return 1, 1
     nthreads = max_threads()
-    nc = max(1, min(-(-8 * nthreads // ka), ra))
+    nc = max(1, min(-(-8 * nthreads // ka), ra, ra * kb * rb // MIN_CHUNK))
     return nc, min(nthreads, ka * nc)
 
 

@@ -22,7 +22,10 @@ cheaply; NamedTuples would cost microseconds at each call from Python):
 `chan_merge`, `xhat`, `gradient`): the generic path and every kernel evaluate the same
 expressions. The element loops (`_add_block`, `_write_y`, `_add_sums`, `_write_dx`) are the
 only places that touch elements; every path (small, groups, split, sweep) calls them, so a
-variant of the op is written once, there.
+variant of the op is written once, there. Layouts whose groups are innermost in memory
+(Rb = 1: batch norm over (N, F) or NHWC) have their own four, the column loops
+(`_column_block`, `_column_y`, `_column_sums`, `_column_dx`), which go along rows of groups
+with the same formulas.
 
 **RMS** (`center=False`): `_add_block` sums `x^2` instead of the block's squared deviations
 (a zero mean, which Chan's merge keeps at zero: the merged "M2" is `sum x^2`), the shift is
@@ -833,6 +836,267 @@ def backward_sweep(claim, io, par, coefs, nc, flags):
                     g = k0 * kb + k1
                     coef = (mean[g], rs[g], mg[g], beta[g])
                     _write_dx(io, par, (k0, r0, k1), 0, rb, coef, flags)
+
+
+# --- columns: sweep layouts whose innermost block is kept (Rb = 1) ------------------------------
+# Batch norm over (N, F), or over (N, H, W) of an NHWC array: a row of `Kb` groups is one run
+# of memory, so these loops go along rows (every group of block `k0` at once) rather than down
+# a group, `_column_rows` rows at a time. They take `(Ka, Ra, Kb)` views (the blocks without
+# Rb): a C-contiguous one gives C-contiguous rows, whose loops LLVM vectorizes. The sweep's
+# passes and formulas: two-pass moments of in-cache blocks relative to each group's first
+# element, Chan-merged; partials per item.
+
+
+COLUMN_BLOCK = 32768  # elements per block of rows (128-256 KiB: the second pass reads L2)
+
+
+@njit(cache=True, inline="always")
+def _column_rows(kb):
+    """Rows per in-cache block: about `COLUMN_BLOCK` elements, each merge costs a division
+    per group."""
+    return max(1, COLUMN_BLOCK // kb)
+
+
+@njit(cache=True, inline="always")
+def _per_column(t, rule, k0, kb):
+    """A per-group table's value for each group of block `k0`, in float64."""
+    out = np.empty(kb)
+    for k1 in range(kb):
+        out[k1] = np.float64(t[k0 * rule[0] + k1 * rule[2], 0])
+    return out
+
+
+@njit(cache=True, inline="always")
+def _column_block(x, k0, rows, shift, sums, center):
+    """Block moments of each column over `rows = (a, e)`, into `sums = (s, q)`: `s` the mean
+    of `x - shift`, `q` its M2 (RMS: mean 0, `q = sum x^2`)."""
+    s, q = sums
+    a, e = rows
+    s[:] = 0.0
+    q[:] = 0.0
+    t = np.zeros(s.size)
+    if not center:
+        for r0 in range(a, e):
+            xs = x[k0, r0]
+            for k1 in range(xs.size):
+                v = np.float64(xs[k1])
+                t[k1] += v * v
+            _flush_rows(r0 - a, q, t)
+        _flush_rows(-1, q, t)
+        return
+    for r0 in range(a, e):
+        xs = x[k0, r0]
+        for k1 in range(xs.size):
+            t[k1] += xs[k1] - shift[k1]
+        _flush_rows(r0 - a, s, t)
+    _flush_rows(-1, s, t)
+    s /= e - a
+    for r0 in range(a, e):
+        xs = x[k0, r0]
+        for k1 in range(xs.size):
+            d = (xs[k1] - shift[k1]) - s[k1]
+            t[k1] += d * d
+        _flush_rows(r0 - a, q, t)
+    _flush_rows(-1, q, t)
+
+
+_SUM_ROWS = 8  # rows summed apart before they join a column's sum (rounding: n/8 + 8 adds)
+
+
+@njit(cache=True, inline="always")
+def _flush_rows(i, total, part):
+    """After every `_SUM_ROWS`-th row (`i` counted from 0; -1: the last), add `part` into
+    `total` and clear it: two-level sums, whose rounding grows far slower than a row's."""
+    if i >= 0 and i % _SUM_ROWS != _SUM_ROWS - 1:
+        return
+    for k1 in range(total.size):
+        total[k1] += part[k1]
+        part[k1] = 0.0
+
+
+@njit(cache=True, inline="always")
+def _column_stats(x, k0, rows, parts, scratch, center):
+    """Moments of `x - shift` of each group of block `k0` over `rows = (lo, hi)`, into
+    `parts = (mean, M2)` (`kb` each); the shift, each group's first element, is
+    `scratch[2]` (zeros for RMS)."""
+    pmean, pm2 = parts
+    s, q, shift = scratch
+    kb = x.shape[2]
+    lo, hi = rows
+    if center:
+        for k1 in range(kb):
+            shift[k1] = x[k0, 0, k1]
+    step = _column_rows(kb)
+    cnt = 0.0
+    for a in range(lo, hi, step):
+        e = min(hi, a + step)
+        _column_block(x, k0, (a, e), shift, (s, q), center)
+        for k1 in range(kb):
+            _, pmean[k1], pm2[k1] = chan_merge(cnt, pmean[k1], pm2[k1], e - a, s[k1], q[k1])
+        cnt += e - a
+
+
+@njit(cache=True, inline="always")
+def _column_y(io, par, k0, rows, coef, affine):
+    """`y` of rows `[lo, hi)` of block `k0`, `coef = (mean, rstd)` of its groups."""
+    x, y = io
+    wt, bt, wr, br = par
+    mu, r = coef
+    kb = x.shape[2]
+    if not affine:
+        for r0 in range(rows[0], rows[1]):
+            xs, ys = x[k0, r0], y[k0, r0]
+            for k1 in range(kb):
+                ys[k1] = xhat(xs[k1], mu[k1], r[k1])
+        return
+    wv, bv = _per_column(wt, wr, k0, kb), _per_column(bt, br, k0, kb)
+    for r0 in range(rows[0], rows[1]):
+        xs, ys = x[k0, r0], y[k0, r0]
+        for k1 in range(kb):
+            ys[k1] = xhat(xs[k1], mu[k1], r[k1]) * wv[k1] + bv[k1]
+
+
+@njit(cache=True, inline="always")
+def _column_sums(io, k0, rows, mu, sums):
+    """`sum dy` and `sum dy (x - mu)` of each group of block `k0` over rows `[lo, hi)`."""
+    x, dy = io[0], io[1]
+    sdy, sdyd = sums
+    sdy[:] = 0.0
+    sdyd[:] = 0.0
+    t, td = np.zeros(sdy.size), np.zeros(sdy.size)
+    for r0 in range(rows[0], rows[1]):
+        xs, ds = x[k0, r0], dy[k0, r0]
+        for k1 in range(x.shape[2]):
+            dj = np.float64(ds[k1])
+            t[k1] += dj
+            td[k1] += dj * (xs[k1] - mu[k1])
+        _flush_rows(r0 - rows[0], sdy, t)
+        _flush_rows(r0 - rows[0], sdyd, td)
+    _flush_rows(-1, sdy, t)
+    _flush_rows(-1, sdyd, td)
+
+
+@njit(cache=True, inline="always")
+def _column_dx(io, wv, k0, rows, coef):
+    """`dx` of rows `[lo, hi)` of block `k0`; `wv` each group's weight (ones: none),
+    `coef = (mean, rstd, mean_g, beta)` of its groups."""
+    x, dy, dx = io
+    mu, r, mg, beta = coef
+    for r0 in range(rows[0], rows[1]):
+        xs, ds, dxs = x[k0, r0], dy[k0, r0], dx[k0, r0]
+        for k1 in range(x.shape[2]):
+            dxs[k1] = gradient(ds[k1] * wv[k1], xs[k1] - mu[k1], r[k1], mg[k1], beta[k1])
+
+
+@njit(cache=True, inline="always")
+def _weights(par, k0, kb, has_w):
+    return _per_column(par[0], par[2], k0, kb) if has_w else np.ones(kb)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def stats_columns(claim, x, nc, parts, center):
+    """`stats_sweep` where Rb = 1."""
+    pmean, pm2 = parts
+    _, ra, kb = x.shape
+    scratch = (np.empty(kb), np.empty(kb), np.zeros(kb))
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            part = (pmean[i * kb : (i + 1) * kb], pm2[i * kb : (i + 1) * kb])
+            _column_stats(x, k0, (lo, hi), part, scratch, center)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def forward_columns(claim, io, par, stats, nc, flags):
+    """`forward_sweep` where Rb = 1."""
+    mean, rs = stats
+    _, ra, kb = io[0].shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            g = slice(k0 * kb, (k0 + 1) * kb)
+            _column_y(io, par, k0, (lo, hi), (mean[g], rs[g]), flags[0])
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def sums_columns(claim, io, mean, nc, parts):
+    """`sums_sweep` where Rb = 1."""
+    psdy, psdyd = parts
+    _, ra, kb = io[0].shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            sums = (psdy[i * kb : (i + 1) * kb], psdyd[i * kb : (i + 1) * kb])
+            _column_sums(io, k0, (lo, hi), mean[k0 * kb : (k0 + 1) * kb], sums)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def backward_columns(claim, io, par, coefs, nc, flags):
+    """`backward_sweep` where Rb = 1."""
+    mean, rs, mg, beta = coefs
+    _, ra, kb = io[0].shape
+    while True:
+        k, i0, i1 = take(claim)
+        if k < 0:
+            return
+        for i in range(i0, i1):
+            k0, lo, hi = _rows(i, nc, ra)
+            g = slice(k0 * kb, (k0 + 1) * kb)
+            coef = (mean[g], rs[g], mg[g], beta[g])
+            _column_dx(io, _weights(par, k0, kb, flags[0]), k0, (lo, hi), coef)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def forward_small_columns(xin, yin, stats_in, shape4, op, par, affine):
+    """The small path's forward where Rb = 1: the column loops over every row, one call."""
+    ka, ra, kb, _ = shape4
+    stats = stats_in.reshape((3, ka * kb))
+    io = (xin.reshape((ka, ra, kb)), yin.reshape((ka, ra, kb)))
+    eps, inside, m, center = op
+    scratch = (np.empty(kb), np.empty(kb), np.zeros(kb))
+    for k0 in range(ka):
+        g = slice(k0 * kb, (k0 + 1) * kb)
+        mu, v, r = stats[0, g], stats[1, g], stats[2, g]
+        _column_stats(io[0], k0, (0, ra), (mu, v), scratch, center)
+        for k1 in range(kb):
+            mu[k1] += scratch[2][k1]
+            v[k1] /= m
+            r[k1] = rstd(np, v[k1], eps, inside)
+        _column_y(io, par, k0, (0, ra), (mu, r), affine)
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
+def backward_small_columns(xin, dyin, dxin, shape4, bst, par, sums, flags):
+    """The small path's backward where Rb = 1 (`backward_small_runs`' arguments)."""
+    ka, ra, kb, _ = shape4
+    io = (xin.reshape((ka, ra, kb)), dyin.reshape((ka, ra, kb)), dxin.reshape((ka, ra, kb)))
+    mean, rs, c, m, center = bst
+    wr, br = par[2], par[3]
+    has_w, need_dw, need_db = flags[0], flags[1], flags[2]
+    sdy, sdyd, mg, beta = np.empty(kb), np.empty(kb), np.empty(kb), np.empty(kb)
+    for k0 in range(ka):
+        g = slice(k0 * kb, (k0 + 1) * kb)
+        mu, r, cg = mean[g], rs[g], c[g]
+        _column_sums(io, k0, (0, ra), mu, (sdy, sdyd))
+        wv = _weights(par, k0, kb, has_w)
+        for k1 in range(kb):
+            mg[k1], beta[k1] = backward_coefficients(
+                wv[k1] * sdy[k1], wv[k1] * sdyd[k1], ra, m, r[k1], cg[k1], center
+            )
+            if need_dw:
+                sums[0][0, k0 * wr[0] + k1 * wr[2], 0] += r[k1] * sdyd[k1]
+            if need_db:
+                sums[1][0, k0 * br[0] + k1 * br[2], 0] += sdy[k1]
+        _column_dx(io, wv, k0, (0, ra), (mu, r, mg, beta))
 
 
 # --- masks (mask=, nan_policy="omit"): `mk`, a bool block view of x's shape, True counts ------

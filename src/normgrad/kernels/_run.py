@@ -129,6 +129,26 @@ def _backward_flags(ctx: Any, stream: bool) -> tuple[bool, bool, bool, bool]:
 # --- forward -------------------------------------------------------------------------------------
 
 
+def _small_kind(cp: Any) -> int:
+    """The small kernels for a layout: groups of one run (0), of several (1), or groups
+    innermost in memory (2: Rb = 1, the column loops)."""
+    if cp.runs_per_group == 1:
+        return 0
+    return 2 if cp.shape4[3] == 1 else 1
+
+
+_SMALL_FORWARD = (
+    _loops.forward_small_runs,
+    _loops.forward_small_spans,
+    _loops.forward_small_columns,
+)
+_SMALL_BACKWARD = (
+    _loops.backward_small_runs,
+    _loops.backward_small_spans,
+    _loops.backward_small_columns,
+)
+
+
 def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
     if plan.mask is not None:
         return forward_masked(x, spec, w, b, plan, out)
@@ -138,7 +158,7 @@ def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     affine = w is not None or b is not None
     tables = _tables(x, cp.layout, w, b) if affine else None
     par = _NO_PAR[x.dtype] if tables is None else _par(tables)
-    kernel = _loops.forward_small_runs if cp.runs_per_group == 1 else _loops.forward_small_spans
+    kernel = _SMALL_FORWARD[_small_kind(cp)]
     kernel(x, y, st, cp.shape4, plan.op, par, affine)
     return y, st[0], st[1], st[2], kept_tables(x, cp.layout, tables)  # (indexing: half the cost)
 
@@ -180,6 +200,28 @@ def forward_blocked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: An
     return (y, *(_layout.stats_to_keepdims(v, lay) for v in stats))
 
 
+# The sweep's kernels (statistics, y, the backward's sums, dx), and those of its layouts whose
+# innermost block is kept (Rb = 1: batch norm over (N, F) or over NHWC), which go along rows.
+_SWEEP_KERNELS = (
+    _loops.stats_sweep,
+    _loops.forward_sweep,
+    _loops.sums_sweep,
+    _loops.backward_sweep,
+)
+_COLUMN_KERNELS = (
+    _loops.stats_columns,
+    _loops.forward_columns,
+    _loops.sums_columns,
+    _loops.backward_columns,
+)
+
+
+def _swept(views: tuple[np.ndarray, ...], columns: bool) -> tuple[np.ndarray, ...]:
+    """The sweep kernels' views: the blocks, or `(Ka, Ra, Kb)` views for the column kernels
+    (C-contiguous where the blocks are: the rows' loops vectorize)."""
+    return tuple(v[:, :, :, 0] for v in views) if columns else views
+
+
 def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
     """Partial statistics per item, their merge and `rstd` here, then `y`."""
     lay = plan.layout
@@ -187,7 +229,9 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     ka, ra, kb, rb = lay.shape4
     nc, nthreads = plan.threads
     pmean, pm2 = np.empty(ka * nc * kb), np.empty(ka * nc * kb)
-    run(_loops.stats_sweep, ka * nc, nthreads, (x4, nc, (pmean, pm2), spec.center))
+    columns = rb == 1
+    kernels = _COLUMN_KERNELS if columns else _SWEEP_KERNELS
+    run(kernels[0], ka * nc, nthreads, (_swept((x4,), columns)[0], nc, (pmean, pm2), spec.center))
     parts = tuple(_layout.chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
     counts = np.array([((c + 1) * ra // nc - c * ra // nc) * rb for c in range(nc)], float)
     mean, m2 = np.empty(ka * kb), np.empty(ka * kb)
@@ -199,8 +243,8 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
         r = rstd(np, var, spec.eps, spec.inside)
     y, y4, stream = _output(x, plan, spec.dtype, out)
     flags = (w is not None or b is not None, stream)
-    args = ((x4, y4), _par((wt, bt)), (mean, r), nc, flags)
-    run(_loops.forward_sweep, ka * nc, nthreads, args)
+    args = (_swept((x4, y4), columns), _par((wt, bt)), (mean, r), nc, flags)
+    run(kernels[1], ka * nc, nthreads, args)
     return (y, *(_layout.stats_to_keepdims(v, lay) for v in (mean, var, r)))
 
 
@@ -213,7 +257,7 @@ def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     x, cp = ctx.x, plan.layout
     dx = new_output(x.shape, x.dtype, x.nbytes)[0] if out is None else out
     bst = (ctx.mean.reshape(-1), ctx.rstd.reshape(-1), c.reshape(-1), *plan.op[2:])
-    kernel = _loops.backward_small_runs if cp.runs_per_group == 1 else _loops.backward_small_spans
+    kernel = _SMALL_BACKWARD[_small_kind(cp)]
     if ctx.weight is None and ctx.bias is None:
         kernel(x, dy, dx, cp.shape4, bst, _NO_PAR[x.dtype], _NO_SUMS, (False,) * 4)
         return dx, None, None
@@ -306,7 +350,9 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     mean, r, cg = (_layout.keepdims_to_groups(v, lay) for v in (ctx.mean, ctx.rstd, c))
     dy4 = _block_dy(dy, lay)
     psdy, psdyd = np.empty(ka * nc * kb), np.empty(ka * nc * kb)
-    run(_loops.sums_sweep, ka * nc, nthreads, ((x4, dy4, x4), mean, nc, (psdy, psdyd)))
+    columns = rb == 1
+    kernels = _COLUMN_KERNELS if columns else _SWEEP_KERNELS
+    run(kernels[2], ka * nc, nthreads, (_swept((x4, dy4, x4), columns), mean, nc, (psdy, psdyd)))
     sdy = psdy.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
     sdyd = psdyd.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
     wg = _layout.per_group(wt, lay)
@@ -314,8 +360,9 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     if not ctx.center:  # RMS: mean_g is a scalar 0; the kernel reads one per group
         mg = np.zeros_like(beta)
     dx, dx4, stream = _output(x, plan, ctx.dtype, out)
-    args = ((x4, dy4, dx4), _par((wt, bt)), (mean, r, mg, beta), nc, _backward_flags(ctx, stream))
-    run(_loops.backward_sweep, ka * nc, nthreads, args)
+    io = _swept((x4, dy4, dx4), columns)
+    args = (io, _par((wt, bt)), (mean, r, mg, beta), nc, _backward_flags(ctx, stream))
+    run(kernels[3], ka * nc, nthreads, args)
     sums = _grad_sums(ctx, (wt, bt), lay, 1)
     used = (ctx.weight is not None, ctx.bias is not None)
     for acc, t, per, given in zip(sums, (wt, bt), (r * sdyd, sdy), used, strict=True):
