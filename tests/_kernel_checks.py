@@ -41,9 +41,9 @@ def kernel_path(path):
     """The kernels at every size, choosing among them as "auto" would ("small": small inputs
     on the single-call kernels), with the single-call kernels off ("planned": C-contiguous
     inputs without affine parameters on native jobs, others blocked), or the blocked
-    kernels for every call ("blocked")."""
-    if path == "blocked":
-        with ng.use_kernels("blocked"):
+    kernels ("blocked") or the sweep's ("sweep") for every call they take."""
+    if path in ("blocked", "sweep"):
+        with ng.use_kernels(path):
             yield
     elif path == "planned":
         with ng.use_kernels(True), testing.settings(small_max_size=0):

@@ -6,13 +6,14 @@ a `Plan` that names its path and carries what that path needs:
     small    one single-threaded kernel call (C-contiguous NumPy input, no affine
              parameters, up to `settings.small_max_size` elements)
     native   the same layouts above that size: one native job on the thread pool
-             (`kernels/_native.py`), no Python on the workers
+             (`kernels/_native.py`), no Python on the workers; groups innermost in
+             memory (batch norm over (N, F) or NHWC: the column kernels go along rows)
+             at every size above it
     blocked  the group kernels on the pool, through Python jobs: any strides, affine
              parameters, from `settings.kernel_min_size` elements
     sweep    batch-norm layouts (several runs per group, per-group parameters), swept in
-             memory order; also planned batch-norm calls of `settings.sweep_min_bytes`, and
-             planned calls above the small size whose groups are innermost in memory
-             (batch norm over (N, F) or NHWC: the column kernels go along rows)
+             memory order (strided input: a channels-last tensor); also planned
+             batch-norm calls of `settings.sweep_min_bytes` whose groups are not innermost
     generic  the Array-API formulas (`_generic.py`): every other array, dtype or layout,
              and given statistics (`stats=`)
 
@@ -221,9 +222,10 @@ def _planned(x: np.ndarray, spec: Spec, mode: str, params: Any) -> Plan | None:
     small = x.size <= settings.small_max_size
     if (small and mode != "native") or mode == "small":
         return Plan("small", "a C-contiguous input whose blocks a reshape gives", cp, None, op)
-    if cp.runs_per_group > 1 and cp.shape4[3] == 1 and mode != "native":
-        return None  # groups innermost in memory (Rb = 1): the sweep's column kernels
-    large_sweep = cp.runs_per_group > 1 and x.nbytes >= settings.sweep_min_bytes
+    # batch-norm layouts sweep from `sweep_min_bytes`, but not those whose groups are innermost
+    # in memory (Rb = 1): their native job runs the sweep's column kernels without Python
+    columns = cp.shape4[3] == 1
+    large_sweep = cp.runs_per_group > 1 and not columns and x.nbytes >= settings.sweep_min_bytes
     if mode == "native" or not large_sweep:
         why = "a C-contiguous input whose blocks a reshape gives, above the small size"
         return Plan("native", why, cp, None, op, (cp.nc, cp.threads))

@@ -83,9 +83,23 @@ def chan_merge(
         return cnt, mean, m2
     if cnt == 0.0:
         return nb, mb, qb
+    tot, f, g = chan_weights(cnt, nb)
+    merged_mean, merged_m2 = chan_step(mean, m2, mb, qb, f, g)
+    return tot, merged_mean, merged_m2
+
+
+def chan_weights(cnt: float, nb: float) -> tuple[float, float, float]:
+    """`chan_merge`'s total count and its two ratios, `nb / tot` and `cnt nb / tot`: the
+    same for every group of parts of equal counts (the column kernels compute them once)."""
     tot = cnt + nb
+    return tot, nb / tot, cnt * nb / tot
+
+
+def chan_step(mean: Any, m2: Any, mb: Any, qb: Any, f: float, g: float) -> tuple[Any, Any]:
+    r"""`chan_merge`'s mean and M2 from the ratios `(f, g)` of `chan_weights`:
+    $\bar x + \delta f$, $M_2 + M_{2,b} + \delta^2 g$ with $\delta = \bar x_b - \bar x$."""
     delta = mb - mean
-    return tot, mean + delta * (nb / tot), m2 + qb + delta * delta * (cnt * nb / tot)
+    return mean + delta * f, m2 + qb + delta * delta * g
 
 
 def chan_merge_arrays(xp: Any, a: tuple[Any, Any, Any], b: tuple[Any, Any, Any]) -> tuple[Any, ...]:

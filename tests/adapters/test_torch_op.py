@@ -339,14 +339,15 @@ def test_planned_eager_calls_still_refuse_a_zero_variance_group_without_eps():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_channels_last_and_batchnorm1d_go_along_rows(dtype):
     """BatchNorm over a channels-last tensor and BatchNorm1d over (N, F) have their groups
-    innermost in memory: the column kernels take them (sweep above the small size), y
-    keeps x's memory format, and values and gradients equal F.batch_norm's."""
+    innermost in memory: the column kernels take them (above the small size: a sweep of
+    the channels-last tensor, a native job of the C-contiguous (N, F) one), y keeps x's
+    memory format, and values and gradients equal F.batch_norm's."""
     g = torch.Generator().manual_seed(3)
     cases = [
         (torch.randn(4, 16, 32, 32, generator=g, dtype=dtype), (0, 2, 3), (1, 16, 1, 1)),
         (torch.randn(4000, 24, generator=g, dtype=dtype), 0, (24,)),
     ]
-    for x0, axes, pshape in cases:
+    for (x0, axes, pshape), path in zip(cases, ("sweep", "native"), strict=True):
         x0 = x0.to(memory_format=torch.channels_last) if x0.ndim == 4 else x0
         x = (x0 * 2 + 3).detach().requires_grad_(True)
         w = (torch.rand(x.shape[1], generator=g, dtype=dtype) + 0.5).requires_grad_(True)
@@ -355,7 +356,7 @@ def test_channels_last_and_batchnorm1d_go_along_rows(dtype):
         with testing.record_paths() as seen:
             y = normalize(x, axes, weight=w.view(pshape), bias=b.view(pshape))
             got = torch.autograd.grad(y, (x, w, b), dy)
-        assert seen == [("forward", "sweep"), ("backward", "sweep")]
+        assert seen == [("forward", path), ("backward", path)]
         assert y.stride() == x.stride()
         ref_in = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
         ref = F.batch_norm(ref_in[0], None, None, ref_in[1], ref_in[2], training=True)

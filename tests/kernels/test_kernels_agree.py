@@ -352,35 +352,44 @@ def test_concurrent_callers_get_the_same_results(rng):
 
 
 @pytest.mark.parametrize(
-    ("shape", "axes", "wshape"),
+    ("shape", "axes", "wshape", "path"),
     [
-        pytest.param((12, 8, 40, 40), (0, 2, 3), (8, 1, 1), id="batchnorm"),
-        pytest.param((24, 5, 40, 30), (1, 3), (24, 1, 40, 1), id="two-kept-blocks"),
-        pytest.param((24, 5, 40, 30), (1, 3), (40, 1), id="two-kept-blocks-inner"),
-        pytest.param((4000, 48), 0, (48,), id="columns-batchnorm1d"),
-        pytest.param((16, 20, 20, 16), (0, 1, 2), (16,), id="columns-nhwc"),
-        pytest.param((6, 600, 24), 1, (24,), id="columns-instance-nlc"),
+        pytest.param((12, 8, 40, 40), (0, 2, 3), (8, 1, 1), "sweep", id="batchnorm"),
+        pytest.param((24, 5, 40, 30), (1, 3), (24, 1, 40, 1), "sweep", id="two-kept-blocks"),
+        pytest.param((24, 5, 40, 30), (1, 3), (40, 1), "sweep", id="two-kept-blocks-inner"),
+        pytest.param((4000, 48), 0, (48,), "sweep", id="columns-batchnorm1d-sweep"),
+        pytest.param((4000, 48), 0, (48,), "native", id="columns-batchnorm1d-native"),
+        pytest.param((16, 20, 20, 16), (0, 1, 2), (16,), "sweep", id="columns-nhwc-sweep"),
+        pytest.param((16, 20, 20, 16), (0, 1, 2), (16,), "native", id="columns-nhwc-native"),
+        pytest.param((6, 600, 24), 1, (24,), "sweep", id="columns-instance-nlc-sweep"),
+        pytest.param((6, 600, 24), 1, (24,), "native", id="columns-instance-nlc-native"),
     ],
 )
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_sweep_kernels_threaded(rng, shape, axes, wshape, dtype):
+def test_sweep_kernels_threaded(rng, shape, axes, wshape, path, dtype):
     """Batch-norm-like layouts (several runs per group, per-group affine parameters) are swept
-    in memory order on several threads: statistics within 2 ulp of exact sums, results
-    equal to the generic path's within a few ulp, and bit-identical from call to call.
-    dweight and dbias: within 32 ulp of exact sums where each group has its own (NumPy's
-    sums down 4000 rows, the generic path's, are up to 65 ulp off: 128 against them, and
-    its means 5 ulp)."""
+    in memory order on several threads, and those whose groups are innermost in memory also
+    run as one native job of the same column kernels ("native": partials, a barrier, the
+    merge in every thread): statistics within 2 ulp of exact sums, results equal to the
+    generic path's within a few ulp, and bit-identical from call to call. dweight and
+    dbias: within 32 ulp of exact sums where each group has its own (NumPy's sums down 4000
+    rows, the generic path's, are up to 65 ulp off: 128 against them, and its means 5
+    ulp)."""
     import math
 
     x = (rng.normal(size=shape) * 5 + 100).astype(dtype)
     dy = rng.normal(size=shape).astype(dtype)
     w = rng.normal(size=wshape) + 1
     b = rng.normal(size=wshape)
+    mode = "sweep" if path == "sweep" else "small"  # (small: as auto, at any size)
     with testing.settings(sweep_min_bytes=0), testing.record_paths() as seen:
-        check(x, axes, dy, weight=w, bias=b, param_ulps=128)  # (planned: sweep_min_bytes)
-    assert seen[:2] == [("forward", "sweep"), ("backward", "sweep")]
-    check(x, axes, dy, ulps=8)  # (the generic path's means down 4000 rows: 5 ulp off)
-    with ng.use_kernels("sweep"):
+        check(x, axes, dy, path=mode, weight=w, bias=b, param_ulps=128)
+    assert seen[:2] == [("forward", path), ("backward", path)]
+    if path == "native":
+        threads = ng.plan_forward(x, axes).threads[1]  # several threads: under test
+        assert threads > 1 or _layout.max_threads() == 1
+    check(x, axes, dy, path=mode, ulps=8)  # (the generic path's means down 4000 rows: 5 ulp)
+    with ng.use_kernels("sweep" if path == "sweep" else True):
         y, ctx = ng.normalize_forward(x, axes, weight=w, bias=b)
         g = ng.normalize_backward(ctx, dy)
         for _ in range(3):
@@ -472,10 +481,12 @@ def test_split_groups_refuse_zero_variance():
 def test_groups_innermost_in_memory_go_along_rows(rng, shape, axes, shape4, center):
     """Where the kept axes are innermost in memory (batch norm over (N, F), or over
     (N, H, W) of NHWC memory), the layout is `(Ka, R, K, 1)`: the small path's column
-    kernel below `small_max_size`, the sweep's column kernels above it, each agreeing with
-    the generic path (RMS too); the same memory viewed as NCHW (a channels-last tensor)
-    takes the same layout. A parameter that varies over the reduced axes, the blocked
-    kernels and masked calls keep each group one strided run, `(Ka, 1, K, R)`."""
+    kernel below `small_max_size`, a native job of the column kernels above it (at any
+    size: not the sweep from `sweep_min_bytes`), and the sweep's column kernels, each
+    agreeing with the generic path (RMS too); the same memory viewed as NCHW (a
+    channels-last tensor, not C-contiguous) sweeps with the same layout. A parameter that
+    varies over the reduced axes, the blocked kernels and masked calls keep each group one
+    strided run, `(Ka, 1, K, R)`."""
     x = (rng.normal(size=shape) * 3 + 20).astype(np.float32)
     dy = rng.normal(size=shape).astype(np.float32)
     w = (rng.normal(size=shape[-1]) + 1).astype(np.float32)
@@ -486,10 +497,12 @@ def test_groups_innermost_in_memory_go_along_rows(rng, shape, axes, shape4, cent
     assert _layout.plan(x, ax, (x,)).shape4 == strided
     assert _layout.plan(x, ax, columns=False).shape4 == strided
     assert ng.plan_forward(x, axes, mask=x > 20).layout.shape4 == strided
-    for small_max, path in ((1 << 16, "small"), (0, "sweep")):
-        with testing.settings(small_max_size=small_max), testing.record_paths() as seen:
-            check(x, axes, dy, weight=w, bias=b, center=center)
-            check(x, axes, dy, center=center)
+    runs = ((1 << 16, "small", "small"), (0, "small", "native"), (0, "sweep", "sweep"))
+    for small_max, mode, path in runs:
+        limits = {"small_max_size": small_max, "sweep_min_bytes": 0}
+        with testing.settings(**limits), testing.record_paths() as seen:
+            check(x, axes, dy, path=mode, weight=w, bias=b, center=center)
+            check(x, axes, dy, path=mode, center=center)
         assert {p for _, p in seen if p != "generic"} == {path}
     if len(shape) == 4:  # NHWC memory seen as NCHW: axes (0, 2, 3), channels innermost
         xc, dyc = x.transpose(0, 3, 1, 2), dy.transpose(0, 3, 1, 2)

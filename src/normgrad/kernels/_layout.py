@@ -404,7 +404,7 @@ class CallPlan(NamedTuple):
 
     shape4: tuple[int, int, int, int]
     stats: tuple[int, ...]  # (3, *shape of mean/var/rstd), groups in C order
-    nc: int  # chunks per group on the pool (`threads_for`; 1: whole groups)
+    nc: int  # chunks per group on the pool (`threads_for`; 1: whole groups; Rb = 1: of rows)
     threads: int
     counts: np.ndarray  # elements in each chunk of a group (the merge's weights)
     runs_per_group: int  # Ra: more than 1 is a batch-norm layout (the sweep kernels fit)
@@ -428,6 +428,11 @@ def call_plan(
     if big != sorted(big):
         return None
     keepdims = tuple(1 if i in axes else s for i, s in enumerate(shape))
-    nc, nthreads = threads_for(lay.groups, lay.group_size)
-    counts = chunk_counts(lay.group_size, nc)
+    ra = lay.shape4[1]
+    if ra > 1 and lay.shape4[3] == 1:  # groups innermost in memory: chunks of rows, as a sweep
+        nc, nthreads = sweep_threads(lay.shape4)
+        counts = chunk_counts(ra, nc)
+    else:
+        nc, nthreads = threads_for(lay.groups, lay.group_size)
+        counts = chunk_counts(lay.group_size, nc)
     return CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, counts, lay.shape4[1], lay)

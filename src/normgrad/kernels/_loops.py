@@ -46,11 +46,21 @@ import numpy as np
 from numba import njit
 from numba.extending import register_jitable
 
-from .._formulas import backward_coefficients, chan_merge, gradient, rstd, shifted_moments, xhat
+from .._formulas import (
+    backward_coefficients,
+    chan_merge,
+    chan_step,
+    chan_weights,
+    gradient,
+    rstd,
+    shifted_moments,
+    xhat,
+)
 from ._pool import begin, on, take, wait_done
 from ._stream import stream_backward, stream_forward, stream_span
 
-for _formula in (rstd, backward_coefficients, chan_merge, shifted_moments, xhat, gradient):
+_FORMULAS = (rstd, backward_coefficients, chan_weights, chan_step, chan_merge, shifted_moments)
+for _formula in (*_FORMULAS, xhat, gradient):
     register_jitable(inline="always")(_formula)  # kernels call the same Python functions
 
 BLOCK = 2048  # elements per in-cache block of the two-pass statistics (16 KiB of float64)
@@ -843,8 +853,11 @@ def backward_sweep(claim, io, par, coefs, nc, flags):
 # of memory, so these loops go along rows (every group of block `k0` at once) rather than down
 # a group, `_column_rows` rows at a time. They take `(Ka, Ra, Kb)` views (the blocks without
 # Rb): a C-contiguous one gives C-contiguous rows, whose loops LLVM vectorizes. The sweep's
-# passes and formulas: two-pass moments of in-cache blocks relative to each group's first
-# element, Chan-merged; partials per item.
+# passes and formulas: moments of in-cache blocks of rows (as `_add_block`: float64 two-pass,
+# float32 one shifted pass) relative to each group's first element, Chan-merged with the
+# ratios once per block (`_merge_rows`: a division per group per block cost as much as the
+# pass); partials per item. The claim kernels run on the pool from the sweep (`_run`), or
+# inside one native job (`forward_split_columns`, `backward_split_columns`).
 
 
 COLUMN_BLOCK = 32768  # elements per block of rows (128-256 KiB: the second pass reads L2)
@@ -852,9 +865,9 @@ COLUMN_BLOCK = 32768  # elements per block of rows (128-256 KiB: the second pass
 
 @njit(cache=True, inline="always")
 def _column_rows(kb):
-    """Rows per in-cache block: about `COLUMN_BLOCK` elements, each merge costs a division
-    per group."""
-    return max(1, COLUMN_BLOCK // kb)
+    """Rows per in-cache block: about `COLUMN_BLOCK` elements (each block is a merge), and
+    at most `BLOCK` (the float32 pass's `shifted_moments` bound)."""
+    return min(BLOCK, max(1, COLUMN_BLOCK // kb))
 
 
 @njit(cache=True, inline="always")
@@ -869,11 +882,15 @@ def _per_column(t, rule, k0, kb):
 @njit(cache=True, inline="always")
 def _column_block(x, k0, rows, shift, sums, center):
     """Block moments of each column over `rows = (a, e)`, into `sums = (s, q)`: `s` the mean
-    of `x - shift`, `q` its M2 (RMS: mean 0, `q = sum x^2`)."""
+    of `x - shift`, `q` its M2 (RMS: mean 0, `q = sum x^2`). As `_add_block`: float64
+    two-pass, float32 one pass of float64 sums shifted by the block's first row."""
     s, q = sums
     a, e = rows
     s[:] = 0.0
     q[:] = 0.0
+    if center and x.itemsize == 4:
+        _column_block_shifted(x, k0, rows, shift, sums)
+        return
     t = np.zeros(s.size)
     if not center:
         for r0 in range(a, e):
@@ -898,6 +915,39 @@ def _column_block(x, k0, rows, shift, sums, center):
             t[k1] += d * d
         _flush_rows(r0 - a, q, t)
     _flush_rows(-1, q, t)
+
+
+@njit(cache=True, inline="always")
+def _column_block_shifted(x, k0, rows, shift, sums):
+    """`_column_block` of float32 `x` in one pass: float64 sums of `d = x - x[a]` and of
+    `d^2` (`shifted_moments`: at most `BLOCK` rows, the bound its docstring gives)."""
+    s, q = sums
+    a, e = rows
+    first = x[k0, a]
+    for r0 in range(a, e):
+        xs = x[k0, r0]
+        for k1 in range(xs.size):
+            d = np.float64(xs[k1]) - np.float64(first[k1])
+            s[k1] += d
+            q[k1] += d * d
+    for k1 in range(s.size):
+        mb, m2 = shifted_moments(e - a, s[k1], q[k1])
+        s[k1], q[k1] = (np.float64(first[k1]) - shift[k1]) + mb, m2
+
+
+@njit(cache=True, inline="always")
+def _merge_rows(cnt, nb, moments, block):
+    """`chan_merge` of a block of `nb` rows' `(mean, M2)` of every column into `moments`,
+    the columns' `(mean, M2)` over `cnt` rows (the ratios once for all columns)."""
+    mean, m2 = moments
+    mb, qb = block
+    if cnt == 0.0:
+        mean[:] = mb
+        m2[:] = qb
+        return
+    _, f, g = chan_weights(cnt, nb)
+    for k1 in range(mean.size):
+        mean[k1], m2[k1] = chan_step(mean[k1], m2[k1], mb[k1], qb[k1], f, g)
 
 
 _SUM_ROWS = 8  # rows summed apart before they join a column's sum (rounding: n/8 + 8 adds)
@@ -931,14 +981,15 @@ def _column_stats(x, k0, rows, parts, scratch, center):
     for a in range(lo, hi, step):
         e = min(hi, a + step)
         _column_block(x, k0, (a, e), shift, (s, q), center)
-        for k1 in range(kb):
-            _, pmean[k1], pm2[k1] = chan_merge(cnt, pmean[k1], pm2[k1], e - a, s[k1], q[k1])
+        _merge_rows(cnt, e - a, (pmean, pm2), (s, q))
         cnt += e - a
 
 
 @njit(cache=True, inline="always")
 def _column_y(io, par, k0, rows, coef, affine):
-    """`y` of rows `[lo, hi)` of block `k0`, `coef = (mean, rstd)` of its groups."""
+    """`y` of rows `[lo, hi)` of block `k0`, `coef = (mean, rstd)` of its groups (plain
+    stores, whatever `stream` says: these loops are bound by their four coefficient loads
+    per element, not by write bandwidth; docs/performance.md)."""
     x, y = io
     wt, bt, wr, br = par
     mu, r = coef
@@ -1053,6 +1104,87 @@ def backward_columns(claim, io, par, coefs, nc, flags):
             g = slice(k0 * kb, (k0 + 1) * kb)
             coef = (mean[g], rs[g], mg[g], beta[g])
             _column_dx(io, _weights(par, k0, kb, flags[0]), k0, (lo, hi), coef)
+
+
+@njit(cache=True, inline="always")
+def _columns(a):
+    """A native job's `(Ka, Ra, Kb, 1)` block array as the column loops' `(Ka, Ra, Kb)`."""
+    return a.reshape((a.shape[0], a.shape[1], a.shape[2]))
+
+
+@njit(cache=True, inline="always")
+def _merge_columns(x, parts, counts, op, stats):
+    """`stats = (mean, var, rstd)` of every group from the items' partial moments of `x -
+    shift` (`stats_columns`), Chan-merged in chunk order as `merge_parts` (the same
+    arithmetic; here every group of a block at once, one division per chunk)."""
+    pmean, pm2 = parts
+    eps, inside, m, center = op
+    ka, _, kb = x.shape
+    nc = counts.size
+    for k0 in range(ka):
+        mu, m2 = stats[0, k0 * kb : (k0 + 1) * kb], stats[1, k0 * kb : (k0 + 1) * kb]
+        cnt = 0.0
+        for c in range(nc):
+            at = (k0 * nc + c) * kb
+            _merge_rows(cnt, counts[c], (mu, m2), (pmean[at : at + kb], pm2[at : at + kb]))
+            cnt += counts[c]
+        for k1 in range(kb):
+            if center:
+                mu[k1] += np.float64(x[k0, 0, k1])
+            m2[k1] /= m
+            stats[2, k0 * kb + k1] = rstd(np, m2[k1], eps, inside)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def forward_split_columns(claim, phase, split, io, par, op, stats, flags):
+    """`forward_split` where Rb = 1, in one job: the column kernels' partial moments per
+    item (rows of a Ka block, claimed on `phase`), a barrier, every thread merges them in
+    chunk order, then `y`. Slot 0 writes `stats`. `split = (counts, pmean, pm2)`: counts
+    of rows per chunk, partials at `[item kb + k1]`."""
+    counts, pmean, pm2 = split
+    x, y = _columns(io[0]), _columns(io[1])
+    begin(claim)
+    stats_columns(on(claim, phase), x, counts.size, (pmean, pm2), op[3])
+    if not wait_done(phase, claim):
+        return
+    mine = np.empty(stats.shape)
+    _merge_columns(x, (pmean, pm2), counts, op, mine)
+    if claim[3] == 0:
+        stats[:, :] = mine
+    forward_columns(claim, (x, y), par, (mine[0], mine[2]), counts.size, flags)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def backward_split_columns(claim, phase, split, io, par, acc, bst, flags):
+    """`backward_split` where Rb = 1, in one job: partial `sum dy` and `sum dy (x - mu)`
+    per item (claimed on `phase`), a barrier, their sums in chunk order, dweight and dbias
+    (slot 0, into slot 0 of `acc`), then `dx`. `split = (nc, psdy, psdyd)`."""
+    nc, psdy, psdyd = split
+    mean, rs, c, m, center = bst
+    x, dy, dx = _columns(io[0]), _columns(io[1]), _columns(io[2])
+    ka, ra, kb = x.shape
+    begin(claim)
+    sums_columns(on(claim, phase), (x, dy, x), mean, nc, (psdy, psdyd))
+    if not wait_done(phase, claim):
+        return
+    mg, beta = np.empty(mean.size), np.empty(mean.size)
+    wr, br = par[2], par[3]
+    for k0 in range(ka):
+        wv = _weights(par, k0, kb, flags[0])
+        for k1 in range(kb):
+            g = k0 * kb + k1
+            sdy, sdyd = 0.0, 0.0
+            for i in range(k0 * nc, (k0 + 1) * nc):
+                sdy += psdy[i * kb + k1]
+                sdyd += psdyd[i * kb + k1]
+            mg[g], beta[g] = backward_coefficients(
+                wv[k1] * sdy, wv[k1] * sdyd, ra, m, rs[g], c[g], center
+            )
+            if claim[3] == 0 and flags[1]:
+                acc[0][0, k0 * wr[0] + k1 * wr[2], 0] += rs[g] * sdyd
+            if claim[3] == 0 and flags[2]:
+                acc[1][0, k0 * br[0] + k1 * br[2], 0] += sdy
+    backward_columns(claim, (x, dy, dx), par, (mean, rs, mg, beta), nc, flags)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)

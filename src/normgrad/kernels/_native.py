@@ -8,7 +8,10 @@ tables (`_layout.table_dtype`). `part_address` compiles a part
 on first use (or loads it from numba's cache); all parts are made by `_make_part` from one
 template. A worker stays in its GIL-free spin from one such job to the next: no Python, none
 of the caller's objects to touch. Masked calls with whole groups run the same way
-(`post_masked_forward`, `post_masked_backward`: the mask and counts in two more slots).
+(`post_masked_forward`, `post_masked_backward`: the mask and counts in two more slots), and
+so do layouts whose groups are innermost in memory (Rb = 1: "forward_columns",
+"backward_columns", the sweep's column kernels in one two-phase job, whose items are chunks
+of rows of a Ka block rather than of a group).
 """
 
 from __future__ import annotations
@@ -60,7 +63,7 @@ def _claim(board, slot):
 def _parts(board):
     """A split kernel's first-phase claim state and its two arrays of partial sums."""
     p = board_params(board)
-    parts = carray(address(p[_PARTS]), (2, p[_ITEMS]), np.float64)
+    parts = carray(address(p[_PARTS]), (2, p[_GROUPS] * p[_NC]), np.float64)
     return board_ctl(board, 1), parts[0], parts[1]
 
 
@@ -171,6 +174,8 @@ _KERNELS = {
     ("forward", True): (_loops.forward_split, _forward_split_args),
     ("backward", False): (_loops.backward_groups, _backward_args),
     ("backward", True): (_loops.backward_split, _backward_split_args),
+    ("forward_columns", True): (_loops.forward_split_columns, _forward_split_args),
+    ("backward_columns", True): (_loops.backward_split_columns, _backward_split_args),
     ("forward_masked", False): (_loops.forward_masked, _forward_masked_args),
     ("backward_masked", False): (_loops.backward_masked, _backward_masked_args),
 }
@@ -180,7 +185,8 @@ _COMPILED: list[Any] = []  # kept alive: workers call them by address
 @functools.cache
 def part_address(direction: str, split: bool, itemsizes: tuple[int, int, int]) -> int:
     """The address of the part for `direction` ("forward", "backward", "forward_masked",
-    "backward_masked"), split or whole groups (masked: whole only), x, the parameter tables
+    "backward_masked", "forward_columns", "backward_columns"), split or whole groups
+    (masked: whole only; columns: split only), x, the parameter tables
     and the gradient sums (8 for a forward) each float32 or float64 (`itemsizes`: 4 or 8
     each), compiled (or loaded) on first use."""
     kernel, read = _KERNELS[direction, split]
@@ -196,10 +202,11 @@ def part_address(direction: str, split: bool, itemsizes: tuple[int, int, int]) -
 
 @njit(cache=True, inline="always")
 def _post(board, shape, x, dy, out):
-    """Write the parameters every native job has; `shape = (nchunks, nc, groups)`."""
-    nchunks, nc, groups = shape
+    """Write the parameters every native job has; `shape = ((nchunks, items), nc, groups)`
+    (items: groups times nc, or for the column kernels Ka times nc)."""
+    (nchunks, items), nc, groups = shape
     p = board_params(board)
-    p[_NCHUNKS], p[_ITEMS], p[_NC], p[_GROUPS] = nchunks, groups * nc, nc, groups
+    p[_NCHUNKS], p[_ITEMS], p[_NC], p[_GROUPS] = nchunks, items, nc, groups
     for i in range(4):
         p[_SHAPE + i] = x.shape[i]
     p[_X], p[_DY], p[_OUT] = x.ctypes.data, dy.ctypes.data, out.ctypes.data
@@ -216,34 +223,34 @@ def _post_par(p, par):
 
 @njit(cache=True, nogil=True)
 def post_forward(board, nthreads, part, job, op, par, flags):
-    """The caller's side of a native forward: `job = (nchunks, x, y, stats, counts, parts)`
-    (`run_native` calls it)."""
-    nchunks, x, y, stats, counts, parts = job
+    """The caller's side of a native forward: `job = ((nchunks, items), x, y, stats, counts,
+    parts)` (`run_native` calls it)."""
+    claims, x, y, stats, counts, parts = job
     eps, inside, m, center = op
     p = board_params(board)
-    _post(board, (nchunks, counts.size, stats.shape[1]), x, x, y)
+    _post(board, (claims, counts.size, stats.shape[1]), x, x, y)
     _post_par(p, par)
     p[_STATS], p[_COUNTS], p[_PARTS] = stats.ctypes.data, counts.ctypes.data, parts.ctypes.data
     p[_EPS], p[_INSIDE], p[_M], p[_CENTER] = float_bits(eps), inside, float_bits(m), center
     p[_AFFINE], p[_STREAM] = flags
-    run_job(board, part, nchunks, nthreads)
+    run_job(board, part, claims[0], nthreads)
 
 
 @njit(cache=True, nogil=True)
 def post_backward(board, nthreads, part, job, bst, par, sums, flags):
-    """The caller's side of a native backward: `job = (nchunks, nc, x, dy, dx, parts)`,
-    `bst = (mean, rstd, c, m, center)`, `sums = (dw, db)` (their slots)."""
-    nchunks, nc, x, dy, dx, parts = job
+    """The caller's side of a native backward: `job = ((nchunks, items), nc, x, dy, dx,
+    parts)`, `bst = (mean, rstd, c, m, center)`, `sums = (dw, db)` (their slots)."""
+    claims, nc, x, dy, dx, parts = job
     mean, rstd, c, m, center = bst
     p = board_params(board)
-    _post(board, (nchunks, nc, mean.size), x, dy, dx)
+    _post(board, (claims, nc, mean.size), x, dy, dx)
     _post_par(p, par)
     p[_STATS], p[_RSTD], p[_C] = mean.ctypes.data, rstd.ctypes.data, c.ctypes.data
     p[_PARTS], p[_M], p[_CENTER] = parts.ctypes.data, float_bits(m), center
     for at, a in ((_DW, sums[0]), (_DB, sums[1])):
         p[at], p[at + 1], p[at + 2], p[at + 3] = a.ctypes.data, a.shape[0], a.shape[1], a.shape[2]
     p[_HAS_W], p[_NEED_DW], p[_NEED_DB], p[_STREAM] = flags
-    run_job(board, part, nchunks, nthreads)
+    run_job(board, part, claims[0], nthreads)
 
 
 @njit(cache=True, nogil=True)

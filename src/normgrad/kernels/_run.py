@@ -163,18 +163,30 @@ def forward_small(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     return y, st[0], st[1], st[2], kept_tables(x, cp.layout, tables)  # (indexing: half the cost)
 
 
+def _native_job(cp: Any, direction: str, per_thread: int = CHUNKS_PER_THREAD) -> Any:
+    """`(direction's kernels, split, (nchunks, items), parts)` of a native job: groups split
+    into `cp.nc` chunks or whole, or for groups innermost in memory (Rb = 1) the column
+    kernels' items, chunks of rows of a Ka block (always split: partials and a merge)."""
+    groups = cp.shape4[0] * cp.shape4[2]
+    columns = _small_kind(cp) == 2
+    split = cp.nc > 1 or columns
+    items = cp.shape4[0] * cp.nc if columns else groups * cp.nc
+    parts = np.empty((2, groups * cp.nc)) if split else _NO_PARTS
+    kind = f"{direction}_columns" if columns else direction
+    return kind, split, (chunks(items, cp.threads, per_thread), items), parts
+
+
 def forward_native(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any) -> Result:
     cp = plan.layout
     y, stream = _planned_output(x, out)
     st = np.empty(cp.stats)
-    groups = cp.shape4[0] * cp.shape4[2]
-    parts = np.empty((2, groups * cp.nc)) if cp.nc > 1 else _NO_PARTS
+    kind, split, claims, parts = _native_job(cp, "forward")
     x4, y4 = x.reshape(cp.shape4), y.reshape(cp.shape4)
-    job = (chunks(groups * cp.nc, cp.threads), x4, y4, st.reshape(3, groups), cp.counts, parts)
+    job = (claims, x4, y4, st.reshape(3, -1), cp.counts, parts)
     affine = w is not None or b is not None
     tables = _tables(x, cp.layout, w, b) if affine else None
     par = _NO_PAR[x.dtype] if tables is None else _par(tables)
-    part = part_address("forward", cp.nc > 1, _itemsizes(x, par))
+    part = part_address(kind, split, _itemsizes(x, par))
     run_native(post_forward, cp.threads, (part, job, plan.op, par, (affine, stream)))
     return y, st[0], st[1], st[2], kept_tables(x, cp.layout, tables)
 
@@ -270,17 +282,16 @@ def backward_small(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
 def backward_native(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Result:
     x, cp = ctx.x, plan.layout
     dx, stream = _planned_output(x, out)
-    groups = cp.shape4[0] * cp.shape4[2]
-    parts = np.empty((2, groups * cp.nc)) if cp.nc > 1 else _NO_PARTS
     mean, rstd, cg = (np.ascontiguousarray(v.reshape(-1)) for v in (ctx.mean, ctx.rstd, c))
     x4, dy4, dx4 = (a.reshape(cp.shape4) for a in (x, dy, dx))
     affine = ctx.weight is not None or ctx.bias is not None
     tables = _backward_tables(ctx, x, cp.layout) if affine else None
-    nchunks = chunks(groups * cp.nc, cp.threads, _chunks_per_thread(ctx, tables, cp.layout))
-    job = (nchunks, cp.nc, x4, dy4, dx4, parts)
+    per_thread = _chunks_per_thread(ctx, tables, cp.layout)
+    kind, split, claims, parts = _native_job(cp, "backward", per_thread)
+    job = (claims, cp.nc, x4, dy4, dx4, parts)
     par = _par(tables) if tables is not None else _NO_PAR[x.dtype]
-    sums = _grad_sums(ctx, tables, cp.layout, nchunks) if tables is not None else _NO_SUMS
-    part = part_address("backward", cp.nc > 1, _itemsizes(x, par, sums))
+    sums = _grad_sums(ctx, tables, cp.layout, claims[0]) if tables is not None else _NO_SUMS
+    part = part_address(kind, split, _itemsizes(x, par, sums))
     args = (part, job, (mean, rstd, cg, *plan.op[2:]), par, sums, _backward_flags(ctx, stream))
     run_native(post_backward, cp.threads, args)
     if tables is None:
@@ -388,7 +399,7 @@ def forward_masked(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any
     nc, nthreads = plan.threads
     if nc == 1 and nthreads > 1 and _native_arrays(x4, y4, mk4):  # one job, no Python
         part = part_address("forward_masked", False, _itemsizes(x, par))
-        job = (chunks(lay.groups, nthreads), x4, y4, stats, _ONE_CHUNK, _NO_PARTS)
+        job = ((chunks(lay.groups, nthreads), lay.groups), x4, y4, stats, _ONE_CHUNK, _NO_PARTS)
         run_native(post_masked_forward, nthreads, (part, job, plan.op, par, flags, mk4))
     elif nc == 1:
         run(_loops.forward_masked, lay.groups, nthreads, args)
@@ -424,7 +435,7 @@ def backward_masked(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Re
     nc = plan.threads[0]
     if nc == 1 and nthreads > 1 and _native_arrays(*io, mk4):  # one job, no Python
         part = part_address("backward_masked", False, _itemsizes(x, par, sums))
-        job = (nchunks, 1, *io, _NO_PARTS)
+        job = ((nchunks, lay.groups), 1, *io, _NO_PARTS)
         native_bst = (mean, r, cg, plan.op[2], ctx.center)
         run_native(post_masked_backward, nthreads,
                    (part, job, native_bst, par, sums, flags, (mk4, count)))  # fmt: skip
