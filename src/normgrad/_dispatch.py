@@ -224,8 +224,7 @@ def _planned(x: np.ndarray, spec: Spec, mode: str, params: Any) -> Plan | None:
         return Plan("small", "a C-contiguous input whose blocks a reshape gives", cp, None, op)
     # batch-norm layouts sweep from `sweep_min_bytes`, but not those whose groups are innermost
     # in memory (Rb = 1): their native job runs the sweep's column kernels without Python
-    columns = cp.shape4[3] == 1
-    large_sweep = cp.runs_per_group > 1 and not columns and x.nbytes >= settings.sweep_min_bytes
+    large_sweep = cp.runs_per_group > 1 and not cp.columns and x.nbytes >= settings.sweep_min_bytes
     if mode == "native" or not large_sweep:
         why = "a C-contiguous input whose blocks a reshape gives, above the small size"
         return Plan("native", why, cp, None, op, (cp.nc, cp.threads))

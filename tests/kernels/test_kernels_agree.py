@@ -510,3 +510,44 @@ def test_groups_innermost_in_memory_go_along_rows(rng, shape, axes, shape4, cent
         with testing.record_paths() as seen:
             check(xc, (0, 2, 3), dyc, weight=w[:, None, None], bias=b[:, None, None])
         assert ("forward", "sweep") in seen
+
+
+@pytest.mark.parametrize("path", ["small", "native"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_columns_long_groups_against_exact_sums(rng, path, dtype):
+    """BatchNorm1d over (30000, 3): each chunk of rows is several in-cache blocks (at most
+    `BLOCK` rows each, Chan-merged). Statistics within 2 ulp of exact sums; y, dx, dweight
+    and dbias against references from them (`math.fsum` per column, float64): float32
+    within 1 ulp, float64 within a few ulp of their terms' scale (`x - mu` rounds relative to
+    |mu| = 100)."""
+    import math
+
+    x = (rng.normal(size=(30_000, 3)) * 5 + 100).astype(dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    w, b = (rng.normal(size=3) + 1).astype(dtype), rng.normal(size=3).astype(dtype)
+    small = 10**6 if path == "small" else 0
+    sizes = testing.settings(small_max_size=small)
+    with ng.use_kernels(True), sizes, testing.record_paths() as seen:
+        y, ctx = ng.normalize_forward(x, 0, weight=w, bias=b)
+        g = ng.normalize_backward(ctx, dy)
+        nc = ng.plan_forward(x, 0, weight=w, bias=b).threads[0] if path == "native" else 1
+    assert seen == [("forward", path), ("backward", path)]
+    assert _loops._column_rows(3) < 30_000 // nc  # (several blocks in each chunk: under test)
+    xd, dyd, wd, bd = (np.asarray(a, np.float64) for a in (x, dy, w, b))
+    mean = np.array([math.fsum(v) / v.size for v in xd.T])
+    d = xd - mean  # (exact: x and mean are within a factor 2 of each other)
+    var = np.array([math.fsum(v * v) / v.size for v in d.T])
+    r = 1 / np.sqrt(var + 1e-5)
+    close(ctx.mean.ravel(), mean, 2)
+    np.testing.assert_allclose(ctx.var.ravel(), var, rtol=1e-13)
+    gd = dyd * wd
+    mg = np.array([math.fsum(v) / v.size for v in gd.T])
+    mgd = np.array([math.fsum(v) / v.size for v in (gd * d).T])
+    y_ref, dx_ref = d * r * wd + bd, r * (gd - mg) - r**3 * d * mgd
+    dw_ref = np.array([math.fsum(v) for v in (dyd * d).T]) * r
+    db_ref = np.array([math.fsum(v) for v in dyd.T])
+    ulps = (1, 1, 1) if dtype == np.float32 else (4, 8, 32)
+    close(y, y_ref.astype(dtype), ulps[0], y_scale(ctx) if dtype == np.float64 else 0.0)
+    close(g.x, dx_ref.astype(dtype), ulps[1], dx_scale(ctx, dy) if dtype == np.float64 else 0.0)
+    close(g.weight, dw_ref.astype(dtype), ulps[2])
+    close(g.bias, db_ref.astype(dtype), ulps[2])

@@ -54,6 +54,11 @@ class Layout(NamedTuple):
     def group_size(self) -> int:
         return self.shape4[1] * self.shape4[3]
 
+    @property
+    def columns(self) -> bool:
+        """Groups innermost in memory (Ra > 1, Rb = 1): the column loops walk them along rows."""
+        return self.shape4[1] > 1 and self.shape4[3] == 1
+
 
 def plan(
     x: np.ndarray, axes: tuple[int, ...], params: tuple[Any, ...] = (), columns: bool = True
@@ -410,6 +415,10 @@ class CallPlan(NamedTuple):
     runs_per_group: int  # Ra: more than 1 is a batch-norm layout (the sweep kernels fit)
     layout: Layout  # the blocks (parameters' tables follow them)
 
+    @property
+    def columns(self) -> bool:
+        return self.layout.columns
+
 
 @functools.lru_cache(maxsize=256)
 def call_plan(
@@ -428,10 +437,9 @@ def call_plan(
     if big != sorted(big):
         return None
     keepdims = tuple(1 if i in axes else s for i, s in enumerate(shape))
-    ra = lay.shape4[1]
-    if ra > 1 and lay.shape4[3] == 1:  # groups innermost in memory: chunks of rows, as a sweep
+    if lay.columns:  # chunks of rows, as a sweep
         nc, nthreads = sweep_threads(lay.shape4)
-        counts = chunk_counts(ra, nc)
+        counts = chunk_counts(lay.shape4[1], nc)
     else:
         nc, nthreads = threads_for(lay.groups, lay.group_size)
         counts = chunk_counts(lay.group_size, nc)

@@ -1044,6 +1044,27 @@ def _weights(par, k0, kb, has_w):
     return _per_column(par[0], par[2], k0, kb) if has_w else np.ones(kb)
 
 
+@njit(cache=True, inline="always")
+def _column_coefficients(k0, sums, ra, wv, bst, coef, grads):
+    """The dx coefficients `coef = (mg, beta)` of block `k0`'s columns from their sums
+    `(sum dy, sum dy (x - mu))` over `ra` rows, and their dweight and dbias added into
+    `grads = (dw sums, db sums, weight rules, bias rules, need dw, need db)`."""
+    sdy, sdyd = sums
+    _, rs, c, m, center = bst
+    mg, beta = coef
+    dws, dbs, wr, br, need_dw, need_db = grads
+    kb = sdy.size
+    for k1 in range(kb):
+        g = k0 * kb + k1
+        mg[k1], beta[k1] = backward_coefficients(
+            wv[k1] * sdy[k1], wv[k1] * sdyd[k1], ra, m, rs[g], c[g], center
+        )
+        if need_dw:
+            dws[0, k0 * wr[0] + k1 * wr[2], 0] += rs[g] * sdyd[k1]
+        if need_db:
+            dbs[0, k0 * br[0] + k1 * br[2], 0] += sdy[k1]
+
+
 @njit(cache=True, nogil=True, error_model="numpy", fastmath=_REASSOC)
 def stats_columns(claim, x, nc, parts, center):
     """`stats_sweep` where Rb = 1."""
@@ -1160,7 +1181,7 @@ def backward_split_columns(claim, phase, split, io, par, acc, bst, flags):
     per item (claimed on `phase`), a barrier, their sums in chunk order, dweight and dbias
     (slot 0, into slot 0 of `acc`), then `dx`. `split = (nc, psdy, psdyd)`."""
     nc, psdy, psdyd = split
-    mean, rs, c, m, center = bst
+    mean, rs = bst[0], bst[1]
     x, dy, dx = _columns(io[0]), _columns(io[1]), _columns(io[2])
     ka, ra, kb = x.shape
     begin(claim)
@@ -1168,22 +1189,17 @@ def backward_split_columns(claim, phase, split, io, par, acc, bst, flags):
     if not wait_done(phase, claim):
         return
     mg, beta = np.empty(mean.size), np.empty(mean.size)
-    wr, br = par[2], par[3]
+    sdy, sdyd = np.empty(kb), np.empty(kb)
+    first = claim[3] == 0  # (slot 0 writes dweight and dbias)
+    grads = (acc[0], acc[1], par[2], par[3], first and flags[1], first and flags[2])
     for k0 in range(ka):
+        sdy[:], sdyd[:] = 0.0, 0.0
+        for i in range(k0 * nc, (k0 + 1) * nc):  # (the partials' sums in chunk order)
+            sdy += psdy[i * kb : (i + 1) * kb]
+            sdyd += psdyd[i * kb : (i + 1) * kb]
+        g = slice(k0 * kb, (k0 + 1) * kb)
         wv = _weights(par, k0, kb, flags[0])
-        for k1 in range(kb):
-            g = k0 * kb + k1
-            sdy, sdyd = 0.0, 0.0
-            for i in range(k0 * nc, (k0 + 1) * nc):
-                sdy += psdy[i * kb + k1]
-                sdyd += psdyd[i * kb + k1]
-            mg[g], beta[g] = backward_coefficients(
-                wv[k1] * sdy, wv[k1] * sdyd, ra, m, rs[g], c[g], center
-            )
-            if claim[3] == 0 and flags[1]:
-                acc[0][0, k0 * wr[0] + k1 * wr[2], 0] += rs[g] * sdyd
-            if claim[3] == 0 and flags[2]:
-                acc[1][0, k0 * br[0] + k1 * br[2], 0] += sdy
+        _column_coefficients(k0, (sdy, sdyd), ra, wv, bst, (mg[g], beta[g]), grads)
     backward_columns(claim, (x, dy, dx), par, (mean, rs, mg, beta), nc, flags)
 
 
@@ -1211,24 +1227,15 @@ def backward_small_columns(xin, dyin, dxin, shape4, bst, par, sums, flags):
     """The small path's backward where Rb = 1 (`backward_small_runs`' arguments)."""
     ka, ra, kb, _ = shape4
     io = (xin.reshape((ka, ra, kb)), dyin.reshape((ka, ra, kb)), dxin.reshape((ka, ra, kb)))
-    mean, rs, c, m, center = bst
-    wr, br = par[2], par[3]
-    has_w, need_dw, need_db = flags[0], flags[1], flags[2]
+    mean, rs = bst[0], bst[1]
+    grads = (sums[0], sums[1], par[2], par[3], flags[1], flags[2])
     sdy, sdyd, mg, beta = np.empty(kb), np.empty(kb), np.empty(kb), np.empty(kb)
     for k0 in range(ka):
         g = slice(k0 * kb, (k0 + 1) * kb)
-        mu, r, cg = mean[g], rs[g], c[g]
-        _column_sums(io, k0, (0, ra), mu, (sdy, sdyd))
-        wv = _weights(par, k0, kb, has_w)
-        for k1 in range(kb):
-            mg[k1], beta[k1] = backward_coefficients(
-                wv[k1] * sdy[k1], wv[k1] * sdyd[k1], ra, m, r[k1], cg[k1], center
-            )
-            if need_dw:
-                sums[0][0, k0 * wr[0] + k1 * wr[2], 0] += r[k1] * sdyd[k1]
-            if need_db:
-                sums[1][0, k0 * br[0] + k1 * br[2], 0] += sdy[k1]
-        _column_dx(io, wv, k0, (0, ra), (mu, r, mg, beta))
+        _column_sums(io, k0, (0, ra), mean[g], (sdy, sdyd))
+        wv = _weights(par, k0, kb, flags[0])
+        _column_coefficients(k0, (sdy, sdyd), ra, wv, bst, (mg, beta), grads)
+        _column_dx(io, wv, k0, (0, ra), (mean[g], rs[g], mg, beta))
 
 
 # --- masks (mask=, nan_policy="omit"): `mk`, a bool block view of x's shape, True counts ------

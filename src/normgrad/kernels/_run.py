@@ -134,7 +134,7 @@ def _small_kind(cp: Any) -> int:
     innermost in memory (2: Rb = 1, the column loops)."""
     if cp.runs_per_group == 1:
         return 0
-    return 2 if cp.shape4[3] == 1 else 1
+    return 2 if cp.columns else 1
 
 
 _SMALL_FORWARD = (
@@ -168,7 +168,7 @@ def _native_job(cp: Any, direction: str, per_thread: int = CHUNKS_PER_THREAD) ->
     into `cp.nc` chunks or whole, or for groups innermost in memory (Rb = 1) the column
     kernels' items, chunks of rows of a Ka block (always split: partials and a merge)."""
     groups = cp.shape4[0] * cp.shape4[2]
-    columns = _small_kind(cp) == 2
+    columns = cp.columns
     split = cp.nc > 1 or columns
     items = cp.shape4[0] * cp.nc if columns else groups * cp.nc
     parts = np.empty((2, groups * cp.nc)) if split else _NO_PARTS
@@ -241,7 +241,7 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     ka, ra, kb, rb = lay.shape4
     nc, nthreads = plan.threads
     pmean, pm2 = np.empty(ka * nc * kb), np.empty(ka * nc * kb)
-    columns = rb == 1
+    columns = lay.columns
     kernels = _COLUMN_KERNELS if columns else _SWEEP_KERNELS
     run(kernels[0], ka * nc, nthreads, (_swept((x4,), columns)[0], nc, (pmean, pm2), spec.center))
     parts = tuple(_layout.chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
@@ -361,7 +361,7 @@ def backward_sweep(ctx: Any, dy: np.ndarray, c: Any, plan: Any, out: Any) -> Res
     mean, r, cg = (_layout.keepdims_to_groups(v, lay) for v in (ctx.mean, ctx.rstd, c))
     dy4 = _block_dy(dy, lay)
     psdy, psdyd = np.empty(ka * nc * kb), np.empty(ka * nc * kb)
-    columns = rb == 1
+    columns = lay.columns
     kernels = _COLUMN_KERNELS if columns else _SWEEP_KERNELS
     run(kernels[2], ka * nc, nthreads, (_swept((x4, dy4, x4), columns), mean, nc, (psdy, psdyd)))
     sdy = psdy.reshape(ka, nc, kb).sum(axis=1).reshape(-1)
