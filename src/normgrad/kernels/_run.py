@@ -167,8 +167,7 @@ def _native_job(cp: Any, direction: str, per_thread: int = CHUNKS_PER_THREAD) ->
     """`(direction's kernels, split, (nchunks, items), parts)` of a native job: groups split
     into `cp.nc` chunks or whole, or for groups innermost in memory (Rb = 1) the column
     kernels' items, chunks of rows of a Ka block (always split: partials and a merge)."""
-    groups = cp.shape4[0] * cp.shape4[2]
-    columns = cp.columns
+    groups, columns = cp.layout.groups, cp.columns
     split = cp.nc > 1 or columns
     items = cp.shape4[0] * cp.nc if columns else groups * cp.nc
     parts = np.empty((2, groups * cp.nc)) if split else _NO_PARTS
