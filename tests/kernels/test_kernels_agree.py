@@ -512,19 +512,24 @@ def test_groups_innermost_in_memory_go_along_rows(rng, shape, axes, shape4, cent
         assert ("forward", "sweep") in seen
 
 
+@pytest.mark.parametrize(
+    "shape", [pytest.param((30_000, 3), id="long-groups"), pytest.param((301, 1100), id="wide")]
+)
 @pytest.mark.parametrize("path", ["small", "native"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_columns_long_groups_against_exact_sums(rng, path, dtype):
+def test_columns_against_exact_sums(rng, shape, path, dtype):
     """BatchNorm1d over (30000, 3): each chunk of rows is several in-cache blocks (at most
-    `BLOCK` rows each, Chan-merged). Statistics within 2 ulp of exact sums; y, dx, dweight
-    and dbias against references from them (`math.fsum` per column, float64): float32
-    within 1 ulp, float64 within a few ulp of their terms' scale (`x - mu` rounds relative to
-    |mu| = 100)."""
+    `BLOCK` rows each, Chan-merged); over (301, 1100): wide rows, and chunks that end in
+    rows the four-row steps leave.
+    Statistics within 2 ulp of exact sums; y, dx, dweight and dbias against references
+    from them (`math.fsum` per column, float64): float32 within 1 ulp, float64 within a
+    few ulp of their terms' scale (`x - mu` rounds relative to |mu| = 100)."""
     import math
 
-    x = (rng.normal(size=(30_000, 3)) * 5 + 100).astype(dtype)
+    x = (rng.normal(size=shape) * 5 + 100).astype(dtype)
     dy = rng.normal(size=x.shape).astype(dtype)
-    w, b = (rng.normal(size=3) + 1).astype(dtype), rng.normal(size=3).astype(dtype)
+    k = shape[1]
+    w, b = (rng.normal(size=k) + 1).astype(dtype), rng.normal(size=k).astype(dtype)
     small = 10**6 if path == "small" else 0
     sizes = testing.settings(small_max_size=small)
     with ng.use_kernels(True), sizes, testing.record_paths() as seen:
@@ -532,7 +537,10 @@ def test_columns_long_groups_against_exact_sums(rng, path, dtype):
         g = ng.normalize_backward(ctx, dy)
         nc = ng.plan_forward(x, 0, weight=w, bias=b).threads[0] if path == "native" else 1
     assert seen == [("forward", path), ("backward", path)]
-    assert _loops._column_rows(3) < 30_000 // nc  # (several blocks in each chunk: under test)
+    if k < 100:  # (what each shape puts under test)
+        assert _loops._column_rows(k) < shape[0] // nc  # several blocks in each chunk
+    else:
+        assert shape[0] % 4 != 0  # rows the four-row steps leave
     xd, dyd, wd, bd = (np.asarray(a, np.float64) for a in (x, dy, w, b))
     mean = np.array([math.fsum(v) / v.size for v in xd.T])
     d = xd - mean  # (exact: x and mean are within a factor 2 of each other)
@@ -551,3 +559,8 @@ def test_columns_long_groups_against_exact_sums(rng, path, dtype):
     close(g.x, dx_ref.astype(dtype), ulps[1], dx_scale(ctx, dy) if dtype == np.float64 else 0.0)
     close(g.weight, dw_ref.astype(dtype), ulps[2])
     close(g.bias, db_ref.astype(dtype), ulps[2])
+    sizes = testing.settings(small_max_size=small)
+    with ng.use_kernels(True), sizes, testing.record_paths() as seen:
+        y0, ctx0 = ng.normalize_forward(x, 0)  # (no affine parameters: the same row loops)
+    assert seen == [("forward", path)]
+    close(y0, (d * r).astype(dtype), ulps[0], y_scale(ctx0) if dtype == np.float64 else 0.0)

@@ -407,13 +407,20 @@ def chunks_last(p: np.ndarray, ka: int, nc: int, kb: int) -> np.ndarray:
 class CallPlan(NamedTuple):
     """How a C-contiguous input is viewed by the planned calls: plain reshapes, no copies."""
 
-    shape4: tuple[int, int, int, int]
     stats: tuple[int, ...]  # (3, *shape of mean/var/rstd), groups in C order
     nc: int  # chunks per group on the pool (`threads_for`; 1: whole groups; Rb = 1: of rows)
     threads: int
     counts: np.ndarray  # elements in each chunk of a group (the merge's weights)
-    runs_per_group: int  # Ra: more than 1 is a batch-norm layout (the sweep kernels fit)
     layout: Layout  # the blocks (parameters' tables follow them)
+
+    @property
+    def shape4(self) -> tuple[int, int, int, int]:
+        return self.layout.shape4
+
+    @property
+    def runs_per_group(self) -> int:
+        """Ra: more than 1 is a batch-norm layout (the sweep kernels fit)."""
+        return self.layout.shape4[1]
 
     @property
     def columns(self) -> bool:
@@ -443,4 +450,4 @@ def call_plan(
     else:
         nc, nthreads = threads_for(lay.groups, lay.group_size)
         counts = chunk_counts(lay.group_size, nc)
-    return CallPlan(lay.shape4, (3, *keepdims), nc, nthreads, counts, lay.shape4[1], lay)
+    return CallPlan((3, *keepdims), nc, nthreads, counts, lay)

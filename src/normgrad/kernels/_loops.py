@@ -857,7 +857,10 @@ def backward_sweep(claim, io, par, coefs, nc, flags):
 # float32 one shifted pass) relative to each group's first element, Chan-merged with the
 # ratios once per block (`_merge_rows`: a division per group per block cost as much as the
 # pass); partials per item. The claim kernels run on the pool from the sweep (`_run`), or
-# inside one native job (`forward_split_columns`, `backward_split_columns`).
+# inside one native job (`forward_split_columns`, `backward_split_columns`). Their speed is
+# their loads and stores per element, not arithmetic: the sums take four rows a step (each
+# column's accumulators are loaded and stored once per step), and `y` folds the weight
+# into the rstd.
 
 
 COLUMN_BLOCK = 32768  # elements per block of rows (128-256 KiB: the second pass reads L2)
@@ -924,7 +927,16 @@ def _column_block_shifted(x, k0, rows, shift, sums):
     s, q = sums
     a, e = rows
     first = x[k0, a]
-    for r0 in range(a, e):
+    four = a + (e - a) // 4 * 4
+    for r0 in range(a, four, 4):  # (four rows a step: `s` and `q` load and store once)
+        x0, x1, x2, x3 = x[k0, r0], x[k0, r0 + 1], x[k0, r0 + 2], x[k0, r0 + 3]
+        for k1 in range(s.size):
+            f = np.float64(first[k1])
+            d0, d1 = np.float64(x0[k1]) - f, np.float64(x1[k1]) - f
+            d2, d3 = np.float64(x2[k1]) - f, np.float64(x3[k1]) - f
+            s[k1] += (d0 + d1) + (d2 + d3)
+            q[k1] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    for r0 in range(four, e):
         xs = x[k0, r0]
         for k1 in range(xs.size):
             d = np.float64(xs[k1]) - np.float64(first[k1])
@@ -988,8 +1000,9 @@ def _column_stats(x, k0, rows, parts, scratch, center):
 @njit(cache=True, inline="always")
 def _column_y(io, par, k0, rows, coef, affine):
     """`y` of rows `[lo, hi)` of block `k0`, `coef = (mean, rstd)` of its groups (plain
-    stores, whatever `stream` says: these loops are bound by their four coefficient loads
-    per element, not by write bandwidth; docs/performance.md)."""
+    stores, whatever `stream` says: these loops are bound by their coefficient loads per
+    element, not by write bandwidth; docs/performance.md). The weight is folded into the
+    rstd once per column, `xhat(x, mu, r w) + b`: three loads per element, not four."""
     x, y = io
     wt, bt, wr, br = par
     mu, r = coef
@@ -1000,11 +1013,12 @@ def _column_y(io, par, k0, rows, coef, affine):
             for k1 in range(kb):
                 ys[k1] = xhat(xs[k1], mu[k1], r[k1])
         return
-    wv, bv = _per_column(wt, wr, k0, kb), _per_column(bt, br, k0, kb)
+    scale, bv = _per_column(wt, wr, k0, kb), _per_column(bt, br, k0, kb)
+    scale *= r
     for r0 in range(rows[0], rows[1]):
         xs, ys = x[k0, r0], y[k0, r0]
         for k1 in range(kb):
-            ys[k1] = xhat(xs[k1], mu[k1], r[k1]) * wv[k1] + bv[k1]
+            ys[k1] = xhat(xs[k1], mu[k1], scale[k1]) + bv[k1]
 
 
 @njit(cache=True, inline="always")
@@ -1015,14 +1029,27 @@ def _column_sums(io, k0, rows, mu, sums):
     sdy[:] = 0.0
     sdyd[:] = 0.0
     t, td = np.zeros(sdy.size), np.zeros(sdy.size)
-    for r0 in range(rows[0], rows[1]):
+    lo, hi = rows
+    four = lo + (hi - lo) // 4 * 4
+    for r0 in range(lo, four, 4):  # (four rows a step: `t` and `td` load and store once)
+        x0, x1, x2, x3 = x[k0, r0], x[k0, r0 + 1], x[k0, r0 + 2], x[k0, r0 + 3]
+        g0, g1, g2, g3 = dy[k0, r0], dy[k0, r0 + 1], dy[k0, r0 + 2], dy[k0, r0 + 3]
+        for k1 in range(x.shape[2]):
+            m = mu[k1]
+            a0, a1 = np.float64(g0[k1]), np.float64(g1[k1])
+            a2, a3 = np.float64(g2[k1]), np.float64(g3[k1])
+            t[k1] += (a0 + a1) + (a2 + a3)
+            td[k1] += (a0 * (x0[k1] - m) + a1 * (x1[k1] - m)) + (
+                a2 * (x2[k1] - m) + a3 * (x3[k1] - m)
+            )
+        _flush_rows(r0 + 3 - lo, sdy, t)
+        _flush_rows(r0 + 3 - lo, sdyd, td)
+    for r0 in range(four, hi):
         xs, ds = x[k0, r0], dy[k0, r0]
         for k1 in range(x.shape[2]):
             dj = np.float64(ds[k1])
             t[k1] += dj
             td[k1] += dj * (xs[k1] - mu[k1])
-        _flush_rows(r0 - rows[0], sdy, t)
-        _flush_rows(r0 - rows[0], sdyd, td)
     _flush_rows(-1, sdy, t)
     _flush_rows(-1, sdyd, td)
 
@@ -1134,26 +1161,35 @@ def _columns(a):
 
 
 @njit(cache=True, inline="always")
+def _finish_columns(stats, shift, op):
+    """A Ka block's column statistics `stats = (mean, var, rstd)` from the moments of `x -
+    shift` (`mean`, `M2` in the first two): the shift added back, `M2 / m`, `rstd`."""
+    mu, v, r = stats
+    eps, inside, m, center = op
+    for k1 in range(mu.size):
+        if center:
+            mu[k1] += np.float64(shift[k1])
+        v[k1] /= m
+        r[k1] = rstd(np, v[k1], eps, inside)
+
+
+@njit(cache=True, inline="always")
 def _merge_columns(x, parts, counts, op, stats):
     """`stats = (mean, var, rstd)` of every group from the items' partial moments of `x -
     shift` (`stats_columns`), Chan-merged in chunk order as `merge_parts` (the same
     arithmetic; here every group of a block at once, one division per chunk)."""
     pmean, pm2 = parts
-    eps, inside, m, center = op
     ka, _, kb = x.shape
     nc = counts.size
     for k0 in range(ka):
-        mu, m2 = stats[0, k0 * kb : (k0 + 1) * kb], stats[1, k0 * kb : (k0 + 1) * kb]
+        g = slice(k0 * kb, (k0 + 1) * kb)
+        mu, m2 = stats[0, g], stats[1, g]
         cnt = 0.0
         for c in range(nc):
             at = (k0 * nc + c) * kb
             _merge_rows(cnt, counts[c], (mu, m2), (pmean[at : at + kb], pm2[at : at + kb]))
             cnt += counts[c]
-        for k1 in range(kb):
-            if center:
-                mu[k1] += np.float64(x[k0, 0, k1])
-            m2[k1] /= m
-            stats[2, k0 * kb + k1] = rstd(np, m2[k1], eps, inside)
+        _finish_columns((mu, m2, stats[2, g]), x[k0, 0], op)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -1209,16 +1245,12 @@ def forward_small_columns(xin, yin, stats_in, shape4, op, par, affine):
     ka, ra, kb, _ = shape4
     stats = stats_in.reshape((3, ka * kb))
     io = (xin.reshape((ka, ra, kb)), yin.reshape((ka, ra, kb)))
-    eps, inside, m, center = op
     scratch = (np.empty(kb), np.empty(kb), np.zeros(kb))
     for k0 in range(ka):
         g = slice(k0 * kb, (k0 + 1) * kb)
         mu, v, r = stats[0, g], stats[1, g], stats[2, g]
-        _column_stats(io[0], k0, (0, ra), (mu, v), scratch, center)
-        for k1 in range(kb):
-            mu[k1] += scratch[2][k1]
-            v[k1] /= m
-            r[k1] = rstd(np, v[k1], eps, inside)
+        _column_stats(io[0], k0, (0, ra), (mu, v), scratch, op[3])
+        _finish_columns((mu, v, r), scratch[2], op)
         _column_y(io, par, k0, (0, ra), (mu, r), affine)
 
 
