@@ -244,7 +244,7 @@ def forward_sweep(x: np.ndarray, spec: Any, w: Any, b: Any, plan: Any, out: Any)
     kernels = _COLUMN_KERNELS if columns else _SWEEP_KERNELS
     run(kernels[0], ka * nc, nthreads, (_swept((x4,), columns)[0], nc, (pmean, pm2), spec.center))
     parts = tuple(_layout.chunks_last(p, ka, nc, kb) for p in (pmean, pm2))
-    counts = np.array([((c + 1) * ra // nc - c * ra // nc) * rb for c in range(nc)], float)
+    counts = _layout.chunk_counts(ra, nc) * rb  # (elements in each chunk of a group: rows x Rb)
     mean, m2 = np.empty(ka * kb), np.empty(ka * kb)
     _loops.merge_parts(parts, counts, mean, m2)
     if spec.center:  # the statistics kernels work on x - shift (RMS: mean 0, no shift)
